@@ -172,7 +172,10 @@ pub struct Listener {
     pub flags: u8,
     pub n_headers: u8,
     pub _pad: u8,
+    /// Bytes of each header name, colon included.
+    pub header_len: [u8; MAX_HEADERS],
     pub fix_tag: u32,
+    pub _pad2: u32,
     /// Header names with their colon, lower-cased where letters (`x-mbx-apikey:`), zero padded.
     pub header_names: [[u8; MAX_HEADER_NAME]; MAX_HEADERS],
     /// Per byte 0x20 where the name has a letter (case fold), 0 elsewhere.
@@ -188,7 +191,9 @@ impl Default for Listener {
             flags: 0,
             n_headers: 0,
             _pad: 0,
+            header_len: [0; MAX_HEADERS],
             fix_tag: 0,
+            _pad2: 0,
             header_names: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
             header_fold: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
             header_mask: [[0; MAX_HEADER_NAME]; MAX_HEADERS],

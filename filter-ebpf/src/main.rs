@@ -1,4 +1,343 @@
+//! keywall's XDP program: finds the API-key prefix in traffic to API listeners, judges it
+//! against the key's lock and source allowlist, and keeps the verdict per connection.
+//!
+//! Parse once (parse.rs), locate the key (http.rs), decide in one place (`decide`), and count
+//! every verdict with its reason (`finish`). No logging on the per-packet path.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod http;
+mod parse;
+mod policy;
+mod scratch;
+
+use core::intrinsics::AtomicOrdering;
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use filter_common::{
+    AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, FLOW_HAS_KEY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
+    LOCATOR_HTTP_HEADER, Listener, ListenerKey, MAX_LISTENERS, Reason, SETTING_ENFORCE,
+    SETTING_LOADED, SETTING_NO_KEY_DROP, SetMeta, Settings,
+};
+
+use crate::{
+    scratch::{ScanIo, Scratch},
+    parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
+};
+
+// Maps are pinned by name under the loader's pin directory, so they outlive the daemon.
+#[map(name = "KW_CONTROL")]
+static CONTROL: Array<Control> = Array::pinned(1, 0);
+#[map(name = "KW_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::pinned(2, 0);
+#[map(name = "KW_LISTENERS")]
+static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::pinned(MAX_LISTENERS * 2, 0);
+// No prealloc: updates swap whole elements under RCU, so a reader never sees a value being
+// rewritten, and memory follows the key count.
+#[map(name = "KW_KEYS")]
+static KEYS: HashMap<KeyPrefix, KeyEntry> = HashMap::pinned(DEFAULT_MAX_KEYS, BPF_F_NO_PREALLOC);
+#[map(name = "KW_SETS")]
+static SETS: HashMap<u32, SetMeta> = HashMap::pinned(DEFAULT_MAX_SETS, BPF_F_NO_PREALLOC);
+#[map(name = "KW_ALLOW")]
+static ALLOW: HashMap<AllowKey, u8> = HashMap::pinned(DEFAULT_MAX_ALLOW, BPF_F_NO_PREALLOC);
+#[map(name = "KW_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+#[map(name = "KW_REASONS")]
+static REASONS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+#[map(name = "KW_KEY_STATS")]
+static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
+/// Per-CPU scratch for the HTTP scan's line starts (too big for the 512-byte stack).
+#[map(name = "KW_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const NO_STAT: u32 = u32::MAX;
+
+/// Per-CPU scratch, looked up once per packet.
+pub type ScratchPtr = *mut Scratch;
+
+/// Returns `x`, laundered through map memory so the verifier sees an unknown scalar.
+///
+/// Paths that reach the same point with different offsets (VLAN tags, IP options, extension
+/// headers) then look alike and are verified once, instead of once per combination. Every
+/// use is bounds checked after this, so nothing is trusted that was not checked.
+#[inline(always)]
+pub fn forget(sc: ScratchPtr, x: usize) -> usize {
+    forget_in(sc, 0, x)
+}
+
+/// `forget` through word `i` of the scratch, for several values at once.
+#[inline(always)]
+pub fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
+    unsafe {
+        let p = core::ptr::addr_of_mut!((*sc).tmp[i & 3]);
+        core::ptr::write_volatile(p, x as u64);
+        core::ptr::read_volatile(p) as usize
+    }
+}
+
+/// The outcome of one packet: its reason, and the key's counter slot when a key is known.
+struct Verdict {
+    reason: Reason,
+    stat_idx: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    const fn of(reason: Reason) -> Self {
+        Verdict {
+            reason,
+            stat_idx: NO_STAT,
+        }
+    }
+}
+
+#[xdp]
+pub fn keywall(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (verdict, enforce) = decide(&ctx);
+    finish(verdict, enforce, bytes)
+}
+
+/// The live slot's settings, or None before any policy was applied.
+#[inline(always)]
+fn live_settings() -> Option<(u32, &'static Settings)> {
+    let slot = CONTROL.get(0)?.active_slot & 1;
+    let s = SETTINGS.get(slot)?;
+    if s.flags & SETTING_LOADED == 0 {
+        return None;
+    }
+    Some((slot, s))
+}
+
+#[inline(always)]
+fn decide(ctx: &XdpContext) -> (Verdict, bool) {
+    let Some((slot, settings)) = live_settings() else {
+        return (Verdict::of(Reason::PassNotApi), false);
+    };
+    let enforce = settings.flags & SETTING_ENFORCE != 0;
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return (Verdict::of(Reason::PassNotApi), false);
+    };
+    let data = ctx.data();
+    let end = ctx.data_end();
+    let v = match parse::parse(sc, data, end) {
+        Parsed::NotTcp => Verdict::of(Reason::PassNotApi),
+        Parsed::TcpFragment { dport } | Parsed::BadTcp { dport } => match dport {
+            // Unparseable TCP that might be API-bound fails closed; a known non-listener passes.
+            Some(port) if listener(slot, port).is_none() => Verdict::of(Reason::PassNotApi),
+            _ => Verdict::of(Reason::DropMalformed),
+        },
+        Parsed::Tcp => {
+            let seg = unsafe { &(*sc).seg };
+            match listener(slot, seg.dport) {
+                None => Verdict::of(Reason::PassNotApi),
+                Some(l) => judge_segment(ctx, sc, slot, settings, l, seg),
+            }
+        }
+    };
+    (v, enforce)
+}
+
+#[inline(always)]
+fn listener(slot: u32, port: u16) -> Option<&'static Listener> {
+    let k = ListenerKey {
+        slot: slot as u16,
+        port,
+    };
+    unsafe { LISTENERS.get(&k) }
+}
+
+#[inline(always)]
+fn flow_key(seg: &Segment) -> FlowKey {
+    FlowKey {
+        src: seg.src,
+        dst: seg.dst,
+        sport: seg.sport,
+        dport: seg.dport,
+        family: seg.family,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn judge_segment(
+    ctx: &XdpContext,
+    sc: ScratchPtr,
+    slot: u32,
+    settings: &Settings,
+    l: &Listener,
+    seg: &Segment,
+) -> Verdict {
+    let fk = unsafe { &mut (*sc).flow_key };
+    *fk = flow_key(seg);
+    let fk: &FlowKey = fk;
+    if seg.payload_off >= seg.payload_end {
+        // No payload: handshakes and bare ACKs carry no key. RSTs always pass so a server can
+        // tear down; other packets of a known connection follow its verdict.
+        if seg.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
+            return Verdict::of(Reason::PassHandshake);
+        }
+        let _ = TCP_ACK;
+        return match FLOWS.get_ptr_mut(fk) {
+            Some(f) => follow(slot, settings, unsafe { &mut *f }),
+            None => Verdict::of(Reason::PassHandshake),
+        };
+    }
+    let plen = (settings.key_prefix_len as usize) & 0x1f;
+    // The locator reports a key, none, or a segment it cannot judge safely.
+    let (result, prefix) = match l.locator {
+        LOCATOR_HTTP_HEADER => {
+            // The arguments travel in per-CPU scratch: the BPF stack is shared by both frames.
+            let io = unsafe { &mut (*sc).io };
+            *io = ScanIo {
+                start: seg.payload_off as u64,
+                end: seg.payload_end as u64,
+                plen: plen as u64,
+                slot: slot as u64,
+                port: seg.dport as u64,
+                result: http::SCAN_MALFORMED,
+                prefix: [0; 2],
+            };
+            http::keywall_http_scan(ctx.ctx, io);
+            (io.result, io.prefix)
+        }
+        // Locators this build does not know fail closed.
+        _ => (http::SCAN_MALFORMED, [0; 2]),
+    };
+    match result {
+        http::SCAN_KEY => {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&prefix[0].to_le_bytes());
+            bytes[8..].copy_from_slice(&prefix[1].to_le_bytes());
+            let prefix = KeyPrefix { bytes };
+            let client = seg.src;
+            let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, seg.family, &client);
+            let flow = unsafe { &mut (*sc).flow };
+            *flow = Flow {
+                generation: settings.generation,
+                reason: reason as u8,
+                flags: FLOW_HAS_KEY,
+                family: seg.family,
+                _pad: 0,
+                stat_idx,
+                _pad2: 0,
+                prefix,
+                client,
+            };
+            let _ = FLOWS.insert(fk, &*flow, 0);
+            Verdict { reason, stat_idx }
+        }
+        http::SCAN_NONE => match FLOWS.get_ptr_mut(fk) {
+            Some(f) => follow(slot, settings, unsafe { &mut *f }),
+            None => {
+                let reason = no_key_reason(settings);
+                let flow = unsafe { &mut (*sc).flow };
+            *flow = Flow {
+                    generation: settings.generation,
+                    reason: reason as u8,
+                    flags: 0,
+                    family: seg.family,
+                    _pad: 0,
+                    stat_idx: NO_STAT,
+                    _pad2: 0,
+                    prefix: KeyPrefix { bytes: [0; 16] },
+                    client: seg.src,
+                };
+                let _ = FLOWS.insert(fk, &*flow, 0);
+                Verdict::of(reason)
+            }
+        },
+        _ => Verdict::of(Reason::DropMalformed),
+    }
+}
+
+#[inline(always)]
+fn no_key_reason(settings: &Settings) -> Reason {
+    if settings.flags & SETTING_NO_KEY_DROP != 0 {
+        Reason::DropNoKey
+    } else {
+        Reason::PassNoKey
+    }
+}
+
+/// A packet of a judged connection: re-judge it if the policy changed since, then follow.
+#[inline(always)]
+fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
+    if f.generation != settings.generation {
+        let reason = if f.flags & FLOW_HAS_KEY != 0 {
+            let (reason, stat_idx) = policy::judge_key(slot, settings, &f.prefix, f.family, &f.client);
+            f.stat_idx = stat_idx;
+            reason
+        } else {
+            no_key_reason(settings)
+        };
+        f.reason = reason as u8;
+        f.generation = settings.generation;
+    }
+    let dropped = Reason::from_u8(f.reason).map(|r| r.is_drop()).unwrap_or(true);
+    Verdict {
+        reason: if dropped { Reason::DropFlow } else { Reason::PassFlow },
+        stat_idx: f.stat_idx,
+    }
+}
+
+#[inline(always)]
+fn finish(v: Verdict, enforce: bool, bytes: u64) -> u32 {
+    let drop = v.reason.is_drop();
+    let slot = if drop && !enforce {
+        AUDIT_OFFSET + v.reason as u32
+    } else {
+        v.reason as u32
+    };
+    if let Some(c) = REASONS.get_ptr_mut(slot) {
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes;
+    }
+    if v.stat_idx != NO_STAT {
+        if let Some(k) = KEY_STATS.get_ptr_mut(v.stat_idx) {
+            // Shared across CPUs: atomic adds; the timestamp is a plain store.
+            unsafe {
+                let field = if drop {
+                    core::ptr::addr_of_mut!((*k).dropped)
+                } else {
+                    core::ptr::addr_of_mut!((*k).passed)
+                };
+                // An atomic add the BPF ISA has natively (the stable atomics API needs CAS,
+                // which the bpf target does not advertise).
+                core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, 1);
+                (*k).last_seen_ns = bpf_ktime_get_coarse_ns();
+            }
+        }
+    }
+    if drop && enforce {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// Unused set id: a key record slot with id 0 holds no set.
+#[allow(dead_code)]
+const _: () = {
+    let _ = core::mem::size_of::<AllowKey>();
+};
+
+#[cfg(not(test))]
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,1 +1,3 @@
-
+pub mod harness;
+pub mod netns;
+pub mod packet;

@@ -1,0 +1,383 @@
+//! The `http-header` locator: finds the configured API-key headers at line starts.
+//!
+//! Two passes keep the verifier's work linear:
+//! 1. a branch-free SWAR walk, 8 bytes a step, that records every line start;
+//! 2. a check of each recorded line start against the header names.
+//!
+//! Every line start in the segment is checked, not just the header block of a request that
+//! begins the segment: a keep-alive connection can pipeline a second request with another key,
+//! and a later segment can carry one. All keys found in one segment must agree. A key line
+//! cut by the end of the segment fails closed (malformed), so no split hides a key.
+
+use core::ptr::read_unaligned;
+
+use aya_ebpf::{
+    bindings::xdp_md,
+    cty::c_void,
+    helpers::generated::{bpf_loop, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use filter_common::{Listener, ListenerKey, MAX_HEADERS};
+
+use crate::{
+    LISTENERS, SCRATCH, ScratchPtr, forget_in,
+    scratch::{LineState, ScanIo, WINDOW_WORDS},
+};
+
+/// Payload bytes one segment may carry (8 per step). A larger payload fails closed.
+pub const MAX_SCAN_WORDS: usize = 200;
+/// Line starts checked per segment. More lines fail closed.
+pub const MAX_LINES: usize = 64;
+/// The bytes read at a line start: name with colon (<= 24), blanks (<= 8), key prefix (<= 16).
+const WINDOW: usize = 48;
+
+enum Found {
+    None,
+    /// Little-endian words of the prefix bytes.
+    Key([u64; 2]),
+    Malformed,
+}
+
+/// How far to advance past the first newline in `w` (8 if none), and whether there was one.
+/// What the bpf_loop callback needs; lives on the caller's stack (bpf_loop requires that),
+/// so it is kept to three pointers and the rest stays in the per-CPU scratch.
+#[repr(C)]
+struct LineLoop {
+    ctx: *mut xdp_md,
+    listener: *const Listener,
+    sc: ScratchPtr,
+}
+
+extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
+    let lc = unsafe { &mut *(lc as *mut LineLoop) };
+    let acc = unsafe { &mut (*lc.sc).line };
+    if i >= acc.n || acc.malformed != 0 {
+        return 1;
+    }
+    let off = unsafe { (*lc.sc).lines[(i & 127) as usize] } as u64;
+    let start = acc.start & 0x3fff;
+    let end = acc.end & 0x3fff;
+    if start + off >= end {
+        return 0;
+    }
+    let ctx = XdpContext::new(lc.ctx);
+    check_line(&ctx, ((start + off) & 0x3fff) as usize, unsafe { &*lc.listener }, acc);
+    0
+}
+
+#[inline(always)]
+fn step(w: u64) -> (usize, usize) {
+    let m = newline_mask(w);
+    let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
+    // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
+    let m = m | (1 << 63);
+    let lsb = m & m.wrapping_neg();
+    let adv = (((lsb - 1).count_ones() >> 3) + 1) as usize;
+    (adv, is_nl)
+}
+
+#[inline(always)]
+fn newline_mask(w: u64) -> u64 {
+    let x = w ^ 0x0a0a_0a0a_0a0a_0a0a;
+    x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080
+}
+
+pub const SCAN_NONE: u64 = 0;
+pub const SCAN_KEY: u64 = 1;
+pub const SCAN_MALFORMED: u64 = 2;
+
+
+/// The locator as a *global* BPF function: the verifier checks it once, on its own, instead
+/// of once for every way a packet can reach it (VLAN tags, IPv4 or IPv6, extension headers).
+/// It gets nothing but the context and plain numbers, so it trusts nothing about the caller.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
+    if ctx.is_null() || io.is_null() {
+        return 0;
+    }
+    let io = unsafe { &mut *io };
+    io.result = SCAN_MALFORMED;
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let key = ListenerKey {
+        slot: (io.slot & 1) as u16,
+        port: io.port as u16,
+    };
+    let Some(l) = (unsafe { LISTENERS.get(&key) }) else {
+        return 0;
+    };
+    let xctx = XdpContext::new(ctx);
+    let start = (io.start & 0x3fff) as usize;
+    let end = (io.end & 0x3fff) as usize;
+    match scan(&xctx, sc, start, end, l, (io.plen & 0x1f) as usize) {
+        Found::None => io.result = SCAN_NONE,
+        Found::Malformed => io.result = SCAN_MALFORMED,
+        Found::Key(p) => {
+            io.result = SCAN_KEY;
+            io.prefix = p;
+        }
+    }
+    0
+}
+
+/// Scans the payload `[start, end)` (offsets from the frame start).
+#[inline(always)]
+fn scan(ctx: &XdpContext, sc: ScratchPtr, start: usize, end: usize, l: &Listener, plen: usize) -> Found {
+    let data = ctx.data();
+    let data_end = ctx.data_end();
+    let lines = unsafe { &mut (*sc).lines };
+    if end <= start {
+        return Found::None;
+    }
+    let len = end - start;
+
+    // Pass 1: record line starts (as payload offsets). The payload start counts as one,
+    // since a segment may begin exactly where the previous one ended a line.
+    lines[0] = 0;
+    let mut n: usize = 1;
+    let mut pos: usize = 0;
+    // Whole words straight from the packet. One exit, no other branch: every iteration
+    // reaches the loop head in a single state, so the verifier's work stays linear.
+    for _ in 0..MAX_SCAN_WORDS {
+        let p = data + ((start + pos) & 0x3fff);
+        if p + 8 > data_end || pos + 8 > len {
+            break;
+        }
+        let w = unsafe { core::ptr::read_unaligned(p as *const u64) };
+        let (adv, is_nl) = step(w);
+        pos += adv;
+        // Branch-free append: the slot is overwritten unless this step found a newline.
+        lines[n & 127] = pos as u16;
+        n += is_nl;
+    }
+    // Each iteration leaves the loop with its own pos and n; launder them (and len, which the
+    // loop test narrowed) so those exits become one state for the verifier.
+    let pos = forget_in(sc, 1, pos) & 0x3fff;
+    let mut n = forget_in(sc, 2, n) & 0xff;
+    let len = forget_in(sc, 3, len) & 0x3fff;
+    let mut pos = pos;
+    if pos + 8 <= len {
+        // More payload than the scan budget.
+        return Found::Malformed;
+    }
+    // The last 0..=7 bytes: copied into a zeroed word (zero is not a newline), then walked in
+    // registers.
+    if pos < len {
+        let rem = len - pos;
+        // Written so the verifier sees a length in 1..=8.
+        let rem = ((rem.wrapping_sub(1)) & 7) + 1;
+        let mut tail: u64 = 0;
+        let r = unsafe {
+            bpf_xdp_load_bytes(
+                ctx.ctx,
+                ((start + pos) & 0x3fff) as u32,
+                &mut tail as *mut u64 as *mut _,
+                rem as u32,
+            )
+        };
+        if r != 0 {
+            return Found::Malformed;
+        }
+        for _ in 0..8 {
+            let (adv, is_nl) = step(tail);
+            // Shift the consumed bytes out; a shift by 64 would be undefined, so go in two.
+            tail = (tail >> (8 * (adv as u64 - 1))) >> 8;
+            pos += adv;
+            lines[n & 127] = pos as u16;
+            n += is_nl;
+        }
+    }
+
+    if n > MAX_LINES {
+        return Found::Malformed;
+    }
+
+    // Pass 2: check each line start, in a bpf_loop so the verifier checks the body once
+    // rather than once per line.
+    unsafe {
+        (*sc).line = LineState {
+            start: start as u64,
+            end: end as u64,
+            plen: plen as u64,
+            n: n as u64,
+            found: 0,
+            malformed: 0,
+            prefix: [0; 2],
+        };
+    }
+    let mut lc = LineLoop {
+        ctx: ctx.ctx,
+        listener: l as *const Listener,
+        sc,
+    };
+    let done = unsafe {
+        bpf_loop(
+            MAX_LINES as u32,
+            line_cb as *mut c_void,
+            &mut lc as *mut LineLoop as *mut c_void,
+            0,
+        )
+    };
+    let acc = unsafe { (*sc).line };
+    if done < 0 || acc.malformed != 0 {
+        return Found::Malformed;
+    }
+    if acc.found != 0 {
+        Found::Key(acc.prefix)
+    } else {
+        Found::None
+    }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+
+/// High bit set in each byte of `x` equal to `b`, exactly (no borrow between bytes).
+#[inline(always)]
+fn eq_mask(x: u64, b: u8) -> u64 {
+    let t = x ^ (ONES * b as u64);
+    !(((t & LOW7) + LOW7) | t | LOW7)
+}
+
+/// High bit set in each byte that may be part of a key: printable ASCII, 0x21..=0x7e.
+#[inline(always)]
+fn key_byte_mask(x: u64) -> u64 {
+    // (b & 0x7f) + 0x5f carries into the high bit iff (b & 0x7f) >= 0x21; never across bytes.
+    let ge21 = ((x & LOW7) + ONES * 0x5f) & HIGH;
+    ge21 & !x & !eq_mask(x, 0x7f)
+}
+
+/// Leading bytes (from the low end) before the first byte whose high bit is set in `m`; 8 if none.
+#[inline(always)]
+fn leading_bytes(m: u64) -> u64 {
+    let lsb = m & m.wrapping_neg();
+    (lsb.wrapping_sub(1) & HIGH).count_ones() as u64
+}
+
+#[inline(always)]
+fn low_bytes(k: u64) -> u64 {
+    if k == 0 { 0 } else if k >= 8 { u64::MAX } else { u64::MAX >> (64 - 8 * k) }
+}
+
+/// The 8 bytes at byte offset `o` of the window (little endian).
+#[inline(always)]
+fn load8(buf: &[u64; WINDOW_WORDS], o: u64) -> u64 {
+    // The window lives in a map value sized so that any offset LLVM leaves unmasked still
+    // stays inside it (the verifier checks the value's bounds, not our intent).
+    let i = ((o >> 3) & 7) as usize;
+    let sh = (o & 7) * 8;
+    let lo = buf[i] >> sh;
+    let hi = if sh == 0 { 0 } else { buf[i + 1] << (64 - sh) };
+    lo | hi
+}
+
+#[inline(always)]
+fn avail_mask(avail: usize, word_idx: usize) -> u64 {
+    let have = avail.saturating_sub(word_idx * 8);
+    low_bytes(have as u64)
+}
+
+/// Checks one line start (`off`, from the frame start) against the listener's header names.
+/// Branch-light on purpose: the verifier walks it once per recorded line.
+#[inline(always)]
+fn check_line(ctx: &XdpContext, off: usize, l: &Listener, acc: &mut LineState) {
+    let end = (acc.end & 0x3fff) as usize;
+    let plen = acc.plen & 0x1f;
+    let data = ctx.data();
+    let data_end = ctx.data_end();
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        acc.malformed = 1;
+        return;
+    };
+    let buf = unsafe { &mut (*sc).window };
+    for w in buf.iter_mut().take(10) {
+        *w = 0;
+    }
+    let p = data + off;
+    let avail: usize;
+    if p + WINDOW <= data_end && off + WINDOW <= end {
+        let s = p as *const u64;
+        for j in 0..WINDOW / 8 {
+            buf[j] = unsafe { read_unaligned(s.add(j)) };
+        }
+        avail = WINDOW;
+    } else {
+        if off >= end {
+            return;
+        }
+        let rem = end - off;
+        if rem > WINDOW || rem == 0 {
+            return;
+        }
+        // Written so the verifier sees a length in 1..=64 (the buffer's size).
+        let rem = ((rem - 1) & 0x3f) + 1;
+        let r = unsafe {
+            bpf_xdp_load_bytes(ctx.ctx, off as u32, buf.as_mut_ptr() as *mut _, rem as u32)
+        };
+        if r != 0 {
+            acc.malformed = 1;
+            return;
+        }
+        avail = rem;
+    }
+    let am = [avail_mask(avail, 0), avail_mask(avail, 1), avail_mask(avail, 2)];
+    let mut hit = MAX_HEADERS;
+    for h in 0..MAX_HEADERS {
+        if h >= l.n_headers as usize {
+            break;
+        }
+        let mut diff = 0u64;
+        for j in 0..3 {
+            let (name, fold, mask) = unsafe {
+                (
+                    read_unaligned((l.header_names[h].as_ptr() as *const u64).add(j)),
+                    read_unaligned((l.header_fold[h].as_ptr() as *const u64).add(j)),
+                    read_unaligned((l.header_mask[h].as_ptr() as *const u64).add(j)),
+                )
+            };
+            // Only the bytes the segment has are compared: a name cut by the segment end
+            // still matches, and is then failed closed below.
+            let mask = mask & am[j];
+            diff |= ((buf[j] | fold) ^ name) & mask;
+        }
+        if diff == 0 {
+            hit = h;
+            break;
+        }
+    }
+    if hit >= MAX_HEADERS {
+        return;
+    }
+    let hlen = (l.header_len[hit] as u64) & 31;
+    if (avail as u64) < hlen {
+        // The segment ends inside what may be a key header's name.
+        acc.malformed = 1;
+        return;
+    }
+    let after = load8(buf, hlen);
+    let ows = leading_bytes(!(eq_mask(after, b' ') | eq_mask(after, b'\t')) & HIGH);
+    let v = (hlen + ows) & 63;
+    let v0 = load8(buf, v);
+    let v1 = load8(buf, v + 8);
+    let n0 = leading_bytes(!key_byte_mask(v0) & HIGH);
+    let n1 = leading_bytes(!key_byte_mask(v1) & HIGH);
+    let vlen = n0 + (n0 >> 3) * n1;
+    if vlen < plen && v + vlen >= avail as u64 {
+        // The value runs into the end of the segment: the key is split.
+        acc.malformed = 1;
+        return;
+    }
+    // A value shorter than the prefix length stays short and matches no key.
+    let take = if vlen < plen { vlen } else { plen };
+    let p0 = v0 & low_bytes(take);
+    let p1 = v1 & low_bytes(take.saturating_sub(8));
+    if acc.found != 0 && (acc.prefix[0] != p0 || acc.prefix[1] != p1) {
+        acc.malformed = 1;
+        return;
+    }
+    acc.found = 1;
+    acc.prefix = [p0, p1];
+}

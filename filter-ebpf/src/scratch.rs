@@ -1,0 +1,55 @@
+//! Per-CPU scratch memory: what does not fit the 512-byte BPF stack, which all frames of a
+//! call chain share.
+
+use filter_common::{Flow, FlowKey};
+
+use crate::parse::Segment;
+
+/// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
+/// verifier cannot bound tighter than 512 bytes.
+pub const WINDOW_WORDS: usize = 80;
+
+/// In and out of the program's locator function (`keywall_http_scan`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct ScanIo {
+    pub start: u64,
+    pub end: u64,
+    pub plen: u64,
+    pub slot: u64,
+    pub port: u64,
+    pub result: u64,
+    pub prefix: [u64; 2],
+}
+
+/// The HTTP locator's per-segment state while it checks line starts.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct LineState {
+    pub start: u64,
+    pub end: u64,
+    pub plen: u64,
+    pub n: u64,
+    pub found: u64,
+    pub malformed: u64,
+    pub prefix: [u64; 2],
+}
+
+/// Per-CPU scratch of the program (more than the 512-byte BPF stack holds).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub io: ScanIo,
+    pub line: LineState,
+    /// The flow key and a new flow entry, built here rather than on the stack.
+    pub flow_key: FlowKey,
+    pub flow: Flow,
+    /// The parsed TCP segment.
+    pub seg: Segment,
+    /// A word the program writes and reads back so the verifier forgets a value's history
+    /// (see filter-ebpf `forget`).
+    pub tmp: [u64; 4],
+    pub lines: [u16; 128],
+    pub window: [u64; WINDOW_WORDS],
+}
+

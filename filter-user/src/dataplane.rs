@@ -1,0 +1,564 @@
+//! The kernel boundary: loading, pinning and attaching the XDP program, and writing policy
+//! into its maps. This is the only module that touches maps for writing.
+//!
+//! Policy is double-buffered (see filter-common): `apply` writes the inactive slot, flips
+//! `KW_CONTROL` in one word, then frees what no slot references any more. If a write fails
+//! half way, the live slot is untouched and the mirror still describes the maps exactly, so
+//! the next apply simply continues from there.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use filter_common::{
+    AllowKey, COUNTER_SLOTS, Control, Counter, FAMILY_V4, KEY_PRESENT, KeyEntry, KeyPrefix,
+    KeyRecord, KeyStats, Listener, ListenerKey, MAX_PLENS, MAX_SETS, PROGRAM_NAME, SetMeta,
+    Settings, maps,
+};
+
+use crate::policy::{Cidr, Compiled, SetContent};
+
+/// The compiled XDP object, built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
+
+const PROG_PIN: &str = "prog";
+
+/// Map capacities; `KW_KEYS` and `KW_KEY_STATS` share `keys`.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub keys: u32,
+    pub allow: u32,
+    pub sets: u32,
+    pub flows: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            keys: filter_common::DEFAULT_MAX_KEYS,
+            allow: filter_common::DEFAULT_MAX_ALLOW,
+            sets: filter_common::DEFAULT_MAX_SETS,
+            flows: filter_common::DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(format!("link_{iface}"))
+}
+
+/// Makes sure bpffs is mounted where pins go (it is not mounted at boot on every host).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let r = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("mount -t bpf")?;
+        if !r.success() {
+            bail!("bpffs is not mounted at /sys/fs/bpf and mounting it failed");
+        }
+    }
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating pin dir {}", pin_dir.display()))
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    pub maps: Maps,
+}
+
+/// Typed handles to every map.
+pub struct Maps {
+    pub control: Array<MapData, Control>,
+    pub settings: Array<MapData, Settings>,
+    pub listeners: HashMap<MapData, ListenerKey, Listener>,
+    pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
+    pub sets: HashMap<MapData, u32, SetMeta>,
+    pub allow: HashMap<MapData, AllowKey, u8>,
+    pub reasons: PerCpuArray<MapData, Counter>,
+    pub key_stats: Array<MapData, KeyStats>,
+    pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Maps> {
+        fn t(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+        }
+        Ok(Maps {
+            control: t(ebpf, maps::CONTROL)?.try_into()?,
+            settings: t(ebpf, maps::SETTINGS)?.try_into()?,
+            listeners: t(ebpf, maps::LISTENERS)?.try_into()?,
+            keys: t(ebpf, maps::KEYS)?.try_into()?,
+            sets: t(ebpf, maps::SETS)?.try_into()?,
+            allow: t(ebpf, maps::ALLOW)?.try_into()?,
+            reasons: t(ebpf, maps::REASONS)?.try_into()?,
+            key_stats: t(ebpf, maps::KEY_STATS)?.try_into()?,
+            flows: t(ebpf, maps::FLOWS)?.try_into()?,
+        })
+    }
+}
+
+impl Dataplane {
+    /// Loads the program, creating its maps or reusing the ones pinned in `pin_dir`.
+    pub fn load(pin_dir: &Path, cap: Capacity) -> Result<Dataplane> {
+        ensure_bpffs(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(maps::KEYS, cap.keys)
+            .map_max_entries(maps::KEY_STATS, cap.keys)
+            .map_max_entries(maps::ALLOW, cap.allow)
+            .map_max_entries(maps::SETS, cap.sets)
+            .map_max_entries(maps::FLOWS, cap.flows)
+            .load(EBPF_OBJECT)
+            .context("loading the keywall object (maps pinned with another layout? `keywall detach --all` removes them)")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+            .try_into()?;
+        prog.load().context("the kernel verifier rejected the XDP program")?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            maps,
+        })
+    }
+
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+            .try_into()?)
+    }
+
+    /// Pins the program so operators see what is attached.
+    pub fn pin_program(&mut self) -> Result<()> {
+        let path = self.pin_dir.join(PROG_PIN);
+        let _ = fs::remove_file(&path);
+        self.program()?.pin(&path).context("pinning the program")?;
+        Ok(())
+    }
+
+    /// Attaches to `iface`, or takes over the pinned link there without a gap.
+    /// Returns the mode used, or "takeover".
+    pub fn attach(&mut self, iface: &str, mode: &str) -> Result<String> {
+        let pin = link_pin_path(&self.pin_dir, iface);
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening pinned link {}", pin.display()))?;
+            let fd_link: FdLink = pinned.into();
+            let link = XdpLink::try_from(fd_link)?;
+            // bpf_link_update swaps the program atomically: packets never see no program.
+            self.program()?
+                .attach_to_link(link)
+                .with_context(|| format!("taking over the XDP link on {iface}"))?;
+            return Ok("takeover".into());
+        }
+        let try_mode = |dp: &mut Dataplane, m: XdpMode| -> Result<()> {
+            let prog = dp.program()?;
+            let id = prog.attach(iface, m)?;
+            let link = prog.take_link(id)?;
+            let fd_link = FdLink::try_from(link)?;
+            fd_link.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+            Ok(())
+        };
+        match mode {
+            "native" => try_mode(self, XdpMode::Driver).map(|_| "native".into()),
+            "skb" => try_mode(self, XdpMode::Skb).map(|_| "skb".into()),
+            "auto" => match try_mode(self, XdpMode::Driver) {
+                Ok(()) => Ok("native".into()),
+                Err(e) => {
+                    log::warn!("native XDP failed on {iface} ({e:#}); falling back to skb mode");
+                    try_mode(self, XdpMode::Skb).map(|_| "skb".into())
+                }
+            },
+            other => bail!("unknown --xdp-mode {other:?} (auto|native|skb)"),
+        }
+    }
+}
+
+/// What one slot holds, as written to the maps.
+#[derive(Clone, Default)]
+struct SlotView {
+    settings: Settings,
+    listeners: BTreeMap<u16, Listener>,
+}
+
+/// Timing and size of one apply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyReport {
+    pub generation: u32,
+    pub slot: u32,
+    pub keys_written: usize,
+    pub sets_created: usize,
+    pub sets_freed: usize,
+    pub elapsed: std::time::Duration,
+}
+
+/// The loader's exact picture of the policy maps, kept in step with every write.
+#[derive(Default)]
+pub struct Mirror {
+    active: u32,
+    slots: [SlotView; 2],
+    keys: BTreeMap<KeyPrefix, KeyEntry>,
+    sets: StdHashMap<u32, SetContent>,
+    set_ids: StdHashMap<SetContent, u32>,
+    next_set: u32,
+    stat_idx: StdHashMap<KeyPrefix, u32>,
+    free_idx: Vec<u32>,
+    next_idx: u32,
+}
+
+impl Mirror {
+    pub fn generation(&self) -> u32 {
+        self.slots[self.active as usize].settings.generation
+    }
+    pub fn active_slot(&self) -> u32 {
+        self.active
+    }
+    pub fn key_count(&self) -> usize {
+        let a = self.active as usize;
+        self.keys.values().filter(|e| e.slot[a].flags & KEY_PRESENT != 0).count()
+    }
+
+    /// Rebuilds the picture from the maps (after a restart over pinned maps).
+    pub fn read(m: &Maps) -> Result<Mirror> {
+        let mut mi = Mirror {
+            active: m.control.get(&0, 0)?.active_slot & 1,
+            ..Default::default()
+        };
+        for s in 0..2u32 {
+            mi.slots[s as usize].settings = m.settings.get(&s, 0)?;
+        }
+        for kv in m.listeners.iter() {
+            let (k, v) = kv?;
+            if k.slot < 2 {
+                mi.slots[k.slot as usize].listeners.insert(k.port, v);
+            }
+        }
+        for kv in m.allow.iter() {
+            let (k, _) = kv?;
+            mi.sets.entry(k.set_id).or_default().insert((k.family, k.plen, k.addr));
+        }
+        for kv in m.sets.iter() {
+            let (id, _) = kv?;
+            mi.sets.entry(id).or_default();
+        }
+        for kv in m.keys.iter() {
+            let (k, e) = kv?;
+            for r in &e.slot {
+                if r.flags & KEY_PRESENT != 0 {
+                    mi.stat_idx.insert(k, r.stat_idx);
+                }
+            }
+            mi.keys.insert(k, e);
+        }
+        mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
+        mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
+        let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
+        mi.free_idx = (0..mi.next_idx).filter(|i| !used.contains(i)).collect();
+        mi.set_ids = mi.sets.iter().map(|(id, c)| (c.clone(), *id)).collect();
+        Ok(mi)
+    }
+
+    fn set_meta(content: &SetContent) -> SetMeta {
+        let mut m = SetMeta::default();
+        let mut v4 = BTreeSet::new();
+        let mut v6 = BTreeSet::new();
+        for (fam, plen, _) in content {
+            if *fam == FAMILY_V4 { v4.insert(*plen) } else { v6.insert(*plen) };
+        }
+        // Longest first: hosts are the common case.
+        for (i, p) in v4.iter().rev().take(MAX_PLENS).enumerate() {
+            m.v4_plens[i] = *p;
+        }
+        for (i, p) in v6.iter().rev().take(MAX_PLENS).enumerate() {
+            m.v6_plens[i] = *p;
+        }
+        m.n_v4 = v4.len().min(MAX_PLENS) as u8;
+        m.n_v6 = v6.len().min(MAX_PLENS) as u8;
+        m
+    }
+
+    /// The id of a set with this content, writing it to the maps if it is new.
+    fn intern_set(&mut self, m: &mut Maps, content: &SetContent, created: &mut usize) -> Result<u32> {
+        if let Some(id) = self.set_ids.get(content) {
+            return Ok(*id);
+        }
+        let id = self.next_set.max(1);
+        self.next_set = id + 1;
+        // Record the set before writing so a failed write is still freed by GC.
+        self.sets.insert(id, SetContent::new());
+        for &(family, plen, addr) in content {
+            let k = AllowKey { set_id: id, family, plen, _pad: [0; 2], addr };
+            m.allow.insert(k, 1u8, 0).context("writing an allow entry (KW_ALLOW full?)")?;
+            self.sets.get_mut(&id).expect("just inserted").insert((family, plen, addr));
+        }
+        m.sets.insert(id, Self::set_meta(content), 0).context("writing a set (KW_SETS full?)")?;
+        self.set_ids.insert(content.clone(), id);
+        *created += 1;
+        Ok(id)
+    }
+
+    fn stat_for(&mut self, m: &mut Maps, prefix: &KeyPrefix, cap: u32) -> Result<u32> {
+        if let Some(i) = self.stat_idx.get(prefix) {
+            return Ok(*i);
+        }
+        let idx = match self.free_idx.pop() {
+            Some(i) => i,
+            None => {
+                if self.next_idx >= cap {
+                    bail!("more keys than KW_KEY_STATS holds ({cap})");
+                }
+                self.next_idx += 1;
+                self.next_idx - 1
+            }
+        };
+        m.key_stats.set(idx, KeyStats::default(), 0)?;
+        self.stat_idx.insert(*prefix, idx);
+        Ok(idx)
+    }
+
+    /// Writes `c` into the inactive slot and makes it live.
+    pub fn apply(&mut self, m: &mut Maps, c: &Compiled, key_cap: u32) -> Result<ApplyReport> {
+        let t0 = Instant::now();
+        let target = 1 - self.active;
+        let ti = target as usize;
+        let mut rep = ApplyReport { slot: target, ..Default::default() };
+
+        // 1. Address sets and key records for the target slot.
+        let mut ipset_ids = BTreeMap::new();
+        for (name, content) in &c.ipsets {
+            ipset_ids.insert(name.as_str(), self.intern_set(m, content, &mut rep.sets_created)?);
+        }
+        let mut records: BTreeMap<KeyPrefix, KeyRecord> = BTreeMap::new();
+        for (prefix, k) in &c.keys {
+            let mut r = KeyRecord { flags: k.flags, ..Default::default() };
+            for (i, a) in k.inline_v4.iter().take(r.inline_v4.len()).enumerate() {
+                r.inline_v4[i] = *a;
+                r.n_inline_v4 = i as u8 + 1;
+            }
+            let mut sets = Vec::new();
+            if let Some(own) = &k.own_set {
+                sets.push(self.intern_set(m, own, &mut rep.sets_created)?);
+            }
+            for name in &k.ipsets {
+                sets.push(*ipset_ids.get(name.as_str()).ok_or_else(|| anyhow!("unknown ipset {name}"))?);
+            }
+            if sets.len() > MAX_SETS {
+                bail!("key {:?} references more than {MAX_SETS} address sets", prefix);
+            }
+            for (i, s) in sets.iter().enumerate() {
+                r.sets[i] = *s;
+            }
+            r.n_sets = sets.len() as u8;
+            r.stat_idx = self.stat_for(m, prefix, key_cap)?;
+            records.insert(*prefix, r);
+        }
+
+        // 2. Listeners of the target slot.
+        let old_l = std::mem::take(&mut self.slots[ti].listeners);
+        let mut now_l = old_l.clone();
+        for port in old_l.keys() {
+            if !c.listeners.contains_key(port) {
+                let r = m.listeners.remove(&ListenerKey { slot: target as u16, port: *port });
+                if let Err(e) = r {
+                    self.slots[ti].listeners = now_l;
+                    return Err(e.into());
+                }
+                now_l.remove(port);
+            }
+        }
+        for (port, l) in &c.listeners {
+            if old_l.get(port) != Some(l) {
+                let r = m.listeners.insert(ListenerKey { slot: target as u16, port: *port }, *l, 0);
+                if let Err(e) = r {
+                    self.slots[ti].listeners = now_l;
+                    return Err(e.into());
+                }
+                now_l.insert(*port, *l);
+            }
+        }
+        self.slots[ti].listeners = now_l;
+
+        // 3. Keys: only entries whose target record changes are written.
+        let stale: Vec<KeyPrefix> = self
+            .keys
+            .iter()
+            .filter(|(p, e)| e.slot[ti].flags & KEY_PRESENT != 0 && !records.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stale {
+            let mut e = self.keys[&p];
+            e.slot[ti] = KeyRecord::default();
+            if e.slot[1 - ti].flags & KEY_PRESENT == 0 {
+                m.keys.remove(&p)?;
+                self.keys.remove(&p);
+            } else {
+                m.keys.insert(p, e, 0)?;
+                self.keys.insert(p, e);
+            }
+            rep.keys_written += 1;
+        }
+        for (p, r) in &records {
+            let mut e = self.keys.get(p).copied().unwrap_or_default();
+            if e.slot[ti] == *r {
+                continue;
+            }
+            e.slot[ti] = *r;
+            m.keys.insert(*p, e, 0).context("writing a key (KW_KEYS full?)")?;
+            self.keys.insert(*p, e);
+            rep.keys_written += 1;
+        }
+
+        // 4. Settings, then the flip.
+        let mut s = c.settings;
+        s.generation = self.generation().wrapping_add(1);
+        m.settings.set(target, s, 0)?;
+        self.slots[ti].settings = s;
+        m.control.set(0, Control { active_slot: target, _pad: 0 }, 0)?;
+        self.active = target;
+        rep.generation = s.generation;
+
+        // 5. Free what neither slot references any more.
+        rep.sets_freed = self.gc(m)?;
+        rep.elapsed = t0.elapsed();
+        Ok(rep)
+    }
+
+    fn gc(&mut self, m: &mut Maps) -> Result<usize> {
+        let mut used = BTreeSet::new();
+        let mut live_keys = BTreeSet::new();
+        for (p, e) in &self.keys {
+            for r in &e.slot {
+                if r.flags & KEY_PRESENT != 0 {
+                    live_keys.insert(*p);
+                    used.extend(r.sets[..(r.n_sets as usize).min(MAX_SETS)].iter().copied());
+                }
+            }
+        }
+        let dead: Vec<u32> = self.sets.keys().copied().filter(|id| !used.contains(id)).collect();
+        for id in &dead {
+            let content = self.sets.remove(id).unwrap_or_default();
+            let _ = m.sets.remove(id);
+            for &(family, plen, addr) in &content {
+                let _ = m.allow.remove(&AllowKey { set_id: *id, family, plen, _pad: [0; 2], addr });
+            }
+            self.set_ids.remove(&content);
+        }
+        let gone: Vec<KeyPrefix> = self.stat_idx.keys().filter(|p| !live_keys.contains(p)).copied().collect();
+        for p in gone {
+            if let Some(i) = self.stat_idx.remove(&p) {
+                self.free_idx.push(i);
+            }
+        }
+        Ok(dead.len())
+    }
+}
+
+/// Read-only views of the pinned maps, for operator verbs that run without the daemon.
+pub struct PinnedView {
+    pub control: Array<MapData, Control>,
+    pub settings: Array<MapData, Settings>,
+    pub reasons: PerCpuArray<MapData, Counter>,
+    pub key_stats: Array<MapData, KeyStats>,
+    pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
+    pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
+    pub listeners: HashMap<MapData, ListenerKey, Listener>,
+}
+
+impl PinnedView {
+    pub fn open(pin_dir: &Path) -> Result<PinnedView> {
+        fn o(dir: &Path, name: &str) -> Result<Map> {
+            let p = dir.join(name);
+            let d = MapData::from_pin(&p).with_context(|| {
+                format!("no keywall maps pinned at {} (is keywall running, or was it ever run with this --pin-dir?)", p.display())
+            })?;
+            Ok(Map::from_map_data(d)?)
+        }
+        Ok(PinnedView {
+            control: o(pin_dir, maps::CONTROL)?.try_into()?,
+            settings: o(pin_dir, maps::SETTINGS)?.try_into()?,
+            reasons: o(pin_dir, maps::REASONS)?.try_into()?,
+            key_stats: o(pin_dir, maps::KEY_STATS)?.try_into()?,
+            keys: o(pin_dir, maps::KEYS)?.try_into()?,
+            flows: o(pin_dir, maps::FLOWS)?.try_into()?,
+            listeners: o(pin_dir, maps::LISTENERS)?.try_into()?,
+        })
+    }
+}
+
+/// Sums per-CPU reason counters: `[enforce or pass slots..., audit slots...]`.
+pub fn read_reasons(reasons: &PerCpuArray<MapData, Counter>) -> Result<Vec<Counter>> {
+    let mut out = vec![Counter::default(); COUNTER_SLOTS as usize];
+    for (i, o) in out.iter_mut().enumerate() {
+        for c in reasons.get(&(i as u32), 0)?.iter() {
+            o.packets += c.packets;
+            o.bytes += c.bytes;
+        }
+    }
+    Ok(out)
+}
+
+/// Detaches `iface` (removing its link pin), or everything and all pins.
+pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let entries = fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(ifn) = name.strip_prefix("link_") {
+            if iface.is_none_or(|i| i == ifn) {
+                // Removing the last reference to a bpf_link detaches it.
+                fs::remove_file(e.path())?;
+                done.push(ifn.to_owned());
+            }
+        }
+    }
+    if iface.is_none() {
+        fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    Ok(done)
+}
+
+/// Interfaces that have a pinned link.
+pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("link_").map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn cidr_to_allow_key(set_id: u32, c: &Cidr) -> AllowKey {
+    AllowKey { set_id, family: c.0, plen: c.1, _pad: [0; 2], addr: c.2 }
+}

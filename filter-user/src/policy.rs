@@ -1,0 +1,1892 @@
+//! The policy model (SPEC "Policy"), its parsing, validation, compilation to kernel records,
+//! and the PATCH operations of the control-plane API.
+//!
+//! Everything here is pure: no maps, no I/O. The same model is read from TOML files, from
+//! JSON API bodies and from etcd, so every error carries a place (`key[3].allow[1]`) that
+//! means the same thing in all of them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use filter_common as kernel;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------------
+
+/// A whole policy. Every section is optional, so an empty file is a valid, empty policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Optional in a file; the API and etcd carry their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub listener: Vec<Listener>,
+    /// Named address sets that keys can bind to.
+    #[serde(default)]
+    pub ipsets: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub key: Vec<Key>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// false = audit: count what would be dropped, drop nothing.
+    pub enforce: bool,
+    /// Bytes of the API key that identify it (4..=16).
+    pub key_prefix_len: u8,
+    pub unknown_key: Verdict,
+    pub no_key: Verdict,
+    pub unbound_keys: Verdict,
+    pub prefilter: bool,
+    pub action: Action,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            enforce: true,
+            key_prefix_len: 8,
+            unknown_key: Verdict::Drop,
+            no_key: Verdict::Pass,
+            unbound_keys: Verdict::Pass,
+            prefilter: true,
+            action: Action::Drop,
+        }
+    }
+}
+
+/// `drop` | `pass`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Drop,
+    Pass,
+}
+
+/// `drop` | `reset`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Drop,
+    Reset,
+}
+
+/// `http-header` | `tls-sni` | `fix`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Locator {
+    HttpHeader,
+    TlsSni,
+    Fix,
+}
+
+impl Locator {
+    fn name(self) -> &'static str {
+        match self {
+            Locator::HttpHeader => "http-header",
+            Locator::TlsSni => "tls-sni",
+            Locator::Fix => "fix",
+        }
+    }
+}
+
+/// One TCP port the filter inspects. Locator-specific fields are left out of the
+/// serialized form when unset, so `policy show` prints what the operator wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub port: u16,
+    pub locator: Locator,
+    /// http-header: header names, case-insensitive, first found wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    /// http-header: connections start with a PROXY v1/v2 header.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proxy_protocol: bool,
+    /// Sources allowed to send PROXY headers (required when proxy_protocol = true).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+    /// tls-sni: the key is the label just left of this suffix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_suffix: Option<String>,
+    /// tls-sni: text before the key inside that label (may be empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_prefix: Option<String>,
+    /// fix: the Logon tag that carries the key (553 Username, 49 SenderCompID, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix_tag: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One API key, identified by its prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Key {
+    pub prefix: String,
+    /// Hosts or CIDRs, IPv4 and IPv6; host bits must be zero.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Names of `[ipsets]` this key also accepts traffic from.
+    #[serde(default)]
+    pub ipsets: Vec<String>,
+    #[serde(default)]
+    pub locked: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// One problem with a policy: where (`key[3].allow[1]`, or `line 12, column 5` for TOML
+/// syntax) and what. Displays as `key[3].allow[1]: host bits set in 10.0.0.1/8`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    /// Empty when the error concerns the document as a whole.
+    pub at: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    pub fn new(at: impl Into<String>, message: impl Into<String>) -> Self {
+        PolicyError {
+            at: at.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.at.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.at, self.message)
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------------------------
+
+impl Policy {
+    /// Parses a policy file. Syntax errors are placed at `line L, column C`; shape errors
+    /// (wrong types, unknown fields, unknown words) at their path, every one of them.
+    pub fn from_toml_str(s: &str) -> Result<Policy, Vec<PolicyError>> {
+        let first = match toml::from_str::<Policy>(s) {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        let table: toml::Table = match toml::from_str(s) {
+            Ok(t) => t,
+            Err(e) => {
+                let at = e.span().map(|r| line_col(s, r.start)).unwrap_or_default();
+                return Err(vec![PolicyError::new(at, e.message().trim_end())]);
+            }
+        };
+        // The document is valid TOML, so the problem is its shape. toml stops at the first
+        // one; look at the document as plain data to find all of them, with their paths.
+        let value =
+            serde_json::to_value(&table).map_err(|e| vec![PolicyError::new("", e.to_string())])?;
+        let mut errors = match from_value_located::<Policy>(&value) {
+            Ok(p) => return Ok(p),
+            Err(errors) => errors,
+        };
+        // Keep toml's line and column for the error it found, so editors can jump there.
+        if let Some(span) = first.span()
+            && let Some(e) = errors
+                .iter_mut()
+                .find(|e| e.message == first.message().trim_end())
+        {
+            e.message = format!("{}: {}", line_col(s, span.start), e.message);
+        }
+        Err(errors)
+    }
+
+    /// Parses a policy as the API and etcd carry it.
+    pub fn from_json_str(s: &str) -> Result<Policy, Vec<PolicyError>> {
+        parse_json(s)
+    }
+
+    /// The key with this prefix, if any.
+    pub fn find_key(&self, prefix: &str) -> Option<&Key> {
+        self.key.iter().find(|k| k.prefix == prefix)
+    }
+
+    fn key_index(&self, prefix: &str) -> Option<usize> {
+        self.key.iter().position(|k| k.prefix == prefix)
+    }
+}
+
+/// Parses any part of the model (a policy, a patch, one key from etcd, ...) from JSON.
+/// Syntax errors are placed at `line L, column C`; shape errors at their path.
+pub fn parse_json<T: DeserializeOwned>(s: &str) -> Result<T, Vec<PolicyError>> {
+    // The direct path is the fast one; the error path goes through a `Value` to find places.
+    if let Ok(v) = serde_json::from_str(s) {
+        return Ok(v);
+    }
+    let value: Value = serde_json::from_str(s).map_err(|e| {
+        let at = format!("line {}, column {}", e.line(), e.column());
+        let full = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let message = full.strip_suffix(&suffix).unwrap_or(&full).to_owned();
+        vec![PolicyError::new(at, message)]
+    })?;
+    from_value_located(&value)
+}
+
+/// `line L, column C` (1-based, columns in characters) of a byte offset.
+fn line_col(s: &str, offset: usize) -> String {
+    let before = &s.as_bytes()[..offset.min(s.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    // Count UTF-8 sequence starts, so multi-byte characters are one column.
+    let column = before[line_start..]
+        .iter()
+        .filter(|&&b| b & 0xc0 != 0x80)
+        .count()
+        + 1;
+    format!("line {line}, column {column}")
+}
+
+/// Deserializes `T`; on failure reports every offending place, not just the first.
+fn from_value_located<T: DeserializeOwned>(root: &Value) -> Result<T, Vec<PolicyError>> {
+    match T::deserialize(root) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let mut errors = Vec::new();
+            locate::<T>(&|v| v, root, "", &mut errors);
+            if errors.is_empty() {
+                errors.push(PolicyError::new("", e.to_string()));
+            }
+            Err(errors)
+        }
+    }
+}
+
+fn deser_error<T: DeserializeOwned>(v: &Value) -> Option<String> {
+    T::deserialize(v).err().map(|e| e.to_string())
+}
+
+/// The field named by serde's "missing field `f`".
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// `v` with every array emptied: keeps what surrounding objects require, drops their bulk
+/// (and any errors in it), so narrowed-down documents stay small and quiet.
+fn skeleton(v: &Value) -> Value {
+    match v {
+        Value::Array(_) => Value::Array(Vec::new()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), skeleton(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Finds where `v`, which sits in the document as `wrap(v)`, makes `T` fail, and reports
+/// each fault at its path.
+///
+/// Serde reports one error and no path, so this narrows down instead: a member or element
+/// is at fault if the document still fails with it alone in place. Missing-field errors
+/// need care, since cutting an object down makes its required fields go missing: such an
+/// error is reported only by the object that really owns the field, which we learn from
+/// `deny_unknown_fields` (adding the field elsewhere is an "unknown field" error).
+fn locate<T: DeserializeOwned>(
+    wrap: &dyn Fn(Value) -> Value,
+    v: &Value,
+    at: &str,
+    out: &mut Vec<PolicyError>,
+) {
+    // A container is the right kind of thing here if an empty one is accepted.
+    let accepts =
+        |empty: Value| deser_error::<T>(&wrap(empty)).is_none_or(|m| missing_field(&m).is_some());
+    match v {
+        Value::Object(map) if accepts(Value::Object(Map::new())) => {
+            locate_in_object::<T>(wrap, map, at, out)
+        }
+        Value::Array(items) if accepts(Value::Array(Vec::new())) => {
+            locate_in_array::<T>(wrap, items, at, out)
+        }
+        _ => {
+            if let Some(msg) = deser_error::<T>(&wrap(v.clone()))
+                && missing_field(&msg).is_none()
+            {
+                out.push(PolicyError::new(at, msg));
+            }
+        }
+    }
+}
+
+fn locate_in_object<T: DeserializeOwned>(
+    wrap: &dyn Fn(Value) -> Value,
+    map: &Map<String, Value>,
+    at: &str,
+    out: &mut Vec<PolicyError>,
+) {
+    // An internally tagged enum (a PATCH op) means nothing without its tag, so it stays in.
+    let tag: Map<String, Value> = map
+        .get("op")
+        .map(|t| ("op".to_owned(), t.clone()))
+        .into_iter()
+        .collect();
+    let alone = |k: &str, v: &Value| {
+        let mut m = tag.clone();
+        m.insert(k.to_owned(), v.clone());
+        deser_error::<T>(&wrap(Value::Object(m)))
+    };
+    let owns = |f: &str| {
+        alone(f, &Value::Null).is_none_or(|m| !m.starts_with(&format!("unknown field `{f}`")))
+    };
+
+    let bad_tag = map
+        .get("op")
+        .and_then(|t| alone("op", t))
+        .is_some_and(|m| missing_field(&m).is_none());
+    let mut blamed = Vec::new(); // wrong in themselves
+    let mut suspects = Vec::new(); // lacking a field somewhere inside
+    for (k, v) in map {
+        if bad_tag && k != "op" {
+            continue;
+        }
+        let Some(msg) = alone(k, v) else { continue };
+        match missing_field(&msg) {
+            None => blamed.push(k),
+            Some(f) if (v.is_object() || v.is_array()) && !owns(f) => suspects.push(k),
+            Some(_) => {}
+        }
+    }
+
+    // Members are examined among their sound siblings, which any required fields need.
+    let context: Map<String, Value> = map
+        .iter()
+        .filter(|(k, _)| !blamed.contains(k))
+        .map(|(k, v)| (k.clone(), skeleton(v)))
+        .collect();
+    for &k in blamed.iter().chain(&suspects) {
+        let narrow = |x: Value| {
+            let mut m = context.clone();
+            m.insert(k.clone(), x);
+            wrap(Value::Object(m))
+        };
+        locate::<T>(&narrow, &map[k], &join_key(at, k), out);
+    }
+
+    // Whatever is left is a field missing from this very object.
+    let rest: Map<String, Value> = map
+        .iter()
+        .filter(|(k, _)| !blamed.contains(k) && !suspects.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(msg) = deser_error::<T>(&wrap(Value::Object(rest))) {
+        let report = match missing_field(&msg) {
+            Some(f) => owns(f) && !map.contains_key(f),
+            None => blamed.is_empty() && suspects.is_empty(),
+        };
+        if report {
+            out.push(PolicyError::new(at, msg));
+        }
+    }
+}
+
+fn locate_in_array<T: DeserializeOwned>(
+    wrap: &dyn Fn(Value) -> Value,
+    items: &[Value],
+    at: &str,
+    out: &mut Vec<PolicyError>,
+) {
+    // One element at a time: the surrounding document is kept small (see `skeleton`), so
+    // even a million keys cost one small deserialization each.
+    let narrow = |x: Value| wrap(Value::Array(vec![x]));
+    for (i, item) in items.iter().enumerate() {
+        if deser_error::<T>(&narrow(item.clone())).is_some() {
+            locate::<T>(&narrow, item, &format!("{at}[{i}]"), out);
+        }
+    }
+}
+
+fn join_key(at: &str, k: &str) -> String {
+    if at.is_empty() {
+        k.to_owned()
+    } else {
+        format!("{at}.{k}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------------
+
+/// One network: family (`FAMILY_V4`/`FAMILY_V6`), prefix length, address in network byte
+/// order (IPv4 in the first 4 bytes) with host bits zero.
+pub type Cidr = (u8, u8, [u8; 16]);
+/// The contents of one address set (a key's own entries, or one ipset).
+pub type SetContent = BTreeSet<Cidr>;
+
+/// Parses `198.51.100.7`, `2001:db8::/48`, ... A bare host is a /32 or /128.
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (addr, plen) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("not an IPv4 or IPv6 address or CIDR: {s:?}"))?;
+    let (family, max, bytes) = match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (kernel::FAMILY_V4, 32u8, b)
+        }
+        IpAddr::V6(a) => (kernel::FAMILY_V6, 128u8, a.octets()),
+    };
+    let plen = match plen {
+        None => max,
+        Some(p) => {
+            // Digits only: u8::from_str would also take "+8".
+            if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(format!("invalid prefix length in {s:?}"));
+            }
+            match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => {
+                    return Err(format!(
+                        "prefix length /{p} out of range for IPv{family} (0..={max}) in {s}"
+                    ));
+                }
+            }
+        }
+    };
+    if !host_bits_zero(&bytes, plen) {
+        return Err(format!("host bits set in {s}"));
+    }
+    Ok((family, plen, bytes))
+}
+
+fn host_bits_zero(addr: &[u8; 16], plen: u8) -> bool {
+    addr.iter().enumerate().all(|(i, &b)| {
+        let bits = (plen as usize).saturating_sub(i * 8).min(8);
+        let host_mask = if bits == 8 { 0 } else { 0xffu8 >> bits };
+        b & host_mask == 0
+    })
+}
+
+/// Parses a list of entries, placing errors at `at[i]`. Duplicates collapse silently.
+fn parse_entries(entries: &[String], at: &str, errs: &mut Vec<PolicyError>) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = Vec::with_capacity(entries.len());
+    for (i, s) in entries.iter().enumerate() {
+        match parse_cidr(s) {
+            Ok(c) if !out.contains(&c) => out.push(c),
+            Ok(_) => {}
+            Err(msg) => errs.push(PolicyError::new(format!("{at}[{i}]"), msg)),
+        }
+    }
+    out
+}
+
+/// The kernel probes each prefix length of a set in turn, up to `MAX_PLENS` per family.
+fn check_plens(set: &SetContent, at: &str, errs: &mut Vec<PolicyError>) {
+    for (family, name) in [(kernel::FAMILY_V4, "IPv4"), (kernel::FAMILY_V6, "IPv6")] {
+        let plens: BTreeSet<u8> = set.iter().filter(|c| c.0 == family).map(|c| c.1).collect();
+        if plens.len() > kernel::MAX_PLENS {
+            let list: Vec<String> = plens.iter().map(|p| format!("/{p}")).collect();
+            errs.push(PolicyError::new(
+                at,
+                format!(
+                    "{} distinct {name} prefix lengths ({}); at most {} per address set",
+                    plens.len(),
+                    list.join(" "),
+                    kernel::MAX_PLENS
+                ),
+            ));
+        }
+    }
+}
+
+/// Splits a key's own entries: the first `INLINE_V4` IPv4 hosts ride in the key record
+/// (no second lookup in the common case); everything else goes to the key's own set.
+fn split_own(entries: &[Cidr]) -> (Vec<u32>, SetContent) {
+    let mut inline = Vec::new();
+    let mut rest = SetContent::new();
+    for &c in entries {
+        let (family, plen, addr) = c;
+        if family == kernel::FAMILY_V4 && plen == 32 && inline.len() < kernel::INLINE_V4 {
+            // The in-memory bytes stay in network order, as the program reads them.
+            inline.push(u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]));
+        } else {
+            rest.insert(c);
+        }
+    }
+    (inline, rest)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation and compilation
+// ---------------------------------------------------------------------------------------------
+
+/// One key as the loader writes it (set ids are the loader's business).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledKey {
+    /// `KEY_PRESENT`, plus `KEY_LOCKED`, plus `KEY_BOUND` if it has any allow entry or ipset.
+    pub flags: u8,
+    /// Up to `INLINE_V4` IPv4 hosts, as `u32::from_ne_bytes(octets)`.
+    pub inline_v4: Vec<u32>,
+    /// The rest of the key's own entries; `None` if there are none.
+    pub own_set: Option<SetContent>,
+    /// Bound ipsets, in the policy's order.
+    pub ipsets: Vec<String>,
+}
+
+/// A validated policy in kernel form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    /// Generation 0: the loader sets it when it applies.
+    pub settings: kernel::Settings,
+    pub listeners: BTreeMap<u16, kernel::Listener>,
+    pub keys: BTreeMap<kernel::KeyPrefix, CompiledKey>,
+    pub ipsets: BTreeMap<String, SetContent>,
+}
+
+const KEY_PREFIX_LENS: std::ops::RangeInclusive<u8> = 4..=kernel::MAX_PREFIX_LEN as u8;
+/// One set slot of the key record is kept for the key's own CIDRs and IPv6 hosts.
+const MAX_KEY_IPSETS: usize = kernel::MAX_SETS - 1;
+const MAX_HEADER_LEN: usize = kernel::MAX_HEADER_NAME - 1; // the colon takes one byte
+const MAX_LABEL_PREFIX: usize = 8;
+
+impl Policy {
+    /// Checks everything; returns every error, each with its place.
+    pub fn validate(&self) -> Result<(), Vec<PolicyError>> {
+        self.compile().map(|_| ())
+    }
+
+    /// Validates and translates to kernel records. Validation and compilation are one pass,
+    /// so what `policy check` accepts is exactly what the loader can write.
+    pub fn compile(&self) -> Result<Compiled, Vec<PolicyError>> {
+        let mut errs = Vec::new();
+        let settings = self.compile_settings(&mut errs);
+        let listeners = compile_listeners(&self.listener, &mut errs);
+        let ipsets = self.compile_ipsets(&mut errs);
+        let keys = self.compile_keys(&mut errs);
+        if errs.is_empty() {
+            Ok(Compiled {
+                settings,
+                listeners,
+                keys,
+                ipsets,
+            })
+        } else {
+            Err(errs)
+        }
+    }
+
+    fn compile_settings(&self, errs: &mut Vec<PolicyError>) -> kernel::Settings {
+        let s = &self.settings;
+        if !KEY_PREFIX_LENS.contains(&s.key_prefix_len) {
+            errs.push(PolicyError::new(
+                "settings.key_prefix_len",
+                format!("must be 4..=16, got {}", s.key_prefix_len),
+            ));
+        }
+        // The prefilter drops handshakes from sources no key allows; while some key passes
+        // from anywhere, every source may be legitimate, so it must stay off (SPEC).
+        let open_key = s.unbound_keys == Verdict::Pass
+            && self
+                .key
+                .iter()
+                .any(|k| !k.locked && k.allow.is_empty() && k.ipsets.is_empty());
+        let mut flags = kernel::SETTING_LOADED;
+        for (on, bit) in [
+            (s.enforce, kernel::SETTING_ENFORCE),
+            (
+                s.unknown_key == Verdict::Drop,
+                kernel::SETTING_UNKNOWN_KEY_DROP,
+            ),
+            (s.no_key == Verdict::Drop, kernel::SETTING_NO_KEY_DROP),
+            (
+                s.unbound_keys == Verdict::Drop,
+                kernel::SETTING_UNBOUND_DROP,
+            ),
+            (s.prefilter && !open_key, kernel::SETTING_PREFILTER),
+            (s.action == Action::Reset, kernel::SETTING_ACTION_RESET),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        kernel::Settings {
+            generation: 0,
+            flags,
+            key_prefix_len: s.key_prefix_len,
+            _pad: [0; 2],
+        }
+    }
+
+    fn compile_ipsets(&self, errs: &mut Vec<PolicyError>) -> BTreeMap<String, SetContent> {
+        let mut out = BTreeMap::new();
+        for (name, entries) in &self.ipsets {
+            let at = format!("ipsets.{name}");
+            let valid_name = (1..=64).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !valid_name {
+                errs.push(PolicyError::new(
+                    &at,
+                    format!("invalid ipset name {name:?}: use 1 to 64 of A-Z a-z 0-9 _ . -"),
+                ));
+            }
+            let set: SetContent = parse_entries(entries, &at, errs).into_iter().collect();
+            check_plens(&set, &at, errs);
+            out.insert(name.clone(), set);
+        }
+        out
+    }
+
+    fn compile_keys(
+        &self,
+        errs: &mut Vec<PolicyError>,
+    ) -> BTreeMap<kernel::KeyPrefix, CompiledKey> {
+        let plen = self.settings.key_prefix_len;
+        let plen_ok = KEY_PREFIX_LENS.contains(&plen);
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(self.key.len());
+        let mut out = BTreeMap::new();
+        for (j, key) in self.key.iter().enumerate() {
+            let at = format!("key[{j}]");
+            let bytes = key.prefix.as_bytes();
+            let mut prefix_ok = true;
+            // Without a valid key_prefix_len the length check would only add noise.
+            if plen_ok && bytes.len() != plen as usize {
+                errs.push(PolicyError::new(
+                    format!("{at}.prefix"),
+                    format!(
+                        "must be exactly {plen} bytes (settings.key_prefix_len), got {} in {:?}",
+                        bytes.len(),
+                        key.prefix
+                    ),
+                ));
+                prefix_ok = false;
+            }
+            if !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                errs.push(PolicyError::new(
+                    format!("{at}.prefix"),
+                    format!("{:?} must be printable ASCII without spaces", key.prefix),
+                ));
+                prefix_ok = false;
+            }
+            if let Some(first) = seen.insert(&key.prefix, j) {
+                errs.push(PolicyError::new(
+                    format!("{at}.prefix"),
+                    format!("duplicate key prefix {:?} (also key[{first}])", key.prefix),
+                ));
+                seen.insert(&key.prefix, first);
+            }
+
+            let own = parse_entries(&key.allow, &format!("{at}.allow"), errs);
+            let (inline_v4, own_set) = split_own(&own);
+            check_plens(&own_set, &format!("{at}.allow"), errs);
+
+            if key.ipsets.len() > MAX_KEY_IPSETS {
+                errs.push(PolicyError::new(
+                    format!("{at}.ipsets"),
+                    format!(
+                        "{} ipsets; at most {MAX_KEY_IPSETS} per key (the kernel key record has \
+                         {} address-set slots, one kept for the key's own CIDRs and IPv6 hosts)",
+                        key.ipsets.len(),
+                        kernel::MAX_SETS
+                    ),
+                ));
+            }
+            for (k, name) in key.ipsets.iter().enumerate() {
+                let at = format!("{at}.ipsets[{k}]");
+                if !self.ipsets.contains_key(name) {
+                    errs.push(PolicyError::new(&at, format!("unknown ipset {name:?}")));
+                } else if let Some(first) = key.ipsets[..k].iter().position(|n| n == name) {
+                    errs.push(PolicyError::new(
+                        &at,
+                        format!("duplicate ipset {name:?} (also ipsets[{first}])"),
+                    ));
+                }
+            }
+
+            if prefix_ok && plen_ok {
+                let mut flags = kernel::KEY_PRESENT;
+                if key.locked {
+                    flags |= kernel::KEY_LOCKED;
+                }
+                if !key.allow.is_empty() || !key.ipsets.is_empty() {
+                    flags |= kernel::KEY_BOUND;
+                }
+                let compiled = CompiledKey {
+                    flags,
+                    inline_v4,
+                    own_set: (!own_set.is_empty()).then_some(own_set),
+                    ipsets: key.ipsets.clone(),
+                };
+                out.insert(key_prefix(&key.prefix), compiled);
+            }
+        }
+        out
+    }
+}
+
+/// The `KW_KEYS` key of a (valid) prefix: its bytes, zero padded.
+pub fn key_prefix(prefix: &str) -> kernel::KeyPrefix {
+    let mut bytes = [0u8; kernel::MAX_PREFIX_LEN];
+    let n = prefix.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&prefix.as_bytes()[..n]);
+    kernel::KeyPrefix { bytes }
+}
+
+fn compile_listeners(
+    listeners: &[Listener],
+    errs: &mut Vec<PolicyError>,
+) -> BTreeMap<u16, kernel::Listener> {
+    let mut out = BTreeMap::new();
+    let mut ports: HashMap<u16, usize> = HashMap::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let at = |field: &str| format!("listener[{i}].{field}");
+        let mut err = |field: &str, msg: String| errs.push(PolicyError::new(at(field), msg));
+        if l.port == 0 {
+            err("port", "must be 1..=65535, got 0".into());
+        } else if let Some(first) = ports.insert(l.port, i) {
+            err(
+                "port",
+                format!("duplicate port {} (also listener[{first}])", l.port),
+            );
+            ports.insert(l.port, first);
+        }
+
+        let mut k = kernel::Listener {
+            locator: match l.locator {
+                Locator::HttpHeader => kernel::LOCATOR_HTTP_HEADER,
+                Locator::TlsSni => kernel::LOCATOR_TLS_SNI,
+                Locator::Fix => kernel::LOCATOR_FIX,
+            },
+            ..Default::default()
+        };
+        let only_for = |what: Locator| {
+            format!(
+                "only for {} listeners (this one is {})",
+                what.name(),
+                l.locator.name()
+            )
+        };
+
+        // http-header
+        if l.locator == Locator::HttpHeader {
+            if !(1..=kernel::MAX_HEADERS).contains(&l.headers.len()) {
+                err(
+                    "headers",
+                    format!(
+                        "an http-header listener needs 1 to {} header names, got {}",
+                        kernel::MAX_HEADERS,
+                        l.headers.len()
+                    ),
+                );
+            }
+            for (h, name) in l.headers.iter().enumerate() {
+                let field = format!("headers[{h}]");
+                if !(1..=MAX_HEADER_LEN).contains(&name.len()) || !name.bytes().all(is_tchar) {
+                    err(
+                        &field,
+                        format!(
+                            "{name:?} is not a header name of 1 to {MAX_HEADER_LEN} letters, \
+                             digits or !#$%&'*+-.^_`|~"
+                        ),
+                    );
+                } else if let Some(first) = l.headers[..h]
+                    .iter()
+                    .position(|o| o.eq_ignore_ascii_case(name))
+                {
+                    err(
+                        &field,
+                        format!("duplicate header {name:?} (also headers[{first}])"),
+                    );
+                } else if h < kernel::MAX_HEADERS {
+                    // Matched at line starts as "name:" under a case-fold and a length mask.
+                    let mut with_colon = name.as_bytes().to_vec();
+                    with_colon.push(b':');
+                    encode_name(&mut k, h, &with_colon);
+                    k.n_headers += 1;
+                }
+            }
+        } else if !l.headers.is_empty() {
+            err("headers", only_for(Locator::HttpHeader));
+        }
+
+        // PROXY protocol: the client address comes from the header, so only trusted senders.
+        if l.proxy_protocol {
+            if l.locator != Locator::HttpHeader {
+                err("proxy_protocol", only_for(Locator::HttpHeader));
+            }
+            if l.trusted_proxies.is_empty() {
+                err(
+                    "trusted_proxies",
+                    "required when proxy_protocol = true".into(),
+                );
+            }
+            k.flags |= kernel::LISTENER_PROXY_PROTOCOL;
+        }
+        for (p, s) in l.trusted_proxies.iter().enumerate() {
+            if let Err(msg) = parse_cidr(s) {
+                err(&format!("trusted_proxies[{p}]"), msg);
+            }
+        }
+
+        // tls-sni
+        if l.locator == Locator::TlsSni {
+            match l.sni_suffix.as_deref() {
+                None | Some("") => err(
+                    "sni_suffix",
+                    "a tls-sni listener needs sni_suffix, e.g. \".api.example.com\"".into(),
+                ),
+                Some(s) if !is_sni_suffix(s) => err(
+                    "sni_suffix",
+                    format!(
+                        "{s:?} must be a domain suffix starting with '.', e.g. \".api.example.com\""
+                    ),
+                ),
+                Some(_) => {}
+            }
+            let label_prefix = l.label_prefix.as_deref().unwrap_or("");
+            if label_prefix.len() > MAX_LABEL_PREFIX
+                || !label_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                err(
+                    "label_prefix",
+                    format!(
+                        "{label_prefix:?} must be at most {MAX_LABEL_PREFIX} letters, digits or '-'"
+                    ),
+                );
+            } else {
+                // Header slot 0 carries the label prefix (no colon): the key starts right
+                // after it at the start of the server name.
+                encode_name(&mut k, 0, label_prefix.as_bytes());
+            }
+        } else {
+            if l.sni_suffix.is_some() {
+                err("sni_suffix", only_for(Locator::TlsSni));
+            }
+            if l.label_prefix.is_some() {
+                err("label_prefix", only_for(Locator::TlsSni));
+            }
+        }
+
+        // fix
+        match (l.locator, l.fix_tag) {
+            (Locator::Fix, Some(tag @ 1..=9999)) => k.fix_tag = tag,
+            (Locator::Fix, Some(tag)) => err("fix_tag", format!("must be 1..=9999, got {tag}")),
+            (Locator::Fix, None) => err(
+                "fix_tag",
+                "a fix listener needs fix_tag (553 Username, 49 SenderCompID)".into(),
+            ),
+            (_, Some(_)) => err("fix_tag", only_for(Locator::Fix)),
+            (_, None) => {}
+        }
+
+        out.insert(l.port, k);
+    }
+    out
+}
+
+/// Writes one name into header slot `slot`: lower-cased bytes, a 0x20 fold bit where the
+/// name has a letter (so `byte | fold == name` matches either case), a 0xff length mask,
+/// and its length.
+fn encode_name(l: &mut kernel::Listener, slot: usize, bytes: &[u8]) {
+    let bytes = &bytes[..bytes.len().min(kernel::MAX_HEADER_NAME)];
+    for (j, &b) in bytes.iter().enumerate() {
+        l.header_names[slot][j] = b.to_ascii_lowercase();
+        l.header_fold[slot][j] = if b.is_ascii_alphabetic() { 0x20 } else { 0 };
+        l.header_mask[slot][j] = 0xff;
+    }
+    l.header_len[slot] = bytes.len() as u8;
+}
+
+/// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_sni_suffix(s: &str) -> bool {
+    s.len() <= 253
+        && s.strip_prefix('.').is_some_and(|rest| {
+            rest.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// PATCH /v1/policy
+// ---------------------------------------------------------------------------------------------
+
+/// `{"revision": N, "ops": [...]}`, applied all-or-nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patch {
+    pub revision: u64,
+    pub ops: Vec<PatchOp>,
+}
+
+impl Patch {
+    pub fn from_json_str(s: &str) -> Result<Patch, Vec<PolicyError>> {
+        parse_json(s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PatchOp {
+    /// Replaces the key with the same prefix, or appends it.
+    Upsert {
+        key: Key,
+    },
+    Delete {
+        prefix: String,
+    },
+    Lock {
+        prefix: String,
+    },
+    Unlock {
+        prefix: String,
+    },
+    /// Creates or replaces an ipset.
+    SetIpset {
+        name: String,
+        cidrs: Vec<String>,
+    },
+    DeleteIpset {
+        name: String,
+    },
+}
+
+impl Policy {
+    /// Applies `patch` to a copy of this policy and validates the result; `self` is never
+    /// changed. The result carries `patch.revision`. Errors in what an op brought in are
+    /// placed at that op (`ops[2].key.allow[0]`), the rest as in a policy file.
+    pub fn apply_patch(&self, patch: &Patch) -> Result<Policy, Vec<PolicyError>> {
+        let mut next = self.clone();
+        next.revision = Some(patch.revision);
+        let mut errs = Vec::new();
+        // Which op last wrote each key (parallel to next.key) and each ipset.
+        let mut key_origin: Vec<Option<usize>> = vec![None; next.key.len()];
+        let mut ipset_origin: BTreeMap<String, usize> = BTreeMap::new();
+        let mut deleted_ipsets: Vec<(usize, &str)> = Vec::new();
+
+        for (n, op) in patch.ops.iter().enumerate() {
+            let missing_key = |prefix: &str| {
+                PolicyError::new(
+                    format!("ops[{n}].prefix"),
+                    format!("no key with prefix {prefix:?}"),
+                )
+            };
+            match op {
+                PatchOp::Upsert { key } => match next.key_index(&key.prefix) {
+                    Some(j) => {
+                        next.key[j] = key.clone();
+                        key_origin[j] = Some(n);
+                    }
+                    None => {
+                        next.key.push(key.clone());
+                        key_origin.push(Some(n));
+                    }
+                },
+                PatchOp::Delete { prefix } => match next.key_index(prefix) {
+                    Some(j) => {
+                        next.key.remove(j);
+                        key_origin.remove(j);
+                    }
+                    None => errs.push(missing_key(prefix)),
+                },
+                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                    match next.key_index(prefix) {
+                        Some(j) => next.key[j].locked = matches!(op, PatchOp::Lock { .. }),
+                        None => errs.push(missing_key(prefix)),
+                    }
+                }
+                PatchOp::SetIpset { name, cidrs } => {
+                    next.ipsets.insert(name.clone(), cidrs.clone());
+                    ipset_origin.insert(name.clone(), n);
+                }
+                PatchOp::DeleteIpset { name } => {
+                    if next.ipsets.remove(name).is_some() {
+                        ipset_origin.remove(name);
+                        deleted_ipsets.push((n, name));
+                    } else {
+                        errs.push(PolicyError::new(
+                            format!("ops[{n}].name"),
+                            format!("no ipset {name:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Deleting an ipset that keys still use is the delete's fault, not the keys'. Stand
+        // an empty set in for it so validation does not report the same thing again.
+        let mut checked = None;
+        for &(n, name) in &deleted_ipsets {
+            if next.ipsets.contains_key(name) {
+                continue; // set again by a later op
+            }
+            let users: Vec<&str> = next
+                .key
+                .iter()
+                .filter(|k| k.ipsets.iter().any(|s| s == name))
+                .map(|k| k.prefix.as_str())
+                .collect();
+            if users.is_empty() {
+                continue;
+            }
+            let mut list = users
+                .iter()
+                .take(3)
+                .map(|p| format!("{p:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if users.len() > 3 {
+                list.push_str(&format!(" and {} more", users.len() - 3));
+            }
+            errs.push(PolicyError::new(
+                format!("ops[{n}].name"),
+                format!("ipset {name:?} is still used by key {list}"),
+            ));
+            checked
+                .get_or_insert_with(|| next.clone())
+                .ipsets
+                .insert(name.to_owned(), Vec::new());
+        }
+
+        if let Err(found) = checked.as_ref().unwrap_or(&next).validate() {
+            errs.extend(found.into_iter().map(|e| PolicyError {
+                at: op_place(&e.at, &key_origin, &ipset_origin),
+                message: e.message,
+            }));
+        }
+        if errs.is_empty() { Ok(next) } else { Err(errs) }
+    }
+}
+
+/// Moves a policy place into the op that wrote it: `key[5].allow[0]` to `ops[2].key.allow[0]`,
+/// `ipsets.x[1]` to `ops[3].cidrs[1]`. Places in what no op touched stay as they are.
+fn op_place(
+    at: &str,
+    key_origin: &[Option<usize>],
+    ipset_origin: &BTreeMap<String, usize>,
+) -> String {
+    if let Some(rest) = at.strip_prefix("key[")
+        && let Some((idx, tail)) = rest.split_once(']')
+        && let Ok(j) = idx.parse::<usize>()
+        && let Some(Some(n)) = key_origin.get(j)
+    {
+        return format!("ops[{n}].key{tail}");
+    }
+    if let Some(rest) = at.strip_prefix("ipsets.") {
+        for (name, n) in ipset_origin {
+            if rest == name {
+                return format!("ops[{n}]");
+            }
+            if let Some(tail) = rest.strip_prefix(name.as_str())
+                && tail.starts_with('[')
+            {
+                return format!("ops[{n}].cidrs{tail}");
+            }
+        }
+    }
+    at.to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPEC.md's example, verbatim.
+    const SPEC_EXAMPLE: &str = r#"
+revision = 7                      # optional in a file; the API and etcd carry their own
+
+[settings]
+enforce = true                    # false = audit: count what would be dropped, drop nothing
+key_prefix_len = 8                # bytes of the API key that identify it (4..=16)
+unknown_key = "drop"              # a key was found that the policy does not know: drop | pass
+no_key = "pass"                   # API traffic on a listener where no key was found: drop | pass
+unbound_keys = "pass"             # keys with no allow entries: pass (any source) | drop
+prefilter = true                  # drop TCP handshakes to listeners from sources no key allows (only when no key is unbound-and-passing)
+action = "drop"                   # drop | reset (drop, and answer the client with a TCP RST)
+
+[[listener]]
+port = 443                        # TCP
+locator = "tls-sni"               # key prefix = the SNI label just left of sni_suffix, after label_prefix; ASCII case-insensitive
+sni_suffix = ".api.example.com"
+label_prefix = "k-"               # e.g. k-37c541a1.api.example.com
+
+[[listener]]
+port = 8080
+locator = "http-header"           # first key_prefix_len bytes of the first header found, names case-insensitive
+headers = ["OK-ACCESS-KEY", "X-MBX-APIKEY", "CB-ACCESS-KEY", "API-Key"]
+proxy_protocol = false            # true: connections start with a PROXY v1/v2 header; the client address comes from it
+trusted_proxies = []              # sources allowed to send PROXY headers (required when proxy_protocol = true)
+
+[[listener]]
+port = 9878
+locator = "fix"                   # Logon (35=A) tag value
+fix_tag = 553
+
+[ipsets]                          # named third-party ranges (brokers, trading tools) that keys can bind to
+broker-a = ["203.0.113.0/24", "2001:db8:aa::/48"]
+
+[[key]]
+prefix = "37c541a1"
+allow = ["198.51.100.7", "2001:db8::/48"]   # hosts or CIDRs, IPv4 and IPv6; host bits must be zero
+ipsets = ["broker-a"]
+locked = false
+"#;
+
+    fn spec() -> Policy {
+        Policy::from_toml_str(SPEC_EXAMPLE).expect("SPEC example parses")
+    }
+
+    /// Parses `toml` (which must parse) and returns its validation errors as strings.
+    fn errors(toml: &str) -> Vec<String> {
+        let p = Policy::from_toml_str(toml).expect("parses");
+        match p.validate() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn parse_errors(toml: &str) -> Vec<String> {
+        Policy::from_toml_str(toml)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn key(prefix: &str, allow: &[&str], ipsets: &[&str]) -> Key {
+        Key {
+            prefix: prefix.into(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            ipsets: ipsets.iter().map(|s| s.to_string()).collect(),
+            locked: false,
+        }
+    }
+
+    #[test]
+    fn spec_example_parses_and_validates() {
+        let p = spec();
+        assert_eq!(p.revision, Some(7));
+        assert_eq!(p.settings, Settings::default());
+        assert_eq!(p.listener.len(), 3);
+        assert_eq!(p.listener[0].locator, Locator::TlsSni);
+        assert_eq!(p.listener[0].label_prefix.as_deref(), Some("k-"));
+        assert_eq!(p.listener[1].headers[3], "API-Key");
+        assert_eq!(p.listener[2].fix_tag, Some(553));
+        assert_eq!(p.ipsets["broker-a"].len(), 2);
+        assert_eq!(
+            p.key[0],
+            key(
+                "37c541a1",
+                &["198.51.100.7", "2001:db8::/48"],
+                &["broker-a"]
+            )
+        );
+        p.validate().expect("SPEC example validates");
+    }
+
+    #[test]
+    fn empty_document_is_an_empty_policy() {
+        let p = Policy::from_toml_str("").unwrap();
+        assert_eq!(p, Policy::default());
+        p.validate().unwrap();
+        assert_eq!(Policy::from_json_str("{}").unwrap(), Policy::default());
+        let c = p.compile().unwrap();
+        assert!(c.keys.is_empty() && c.listeners.is_empty() && c.ipsets.is_empty());
+    }
+
+    #[test]
+    fn round_trips_through_json_and_toml() {
+        let p = spec();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(Policy::from_json_str(&json).unwrap(), p);
+        let toml = toml::to_string(&p).unwrap();
+        assert_eq!(Policy::from_toml_str(&toml).unwrap(), p);
+        // Unset locator-specific fields stay out of the API's view.
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v["listener"][2],
+            serde_json::json!({"port": 9878, "locator": "fix", "fix_tag": 553})
+        );
+        assert_eq!(v["settings"]["unknown_key"], "drop");
+    }
+
+    #[test]
+    fn toml_syntax_error_names_line_and_column() {
+        let e = Policy::from_toml_str("[settings]\nenforce = true\nkey_prefix_len = = 8\n")
+            .unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].at, "line 3, column 18");
+        assert!(
+            e[0].to_string().starts_with("line 3, column 18: "),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
+    fn shape_errors_name_their_place_and_line() {
+        let e = parse_errors("[settings]\nenforce = true\nunknown_key = \"dorp\"\n");
+        assert_eq!(
+            e,
+            [
+                "settings.unknown_key: line 3, column 15: unknown variant `dorp`, expected `drop` or `pass`"
+            ]
+        );
+        let e = parse_errors("[settings]\nenforc = true\n");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("settings.enforc: line 2, column 1: unknown field `enforc`"),
+            "{e:?}"
+        );
+        // Every shape error, not just the first.
+        let e = parse_errors(
+            "[settings]\naction = \"rst\"\n[[listener]]\nport = 70000\nlocator = \"fix\"\n\
+             [[listener]]\nport = 1\nlocator = \"smtp\"\n[[key]]\nprefix = \"37c541a1\"\nallow = [5]\n\
+             [[key]]\nallow = []\n",
+        );
+        let at: Vec<&str> = e.iter().map(|s| s.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            at,
+            [
+                "key[0].allow[0]",
+                "key[1]",
+                "listener[0].port",
+                "listener[1].locator",
+                "settings.action"
+            ]
+        );
+        assert!(e[1].ends_with("missing field `prefix`"), "{e:?}");
+    }
+
+    #[test]
+    fn json_errors_name_their_place() {
+        let e =
+            Policy::from_json_str(r#"{"key": [{"prefix": "37c541a1", "allow": ["1.2.3.4", 5]}]}"#)
+                .unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e[0].to_string(),
+            "key[0].allow[1]: invalid type: integer `5`, expected a string"
+        );
+        let e = Policy::from_json_str(r#"{"ipsets": {"a": "1.2.3.0/24"}}"#).unwrap_err();
+        assert_eq!(e[0].at, "ipsets.a");
+        let e = Policy::from_json_str("{\n \"key\": [}").unwrap_err();
+        assert_eq!(e[0].at, "line 2, column 10");
+        assert!(!e[0].message.contains(" at line "), "{}", e[0].message);
+    }
+
+    #[test]
+    fn settings_errors() {
+        assert_eq!(
+            errors("[settings]\nkey_prefix_len = 3\n"),
+            ["settings.key_prefix_len: must be 4..=16, got 3"]
+        );
+        assert!(errors("[settings]\nkey_prefix_len = 16\n").is_empty());
+    }
+
+    #[test]
+    fn key_prefix_errors() {
+        let e = errors(
+            r#"
+[[key]]
+prefix = "37c541a"
+[[key]]
+prefix = "37c5 1a1"
+[[key]]
+prefix = "37c541a1"
+[[key]]
+prefix = "abcdefgh"
+[[key]]
+prefix = "37c541a1"
+"#,
+        );
+        assert_eq!(
+            e,
+            [
+                r#"key[0].prefix: must be exactly 8 bytes (settings.key_prefix_len), got 7 in "37c541a""#,
+                r#"key[1].prefix: "37c5 1a1" must be printable ASCII without spaces"#,
+                r#"key[4].prefix: duplicate key prefix "37c541a1" (also key[2])"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn address_errors() {
+        let e = errors(
+            r#"
+[ipsets]
+broker-a = ["203.0.113.0/24", "203.0.113.1/24", "2001:db8::/129"]
+[[key]]
+prefix = "37c541a1"
+allow = ["10.0.0.0/8", "10.0.0.1/8", "10.0.0.300", "10.0.0.0/+8", "::1", "2001:db8::1/48", "1.2.3.4/33"]
+"#,
+        );
+        assert_eq!(
+            e,
+            [
+                "ipsets.broker-a[1]: host bits set in 203.0.113.1/24",
+                "ipsets.broker-a[2]: prefix length /129 out of range for IPv6 (0..=128) in 2001:db8::/129",
+                "key[0].allow[1]: host bits set in 10.0.0.1/8",
+                r#"key[0].allow[2]: not an IPv4 or IPv6 address or CIDR: "10.0.0.300""#,
+                r#"key[0].allow[3]: invalid prefix length in "10.0.0.0/+8""#,
+                "key[0].allow[5]: host bits set in 2001:db8::1/48",
+                "key[0].allow[6]: prefix length /33 out of range for IPv4 (0..=32) in 1.2.3.4/33",
+            ]
+        );
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap(), (4, 0, [0; 16]));
+        assert!(parse_cidr("10.128.0.0/9").is_ok());
+        assert!(parse_cidr("10.192.0.0/9").is_err());
+    }
+
+    #[test]
+    fn ipset_reference_errors() {
+        let e = errors(
+            r#"
+[ipsets]
+a = []
+b = []
+c = []
+d = []
+"bad name" = []
+[[key]]
+prefix = "37c541a1"
+ipsets = ["a", "x", "a"]
+[[key]]
+prefix = "37c541a2"
+ipsets = ["a", "b", "c", "d"]
+"#,
+        );
+        assert_eq!(
+            e,
+            [
+                r#"ipsets.bad name: invalid ipset name "bad name": use 1 to 64 of A-Z a-z 0-9 _ . -"#,
+                r#"key[0].ipsets[1]: unknown ipset "x""#,
+                r#"key[0].ipsets[2]: duplicate ipset "a" (also ipsets[0])"#,
+                "key[1].ipsets: 4 ipsets; at most 3 per key (the kernel key record has 4 \
+                 address-set slots, one kept for the key's own CIDRs and IPv6 hosts)",
+            ]
+        );
+    }
+
+    #[test]
+    fn prefix_length_limits() {
+        let v4: Vec<String> = (16..=24).map(|p| format!("\"10.0.0.0/{p}\"")).collect();
+        let v6: Vec<String> = (40..=48).map(|p| format!("\"2001:db8::/{p}\"")).collect();
+        let e = errors(&format!(
+            "[ipsets]\nwide = [{}]\n[[key]]\nprefix = \"37c541a1\"\nallow = [{}]\n",
+            v4.join(", "),
+            v6.join(", ")
+        ));
+        assert_eq!(
+            e,
+            [
+                "ipsets.wide: 9 distinct IPv4 prefix lengths (/16 /17 /18 /19 /20 /21 /22 /23 /24); at most 8 per address set",
+                "key[0].allow: 9 distinct IPv6 prefix lengths (/40 /41 /42 /43 /44 /45 /46 /47 /48); at most 8 per address set",
+            ]
+        );
+        // Hosts that ride inline are not in the key's own set, so /32 does not count there...
+        let mut own: Vec<String> = (17..=24).map(|p| format!("\"10.0.0.0/{p}\"")).collect();
+        own.extend((1..=4).map(|i| format!("\"192.0.2.{i}\"")));
+        let toml = format!(
+            "[[key]]\nprefix = \"37c541a1\"\nallow = [{}]\n",
+            own.join(", ")
+        );
+        assert!(errors(&toml).is_empty());
+        // ...until a fifth host spills into it.
+        own.push("\"192.0.2.5\"".into());
+        let toml = format!(
+            "[[key]]\nprefix = \"37c541a1\"\nallow = [{}]\n",
+            own.join(", ")
+        );
+        assert_eq!(errors(&toml).len(), 1);
+    }
+
+    #[test]
+    fn listener_errors() {
+        let e = errors(
+            r#"
+[[listener]]
+port = 0
+locator = "fix"
+fix_tag = 0
+[[listener]]
+port = 8080
+locator = "http-header"
+headers = ["X-Key", "x-key", "Bad Name", "", "A-Very-Long-Header-Name-X"]
+proxy_protocol = true
+[[listener]]
+port = 8080
+locator = "http-header"
+proxy_protocol = true
+trusted_proxies = ["10.0.0.0/8", "10.0.0.1/8"]
+fix_tag = 553
+[[listener]]
+port = 443
+locator = "tls-sni"
+sni_suffix = "api.example.com"
+label_prefix = "toolong-x"
+[[listener]]
+port = 444
+locator = "tls-sni"
+headers = ["X-Key"]
+[[listener]]
+port = 9878
+locator = "fix"
+proxy_protocol = true
+trusted_proxies = ["10.0.0.0/8"]
+sni_suffix = ".x.com"
+"#,
+        );
+        assert_eq!(
+            e,
+            [
+                "listener[0].port: must be 1..=65535, got 0",
+                "listener[0].fix_tag: must be 1..=9999, got 0",
+                "listener[1].headers: an http-header listener needs 1 to 4 header names, got 5",
+                r#"listener[1].headers[1]: duplicate header "x-key" (also headers[0])"#,
+                r#"listener[1].headers[2]: "Bad Name" is not a header name of 1 to 23 letters, digits or !#$%&'*+-.^_`|~"#,
+                r#"listener[1].headers[3]: "" is not a header name of 1 to 23 letters, digits or !#$%&'*+-.^_`|~"#,
+                r#"listener[1].headers[4]: "A-Very-Long-Header-Name-X" is not a header name of 1 to 23 letters, digits or !#$%&'*+-.^_`|~"#,
+                "listener[1].trusted_proxies: required when proxy_protocol = true",
+                "listener[2].port: duplicate port 8080 (also listener[1])",
+                "listener[2].headers: an http-header listener needs 1 to 4 header names, got 0",
+                "listener[2].trusted_proxies[1]: host bits set in 10.0.0.1/8",
+                "listener[2].fix_tag: only for fix listeners (this one is http-header)",
+                r#"listener[3].sni_suffix: "api.example.com" must be a domain suffix starting with '.', e.g. ".api.example.com""#,
+                r#"listener[3].label_prefix: "toolong-x" must be at most 8 letters, digits or '-'"#,
+                "listener[4].headers: only for http-header listeners (this one is tls-sni)",
+                r#"listener[4].sni_suffix: a tls-sni listener needs sni_suffix, e.g. ".api.example.com""#,
+                "listener[5].proxy_protocol: only for http-header listeners (this one is fix)",
+                "listener[5].sni_suffix: only for tls-sni listeners (this one is fix)",
+                "listener[5].fix_tag: a fix listener needs fix_tag (553 Username, 49 SenderCompID)",
+            ]
+        );
+    }
+
+    #[test]
+    fn compiles_settings() {
+        let c = spec().compile().unwrap();
+        assert_eq!(
+            c.settings,
+            kernel::Settings {
+                generation: 0,
+                flags: kernel::SETTING_LOADED
+                    | kernel::SETTING_ENFORCE
+                    | kernel::SETTING_UNKNOWN_KEY_DROP
+                    | kernel::SETTING_PREFILTER,
+                key_prefix_len: 8,
+                _pad: [0; 2],
+            }
+        );
+        let mut p = spec();
+        p.settings = Settings {
+            enforce: false,
+            key_prefix_len: 6,
+            unknown_key: Verdict::Pass,
+            no_key: Verdict::Drop,
+            unbound_keys: Verdict::Drop,
+            prefilter: false,
+            action: Action::Reset,
+        };
+        p.key.clear();
+        let s = p.compile().unwrap().settings;
+        assert_eq!(
+            s.flags,
+            kernel::SETTING_LOADED
+                | kernel::SETTING_NO_KEY_DROP
+                | kernel::SETTING_UNBOUND_DROP
+                | kernel::SETTING_ACTION_RESET
+        );
+        assert_eq!(s.key_prefix_len, 6);
+    }
+
+    #[test]
+    fn prefilter_stays_off_while_a_key_passes_from_anywhere() {
+        let mut p = spec();
+        p.key.push(key("00000000", &[], &[]));
+        let flags = |p: &Policy| p.compile().unwrap().settings.flags;
+        assert_eq!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        p.key[1].locked = true;
+        assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        p.key[1].locked = false;
+        p.settings.unbound_keys = Verdict::Drop;
+        assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+    }
+
+    #[test]
+    fn compiles_listeners() {
+        let c = spec().compile().unwrap();
+        let http = &c.listeners[&8080];
+        assert_eq!(http.locator, kernel::LOCATOR_HTTP_HEADER);
+        assert_eq!(http.n_headers, 4);
+        assert_eq!(http.flags, 0);
+        let name = b"x-mbx-apikey:";
+        assert_eq!(&http.header_names[1][..name.len()], name);
+        assert!(http.header_names[1][name.len()..].iter().all(|&b| b == 0));
+        let mut fold = [0u8; kernel::MAX_HEADER_NAME];
+        fold[..12].copy_from_slice(&[
+            0x20, 0, 0x20, 0x20, 0x20, 0, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+        ]);
+        assert_eq!(http.header_fold[1], fold);
+        let mut mask = [0u8; kernel::MAX_HEADER_NAME];
+        mask[..13].fill(0xff);
+        assert_eq!(http.header_mask[1], mask);
+        assert_eq!(&http.header_names[3][..8], b"api-key:");
+        assert_eq!(http.header_len, [14, 13, 14, 8]);
+
+        let sni = &c.listeners[&443];
+        assert_eq!((sni.locator, sni.n_headers), (kernel::LOCATOR_TLS_SNI, 0));
+        assert_eq!(&sni.header_names[0][..3], b"k-\0");
+        assert_eq!(&sni.header_fold[0][..3], &[0x20, 0, 0]);
+        assert_eq!(&sni.header_mask[0][..3], &[0xff, 0xff, 0]);
+        assert_eq!(sni.header_len[0], 2);
+
+        let fix = &c.listeners[&9878];
+        assert_eq!((fix.locator, fix.fix_tag), (kernel::LOCATOR_FIX, 553));
+
+        let mut p = spec();
+        p.listener[1].proxy_protocol = true;
+        p.listener[1].trusted_proxies = vec!["10.0.0.0/8".into()];
+        let c = p.compile().unwrap();
+        assert_eq!(c.listeners[&8080].flags, kernel::LISTENER_PROXY_PROTOCOL);
+    }
+
+    #[test]
+    fn compiles_keys() {
+        let mut p = spec();
+        p.key.push(key(
+            "0123abcd",
+            &[
+                "192.0.2.1",
+                "192.0.2.0/24",
+                "192.0.2.2/32",
+                "192.0.2.1",
+                "192.0.2.3",
+                "192.0.2.4",
+                "192.0.2.5",
+                "::1",
+            ],
+            &[],
+        ));
+        p.key.push(key("unbound1", &[], &[]));
+        p.key.push(Key {
+            locked: true,
+            ..key("locked01", &["192.0.2.9"], &[])
+        });
+        let c = p.compile().unwrap();
+
+        let spec_key = &c.keys[&key_prefix("37c541a1")];
+        assert_eq!(spec_key.flags, kernel::KEY_PRESENT | kernel::KEY_BOUND);
+        assert_eq!(spec_key.inline_v4, [u32::from_ne_bytes([198, 51, 100, 7])]);
+        let mut v6 = [0u8; 16];
+        v6[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(
+            spec_key.own_set,
+            Some(SetContent::from([(kernel::FAMILY_V6, 48, v6)]))
+        );
+        assert_eq!(spec_key.ipsets, ["broker-a"]);
+
+        // First four distinct IPv4 hosts inline; the fifth, the CIDR and IPv6 go to the set.
+        let k = &c.keys[&key_prefix("0123abcd")];
+        let host = |d: u8| u32::from_ne_bytes([192, 0, 2, d]);
+        assert_eq!(k.inline_v4, [host(1), host(2), host(3), host(4)]);
+        let v4 = |d: u8, plen: u8| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[192, 0, 2, d]);
+            (kernel::FAMILY_V4, plen, a)
+        };
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        assert_eq!(
+            k.own_set,
+            Some(SetContent::from([
+                v4(0, 24),
+                v4(5, 32),
+                (kernel::FAMILY_V6, 128, lo)
+            ]))
+        );
+
+        let unbound = &c.keys[&key_prefix("unbound1")];
+        assert_eq!(
+            (unbound.flags, unbound.own_set.is_none()),
+            (kernel::KEY_PRESENT, true)
+        );
+        let locked = &c.keys[&key_prefix("locked01")];
+        assert_eq!(
+            locked.flags,
+            kernel::KEY_PRESENT | kernel::KEY_LOCKED | kernel::KEY_BOUND
+        );
+        assert_eq!(locked.own_set, None);
+
+        assert_eq!(&key_prefix("37c541a1").bytes[..9], b"37c541a1\0");
+        let mut a = [0u8; 16];
+        a[..3].copy_from_slice(&[203, 0, 113]);
+        assert!(c.ipsets["broker-a"].contains(&(kernel::FAMILY_V4, 24, a)));
+    }
+
+    #[test]
+    fn compile_refuses_invalid_policies() {
+        let mut p = spec();
+        p.key[0].allow.push("10.0.0.1/8".into());
+        let e = p.compile().unwrap_err();
+        assert_eq!(
+            e,
+            [PolicyError::new(
+                "key[0].allow[2]",
+                "host bits set in 10.0.0.1/8"
+            )]
+        );
+    }
+
+    #[test]
+    fn patch_parses_from_json() {
+        let patch = Patch::from_json_str(
+            r#"{"revision": 8, "ops": [
+                {"op": "upsert", "key": {"prefix": "0123abcd", "allow": ["192.0.2.1"]}},
+                {"op": "delete", "prefix": "37c541a1"},
+                {"op": "lock", "prefix": "x"},
+                {"op": "unlock", "prefix": "x"},
+                {"op": "set_ipset", "name": "b", "cidrs": ["192.0.2.0/24"]},
+                {"op": "delete_ipset", "name": "b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(patch.revision, 8);
+        assert_eq!(
+            patch.ops[1],
+            PatchOp::Delete {
+                prefix: "37c541a1".into()
+            }
+        );
+        assert_eq!(
+            patch.ops[4],
+            PatchOp::SetIpset {
+                name: "b".into(),
+                cidrs: vec!["192.0.2.0/24".into()]
+            }
+        );
+        let json = serde_json::to_string(&patch).unwrap();
+        assert_eq!(Patch::from_json_str(&json).unwrap(), patch);
+
+        let e = Patch::from_json_str(
+            r#"{"revision": 8, "ops": [
+                {"op": "lock", "prefix": "x"},
+                {"op": "upsert", "key": {"prefix": "0123abcd", "allow": [1]}},
+                {"op": "frobnicate"},
+                {"op": "delete"},
+                {"op": "delete", "prefix": "x", "extra": 1}]}"#,
+        )
+        .unwrap_err();
+        let at: Vec<&str> = e.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(
+            at,
+            ["ops[1].key.allow[0]", "ops[2].op", "ops[3]", "ops[4].extra"],
+            "{e:?}"
+        );
+        assert_eq!(e[2].message, "missing field `prefix`");
+
+        // Missing fields are reported by the object that lacks them, at every depth.
+        let e = Patch::from_json_str(
+            r#"{"ops": [{"op": "upsert", "key": {"allow": []}}, {"op": "set_ipset", "name": "a"}]}"#,
+        )
+        .unwrap_err();
+        let shown: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "ops[0].key: missing field `prefix`",
+                "ops[1]: missing field `cidrs`",
+                "missing field `revision`",
+            ]
+        );
+    }
+
+    #[test]
+    fn shape_errors_in_a_long_list_are_found_quickly() {
+        let mut keys: Vec<Value> = (0..20_000)
+            .map(|i| serde_json::json!({"prefix": format!("{i:08}"), "allow": ["192.0.2.1"]}))
+            .collect();
+        keys[4_242]["allow"][0] = Value::from(1);
+        keys[17_777].as_object_mut().unwrap().remove("prefix");
+        let doc = serde_json::json!({"key": keys, "listener": [{"port": 1, "locator": "fix", "fix_tag": 553}]});
+        let e = Policy::from_json_str(&doc.to_string()).unwrap_err();
+        let at: Vec<&str> = e.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(at, ["key[4242].allow[0]", "key[17777]"]);
+    }
+
+    #[test]
+    fn patch_applies_ops_in_order() {
+        let p = spec();
+        let patch = Patch {
+            revision: 8,
+            ops: vec![
+                PatchOp::Upsert {
+                    key: key("0123abcd", &["192.0.2.1"], &[]),
+                },
+                PatchOp::Lock {
+                    prefix: "0123abcd".into(),
+                },
+                PatchOp::Upsert {
+                    key: key("37c541a1", &["198.51.100.8"], &["tools"]),
+                },
+                PatchOp::SetIpset {
+                    name: "tools".into(),
+                    cidrs: vec!["192.0.2.128/25".into()],
+                },
+                PatchOp::Unlock {
+                    prefix: "37c541a1".into(),
+                },
+                PatchOp::DeleteIpset {
+                    name: "broker-a".into(),
+                },
+            ],
+        };
+        let next = p.apply_patch(&patch).unwrap();
+        assert_eq!(next.revision, Some(8));
+        assert_eq!(next.key.len(), 2);
+        assert_eq!(next.key[0], key("37c541a1", &["198.51.100.8"], &["tools"]));
+        assert!(next.key[1].locked);
+        assert_eq!(next.ipsets.keys().collect::<Vec<_>>(), ["tools"]);
+        // The original is untouched.
+        assert_eq!(p, spec());
+
+        let next = next
+            .apply_patch(&Patch {
+                revision: 9,
+                ops: vec![PatchOp::Delete {
+                    prefix: "0123abcd".into(),
+                }],
+            })
+            .unwrap();
+        assert_eq!(next.key.len(), 1);
+    }
+
+    #[test]
+    fn patch_is_all_or_nothing_and_places_errors_at_ops() {
+        let p = spec();
+        let patch = Patch {
+            revision: 8,
+            ops: vec![
+                PatchOp::Upsert {
+                    key: key("0123abcd", &["192.0.2.1"], &[]),
+                },
+                PatchOp::Delete {
+                    prefix: "nope0000".into(),
+                },
+                PatchOp::Upsert {
+                    key: key("37c541a1", &["10.0.0.1/8"], &["ghost"]),
+                },
+                PatchOp::Lock {
+                    prefix: "nope0001".into(),
+                },
+                PatchOp::SetIpset {
+                    name: "tools".into(),
+                    cidrs: vec!["1.2.3.4".into(), "1.2.3.4/16".into()],
+                },
+                PatchOp::DeleteIpset {
+                    name: "nope".into(),
+                },
+                PatchOp::Upsert {
+                    key: key("short", &[], &[]),
+                },
+            ],
+        };
+        let e: Vec<String> = p
+            .apply_patch(&patch)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            e,
+            [
+                r#"ops[1].prefix: no key with prefix "nope0000""#,
+                r#"ops[3].prefix: no key with prefix "nope0001""#,
+                r#"ops[5].name: no ipset "nope""#,
+                "ops[4].cidrs[1]: host bits set in 1.2.3.4/16",
+                "ops[2].key.allow[0]: host bits set in 10.0.0.1/8",
+                r#"ops[2].key.ipsets[0]: unknown ipset "ghost""#,
+                r#"ops[6].key.prefix: must be exactly 8 bytes (settings.key_prefix_len), got 5 in "short""#,
+            ]
+        );
+        assert_eq!(p, spec());
+    }
+
+    #[test]
+    fn patch_refuses_to_delete_an_ipset_in_use() {
+        let p = spec();
+        let delete = PatchOp::DeleteIpset {
+            name: "broker-a".into(),
+        };
+        let e = p
+            .apply_patch(&Patch {
+                revision: 8,
+                ops: vec![delete.clone()],
+            })
+            .unwrap_err();
+        assert_eq!(
+            e,
+            [PolicyError::new(
+                "ops[0].name",
+                r#"ipset "broker-a" is still used by key "37c541a1""#
+            )]
+        );
+        // Fine once the key lets go of it, or when the set comes back later in the same patch.
+        let release = PatchOp::Upsert {
+            key: key("37c541a1", &["198.51.100.7"], &[]),
+        };
+        assert!(
+            p.apply_patch(&Patch {
+                revision: 8,
+                ops: vec![delete.clone(), release]
+            })
+            .is_ok()
+        );
+        let again = PatchOp::SetIpset {
+            name: "broker-a".into(),
+            cidrs: vec![],
+        };
+        assert!(
+            p.apply_patch(&Patch {
+                revision: 8,
+                ops: vec![delete, again]
+            })
+            .is_ok()
+        );
+    }
+}

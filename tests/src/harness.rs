@@ -1,0 +1,112 @@
+//! Runs the compiled XDP program through `BPF_PROG_TEST_RUN` with a policy loaded, and reports
+//! the action and the reason the program counted for each frame.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun as _, TestRunOptions};
+use filter_common::Reason;
+use keywall::{
+    dataplane::{Capacity, Dataplane, Mirror, read_reasons},
+    policy::Policy,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A loaded program with its own pin directory (removed on drop).
+pub struct Loaded {
+    pub dp: Dataplane,
+    pub mirror: Mirror,
+    pub pin_dir: PathBuf,
+}
+
+impl Loaded {
+    pub fn new(policy_toml: &str) -> Result<Loaded> {
+        Self::with_capacity(policy_toml, small_capacity())
+    }
+
+    pub fn with_capacity(policy_toml: &str, cap: Capacity) -> Result<Loaded> {
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kw-t-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let dp = Dataplane::load(&pin_dir, cap)?;
+        let mirror = Mirror::read(&dp.maps)?;
+        let mut l = Loaded { dp, mirror, pin_dir };
+        l.apply(policy_toml)?;
+        Ok(l)
+    }
+
+    pub fn apply(&mut self, policy_toml: &str) -> Result<()> {
+        let p = Policy::from_toml_str(policy_toml).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.apply_policy(&p)
+    }
+
+    pub fn apply_policy(&mut self, p: &Policy) -> Result<()> {
+        let c = p.compile().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let cap = self.dp.maps.key_stats.len();
+        self.mirror.apply(&mut self.dp.maps, &c, cap)?;
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        read_reasons(&self.dp.maps.reasons)
+            .expect("reading counters")
+            .iter()
+            .map(|c| c.packets)
+            .collect()
+    }
+
+    /// Runs one frame; returns the XDP action and the single reason counted for it.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Reason, bool) {
+        let before = self.counters();
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.dp.program().expect("program");
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")
+            .expect("test run");
+        let after = self.counters();
+        let changed: Vec<usize> = (0..after.len()).filter(|i| after[*i] != before[*i]).collect();
+        assert_eq!(changed.len(), 1, "exactly one reason must be counted per packet, got slots {changed:?}");
+        let slot = changed[0] as u32;
+        let audit = slot >= filter_common::AUDIT_OFFSET;
+        let reason = Reason::from_u8((slot % filter_common::AUDIT_OFFSET) as u8).expect("valid reason slot");
+        assert_eq!(after[changed[0]] - before[changed[0]], 1, "counted once");
+        (r.return_value, reason, audit)
+    }
+
+    /// Runs `frame` `repeat` times and returns the kernel's average ns per run.
+    pub fn time(&mut self, frame: &[u8], repeat: u32) -> f64 {
+        let prog = self.dp.program().expect("program");
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+            .expect("test run");
+        r.duration.as_nanos() as f64
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Small maps so many tests can load in parallel.
+pub fn small_capacity() -> Capacity {
+    Capacity { keys: 4096, allow: 16384, sets: 4096, flows: 4096 }
+}
