@@ -40,6 +40,8 @@ pub mod maps {
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "keywall";
+/// A program in the same object that only returns XDP_PASS (the benchmark floor).
+pub const BASELINE_PROGRAM: &str = "keywall_baseline_pass";
 
 /// Default capacities (the loader may raise them with `map_max_entries`).
 pub const DEFAULT_MAX_KEYS: u32 = 1 << 20;

@@ -107,6 +107,12 @@ pub fn keywall(ctx: XdpContext) -> u32 {
     finish(verdict, enforce, bytes)
 }
 
+/// The floor for benchmarks: the same object's cheapest possible program.
+#[xdp]
+pub fn keywall_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// The live slot's settings, or None before any policy was applied.
 #[inline(always)]
 fn live_settings() -> Option<(u32, &'static Settings)> {
