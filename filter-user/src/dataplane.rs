@@ -535,7 +535,10 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Vec<String>> {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(ifn) = name.strip_prefix("link_") {
             if iface.is_none_or(|i| i == ifn) {
-                // Removing the last reference to a bpf_link detaches it.
+                // Detach explicitly: a running daemon may still hold the link open, and then
+                // removing the pin alone would leave the program attached.
+                force_detach_link(&e.path())
+                    .with_context(|| format!("detaching {}", e.path().display()))?;
                 fs::remove_file(e.path())?;
                 done.push(ifn.to_owned());
             }
@@ -545,6 +548,32 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Vec<String>> {
         fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     }
     Ok(done)
+}
+
+/// BPF_LINK_DETACH on a pinned link (aya 0.14 has no call for it).
+fn force_detach_link(pin: &Path) -> Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64;
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+    };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd as i32) };
+    if r < 0 {
+        return Err(err.into());
+    }
+    Ok(())
 }
 
 /// Interfaces that have a pinned link.
