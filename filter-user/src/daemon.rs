@@ -134,9 +134,19 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
 
     // 3. Attach, or take over the pinned links without a gap.
+    let previous = state::load_runtime(&o.state_dir);
     for ifn in &o.ifaces {
-        let mode = eng.dp.attach(ifn, &o.xdp_mode)?;
-        log::info!("attached to {ifn} ({mode})");
+        let mut mode = eng.dp.attach(ifn, &o.xdp_mode)?;
+        if mode == "takeover" {
+            // The link keeps the mode it was created with; the last daemon recorded it.
+            mode = previous
+                .as_ref()
+                .and_then(|r| r.ifaces.get(ifn).cloned())
+                .unwrap_or_else(|| "unknown".into());
+            log::info!("took over the pinned link on {ifn} ({mode}) without a gap");
+        } else {
+            log::info!("attached to {ifn} ({mode})");
+        }
         runtime.ifaces.insert(ifn.clone(), mode);
     }
     eng.dp.pin_program()?;

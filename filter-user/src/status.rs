@@ -17,6 +17,19 @@ pub fn capacity(pin_dir: &Path, name: &str) -> Option<u32> {
     d.info().ok().map(|i| i.max_entries())
 }
 
+/// True if `pid` is a live (not zombie) keywall process, so a reused pid is not mistaken for it.
+fn pid_is_keywall(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Format: pid (comm) state ...; comm may contain spaces, so split at the last ')'.
+    let Some((head, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let alive = !rest.trim_start().starts_with('Z');
+    alive && head.contains("(keywall")
+}
+
 pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
     let view = PinnedView::open(pin_dir)?;
     let ctl = view.control.get(&0, 0)?;
@@ -37,9 +50,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
     let listeners = view.listeners.keys().flatten().filter(|k| u32::from(k.slot) == slot).count();
     let runtime = state::load_runtime(state_dir);
     let applied = state::load_applied(state_dir).ok().flatten();
-    let daemon_alive = runtime
-        .as_ref()
-        .is_some_and(|r| Path::new(&format!("/proc/{}", r.pid)).exists());
+    let daemon_alive = runtime.as_ref().is_some_and(|r| pid_is_keywall(r.pid));
     let attached = pinned_ifaces(pin_dir);
     let modes = runtime.as_ref().map(|r| r.ifaces.clone()).unwrap_or_default();
     Ok(json!({
