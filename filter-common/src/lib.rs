@@ -27,14 +27,15 @@ pub mod maps {
     pub const CONTROL: &str = "KW_CONTROL";
     pub const SETTINGS: &str = "KW_SETTINGS";
     pub const LISTENERS: &str = "KW_LISTENERS";
+    pub const LISTENER_INDEX: &str = "KW_LISTENER_INDEX";
     pub const KEYS: &str = "KW_KEYS";
     pub const SETS: &str = "KW_SETS";
     pub const ALLOW: &str = "KW_ALLOW";
     pub const FLOWS: &str = "KW_FLOWS";
     pub const REASONS: &str = "KW_REASONS";
     pub const KEY_STATS: &str = "KW_KEY_STATS";
-    pub const ALL: [&str; 9] = [
-        CONTROL, SETTINGS, LISTENERS, KEYS, SETS, ALLOW, FLOWS, REASONS, KEY_STATS,
+    pub const ALL: [&str; 10] = [
+        CONTROL, SETTINGS, LISTENERS, LISTENER_INDEX, KEYS, SETS, ALLOW, FLOWS, REASONS, KEY_STATS,
     ];
 }
 
@@ -151,13 +152,19 @@ pub struct Settings {
     pub _pad: [u8; 2],
 }
 
-/// `KW_LISTENERS` key.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ListenerKey {
-    pub slot: u16,
-    /// TCP port, host byte order.
-    pub port: u16,
+/// Listeners are found with two array reads, no hashing: `KW_LISTENER_INDEX[slot * 65536 + port]`
+/// holds a listener number n (0: none), and `KW_LISTENERS[slot * MAX_LISTENERS + n - 1]` its
+/// settings.
+pub const PORTS: u32 = 65536;
+
+#[inline(always)]
+pub const fn listener_index_slot(slot: u32, port: u16) -> u32 {
+    (slot & 1) * PORTS + port as u32
+}
+
+#[inline(always)]
+pub const fn listener_slot(slot: u32, n: u16) -> u32 {
+    (slot & 1) * MAX_LISTENERS + ((n as u32).wrapping_sub(1) % MAX_LISTENERS)
 }
 
 pub const LOCATOR_HTTP_HEADER: u8 = 1;
@@ -177,7 +184,9 @@ pub struct Listener {
     /// Bytes of each header name, colon included.
     pub header_len: [u8; MAX_HEADERS],
     pub fix_tag: u32,
-    pub _pad2: u32,
+    /// The TCP port (host order), so the loader can read the table back.
+    pub port: u16,
+    pub _pad2: u16,
     /// Header names with their colon, lower-cased where letters (`x-mbx-apikey:`), zero padded.
     pub header_names: [[u8; MAX_HEADER_NAME]; MAX_HEADERS],
     /// Per byte 0x20 where the name has a letter (case fold), 0 elsewhere.
@@ -195,6 +204,7 @@ impl Default for Listener {
             _pad: 0,
             header_len: [0; MAX_HEADERS],
             fix_tag: 0,
+            port: 0,
             _pad2: 0,
             header_names: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
             header_fold: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
@@ -317,7 +327,6 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Settings {}
-    unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for Listener {}
     unsafe impl aya::Pod for KeyPrefix {}
     unsafe impl aya::Pod for KeyRecord {}

@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
-use filter_common::{Listener, ListenerKey, MAX_HEADERS};
+use filter_common::{Listener, MAX_HEADERS};
 
 use crate::{
     LISTENERS, SCRATCH, ScratchPtr, forget_in,
@@ -61,7 +61,7 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
         return 0;
     }
     let ctx = XdpContext::new(lc.ctx);
-    check_line(&ctx, ((start + off) & 0x3fff) as usize, unsafe { &*lc.listener }, acc);
+    check_line(&ctx, ((start + off) & 0x3fff) as usize, unsafe { &*lc.listener }, lc.sc);
     0
 }
 
@@ -71,8 +71,10 @@ fn step(w: u64) -> (usize, usize) {
     let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
     // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
     let m = m | (1 << 63);
+    // lsb = 1 << (8k + 7) for the first newline at byte k; the multiply moves k + 1 into the
+    // top byte (no popcount: BPF has none, and its expansion costs a dozen instructions).
     let lsb = m & m.wrapping_neg();
-    let adv = (((lsb - 1).count_ones() >> 3) + 1) as usize;
+    let adv = ((lsb >> 7).wrapping_mul(0x0102_0304_0506_0708) >> 56) as usize;
     (adv, is_nl)
 }
 
@@ -101,11 +103,7 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let key = ListenerKey {
-        slot: (io.slot & 1) as u16,
-        port: io.port as u16,
-    };
-    let Some(l) = (unsafe { LISTENERS.get(&key) }) else {
+    let Some(l) = LISTENERS.get((io.listener & 0x1ff) as u32) else {
         return 0;
     };
     let xctx = XdpContext::new(ctx);
@@ -283,28 +281,53 @@ fn avail_mask(avail: usize, word_idx: usize) -> u64 {
 /// Checks one line start (`off`, from the frame start) against the listener's header names.
 /// Branch-light on purpose: the verifier walks it once per recorded line.
 #[inline(always)]
-fn check_line(ctx: &XdpContext, off: usize, l: &Listener, acc: &mut LineState) {
+fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
+    let acc = unsafe { &mut (*sc).line };
     let end = (acc.end & 0x3fff) as usize;
     let plen = acc.plen & 0x1f;
     let data = ctx.data();
     let data_end = ctx.data_end();
-    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
-        acc.malformed = 1;
-        return;
-    };
-    let buf = unsafe { &mut (*sc).window };
-    for w in buf.iter_mut().take(10) {
-        *w = 0;
-    }
     let p = data + off;
+    if p + 8 <= data_end && off + 8 <= end {
+        // Most lines (Host, User-Agent, ...) differ from every key header in their first
+        // 8 bytes: reject them before building the window.
+        let w0 = unsafe { read_unaligned(p as *const u64) };
+        let mut any = false;
+        for h in 0..MAX_HEADERS {
+            if h >= l.n_headers as usize {
+                break;
+            }
+            let (name, fold, mask) = unsafe {
+                (
+                    read_unaligned(l.header_names[h].as_ptr() as *const u64),
+                    read_unaligned(l.header_fold[h].as_ptr() as *const u64),
+                    read_unaligned(l.header_mask[h].as_ptr() as *const u64),
+                )
+            };
+            if ((w0 | fold) ^ name) & mask == 0 {
+                any = true;
+                break;
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+    let buf = unsafe { &mut (*sc).window };
     let avail: usize;
     if p + WINDOW <= data_end && off + WINDOW <= end {
         let s = p as *const u64;
         for j in 0..WINDOW / 8 {
             buf[j] = unsafe { read_unaligned(s.add(j)) };
         }
+        // load8 may read one word past the window.
+        buf[WINDOW / 8] = 0;
+        buf[WINDOW / 8 + 1] = 0;
         avail = WINDOW;
     } else {
+        for w in buf.iter_mut().take(10) {
+            *w = 0;
+        }
         if off >= end {
             return;
         }

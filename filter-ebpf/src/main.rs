@@ -25,7 +25,7 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, FLOW_HAS_KEY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
-    LOCATOR_HTTP_HEADER, Listener, ListenerKey, MAX_LISTENERS, Reason, SETTING_ENFORCE,
+    LOCATOR_HTTP_HEADER, Listener, MAX_LISTENERS, Reason, SETTING_ENFORCE,
     SETTING_LOADED, SETTING_NO_KEY_DROP, SetMeta, Settings,
 };
 
@@ -39,8 +39,10 @@ use crate::{
 static CONTROL: Array<Control> = Array::pinned(1, 0);
 #[map(name = "KW_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(2, 0);
+#[map(name = "KW_LISTENER_INDEX")]
+static LISTENER_INDEX: Array<u16> = Array::pinned(2 * filter_common::PORTS, 0);
 #[map(name = "KW_LISTENERS")]
-static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::pinned(MAX_LISTENERS * 2, 0);
+static LISTENERS: Array<Listener> = Array::pinned(2 * MAX_LISTENERS, 0);
 // No prealloc: updates swap whole elements under RCU, so a reader never sees a value being
 // rewritten, and memory follows the key count.
 #[map(name = "KW_KEYS")]
@@ -146,20 +148,22 @@ fn decide(ctx: &XdpContext) -> (Verdict, bool) {
             let seg = unsafe { &(*sc).seg };
             match listener(slot, seg.dport) {
                 None => Verdict::of(Reason::PassNotApi),
-                Some(l) => judge_segment(ctx, sc, slot, settings, l, seg),
+                Some((l, idx)) => judge_segment(ctx, sc, slot, settings, l, idx, seg),
             }
         }
     };
     (v, enforce)
 }
 
+/// The listener on `port` in `slot`, and its index in `KW_LISTENERS`.
 #[inline(always)]
-fn listener(slot: u32, port: u16) -> Option<&'static Listener> {
-    let k = ListenerKey {
-        slot: slot as u16,
-        port,
-    };
-    unsafe { LISTENERS.get(&k) }
+fn listener(slot: u32, port: u16) -> Option<(&'static Listener, u32)> {
+    let n = *LISTENER_INDEX.get(filter_common::listener_index_slot(slot, port))?;
+    if n == 0 {
+        return None;
+    }
+    let idx = filter_common::listener_slot(slot, n);
+    Some((LISTENERS.get(idx)?, idx))
 }
 
 #[inline(always)]
@@ -181,6 +185,7 @@ fn judge_segment(
     slot: u32,
     settings: &Settings,
     l: &Listener,
+    l_idx: u32,
     seg: &Segment,
 ) -> Verdict {
     let fk = unsafe { &mut (*sc).flow_key };
@@ -208,8 +213,7 @@ fn judge_segment(
                 start: seg.payload_off as u64,
                 end: seg.payload_end as u64,
                 plen: plen as u64,
-                slot: slot as u64,
-                port: seg.dport as u64,
+                listener: l_idx as u64,
                 result: http::SCAN_MALFORMED,
                 prefix: [0; 2],
             };

@@ -16,8 +16,8 @@ pub struct ScanIo {
     pub start: u64,
     pub end: u64,
     pub plen: u64,
-    pub slot: u64,
-    pub port: u64,
+    /// Index of the listener in `KW_LISTENERS`.
+    pub listener: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }

@@ -25,7 +25,7 @@ use aya::{
 };
 use filter_common::{
     AllowKey, COUNTER_SLOTS, Control, Counter, FAMILY_V4, KEY_PRESENT, KeyEntry, KeyPrefix,
-    KeyRecord, KeyStats, Listener, ListenerKey, MAX_PLENS, MAX_SETS, PROGRAM_NAME, SetMeta,
+    KeyRecord, KeyStats, Listener, MAX_LISTENERS, MAX_PLENS, MAX_SETS, PROGRAM_NAME, SetMeta,
     Settings, maps,
 };
 
@@ -95,7 +95,8 @@ pub struct Dataplane {
 pub struct Maps {
     pub control: Array<MapData, Control>,
     pub settings: Array<MapData, Settings>,
-    pub listeners: HashMap<MapData, ListenerKey, Listener>,
+    pub listeners: Array<MapData, Listener>,
+    pub listener_index: Array<MapData, u16>,
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub sets: HashMap<MapData, u32, SetMeta>,
     pub allow: HashMap<MapData, AllowKey, u8>,
@@ -113,6 +114,7 @@ impl Maps {
             control: t(ebpf, maps::CONTROL)?.try_into()?,
             settings: t(ebpf, maps::SETTINGS)?.try_into()?,
             listeners: t(ebpf, maps::LISTENERS)?.try_into()?,
+            listener_index: t(ebpf, maps::LISTENER_INDEX)?.try_into()?,
             keys: t(ebpf, maps::KEYS)?.try_into()?,
             sets: t(ebpf, maps::SETS)?.try_into()?,
             allow: t(ebpf, maps::ALLOW)?.try_into()?,
@@ -256,10 +258,12 @@ impl Mirror {
         for s in 0..2u32 {
             mi.slots[s as usize].settings = m.settings.get(&s, 0)?;
         }
-        for kv in m.listeners.iter() {
-            let (k, v) = kv?;
-            if k.slot < 2 {
-                mi.slots[k.slot as usize].listeners.insert(k.port, v);
+        for slot in 0..2u32 {
+            for n in 1..=MAX_LISTENERS as u16 {
+                let l = m.listeners.get(&filter_common::listener_slot(slot, n), 0)?;
+                if l.locator != 0 {
+                    mi.slots[slot as usize].listeners.insert(l.port, l);
+                }
             }
         }
         for kv in m.allow.iter() {
@@ -382,30 +386,29 @@ impl Mirror {
             records.insert(*prefix, r);
         }
 
-        // 2. Listeners of the target slot.
-        let old_l = std::mem::take(&mut self.slots[ti].listeners);
-        let mut now_l = old_l.clone();
-        for port in old_l.keys() {
-            if !c.listeners.contains_key(port) {
-                let r = m.listeners.remove(&ListenerKey { slot: target as u16, port: *port });
-                if let Err(e) = r {
-                    self.slots[ti].listeners = now_l;
-                    return Err(e.into());
-                }
-                now_l.remove(port);
+        // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
+        let want: BTreeMap<u16, Listener> =
+            c.listeners.iter().map(|(p, l)| (*p, Listener { port: *p, ..*l })).collect();
+        if self.slots[ti].listeners != want {
+            if c.listeners.len() > MAX_LISTENERS as usize {
+                bail!("more than {MAX_LISTENERS} listeners");
             }
-        }
-        for (port, l) in &c.listeners {
-            if old_l.get(port) != Some(l) {
-                let r = m.listeners.insert(ListenerKey { slot: target as u16, port: *port }, *l, 0);
-                if let Err(e) = r {
-                    self.slots[ti].listeners = now_l;
-                    return Err(e.into());
+            let old = std::mem::take(&mut self.slots[ti].listeners);
+            for port in old.keys() {
+                if !c.listeners.contains_key(port) {
+                    m.listener_index.set(filter_common::listener_index_slot(target, *port), 0u16, 0)?;
                 }
-                now_l.insert(*port, *l);
             }
+            for (i, (port, l)) in want.iter().enumerate() {
+                let n = i as u16 + 1;
+                m.listeners.set(filter_common::listener_slot(target, n), *l, 0)?;
+                m.listener_index.set(filter_common::listener_index_slot(target, *port), n, 0)?;
+            }
+            for n in c.listeners.len() as u16 + 1..=old.len().max(c.listeners.len()) as u16 {
+                m.listeners.set(filter_common::listener_slot(target, n), Listener::default(), 0)?;
+            }
+            self.slots[ti].listeners = want;
         }
-        self.slots[ti].listeners = now_l;
 
         // 3. Keys: only entries whose target record changes are written.
         let stale: Vec<KeyPrefix> = self
@@ -490,7 +493,7 @@ pub struct PinnedView {
     pub key_stats: Array<MapData, KeyStats>,
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
-    pub listeners: HashMap<MapData, ListenerKey, Listener>,
+    pub listeners: Array<MapData, Listener>,
 }
 
 impl PinnedView {

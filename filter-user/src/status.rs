@@ -47,7 +47,9 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
         }
     }
     let flows = view.flows.keys().count();
-    let listeners = view.listeners.keys().flatten().filter(|k| u32::from(k.slot) == slot).count();
+    let listeners = (1..=filter_common::MAX_LISTENERS as u16)
+        .filter(|n| view.listeners.get(&filter_common::listener_slot(slot, *n), 0).is_ok_and(|l| l.locator != 0))
+        .count();
     let runtime = state::load_runtime(state_dir);
     let applied = state::load_applied(state_dir).ok().flatten();
     let daemon_alive = runtime.as_ref().is_some_and(|r| pid_is_keywall(r.pid));
