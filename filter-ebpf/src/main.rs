@@ -230,7 +230,31 @@ fn judge_segment(
             bytes[8..].copy_from_slice(&prefix[1].to_le_bytes());
             let prefix = KeyPrefix { bytes };
             let client = seg.src;
+            let known = FLOWS.get_ptr_mut(fk);
+            if let Some(f) = known {
+                let f = unsafe { &mut *f };
+                // Keep-alive clients send the key with every request: the same key on a
+                // connection judged under the live generation has the same verdict.
+                if f.flags & FLOW_HAS_KEY != 0
+                    && f.generation == settings.generation
+                    && f.prefix == prefix
+                {
+                    let reason = Reason::from_u8(f.reason).unwrap_or(Reason::DropMalformed);
+                    return Verdict { reason, stat_idx: f.stat_idx };
+                }
+            }
             let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, seg.family, &client);
+            if let Some(f) = known {
+                // Rewrite in place: replacing an LRU element costs a node swap.
+                let f = unsafe { &mut *f };
+                f.generation = settings.generation;
+                f.reason = reason as u8;
+                f.flags = FLOW_HAS_KEY;
+                f.stat_idx = stat_idx;
+                f.prefix = prefix;
+                f.client = client;
+                return Verdict { reason, stat_idx };
+            }
             let flow = unsafe { &mut (*sc).flow };
             *flow = Flow {
                 generation: settings.generation,
