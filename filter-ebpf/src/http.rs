@@ -9,8 +9,6 @@
 //! and a later segment can carry one. All keys found in one segment must agree. A key line
 //! cut by the end of the segment fails closed (malformed), so no split hides a key.
 
-use core::ptr::read_unaligned;
-
 use aya_ebpf::{
     bindings::xdp_md,
     cty::c_void,
@@ -20,7 +18,7 @@ use aya_ebpf::{
 use filter_common::{Listener, MAX_HEADERS};
 
 use crate::{
-    LISTENERS, SCRATCH, ScratchPtr, forget_in,
+    LISTENERS, SCRATCH, ScratchPtr, forget_in, ld64,
     scratch::{LineState, ScanIo, WINDOW_WORDS},
 };
 
@@ -143,7 +141,7 @@ fn scan(ctx: &XdpContext, sc: ScratchPtr, start: usize, end: usize, l: &Listener
         if p + 8 > data_end || pos + 8 > len {
             break;
         }
-        let w = unsafe { core::ptr::read_unaligned(p as *const u64) };
+        let w = ld64(p as *const u64);
         let (adv, is_nl) = step(w);
         pos += adv;
         // Branch-free append: the slot is overwritten unless this step found a newline.
@@ -291,19 +289,17 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
     if p + 8 <= data_end && off + 8 <= end {
         // Most lines (Host, User-Agent, ...) differ from every key header in their first
         // 8 bytes: reject them before building the window.
-        let w0 = unsafe { read_unaligned(p as *const u64) };
+        let w0 = ld64(p as *const u64);
         let mut any = false;
         for h in 0..MAX_HEADERS {
             if h >= l.n_headers as usize {
                 break;
             }
-            let (name, fold, mask) = unsafe {
-                (
-                    read_unaligned(l.header_names[h].as_ptr() as *const u64),
-                    read_unaligned(l.header_fold[h].as_ptr() as *const u64),
-                    read_unaligned(l.header_mask[h].as_ptr() as *const u64),
-                )
-            };
+            let (name, fold, mask) = (
+                ld64(l.header_names[h].as_ptr() as *const u64),
+                ld64(l.header_fold[h].as_ptr() as *const u64),
+                ld64(l.header_mask[h].as_ptr() as *const u64),
+            );
             if ((w0 | fold) ^ name) & mask == 0 {
                 any = true;
                 break;
@@ -318,7 +314,7 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
     if p + WINDOW <= data_end && off + WINDOW <= end {
         let s = p as *const u64;
         for j in 0..WINDOW / 8 {
-            buf[j] = unsafe { read_unaligned(s.add(j)) };
+            buf[j] = ld64(unsafe { s.add(j) });
         }
         // load8 may read one word past the window.
         buf[WINDOW / 8] = 0;
@@ -356,9 +352,9 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
         for j in 0..3 {
             let (name, fold, mask) = unsafe {
                 (
-                    read_unaligned((l.header_names[h].as_ptr() as *const u64).add(j)),
-                    read_unaligned((l.header_fold[h].as_ptr() as *const u64).add(j)),
-                    read_unaligned((l.header_mask[h].as_ptr() as *const u64).add(j)),
+                    ld64((l.header_names[h].as_ptr() as *const u64).add(j)),
+                    ld64((l.header_fold[h].as_ptr() as *const u64).add(j)),
+                    ld64((l.header_mask[h].as_ptr() as *const u64).add(j)),
                 )
             };
             // Only the bytes the segment has are compared: a name cut by the segment end

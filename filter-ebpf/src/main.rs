@@ -63,6 +63,22 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 const NO_STAT: u32 = u32::MAX;
 
+/// One 8-byte load at `p`, whatever its alignment.
+///
+/// `read_unaligned` would be split into eight byte loads: LLVM's BPF backend assumes aligned
+/// access only. The x86-64 JIT and the verifier (with efficient unaligned access) are fine with
+/// a single unaligned load, and a volatile read keeps LLVM from splitting it.
+#[inline(always)]
+pub fn ld64(p: *const u64) -> u64 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// One 2-byte load at `p`, whatever its alignment (see `ld64`).
+#[inline(always)]
+pub fn ld16(p: *const u16) -> u16 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
 /// Per-CPU scratch, looked up once per packet.
 pub type ScratchPtr = *mut Scratch;
 

@@ -2,11 +2,9 @@
 //! extension-header chain, TCP. Every read is bounds checked against the packet end; what
 //! cannot be parsed safely is reported, never guessed.
 
-use core::ptr::read_unaligned;
-
 use filter_common::{FAMILY_V4, FAMILY_V6};
 
-use crate::{ScratchPtr, forget};
+use crate::{ScratchPtr, forget, ld16, ld64};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -53,7 +51,7 @@ pub enum Parsed {
 
 #[inline(always)]
 fn be16(p: usize) -> u16 {
-    u16::from_be(unsafe { read_unaligned(p as *const u16) })
+    u16::from_be(ld16(p as *const u16))
 }
 
 #[inline(always)]
@@ -162,7 +160,7 @@ fn parse_v6(sc: ScratchPtr, data: usize, end: usize, l3: usize) -> Parsed {
                     return Parsed::BadTcp { dport: None };
                 }
                 // One read of the whole 8 bytes through the checked pointer.
-                let hdr = unsafe { read_unaligned(h as *const [u8; 8]) };
+                let hdr = ld64(h as *const u64).to_le_bytes();
                 let (next, hlen) = (hdr[0], hdr[1] as usize);
                 let len = match nh {
                     44 => {
