@@ -35,7 +35,16 @@ pub mod maps {
     pub const REASONS: &str = "KW_REASONS";
     pub const KEY_STATS: &str = "KW_KEY_STATS";
     pub const ALL: [&str; 10] = [
-        CONTROL, SETTINGS, LISTENERS, LISTENER_INDEX, KEYS, SETS, ALLOW, FLOWS, REASONS, KEY_STATS,
+        CONTROL,
+        SETTINGS,
+        LISTENERS,
+        LISTENER_INDEX,
+        KEYS,
+        SETS,
+        ALLOW,
+        FLOWS,
+        REASONS,
+        KEY_STATS,
     ];
 }
 

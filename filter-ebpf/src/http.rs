@@ -59,7 +59,12 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
         return 0;
     }
     let ctx = XdpContext::new(lc.ctx);
-    check_line(&ctx, ((start + off) & 0x3fff) as usize, unsafe { &*lc.listener }, lc.sc);
+    check_line(
+        &ctx,
+        ((start + off) & 0x3fff) as usize,
+        unsafe { &*lc.listener },
+        lc.sc,
+    );
     0
 }
 
@@ -85,7 +90,6 @@ fn newline_mask(w: u64) -> u64 {
 pub const SCAN_NONE: u64 = 0;
 pub const SCAN_KEY: u64 = 1;
 pub const SCAN_MALFORMED: u64 = 2;
-
 
 /// The locator as a *global* BPF function: the verifier checks it once, on its own, instead
 /// of once for every way a packet can reach it (VLAN tags, IPv4 or IPv6, extension headers).
@@ -120,7 +124,14 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
 
 /// Scans the payload `[start, end)` (offsets from the frame start).
 #[inline(always)]
-fn scan(ctx: &XdpContext, sc: ScratchPtr, start: usize, end: usize, l: &Listener, plen: usize) -> Found {
+fn scan(
+    ctx: &XdpContext,
+    sc: ScratchPtr,
+    start: usize,
+    end: usize,
+    l: &Listener,
+    plen: usize,
+) -> Found {
     let data = ctx.data();
     let data_end = ctx.data_end();
     let lines = unsafe { &mut (*sc).lines };
@@ -255,7 +266,13 @@ fn leading_bytes(m: u64) -> u64 {
 
 #[inline(always)]
 fn low_bytes(k: u64) -> u64 {
-    if k == 0 { 0 } else if k >= 8 { u64::MAX } else { u64::MAX >> (64 - 8 * k) }
+    if k == 0 {
+        0
+    } else if k >= 8 {
+        u64::MAX
+    } else {
+        u64::MAX >> (64 - 8 * k)
+    }
 }
 
 /// The 8 bytes at byte offset `o` of the window (little endian).
@@ -342,7 +359,11 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
         }
         avail = rem;
     }
-    let am = [avail_mask(avail, 0), avail_mask(avail, 1), avail_mask(avail, 2)];
+    let am = [
+        avail_mask(avail, 0),
+        avail_mask(avail, 1),
+        avail_mask(avail, 2),
+    ];
     let mut hit = MAX_HEADERS;
     for h in 0..MAX_HEADERS {
         if h >= l.n_headers as usize {

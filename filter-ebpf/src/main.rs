@@ -25,13 +25,13 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, FLOW_HAS_KEY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
-    LOCATOR_HTTP_HEADER, Listener, MAX_LISTENERS, Reason, SETTING_ENFORCE,
-    SETTING_LOADED, SETTING_NO_KEY_DROP, SetMeta, Settings,
+    LOCATOR_HTTP_HEADER, Listener, MAX_LISTENERS, Reason, SETTING_ENFORCE, SETTING_LOADED,
+    SETTING_NO_KEY_DROP, SetMeta, Settings,
 };
 
 use crate::{
-    scratch::{ScanIo, Scratch},
     parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
+    scratch::{ScanIo, Scratch},
 };
 
 // Maps are pinned by name under the loader's pin directory, so they outlive the daemon.
@@ -256,10 +256,14 @@ fn judge_segment(
                     && f.prefix == prefix
                 {
                     let reason = Reason::from_u8(f.reason).unwrap_or(Reason::DropMalformed);
-                    return Verdict { reason, stat_idx: f.stat_idx };
+                    return Verdict {
+                        reason,
+                        stat_idx: f.stat_idx,
+                    };
                 }
             }
-            let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, seg.family, &client);
+            let (reason, stat_idx) =
+                policy::judge_key(slot, settings, &prefix, seg.family, &client);
             if let Some(f) = known {
                 // Rewrite in place: replacing an LRU element costs a node swap.
                 let f = unsafe { &mut *f };
@@ -291,7 +295,7 @@ fn judge_segment(
             None => {
                 let reason = no_key_reason(settings);
                 let flow = unsafe { &mut (*sc).flow };
-            *flow = Flow {
+                *flow = Flow {
                     generation: settings.generation,
                     reason: reason as u8,
                     flags: 0,
@@ -324,7 +328,8 @@ fn no_key_reason(settings: &Settings) -> Reason {
 fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
     if f.generation != settings.generation {
         let reason = if f.flags & FLOW_HAS_KEY != 0 {
-            let (reason, stat_idx) = policy::judge_key(slot, settings, &f.prefix, f.family, &f.client);
+            let (reason, stat_idx) =
+                policy::judge_key(slot, settings, &f.prefix, f.family, &f.client);
             f.stat_idx = stat_idx;
             reason
         } else {
@@ -333,9 +338,15 @@ fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
         f.reason = reason as u8;
         f.generation = settings.generation;
     }
-    let dropped = Reason::from_u8(f.reason).map(|r| r.is_drop()).unwrap_or(true);
+    let dropped = Reason::from_u8(f.reason)
+        .map(|r| r.is_drop())
+        .unwrap_or(true);
     Verdict {
-        reason: if dropped { Reason::DropFlow } else { Reason::PassFlow },
+        reason: if dropped {
+            Reason::DropFlow
+        } else {
+            Reason::PassFlow
+        },
         stat_idx: f.stat_idx,
     }
 }

@@ -52,4 +52,3 @@ pub struct Scratch {
     pub lines: [u16; 128],
     pub window: [u64; WINDOW_WORDS],
 }
-

@@ -54,10 +54,15 @@ impl Engine {
         let compiled = p.compile().map_err(|errs| {
             anyhow::anyhow!(
                 "policy rejected:\n{}",
-                errs.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+                errs.iter()
+                    .map(|e| format!("  {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             )
         })?;
-        let rep = self.mirror.apply(&mut self.dp.maps, &compiled, self.key_cap)?;
+        let rep = self
+            .mirror
+            .apply(&mut self.dp.maps, &compiled, self.key_cap)?;
         let applied = Applied {
             revision: p.revision.unwrap_or(0),
             source: source.to_owned(),
@@ -82,7 +87,10 @@ fn load_policy_file(p: &Path) -> Result<Policy> {
         anyhow::anyhow!(
             "{}: {}",
             p.display(),
-            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
         )
     })
 }
@@ -176,7 +184,11 @@ pub fn run(o: RunOptions) -> Result<()> {
 fn apply_file(eng: &mut Engine, p: &Path, runtime: &mut Runtime) {
     let source = format!("file:{}", p.display());
     let res = load_policy_file(p).and_then(|pol| {
-        if eng.applied.as_ref().is_some_and(|a| a.policy == pol && a.source == source) {
+        if eng
+            .applied
+            .as_ref()
+            .is_some_and(|a| a.policy == pol && a.source == source)
+        {
             return Ok(None);
         }
         eng.apply(pol, &source).map(Some)

@@ -108,7 +108,8 @@ pub struct Maps {
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> Result<Maps> {
         fn t(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
-            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
         }
         Ok(Maps {
             control: t(ebpf, maps::CONTROL)?.try_into()?,
@@ -142,7 +143,8 @@ impl Dataplane {
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
             .try_into()?;
-        prog.load().context("the kernel verifier rejected the XDP program")?;
+        prog.load()
+            .context("the kernel verifier rejected the XDP program")?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
@@ -187,7 +189,9 @@ impl Dataplane {
             let id = prog.attach(iface, m)?;
             let link = prog.take_link(id)?;
             let fd_link = FdLink::try_from(link)?;
-            fd_link.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+            fd_link
+                .pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
             Ok(())
         };
         match mode {
@@ -246,7 +250,10 @@ impl Mirror {
     }
     pub fn key_count(&self) -> usize {
         let a = self.active as usize;
-        self.keys.values().filter(|e| e.slot[a].flags & KEY_PRESENT != 0).count()
+        self.keys
+            .values()
+            .filter(|e| e.slot[a].flags & KEY_PRESENT != 0)
+            .count()
     }
 
     /// Rebuilds the picture from the maps (after a restart over pinned maps).
@@ -268,7 +275,10 @@ impl Mirror {
         }
         for kv in m.allow.iter() {
             let (k, _) = kv?;
-            mi.sets.entry(k.set_id).or_default().insert((k.family, k.plen, k.addr));
+            mi.sets
+                .entry(k.set_id)
+                .or_default()
+                .insert((k.family, k.plen, k.addr));
         }
         for kv in m.sets.iter() {
             let (id, _) = kv?;
@@ -296,7 +306,11 @@ impl Mirror {
         let mut v4 = BTreeSet::new();
         let mut v6 = BTreeSet::new();
         for (fam, plen, _) in content {
-            if *fam == FAMILY_V4 { v4.insert(*plen) } else { v6.insert(*plen) };
+            if *fam == FAMILY_V4 {
+                v4.insert(*plen)
+            } else {
+                v6.insert(*plen)
+            };
         }
         // Longest first: hosts are the common case.
         for (i, p) in v4.iter().rev().take(MAX_PLENS).enumerate() {
@@ -311,7 +325,12 @@ impl Mirror {
     }
 
     /// The id of a set with this content, writing it to the maps if it is new.
-    fn intern_set(&mut self, m: &mut Maps, content: &SetContent, created: &mut usize) -> Result<u32> {
+    fn intern_set(
+        &mut self,
+        m: &mut Maps,
+        content: &SetContent,
+        created: &mut usize,
+    ) -> Result<u32> {
         if let Some(id) = self.set_ids.get(content) {
             return Ok(*id);
         }
@@ -320,11 +339,24 @@ impl Mirror {
         // Record the set before writing so a failed write is still freed by GC.
         self.sets.insert(id, SetContent::new());
         for &(family, plen, addr) in content {
-            let k = AllowKey { set_id: id, family, plen, _pad: [0; 2], addr };
-            m.allow.insert(k, 1u8, 0).context("writing an allow entry (KW_ALLOW full?)")?;
-            self.sets.get_mut(&id).expect("just inserted").insert((family, plen, addr));
+            let k = AllowKey {
+                set_id: id,
+                family,
+                plen,
+                _pad: [0; 2],
+                addr,
+            };
+            m.allow
+                .insert(k, 1u8, 0)
+                .context("writing an allow entry (KW_ALLOW full?)")?;
+            self.sets
+                .get_mut(&id)
+                .expect("just inserted")
+                .insert((family, plen, addr));
         }
-        m.sets.insert(id, Self::set_meta(content), 0).context("writing a set (KW_SETS full?)")?;
+        m.sets
+            .insert(id, Self::set_meta(content), 0)
+            .context("writing a set (KW_SETS full?)")?;
         self.set_ids.insert(content.clone(), id);
         *created += 1;
         Ok(id)
@@ -354,16 +386,25 @@ impl Mirror {
         let t0 = Instant::now();
         let target = 1 - self.active;
         let ti = target as usize;
-        let mut rep = ApplyReport { slot: target, ..Default::default() };
+        let mut rep = ApplyReport {
+            slot: target,
+            ..Default::default()
+        };
 
         // 1. Address sets and key records for the target slot.
         let mut ipset_ids = BTreeMap::new();
         for (name, content) in &c.ipsets {
-            ipset_ids.insert(name.as_str(), self.intern_set(m, content, &mut rep.sets_created)?);
+            ipset_ids.insert(
+                name.as_str(),
+                self.intern_set(m, content, &mut rep.sets_created)?,
+            );
         }
         let mut records: BTreeMap<KeyPrefix, KeyRecord> = BTreeMap::new();
         for (prefix, k) in &c.keys {
-            let mut r = KeyRecord { flags: k.flags, ..Default::default() };
+            let mut r = KeyRecord {
+                flags: k.flags,
+                ..Default::default()
+            };
             for (i, a) in k.inline_v4.iter().take(r.inline_v4.len()).enumerate() {
                 r.inline_v4[i] = *a;
                 r.n_inline_v4 = i as u8 + 1;
@@ -373,10 +414,17 @@ impl Mirror {
                 sets.push(self.intern_set(m, own, &mut rep.sets_created)?);
             }
             for name in &k.ipsets {
-                sets.push(*ipset_ids.get(name.as_str()).ok_or_else(|| anyhow!("unknown ipset {name}"))?);
+                sets.push(
+                    *ipset_ids
+                        .get(name.as_str())
+                        .ok_or_else(|| anyhow!("unknown ipset {name}"))?,
+                );
             }
             if sets.len() > MAX_SETS {
-                bail!("key {:?} references more than {MAX_SETS} address sets", prefix);
+                bail!(
+                    "key {:?} references more than {MAX_SETS} address sets",
+                    prefix
+                );
             }
             for (i, s) in sets.iter().enumerate() {
                 r.sets[i] = *s;
@@ -387,8 +435,11 @@ impl Mirror {
         }
 
         // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
-        let want: BTreeMap<u16, Listener> =
-            c.listeners.iter().map(|(p, l)| (*p, Listener { port: *p, ..*l })).collect();
+        let want: BTreeMap<u16, Listener> = c
+            .listeners
+            .iter()
+            .map(|(p, l)| (*p, Listener { port: *p, ..*l }))
+            .collect();
         if self.slots[ti].listeners != want {
             if c.listeners.len() > MAX_LISTENERS as usize {
                 bail!("more than {MAX_LISTENERS} listeners");
@@ -396,16 +447,26 @@ impl Mirror {
             let old = std::mem::take(&mut self.slots[ti].listeners);
             for port in old.keys() {
                 if !c.listeners.contains_key(port) {
-                    m.listener_index.set(filter_common::listener_index_slot(target, *port), 0u16, 0)?;
+                    m.listener_index.set(
+                        filter_common::listener_index_slot(target, *port),
+                        0u16,
+                        0,
+                    )?;
                 }
             }
             for (i, (port, l)) in want.iter().enumerate() {
                 let n = i as u16 + 1;
-                m.listeners.set(filter_common::listener_slot(target, n), *l, 0)?;
-                m.listener_index.set(filter_common::listener_index_slot(target, *port), n, 0)?;
+                m.listeners
+                    .set(filter_common::listener_slot(target, n), *l, 0)?;
+                m.listener_index
+                    .set(filter_common::listener_index_slot(target, *port), n, 0)?;
             }
             for n in c.listeners.len() as u16 + 1..=old.len().max(c.listeners.len()) as u16 {
-                m.listeners.set(filter_common::listener_slot(target, n), Listener::default(), 0)?;
+                m.listeners.set(
+                    filter_common::listener_slot(target, n),
+                    Listener::default(),
+                    0,
+                )?;
             }
             self.slots[ti].listeners = want;
         }
@@ -435,7 +496,9 @@ impl Mirror {
                 continue;
             }
             e.slot[ti] = *r;
-            m.keys.insert(*p, e, 0).context("writing a key (KW_KEYS full?)")?;
+            m.keys
+                .insert(*p, e, 0)
+                .context("writing a key (KW_KEYS full?)")?;
             self.keys.insert(*p, e);
             rep.keys_written += 1;
         }
@@ -445,7 +508,14 @@ impl Mirror {
         s.generation = self.generation().wrapping_add(1);
         m.settings.set(target, s, 0)?;
         self.slots[ti].settings = s;
-        m.control.set(0, Control { active_slot: target, _pad: 0 }, 0)?;
+        m.control.set(
+            0,
+            Control {
+                active_slot: target,
+                _pad: 0,
+            },
+            0,
+        )?;
         self.active = target;
         rep.generation = s.generation;
 
@@ -466,16 +536,32 @@ impl Mirror {
                 }
             }
         }
-        let dead: Vec<u32> = self.sets.keys().copied().filter(|id| !used.contains(id)).collect();
+        let dead: Vec<u32> = self
+            .sets
+            .keys()
+            .copied()
+            .filter(|id| !used.contains(id))
+            .collect();
         for id in &dead {
             let content = self.sets.remove(id).unwrap_or_default();
             let _ = m.sets.remove(id);
             for &(family, plen, addr) in &content {
-                let _ = m.allow.remove(&AllowKey { set_id: *id, family, plen, _pad: [0; 2], addr });
+                let _ = m.allow.remove(&AllowKey {
+                    set_id: *id,
+                    family,
+                    plen,
+                    _pad: [0; 2],
+                    addr,
+                });
             }
             self.set_ids.remove(&content);
         }
-        let gone: Vec<KeyPrefix> = self.stat_idx.keys().filter(|p| !live_keys.contains(p)).copied().collect();
+        let gone: Vec<KeyPrefix> = self
+            .stat_idx
+            .keys()
+            .filter(|p| !live_keys.contains(p))
+            .copied()
+            .collect();
         for p in gone {
             if let Some(i) = self.stat_idx.remove(&p) {
                 self.free_idx.push(i);
@@ -532,7 +618,8 @@ pub fn read_reasons(reasons: &PerCpuArray<MapData, Counter>) -> Result<Vec<Count
 /// Detaches `iface` (removing its link pin), or everything and all pins.
 pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    let entries = fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    let entries =
+        fs::read_dir(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
@@ -561,7 +648,12 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
     };
     if fd < 0 {
         return Err(std::io::Error::last_os_error().into());
@@ -569,7 +661,12 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     let mut attr = [0u64; 16];
     attr[0] = fd as u64;
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
     };
     let err = std::io::Error::last_os_error();
     unsafe { libc::close(fd as i32) };
@@ -585,12 +682,23 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("link_").map(str::to_owned))
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("link_")
+                .map(str::to_owned)
+        })
         .collect();
     v.sort();
     v
 }
 
 pub fn cidr_to_allow_key(set_id: u32, c: &Cidr) -> AllowKey {
-    AllowKey { set_id, family: c.0, plen: c.1, _pad: [0; 2], addr: c.2 }
+    AllowKey {
+        set_id,
+        family: c.0,
+        plen: c.1,
+        _pad: [0; 2],
+        addr: c.2,
+    }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use keywall::{daemon, dataplane, policy::Policy, stats, status};
 
 #[derive(Parser)]
-#[command(name = "keywall", version, about = "Per-API-key source allowlists and locks, enforced in XDP")]
+#[command(
+    name = "keywall",
+    version,
+    about = "Per-API-key source allowlists and locks, enforced in XDP"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -150,23 +154,33 @@ fn real_main() -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { json, pin_dir, state_dir } => {
+        Cmd::Status {
+            json,
+            pin_dir,
+            state_dir,
+        } => {
             status::print(&pin_dir, &state_dir, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Stats { json, by, top, watch, pin_dir } => {
-            loop {
-                stats::print_stats(&pin_dir, json, &by, top)?;
-                match watch {
-                    Some(s) => {
-                        std::thread::sleep(Duration::from_secs(s.max(1)));
-                        println!();
-                    }
-                    None => return Ok(ExitCode::SUCCESS),
+        Cmd::Stats {
+            json,
+            by,
+            top,
+            watch,
+            pin_dir,
+        } => loop {
+            stats::print_stats(&pin_dir, json, &by, top)?;
+            match watch {
+                Some(s) => {
+                    std::thread::sleep(Duration::from_secs(s.max(1)));
+                    println!();
                 }
+                None => return Ok(ExitCode::SUCCESS),
             }
-        }
-        Cmd::Policy { cmd: PolicyCmd::Check { file } } => {
+        },
+        Cmd::Policy {
+            cmd: PolicyCmd::Check { file },
+        } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
             match Policy::from_toml_str(&text).and_then(|p| p.compile().map(|c| (p, c))) {
@@ -188,7 +202,11 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Detach { iface, all, pin_dir } => {
+        Cmd::Detach {
+            iface,
+            all,
+            pin_dir,
+        } => {
             if iface.is_none() && !all {
                 anyhow::bail!("say --iface IF or --all");
             }

@@ -42,10 +42,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp: PathBuf = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -72,7 +75,10 @@ pub fn load_applied(state_dir: &Path) -> Result<Option<Applied>> {
 }
 
 pub fn save_runtime(state_dir: &Path, r: &Runtime) -> Result<()> {
-    write_atomic(&state_dir.join(RUNTIME_FILE), &serde_json::to_vec_pretty(r)?)
+    write_atomic(
+        &state_dir.join(RUNTIME_FILE),
+        &serde_json::to_vec_pretty(r)?,
+    )
 }
 
 pub fn load_runtime(state_dir: &Path) -> Option<Runtime> {
@@ -97,7 +103,11 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        let names: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -32,10 +32,20 @@ pub fn reason_counts(view: &PinnedView) -> Result<Vec<ReasonCount>> {
     for r in Reason::ALL {
         let c = raw[r as usize];
         let action = if r.is_drop() { "dropped" } else { "passed" };
-        out.push(ReasonCount { reason: r.name(), action, packets: c.packets, bytes: c.bytes });
+        out.push(ReasonCount {
+            reason: r.name(),
+            action,
+            packets: c.packets,
+            bytes: c.bytes,
+        });
         if r.is_drop() {
             let a = raw[(AUDIT_OFFSET + r as u32) as usize];
-            out.push(ReasonCount { reason: r.name(), action: "observed", packets: a.packets, bytes: a.bytes });
+            out.push(ReasonCount {
+                reason: r.name(),
+                action: "observed",
+                packets: a.packets,
+                bytes: a.bytes,
+            });
         }
     }
     Ok(out)
@@ -43,13 +53,20 @@ pub fn reason_counts(view: &PinnedView) -> Result<Vec<ReasonCount>> {
 
 /// Seconds since boot on CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn prefix_str(p: &filter_common::KeyPrefix) -> String {
-    let end = p.bytes.iter().position(|b| *b == 0).unwrap_or(p.bytes.len());
+    let end = p
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(p.bytes.len());
     String::from_utf8_lossy(&p.bytes[..end]).into_owned()
 }
 
@@ -71,9 +88,19 @@ pub fn key_counts(view: &PinnedView) -> Result<Vec<KeyCount>> {
         } else {
             now_unix.saturating_sub(now_mono.saturating_sub(s.last_seen_ns) / 1_000_000_000)
         };
-        out.push(KeyCount { prefix: prefix_str(&k), passed: s.passed, dropped: s.dropped, last_seen_unix });
+        out.push(KeyCount {
+            prefix: prefix_str(&k),
+            passed: s.passed,
+            dropped: s.dropped,
+            last_seen_unix,
+        });
     }
-    out.sort_by(|a, b| b.dropped.cmp(&a.dropped).then(b.passed.cmp(&a.passed)).then(a.prefix.cmp(&b.prefix)));
+    out.sort_by(|a, b| {
+        b.dropped
+            .cmp(&a.dropped)
+            .then(b.passed.cmp(&a.passed))
+            .then(a.prefix.cmp(&b.prefix))
+    });
     Ok(out)
 }
 
@@ -83,8 +110,14 @@ pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
     let counts = reason_counts(view)?;
     let mut reasons = serde_json::Map::new();
     for r in Reason::ALL {
-        let get = |action: &str| counts.iter().find(|c| c.reason == r.name() && c.action == action).cloned();
-        let main = get(if r.is_drop() { "dropped" } else { "passed" }).expect("every reason counted");
+        let get = |action: &str| {
+            counts
+                .iter()
+                .find(|c| c.reason == r.name() && c.action == action)
+                .cloned()
+        };
+        let main =
+            get(if r.is_drop() { "dropped" } else { "passed" }).expect("every reason counted");
         let mut o = json!({"packets": main.packets, "bytes": main.bytes,
             "action": if !r.is_drop() { "passed" } else if settings_enforce { "dropped" } else { "observed" }});
         if r.is_drop() {
@@ -102,14 +135,22 @@ pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
 }
 
 fn live_enforce(view: &PinnedView) -> bool {
-    let Ok(c) = view.control.get(&0, 0) else { return true };
-    view.settings.get(&(c.active_slot & 1), 0).map(|s| s.flags & SETTING_ENFORCE != 0).unwrap_or(true)
+    let Ok(c) = view.control.get(&0, 0) else {
+        return true;
+    };
+    view.settings
+        .get(&(c.active_slot & 1), 0)
+        .map(|s| s.flags & SETTING_ENFORCE != 0)
+        .unwrap_or(true)
 }
 
 pub fn print_stats(pin_dir: &Path, json: bool, by: &str, top: Option<usize>) -> Result<()> {
     let view = PinnedView::open(pin_dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&stats_json(&view, top)?)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&stats_json(&view, top)?)?
+        );
         return Ok(());
     }
     if by == "key" {
@@ -117,23 +158,38 @@ pub fn print_stats(pin_dir: &Path, json: bool, by: &str, top: Option<usize>) -> 
         if let Some(n) = top {
             keys.truncate(n);
         }
-        println!("{:<18} {:>12} {:>12} {:>12}", "KEY", "PASSED", "DROPPED", "LAST SEEN");
+        println!(
+            "{:<18} {:>12} {:>12} {:>12}",
+            "KEY", "PASSED", "DROPPED", "LAST SEEN"
+        );
         for k in keys {
             let ago = if k.last_seen_unix == 0 {
                 "never".to_owned()
             } else {
-                format!("{}s ago", crate::state::now_unix().saturating_sub(k.last_seen_unix))
+                format!(
+                    "{}s ago",
+                    crate::state::now_unix().saturating_sub(k.last_seen_unix)
+                )
             };
-            println!("{:<18} {:>12} {:>12} {:>12}", k.prefix, k.passed, k.dropped, ago);
+            println!(
+                "{:<18} {:>12} {:>12} {:>12}",
+                k.prefix, k.passed, k.dropped, ago
+            );
         }
         return Ok(());
     }
-    println!("{:<18} {:<9} {:>12} {:>14}", "REASON", "ACTION", "PACKETS", "BYTES");
+    println!(
+        "{:<18} {:<9} {:>12} {:>14}",
+        "REASON", "ACTION", "PACKETS", "BYTES"
+    );
     for c in reason_counts(&view)? {
         if c.action == "observed" && c.packets == 0 {
             continue;
         }
-        println!("{:<18} {:<9} {:>12} {:>14}", c.reason, c.action, c.packets, c.bytes);
+        println!(
+            "{:<18} {:<9} {:>12} {:>14}",
+            c.reason, c.action, c.packets, c.bytes
+        );
     }
     Ok(())
 }

@@ -48,13 +48,20 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
     }
     let flows = view.flows.keys().count();
     let listeners = (1..=filter_common::MAX_LISTENERS as u16)
-        .filter(|n| view.listeners.get(&filter_common::listener_slot(slot, *n), 0).is_ok_and(|l| l.locator != 0))
+        .filter(|n| {
+            view.listeners
+                .get(&filter_common::listener_slot(slot, *n), 0)
+                .is_ok_and(|l| l.locator != 0)
+        })
         .count();
     let runtime = state::load_runtime(state_dir);
     let applied = state::load_applied(state_dir).ok().flatten();
     let daemon_alive = runtime.as_ref().is_some_and(|r| pid_is_keywall(r.pid));
     let attached = pinned_ifaces(pin_dir);
-    let modes = runtime.as_ref().map(|r| r.ifaces.clone()).unwrap_or_default();
+    let modes = runtime
+        .as_ref()
+        .map(|r| r.ifaces.clone())
+        .unwrap_or_default();
     Ok(json!({
         "interfaces": attached.iter().map(|i| json!({
             "name": i, "attached": true, "xdp_mode": modes.get(i).cloned().unwrap_or_else(|| "unknown".into()),
@@ -87,21 +94,49 @@ pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|i| format!("{} ({})", i["name"].as_str().unwrap_or("?"), i["xdp_mode"].as_str().unwrap_or("?")))
+        .map(|i| {
+            format!(
+                "{} ({})",
+                i["name"].as_str().unwrap_or("?"),
+                i["xdp_mode"].as_str().unwrap_or("?")
+            )
+        })
         .collect();
-    println!("attached:   {}", if ifs.is_empty() { "nothing".into() } else { ifs.join(", ") });
+    println!(
+        "attached:   {}",
+        if ifs.is_empty() {
+            "nothing".into()
+        } else {
+            ifs.join(", ")
+        }
+    );
     println!(
         "daemon:     {}",
-        if v["daemon"]["running"].as_bool() == Some(true) { "running" } else { "not running (XDP keeps enforcing the last policy)" }
+        if v["daemon"]["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "not running (XDP keeps enforcing the last policy)"
+        }
     );
     println!("mode:       {}", v["mode"].as_str().unwrap_or("?"));
     println!(
         "policy:     revision {} from {} (generation {})",
-        v["revision"], v["source"].as_str().unwrap_or("-"), v["generation"]
+        v["revision"],
+        v["source"].as_str().unwrap_or("-"),
+        v["generation"]
     );
-    println!("keys:       {} ({} locked), {} listeners", v["keys"], v["locked_keys"], v["listeners"]);
-    println!("flows:      {} / {}", v["flows"], v["maps"]["flows"]["capacity"]);
-    println!("key map:    {} / {}", v["maps"]["keys"]["entries"], v["maps"]["keys"]["capacity"]);
+    println!(
+        "keys:       {} ({} locked), {} listeners",
+        v["keys"], v["locked_keys"], v["listeners"]
+    );
+    println!(
+        "flows:      {} / {}",
+        v["flows"], v["maps"]["flows"]["capacity"]
+    );
+    println!(
+        "key map:    {} / {}",
+        v["maps"]["keys"]["entries"], v["maps"]["keys"]["capacity"]
+    );
     if let Some(e) = v["policy_error"].as_str() {
         println!("last error: {e}");
     }

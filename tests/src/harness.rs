@@ -41,7 +41,11 @@ impl Loaded {
         let _ = std::fs::remove_dir_all(&pin_dir);
         let dp = Dataplane::load(&pin_dir, cap)?;
         let mirror = Mirror::read(&dp.maps)?;
-        let mut l = Loaded { dp, mirror, pin_dir };
+        let mut l = Loaded {
+            dp,
+            mirror,
+            pin_dir,
+        };
         l.apply(policy_toml)?;
         Ok(l)
     }
@@ -81,11 +85,18 @@ impl Loaded {
             .context("BPF_PROG_TEST_RUN")
             .expect("test run");
         let after = self.counters();
-        let changed: Vec<usize> = (0..after.len()).filter(|i| after[*i] != before[*i]).collect();
-        assert_eq!(changed.len(), 1, "exactly one reason must be counted per packet, got slots {changed:?}");
+        let changed: Vec<usize> = (0..after.len())
+            .filter(|i| after[*i] != before[*i])
+            .collect();
+        assert_eq!(
+            changed.len(),
+            1,
+            "exactly one reason must be counted per packet, got slots {changed:?}"
+        );
         let slot = changed[0] as u32;
         let audit = slot >= filter_common::AUDIT_OFFSET;
-        let reason = Reason::from_u8((slot % filter_common::AUDIT_OFFSET) as u8).expect("valid reason slot");
+        let reason =
+            Reason::from_u8((slot % filter_common::AUDIT_OFFSET) as u8).expect("valid reason slot");
         assert_eq!(after[changed[0]] - before[changed[0]], 1, "counted once");
         (r.return_value, reason, audit)
     }
@@ -94,7 +105,11 @@ impl Loaded {
     pub fn time(&mut self, frame: &[u8], repeat: u32) -> f64 {
         let prog = self.dp.program().expect("program");
         let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..Default::default()
+            })
             .expect("test run");
         r.duration.as_nanos() as f64
     }
@@ -108,5 +123,10 @@ impl Drop for Loaded {
 
 /// Small maps so many tests can load in parallel.
 pub fn small_capacity() -> Capacity {
-    Capacity { keys: 4096, allow: 16384, sets: 4096, flows: 4096 }
+    Capacity {
+        keys: 4096,
+        allow: 16384,
+        sets: 4096,
+        flows: 4096,
+    }
 }

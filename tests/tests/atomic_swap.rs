@@ -54,13 +54,29 @@ fn key(prefix: &str, allow: &[&str], ipsets: &[&str], locked: bool) -> Key {
 fn policies() -> (Policy, Policy) {
     let mut a = base();
     let mut b = base();
-    a.key.push(key("alwaysok", &["198.51.100.7"], &["broker"], false));
-    b.key.push(key("alwaysok", &["198.51.100.0/29", "2001:db8::1"], &["broker"], false));
+    a.key
+        .push(key("alwaysok", &["198.51.100.7"], &["broker"], false));
+    b.key.push(key(
+        "alwaysok",
+        &["198.51.100.0/29", "2001:db8::1"],
+        &["broker"],
+        false,
+    ));
     a.key.push(key("neverok1", &["198.51.100.7"], &[], true));
     b.key.push(key("neverok1", &["10.9.9.9"], &[], false));
     for i in 0..3000 {
-        a.key.push(key(&format!("fa{i:06}"), &["198.51.100.9", "2001:db8::/64"], &[], false));
-        b.key.push(key(&format!("fb{i:06}"), &["10.0.0.0/8"], &["broker"], i % 2 == 0));
+        a.key.push(key(
+            &format!("fa{i:06}"),
+            &["198.51.100.9", "2001:db8::/64"],
+            &[],
+            false,
+        ));
+        b.key.push(key(
+            &format!("fb{i:06}"),
+            &["10.0.0.0/8"],
+            &["broker"],
+            i % 2 == 0,
+        ));
     }
     (a, b)
 }
@@ -68,7 +84,12 @@ fn policies() -> (Policy, Policy) {
 #[test]
 fn whole_policy_swaps_are_atomic_under_traffic() {
     let (a, b) = policies();
-    let cap = keywall::dataplane::Capacity { keys: 16384, allow: 65536, sets: 16384, flows: 4096 };
+    let cap = keywall::dataplane::Capacity {
+        keys: 16384,
+        allow: 65536,
+        sets: 16384,
+        flows: 4096,
+    };
     let mut l = Loaded::with_capacity("", cap).unwrap();
     l.apply_policy(&a).unwrap();
     l.dp.pin_program().unwrap();
@@ -77,10 +98,26 @@ fn whole_policy_swaps_are_atomic_under_traffic() {
     let stop = Arc::new(AtomicBool::new(false));
     let runs = Arc::new(AtomicU64::new(0));
     let probes: Vec<(Vec<u8>, u32, &str)> = vec![
-        (frame(CLIENT, 1, "alwaysok"), XDP_PASS, "allowed key from its host"),
-        (frame(BROKER, 2, "alwaysok"), XDP_PASS, "allowed key from its ipset"),
-        (frame(CLIENT, 3, "neverok1"), XDP_DROP, "locked or unbound-elsewhere key"),
-        (frame([198, 51, 100, 200], 4, "alwaysok"), XDP_DROP, "allowed key from elsewhere"),
+        (
+            frame(CLIENT, 1, "alwaysok"),
+            XDP_PASS,
+            "allowed key from its host",
+        ),
+        (
+            frame(BROKER, 2, "alwaysok"),
+            XDP_PASS,
+            "allowed key from its ipset",
+        ),
+        (
+            frame(CLIENT, 3, "neverok1"),
+            XDP_DROP,
+            "locked or unbound-elsewhere key",
+        ),
+        (
+            frame([198, 51, 100, 200], 4, "alwaysok"),
+            XDP_DROP,
+            "allowed key from elsewhere",
+        ),
     ];
     let workers: Vec<_> = (0..2)
         .map(|_| {
@@ -94,7 +131,11 @@ fn whole_policy_swaps_are_atomic_under_traffic() {
                 while !stop.load(Ordering::Relaxed) {
                     for (f, want, what) in &probes {
                         let r = prog
-                            .test_run(TestRunOptions { data_in: Some(f), repeat: 1, ..Default::default() })
+                            .test_run(TestRunOptions {
+                                data_in: Some(f),
+                                repeat: 1,
+                                ..Default::default()
+                            })
                             .unwrap();
                         runs.fetch_add(1, Ordering::Relaxed);
                         if r.return_value != *want {
@@ -110,20 +151,33 @@ fn whole_policy_swaps_are_atomic_under_traffic() {
     let t0 = Instant::now();
     let mut swaps = 0;
     while t0.elapsed() < Duration::from_secs(6) || swaps < 10 {
-        l.apply_policy(if swaps % 2 == 0 { &b } else { &a }).unwrap();
+        l.apply_policy(if swaps % 2 == 0 { &b } else { &a })
+            .unwrap();
         swaps += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let bad: Vec<String> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let bad: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
     let n = runs.load(Ordering::Relaxed);
     assert!(swaps >= 10, "only {swaps} swaps");
     assert!(n > 10_000, "only {n} packets ran during the swaps");
-    assert!(bad.is_empty(), "{} wrong verdicts of {n} during {swaps} swaps: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "{} wrong verdicts of {n} during {swaps} swaps: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
 }
 
 fn frame(src: [u8; 4], n: u16, key: &str) -> Vec<u8> {
     // Every run is the key-bearing first packet of its connection, so it is judged afresh.
     Pkt::tcp4(src, EDGE, 50000 + n, 8080)
-        .payload(&http_request("GET", "/", &[("X-MBX-APIKEY", &format!("{key}rest"))]))
+        .payload(&http_request(
+            "GET",
+            "/",
+            &[("X-MBX-APIKEY", &format!("{key}rest"))],
+        ))
         .build()
 }

@@ -10,7 +10,9 @@ const EDGE4: [u8; 4] = [192, 0, 2, 1];
 const ALLOWED4: [u8; 4] = [198, 51, 100, 7];
 const OTHER4: [u8; 4] = [198, 51, 100, 8];
 const BROKER4: [u8; 4] = [203, 0, 113, 99];
-const EDGE6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0xee, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const EDGE6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xee, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
 const ALLOWED6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const OTHER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 
@@ -77,9 +79,17 @@ fn every_key_reason_over_ipv4_and_ipv6() {
     let mut l = Loaded::new(POLICY).unwrap();
     let key = |k: &'static str| req(Some(("OK-ACCESS-KEY", k)));
     expect(&mut l, &v4(ALLOWED4, &key("37c541a1deadbeef")), PassAllowed);
-    expect(&mut l, &v4(OTHER4, &key("37c541a1deadbeef")), DropNotAllowed);
+    expect(
+        &mut l,
+        &v4(OTHER4, &key("37c541a1deadbeef")),
+        DropNotAllowed,
+    );
     expect(&mut l, &v6(ALLOWED6, &key("37c541a1deadbeef")), PassAllowed);
-    expect(&mut l, &v6(OTHER6, &key("37c541a1deadbeef")), DropNotAllowed);
+    expect(
+        &mut l,
+        &v6(OTHER6, &key("37c541a1deadbeef")),
+        DropNotAllowed,
+    );
     expect(&mut l, &v4(BROKER4, &key("brokerk1xyz")), PassAllowed);
     expect(&mut l, &v4(ALLOWED4, &key("brokerk1xyz")), DropNotAllowed);
     expect(&mut l, &v4(ALLOWED4, &key("lockedk1zzzz")), DropLocked);
@@ -88,31 +98,59 @@ fn every_key_reason_over_ipv4_and_ipv6() {
     expect(&mut l, &v4(ALLOWED4, &key("nosuchk1zzzz")), DropUnknownKey);
     expect(&mut l, &v6(ALLOWED6, &key("nosuchk1zzzz")), DropUnknownKey);
     // A new connection (other port) without a key.
-    let f = Pkt::tcp4(OTHER4, EDGE4, 40001, 8080).payload(&req(None)).build();
+    let f = Pkt::tcp4(OTHER4, EDGE4, 40001, 8080)
+        .payload(&req(None))
+        .build();
     expect(&mut l, &f, PassNoKey);
 }
 
 #[test]
 fn handshake_flow_and_not_api() {
     let mut l = Loaded::new(POLICY).unwrap();
-    expect(&mut l, &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).syn().build(), PassHandshake);
-    expect(&mut l, &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).build(), PassHandshake);
-    expect(&mut l, &Pkt::tcp4(OTHER4, EDGE4, 40000, 22).payload(b"SSH-2.0").build(), PassNotApi);
-    expect(&mut l, &Pkt::udp4(OTHER4, EDGE4, 40000, 8080).payload(b"x").build(), PassNotApi);
+    expect(
+        &mut l,
+        &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).syn().build(),
+        PassHandshake,
+    );
+    expect(
+        &mut l,
+        &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).build(),
+        PassHandshake,
+    );
+    expect(
+        &mut l,
+        &Pkt::tcp4(OTHER4, EDGE4, 40000, 22)
+            .payload(b"SSH-2.0")
+            .build(),
+        PassNotApi,
+    );
+    expect(
+        &mut l,
+        &Pkt::udp4(OTHER4, EDGE4, 40000, 8080).payload(b"x").build(),
+        PassNotApi,
+    );
     expect(&mut l, &Pkt::arp(), PassNotApi);
     expect(&mut l, &Pkt::icmp6_ns(OTHER6, EDGE6), PassNotApi);
     // A refused connection: its later segments and ACKs follow the verdict.
     let key = req(Some(("X-MBX-APIKEY", "37c541a1deadbeef")));
     expect(&mut l, &v4(OTHER4, &key), DropNotAllowed);
     expect(&mut l, &v4(OTHER4, b"more body bytes"), DropFlow);
-    expect(&mut l, &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).build(), DropFlow);
+    expect(
+        &mut l,
+        &Pkt::tcp4(OTHER4, EDGE4, 40000, 8080).build(),
+        DropFlow,
+    );
     // An allowed one.
     expect(&mut l, &v4(ALLOWED4, &key), PassAllowed);
     expect(&mut l, &v4(ALLOWED4, b"{\"body\": 1}"), PassFlow);
     // Keep-alive request without the key follows the connection.
     expect(&mut l, &v4(ALLOWED4, &req(None)), PassFlow);
     // Keep-alive request with another, disallowed key is judged on that key.
-    expect(&mut l, &v4(ALLOWED4, &req(Some(("OK-ACCESS-KEY", "brokerk1xyz")))), DropNotAllowed);
+    expect(
+        &mut l,
+        &v4(ALLOWED4, &req(Some(("OK-ACCESS-KEY", "brokerk1xyz")))),
+        DropNotAllowed,
+    );
     expect(&mut l, &v4(ALLOWED4, b"body"), DropFlow);
 }
 
@@ -122,12 +160,20 @@ fn policy_change_cuts_established_connections() {
     let key = req(Some(("OK-ACCESS-KEY", "37c541a1deadbeef")));
     expect(&mut l, &v4(ALLOWED4, &key), PassAllowed);
     expect(&mut l, &v4(ALLOWED4, b"next"), PassFlow);
-    l.apply(&POLICY.replace("allow = [\"198.51.100.7\", \"2001:db8::/48\"]", "allow = [\"198.51.100.7\", \"2001:db8::/48\"]\nlocked = true")).unwrap();
+    l.apply(&POLICY.replace(
+        "allow = [\"198.51.100.7\", \"2001:db8::/48\"]",
+        "allow = [\"198.51.100.7\", \"2001:db8::/48\"]\nlocked = true",
+    ))
+    .unwrap();
     expect(&mut l, &v4(ALLOWED4, b"next"), DropFlow);
     l.apply(POLICY).unwrap();
     expect(&mut l, &v4(ALLOWED4, b"next"), PassFlow);
     // Removing the address from the allowlist cuts it too.
-    l.apply(&POLICY.replace("allow = [\"198.51.100.7\", \"2001:db8::/48\"]", "allow = [\"2001:db8::/48\"]")).unwrap();
+    l.apply(&POLICY.replace(
+        "allow = [\"198.51.100.7\", \"2001:db8::/48\"]",
+        "allow = [\"2001:db8::/48\"]",
+    ))
+    .unwrap();
     expect(&mut l, &v4(ALLOWED4, b"next"), DropFlow);
 }
 
@@ -139,23 +185,62 @@ fn vlan_tags_and_ip_options_and_extension_headers() {
         let want = if i == 0 { PassAllowed } else { DropNotAllowed };
         let base = || Pkt::tcp4(src, EDGE4, 41000 + i as u16, 8080).payload(&key);
         expect(&mut l, &base().vlan(0x8100, 10).build(), want);
-        expect(&mut l, &base().vlan(0x88a8, 100).vlan(0x8100, 10).build(), want);
-        expect(&mut l, &base().ipv4_options(&[1, 1, 1, 0x07, 7, 4, 0, 0, 0, 0, 0]).build(), want);
-        expect(&mut l, &base().vlan(0x88a8, 1).vlan(0x8100, 2).ipv4_options(&[1; 20]).build(), want);
+        expect(
+            &mut l,
+            &base().vlan(0x88a8, 100).vlan(0x8100, 10).build(),
+            want,
+        );
+        expect(
+            &mut l,
+            &base()
+                .ipv4_options(&[1, 1, 1, 0x07, 7, 4, 0, 0, 0, 0, 0])
+                .build(),
+            want,
+        );
+        expect(
+            &mut l,
+            &base()
+                .vlan(0x88a8, 1)
+                .vlan(0x8100, 2)
+                .ipv4_options(&[1; 20])
+                .build(),
+            want,
+        );
     }
     for (i, src) in [ALLOWED6, OTHER6].into_iter().enumerate() {
         let want = if i == 0 { PassAllowed } else { DropNotAllowed };
         let base = || Pkt::tcp6(src, EDGE6, 42000 + i as u16, 8080).payload(&key);
         expect(&mut l, &base().ipv6_ext(0, 8).build(), want);
-        expect(&mut l, &base().ipv6_ext(0, 8).ipv6_ext(60, 16).ipv6_ext(43, 8).build(), want);
-        expect(&mut l, &base().vlan(0x8100, 5).ipv6_ext(60, 24).build(), want);
+        expect(
+            &mut l,
+            &base()
+                .ipv6_ext(0, 8)
+                .ipv6_ext(60, 16)
+                .ipv6_ext(43, 8)
+                .build(),
+            want,
+        );
+        expect(
+            &mut l,
+            &base().vlan(0x8100, 5).ipv6_ext(60, 24).build(),
+            want,
+        );
     }
 }
 
 #[test]
 fn header_case_variants_and_position() {
     let mut l = Loaded::new(POLICY).unwrap();
-    for (i, name) in ["OK-ACCESS-KEY", "ok-access-key", "Ok-Access-Key", "x-mbx-apikey", "X-MbX-ApIkEy"].iter().enumerate() {
+    for (i, name) in [
+        "OK-ACCESS-KEY",
+        "ok-access-key",
+        "Ok-Access-Key",
+        "x-mbx-apikey",
+        "X-MbX-ApIkEy",
+    ]
+    .iter()
+    .enumerate()
+    {
         let f = Pkt::tcp4(OTHER4, EDGE4, 43000 + i as u16, 8080)
             .payload(&req(Some((name, "37c541a1deadbeef"))))
             .build();
@@ -173,13 +258,27 @@ fn header_case_variants_and_position() {
     expect(&mut l, &f, PassNoKey);
     // The key header last in a full-size frame, over IPv4 and IPv6.
     for (i, allowed) in [true, false].into_iter().enumerate() {
-        let base = Pkt::tcp4(if allowed { ALLOWED4 } else { OTHER4 }, EDGE4, 43200 + i as u16, 8080);
+        let base = Pkt::tcp4(
+            if allowed { ALLOWED4 } else { OTHER4 },
+            EDGE4,
+            43200 + i as u16,
+            8080,
+        );
         let body = req(Some(("X-MBX-APIKEY", "37c541a1deadbeef")));
         let full = pad_request_to(body, MAX_FRAME_LEN - base.payload_offset());
         let f = base.payload(&full).build();
         assert_eq!(f.len(), MAX_FRAME_LEN);
-        expect(&mut l, &f, if allowed { PassAllowed } else { DropNotAllowed });
-        let base = Pkt::tcp6(if allowed { ALLOWED6 } else { OTHER6 }, EDGE6, 43300 + i as u16, 8080);
+        expect(
+            &mut l,
+            &f,
+            if allowed { PassAllowed } else { DropNotAllowed },
+        );
+        let base = Pkt::tcp6(
+            if allowed { ALLOWED6 } else { OTHER6 },
+            EDGE6,
+            43300 + i as u16,
+            8080,
+        );
         let mut raw = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
         let tail = b"X-MBX-APIKEY: 37c541a1";
         let room = MAX_FRAME_LEN - base.payload_offset() - raw.len() - tail.len();
@@ -194,7 +293,11 @@ fn header_case_variants_and_position() {
         p.extend_from_slice(tail);
         let f = base.payload(&p).build();
         assert_eq!(f.len(), MAX_FRAME_LEN);
-        expect(&mut l, &f, if allowed { PassAllowed } else { DropNotAllowed });
+        expect(
+            &mut l,
+            &f,
+            if allowed { PassAllowed } else { DropNotAllowed },
+        );
     }
 }
 
@@ -207,8 +310,16 @@ fn short_and_split_keys() {
         .build();
     expect(&mut l, &f, DropUnknownKey);
     // A segment that ends inside the key value, or inside the name, fails closed.
-    for (i, p) in [&b"GET / HTTP/1.1\r\nOK-ACCESS-KEY: 37c5"[..], b"GET / HTTP/1.1\r\nOK-ACC"].iter().enumerate() {
-        let f = Pkt::tcp4(ALLOWED4, EDGE4, 44100 + i as u16, 8080).payload(p).build();
+    for (i, p) in [
+        &b"GET / HTTP/1.1\r\nOK-ACCESS-KEY: 37c5"[..],
+        b"GET / HTTP/1.1\r\nOK-ACC",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let f = Pkt::tcp4(ALLOWED4, EDGE4, 44100 + i as u16, 8080)
+            .payload(p)
+            .build();
         expect(&mut l, &f, DropMalformed);
     }
     // Two different keys in one segment (pipelining) fail closed.
@@ -226,8 +337,16 @@ fn truncated_at_every_offset_never_passes_a_disallowed_source() {
     let mut l = Loaded::new(POLICY).unwrap();
     let payload = req(Some(("OK-ACCESS-KEY", "37c541a1deadbeef")));
     for (fam, full, start) in [
-        ("v4", v4(OTHER4, &payload), Pkt::tcp4(OTHER4, EDGE4, 1, 8080).payload_offset()),
-        ("v6", v6(OTHER6, &payload), Pkt::tcp6(OTHER6, EDGE6, 1, 8080).payload_offset()),
+        (
+            "v4",
+            v4(OTHER4, &payload),
+            Pkt::tcp4(OTHER4, EDGE4, 1, 8080).payload_offset(),
+        ),
+        (
+            "v6",
+            v6(OTHER6, &payload),
+            Pkt::tcp6(OTHER6, EDGE6, 1, 8080).payload_offset(),
+        ),
     ] {
         for cut in 14..=full.len() {
             // Each cut is a fresh connection so no flow verdict carries over.
@@ -246,7 +365,13 @@ fn truncated_at_every_offset_never_passes_a_disallowed_source() {
             if cut > start + payload.len() - 20 && cut < full.len() {
                 // Inside or after the key line but short of the full frame: a key is seen
                 // (drop) or the cut is judged malformed / no key; never allowed.
-                assert!(action == XDP_DROP || reason == PassNoKey || reason == PassNotApi || reason == PassHandshake, "{fam} cut {cut}: {reason:?}");
+                assert!(
+                    action == XDP_DROP
+                        || reason == PassNoKey
+                        || reason == PassNotApi
+                        || reason == PassHandshake,
+                    "{fam} cut {cut}: {reason:?}"
+                );
             }
         }
     }
@@ -257,16 +382,28 @@ fn fragments_never_carry_api_traffic_past() {
     let mut l = Loaded::new(POLICY).unwrap();
     let key = req(Some(("OK-ACCESS-KEY", "37c541a1deadbeef")));
     // First IPv4 fragment to a listener: dropped whatever it carries.
-    let f = Pkt::tcp4(ALLOWED4, EDGE4, 45000, 8080).payload(&key).ipv4_frag(true, 0).build();
+    let f = Pkt::tcp4(ALLOWED4, EDGE4, 45000, 8080)
+        .payload(&key)
+        .ipv4_frag(true, 0)
+        .build();
     expect(&mut l, &f, DropMalformed);
     // Later fragments cannot be reassembled without the first one: they pass as non-API.
-    let f = Pkt::tcp4(OTHER4, EDGE4, 45000, 8080).payload(&key).ipv4_frag(false, 3).build();
+    let f = Pkt::tcp4(OTHER4, EDGE4, 45000, 8080)
+        .payload(&key)
+        .ipv4_frag(false, 3)
+        .build();
     expect(&mut l, &f, PassNotApi);
     // First fragment to another port passes.
-    let f = Pkt::tcp4(OTHER4, EDGE4, 45000, 22).payload(b"x").ipv4_frag(true, 0).build();
+    let f = Pkt::tcp4(OTHER4, EDGE4, 45000, 22)
+        .payload(b"x")
+        .ipv4_frag(true, 0)
+        .build();
     expect(&mut l, &f, PassNotApi);
     // IPv6 fragment header.
-    let f = Pkt::tcp6(ALLOWED6, EDGE6, 45000, 8080).payload(&key).ipv6_frag(true, 0, 7).build();
+    let f = Pkt::tcp6(ALLOWED6, EDGE6, 45000, 8080)
+        .payload(&key)
+        .ipv6_frag(true, 0, 7)
+        .build();
     expect(&mut l, &f, DropMalformed);
     // Too many extension headers to see the transport: fails closed.
     let mut p = Pkt::tcp6(ALLOWED6, EDGE6, 45001, 8080).payload(&key);
@@ -278,7 +415,9 @@ fn fragments_never_carry_api_traffic_past() {
 
 #[test]
 fn audit_mode_counts_observed_and_passes() {
-    let mut l = Loaded::new(&POLICY.replace("key_prefix_len = 8", "key_prefix_len = 8\nenforce = false")).unwrap();
+    let mut l =
+        Loaded::new(&POLICY.replace("key_prefix_len = 8", "key_prefix_len = 8\nenforce = false"))
+            .unwrap();
     let key = req(Some(("OK-ACCESS-KEY", "lockedk1zzzz")));
     let (action, reason, audit) = l.run(&v4(ALLOWED4, &key));
     assert_eq!((action, reason, audit), (XDP_PASS, DropLocked, true));
@@ -290,9 +429,13 @@ fn audit_mode_counts_observed_and_passes() {
 
 #[test]
 fn no_key_drop_and_unbound_drop_settings() {
-    let p = POLICY.replace("no_key = \"pass\"", "no_key = \"drop\"").replace("unbound_keys = \"pass\"", "unbound_keys = \"drop\"");
+    let p = POLICY
+        .replace("no_key = \"pass\"", "no_key = \"drop\"")
+        .replace("unbound_keys = \"pass\"", "unbound_keys = \"drop\"");
     let mut l = Loaded::new(&p).unwrap();
     expect(&mut l, &v4(ALLOWED4, &req(None)), DropNoKey);
-    let f = Pkt::tcp4(ALLOWED4, EDGE4, 46000, 8080).payload(&req(Some(("OK-ACCESS-KEY", "unboundkzzzz")))).build();
+    let f = Pkt::tcp4(ALLOWED4, EDGE4, 46000, 8080)
+        .payload(&req(Some(("OK-ACCESS-KEY", "unboundkzzzz"))))
+        .build();
     expect(&mut l, &f, DropNotAllowed);
 }

@@ -31,7 +31,10 @@ use tests::{
 };
 
 #[derive(Parser)]
-#[command(name = "keywall-bench", about = "keywall per-packet and control-plane benchmarks")]
+#[command(
+    name = "keywall-bench",
+    about = "keywall per-packet and control-plane benchmarks"
+)]
 struct Args {
     /// Smoke run: repeat 10,000, 1k keys only; asserts the bench works, not how fast it is.
     /// Prints the table but leaves BENCHMARKS.md alone.
@@ -69,7 +72,9 @@ fn main() -> ExitCode {
         eprintln!("keywall-bench: interrupted; pin directories removed");
         std::process::exit(130);
     }) {
-        eprintln!("keywall-bench: warning: no Ctrl-C handler ({e}); an interrupt leaves pins behind");
+        eprintln!(
+            "keywall-bench: warning: no Ctrl-C handler ({e}); an interrupt leaves pins behind"
+        );
     }
     let r = run(&args);
     remove_our_pins(pid);
@@ -85,7 +90,9 @@ fn main() -> ExitCode {
 /// Removes what this process pinned: the harness's `kw-t-<pid>-*` and our `kw-bench-<pid>-*`.
 fn remove_our_pins(pid: u32) {
     let ours = [format!("kw-t-{pid}-"), format!("kw-bench-{pid}-")];
-    let Ok(rd) = fs::read_dir("/sys/fs/bpf") else { return };
+    let Ok(rd) = fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if ours.iter().any(|p| name.starts_with(p.as_str())) {
@@ -144,7 +151,12 @@ fn policy_with_keys(n: usize) -> Policy {
         .map(|i| {
             let mut allow: Vec<String> = (0..4).map(|j| ip(host_of(i, j))).collect();
             allow.extend(cidr_of(i));
-            Key { prefix: prefix_of(i), allow, ipsets: Vec::new(), locked: false }
+            Key {
+                prefix: prefix_of(i),
+                allow,
+                ipsets: Vec::new(),
+                locked: false,
+            }
         })
         .collect();
     p
@@ -169,7 +181,9 @@ fn api_request() -> Vec<u8> {
 /// Where `OK-ACCESS-KEY:` starts in the request (the scan cost grows with it).
 fn key_header_offset() -> usize {
     let r = api_request();
-    r.windows(14).position(|w| w == b"OK-ACCESS-KEY:").expect("key header")
+    r.windows(14)
+        .position(|w| w == b"OK-ACCESS-KEY:")
+        .expect("key header")
 }
 
 struct Frame {
@@ -184,7 +198,9 @@ struct Frame {
 fn frames() -> Vec<Frame> {
     let allowed_src = host_of(PROBE_KEY, 3); // the last inline host: the longest inline walk
     let req = api_request();
-    let allowed = Pkt::tcp4(allowed_src, EDGE, 40002, PORT).payload(&req).build();
+    let allowed = Pkt::tcp4(allowed_src, EDGE, 40002, PORT)
+        .payload(&req)
+        .build();
     let body: Vec<u8> = {
         let mut b = br#"{"instId":"BTC-USDT","tdMode":"cash","side":"buy","sz":"0.01""#.to_vec();
         b.resize(63, b' ');
@@ -214,7 +230,9 @@ fn frames() -> Vec<Frame> {
         },
         Frame {
             name: "established flow, 64 B payload, no key",
-            bytes: Pkt::tcp4(allowed_src, EDGE, 40002, PORT).payload(&body).build(),
+            bytes: Pkt::tcp4(allowed_src, EDGE, 40002, PORT)
+                .payload(&body)
+                .build(),
             expect: &[Reason::PassFlow],
             prime: Some(allowed),
         },
@@ -232,7 +250,10 @@ struct Baseline {
 
 impl Baseline {
     fn load() -> Result<Baseline> {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/kw-bench-{}-baseline", std::process::id()));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kw-bench-{}-baseline",
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&pin_dir);
         ensure_bpffs(&pin_dir)?;
         // The object's maps are created (and pinned) by any load; keep them tiny.
@@ -264,9 +285,17 @@ impl Baseline {
     fn time(&mut self, frame: &[u8], repeat: u32) -> Result<f64> {
         let r = self
             .prog()
-            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..Default::default()
+            })
             .context("BPF_PROG_TEST_RUN (baseline)")?;
-        ensure!(r.return_value == XDP_PASS, "baseline returned {}", r.return_value);
+        ensure!(
+            r.return_value == XDP_PASS,
+            "baseline returned {}",
+            r.return_value
+        );
         Ok(r.duration.as_nanos() as f64)
     }
 }
@@ -292,7 +321,11 @@ impl Spread {
     fn of(v: &[f64]) -> Spread {
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
-        Spread { min: s[0], median: s[s.len() / 2], max: s[s.len() - 1] }
+        Spread {
+            min: s[0],
+            median: s[s.len() / 2],
+            max: s[s.len() - 1],
+        }
     }
     fn show(&self) -> String {
         format!("{:.0} / {:.0} / {:.0}", self.min, self.median, self.max)
@@ -322,7 +355,12 @@ fn verdict(l: &mut Loaded, f: &Frame) -> Result<Reason> {
         f.expect.iter().map(|r| r.name()).collect::<Vec<_>>()
     );
     let want = if reason.is_drop() { XDP_DROP } else { XDP_PASS };
-    ensure!(action == want, "{}: action {action} for {}", f.name, reason.name());
+    ensure!(
+        action == want,
+        "{}: action {action} for {}",
+        f.name,
+        reason.name()
+    );
     Ok(reason)
 }
 
@@ -363,7 +401,11 @@ fn measure(sets: &mut [(usize, Loaded)], base: &mut Baseline, repeat: u32) -> Re
     // The verdicts still hold after millions of runs.
     for (s, (_, l)) in sets.iter_mut().enumerate() {
         for (f, r) in frames.iter().zip(&reasons[s]) {
-            ensure!(verdict(l, f)? == *r, "{}: verdict changed during the run", f.name);
+            ensure!(
+                verdict(l, f)? == *r,
+                "{}: verdict changed during the run",
+                f.name
+            );
         }
     }
     let mut rows = Vec::new();
@@ -381,7 +423,11 @@ fn measure(sets: &mut [(usize, Loaded)], base: &mut Baseline, repeat: u32) -> Re
     // Repeating one frame times the keep-alive path once the first run has judged the
     // connection. The first packet of a connection needs a new 5-tuple per run, so it is timed
     // with repeat 1 over FIRST_PACKETS new connections, the baseline likewise.
-    let first_n = if repeat >= 100_000 { FIRST_PACKETS } else { FIRST_PACKETS / 10 };
+    let first_n = if repeat >= 100_000 {
+        FIRST_PACKETS
+    } else {
+        FIRST_PACKETS / 10
+    };
     for (i, f) in frames.iter().enumerate() {
         if f.prime.is_some() || !f.name.starts_with("key-bearing") {
             continue;
@@ -456,11 +502,21 @@ fn large_lock_latency(l: &mut Loaded, c: &mut Compiled, keys: usize) -> Result<L
             .ok_or_else(|| anyhow!("key {i} missing from the compiled policy"))?;
         k.flags |= KEY_LOCKED;
         let rep = l.mirror.apply(&mut l.dp.maps, c, cap)?;
-        ensure!((1..=2).contains(&rep.keys_written), "a one-lock change wrote {} key records", rep.keys_written);
+        ensure!(
+            (1..=2).contains(&rep.keys_written),
+            "a one-lock change wrote {} key records",
+            rep.keys_written
+        );
         t.push(rep.elapsed);
     }
     t.sort();
-    Ok(LargeLock { keys, applies: t.len(), resync, p50: t[t.len() / 2], max: t[t.len() - 1] })
+    Ok(LargeLock {
+        keys,
+        applies: t.len(),
+        resync,
+        p50: t[t.len() / 2],
+        max: t[t.len() - 1],
+    })
 }
 
 /// With `keys` keys loaded, applies a chain of policies in which each differs from the one
@@ -469,7 +525,10 @@ fn large_lock_latency(l: &mut Loaded, c: &mut Compiled, keys: usize) -> Result<L
 /// apply writes two key records. Finally checks that a lock cuts an established flow on
 /// its next packet.
 fn lock_latency(l: &mut Loaded, keys: usize) -> Result<LockLatency> {
-    ensure!(keys > LOCK_APPLIES + 1 && PROBE_KEY > LOCK_APPLIES, "too few keys for the lock chain");
+    ensure!(
+        keys > LOCK_APPLIES + 1 && PROBE_KEY > LOCK_APPLIES,
+        "too few keys for the lock chain"
+    );
     let mut p = policy_with_keys(keys);
     let cap = l.dp.maps.key_stats.len();
     let compile = |p: &Policy| p.compile().map_err(|e| anyhow!("{e:?}"));
@@ -507,7 +566,14 @@ fn lock_latency(l: &mut Loaded, keys: usize) -> Result<LockLatency> {
         "after the lock the established flow was counted as {}",
         cut.name()
     );
-    Ok(LockLatency { keys, applies: t.len(), p50: pick(0.5), p99: pick(0.99), max: t[t.len() - 1], cut })
+    Ok(LockLatency {
+        keys,
+        applies: t.len(),
+        p50: pick(0.5),
+        p99: pick(0.99),
+        max: t[t.len() - 1],
+        cut,
+    })
 }
 
 struct BigApply {
@@ -538,10 +604,20 @@ fn load_with_keys(keys: usize) -> Result<(Loaded, BigApply, Compiled)> {
     drop(p);
     let cap = l.dp.maps.key_stats.len();
     let rep = l.mirror.apply(&mut l.dp.maps, &c, cap)?;
-    ensure!(rep.keys_written == keys, "applied {} keys, expected {keys}", rep.keys_written);
+    ensure!(
+        rep.keys_written == keys,
+        "applied {} keys, expected {keys}",
+        rep.keys_written
+    );
     Ok((
         l,
-        BigApply { keys, compile, apply: rep.elapsed, keys_written: rep.keys_written, sets_created: rep.sets_created },
+        BigApply {
+            keys,
+            compile,
+            apply: rep.elapsed,
+            keys_written: rep.keys_written,
+            sets_created: rep.sets_created,
+        },
         c,
     ))
 }
@@ -652,7 +728,9 @@ fn machine() -> String {
                 .map(|(_, v)| v.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into());
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cpus} CPUs ({model}), kernel {}", sh("uname", &["-r"]))
 }
 
@@ -667,11 +745,30 @@ fn write_doc(
 ) -> Result<()> {
     let mut d = String::new();
     d.push_str("# keywall benchmarks\n\n");
-    d.push_str("Written by `cargo xtask bench` (`keywall-bench`); rerun it rather than editing by hand. ");
+    d.push_str(
+        "Written by `cargo xtask bench` (`keywall-bench`); rerun it rather than editing by hand. ",
+    );
     d.push_str("Absolute figures drift on a shared VM: read each one beside its baseline from the same run.\n\n");
     let _ = writeln!(d, "- **Machine:** {}", machine());
-    let _ = writeln!(d, "- **Date:** {}", sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
-    let _ = writeln!(d, "- **Commit:** {}\n", sh("git", &["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"]));
+    let _ = writeln!(
+        d,
+        "- **Date:** {}",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    let _ = writeln!(
+        d,
+        "- **Commit:** {}\n",
+        sh(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "describe",
+                "--always",
+                "--dirty"
+            ]
+        )
+    );
 
     d.push_str("## Method\n\n");
     let _ = writeln!(
@@ -700,9 +797,15 @@ fn write_doc(
         key_header_offset()
     );
     for (name, frame_len, payload) in frame_lens {
-        let _ = writeln!(d, "  - {name}: {frame_len} B frame, {payload} B TCP payload");
+        let _ = writeln!(
+            d,
+            "  - {name}: {frame_len} B frame, {payload} B TCP payload"
+        );
     }
-    let syn = rows.iter().find(|r| r.frame.starts_with("SYN")).map(|r| r.reason);
+    let syn = rows
+        .iter()
+        .find(|r| r.frame.starts_with("SYN"))
+        .map(|r| r.reason);
     if syn == Some(Reason::PassHandshake) {
         d.push_str("- The policy turns the SYN prefilter on, but this datapath does not implement it yet, so the SYN is counted as `pass_handshake`.\n");
     }
@@ -723,7 +826,11 @@ fn write_doc(
         "- 1M-key snapshot < 5 s: {:.2} s, {}{} (one sample; map writes only, no traffic during the swap).",
         big.apply.as_secs_f64(),
         verdict_of(big.apply < Duration::from_secs(5)),
-        if (4.0..6.0).contains(&big.apply.as_secs_f64()) { ", but within 20% of the target" } else { "" }
+        if (4.0..6.0).contains(&big.apply.as_secs_f64()) {
+            ", but within 20% of the target"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         d,
@@ -757,7 +864,11 @@ fn run(args: &Args) -> Result<()> {
         bail!("run as root: the bench loads XDP programs into the kernel");
     }
     let t_start = Instant::now();
-    let repeat = if args.quick { QUICK_REPEAT } else { FULL_REPEAT };
+    let repeat = if args.quick {
+        QUICK_REPEAT
+    } else {
+        FULL_REPEAT
+    };
     println!(
         "keywall-bench{}: {}; BPF_PROG_TEST_RUN repeat {repeat}, {REPS} reps",
         if args.quick { " --quick" } else { "" },
@@ -780,7 +891,10 @@ fn run(args: &Args) -> Result<()> {
     for (name, len, payload) in &frame_lens {
         println!("  frame: {name}: {len} B, payload {payload} B");
     }
-    println!("  the key header starts at payload byte {}", key_header_offset());
+    println!(
+        "  the key header starts at payload byte {}",
+        key_header_offset()
+    );
 
     let mut base = Baseline::load()?;
     let mut sets = Vec::new();
@@ -792,9 +906,16 @@ fn run(args: &Args) -> Result<()> {
 
     let mut big = None;
     if !args.quick {
-        println!("[2/4] {} keys: load and apply (seconds)", keys_label(LARGE_KEYS));
+        println!(
+            "[2/4] {} keys: load and apply (seconds)",
+            keys_label(LARGE_KEYS)
+        );
         let (large, b, c) = load_with_keys(LARGE_KEYS)?;
-        println!("  compile {:.2} s, apply {:.2} s", b.compile.as_secs_f64(), b.apply.as_secs_f64());
+        println!(
+            "  compile {:.2} s, apply {:.2} s",
+            b.compile.as_secs_f64(),
+            b.apply.as_secs_f64()
+        );
         sets.push((LARGE_KEYS, large));
         big = Some((b, c));
     } else {
@@ -817,7 +938,10 @@ fn run(args: &Args) -> Result<()> {
     println!("  unload: {:.2} s", t.elapsed().as_secs_f64());
 
     println!("\n{}", table(&rows));
-    print!("{}", control_plane(big.as_ref(), &lock, large_lock.as_ref()));
+    print!(
+        "{}",
+        control_plane(big.as_ref(), &lock, large_lock.as_ref())
+    );
 
     for r in &rows {
         ensure!(
@@ -832,7 +956,10 @@ fn run(args: &Args) -> Result<()> {
     if let (Some(big), Some(large)) = (&big, &large_lock) {
         if !args.no_doc {
             let doc = args.doc.clone().unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("BENCHMARKS.md")
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .parent()
+                    .expect("workspace root")
+                    .join("BENCHMARKS.md")
             });
             write_doc(&doc, repeat, &rows, big, &lock, large, &frame_lens)?;
             println!("\nwrote {}", doc.display());
