@@ -139,6 +139,17 @@ pub fn run(o: RunOptions) -> Result<()> {
     if let Some(p) = &o.policy {
         last_stamp = file_stamp(p);
         apply_file(&mut eng, p, &mut runtime);
+        if eng.applied.is_none() {
+            // Nothing to enforce and nothing to fall back to: refuse rather than attach a
+            // filter that passes everything.
+            bail!(
+                "no policy to enforce: {} was rejected and the state dir has none ({})",
+                p.display(),
+                runtime.policy_error.as_deref().unwrap_or("unreadable")
+            );
+        }
+    } else if eng.applied.is_none() {
+        log::warn!("no policy yet: the filter passes everything until one is applied");
     }
 
     // 3. Attach, or take over the pinned links without a gap.
