@@ -439,3 +439,19 @@ fn no_key_drop_and_unbound_drop_settings() {
         .build();
     expect(&mut l, &f, DropNotAllowed);
 }
+
+#[test]
+fn unknown_key_pass_setting() {
+    let p = POLICY.replace("unknown_key = \"drop\"", "unknown_key = \"pass\"");
+    let mut l = Loaded::new(&p).unwrap();
+    let f = v6(OTHER6, &req(Some(("OK-ACCESS-KEY", "nosuchk1zzzz"))));
+    expect(&mut l, &f, PassUnknownKey);
+    // Locks still hold with tags in front.
+    let f = Pkt::tcp6(ALLOWED6, EDGE6, 47000, 8080)
+        .vlan(0x88a8, 7)
+        .vlan(0x8100, 8)
+        .ipv6_ext(0, 8)
+        .payload(&req(Some(("X-MBX-APIKEY", "lockedk1zzzz"))))
+        .build();
+    expect(&mut l, &f, DropLocked);
+}
