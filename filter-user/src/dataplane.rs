@@ -623,15 +623,15 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>) -> Result<Vec<String>> {
     for e in entries {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(ifn) = name.strip_prefix("link_") {
-            if iface.is_none_or(|i| i == ifn) {
-                // Detach explicitly: a running daemon may still hold the link open, and then
-                // removing the pin alone would leave the program attached.
-                force_detach_link(&e.path())
-                    .with_context(|| format!("detaching {}", e.path().display()))?;
-                fs::remove_file(e.path())?;
-                done.push(ifn.to_owned());
-            }
+        if let Some(ifn) = name.strip_prefix("link_")
+            && iface.is_none_or(|i| i == ifn)
+        {
+            // Detach explicitly: a running daemon may still hold the link open, and then
+            // removing the pin alone would leave the program attached.
+            force_detach_link(&e.path())
+                .with_context(|| format!("detaching {}", e.path().display()))?;
+            fs::remove_file(e.path())?;
+            done.push(ifn.to_owned());
         }
     }
     if iface.is_none() {

@@ -116,7 +116,7 @@ fn host_of(i: usize, j: usize) -> [u8; 4] {
 
 /// Every tenth key also holds its own /28 in 11.0.0.0/8 (a CIDR goes to the key's own set).
 fn cidr_of(i: usize) -> Option<String> {
-    (i % 10 == 0).then(|| {
+    i.is_multiple_of(10).then(|| {
         let a = (0x0b00_0000u32 + (i as u32 / 10) * 16).to_be_bytes();
         format!("{}.{}.{}.{}/28", a[0], a[1], a[2], a[3])
     })
@@ -981,17 +981,17 @@ fn run(args: &Args) -> Result<()> {
     }
     ensure!(lock.p50 > Duration::ZERO, "zero lock latency");
 
-    if let (Some(big), Some(large)) = (&big, &large_lock) {
-        if !args.no_doc {
-            let doc = args.doc.clone().unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("workspace root")
-                    .join("BENCHMARKS.md")
-            });
-            write_doc(&doc, repeat, &rows, big, &lock, large, &frame_lens)?;
-            println!("\nwrote {}", doc.display());
-        }
+    if let (Some(big), Some(large)) = (&big, &large_lock)
+        && !args.no_doc
+    {
+        let doc = args.doc.clone().unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .join("BENCHMARKS.md")
+        });
+        write_doc(&doc, repeat, &rows, big, &lock, large, &frame_lens)?;
+        println!("\nwrote {}", doc.display());
     }
     println!("done in {:.1} s", t_start.elapsed().as_secs_f64());
     Ok(())
