@@ -239,6 +239,14 @@ pub struct Mirror {
     stat_idx: StdHashMap<KeyPrefix, u32>,
     free_idx: Vec<u32>,
     next_idx: u32,
+    /// Key records (over both slots) that reference each set; a set at zero is freed.
+    set_refs: StdHashMap<u32, u32>,
+    /// Sets whose count reached zero since the last clean-up.
+    unreferenced: BTreeSet<u32>,
+    /// The ipset ids each slot was written with (None: unknown, after a restart).
+    ipsets: [Option<BTreeMap<String, u32>>; 2],
+    /// A superset of the keys whose records differ between the two slots (None: unknown).
+    lag: Option<BTreeSet<KeyPrefix>>,
 }
 
 impl Mirror {
@@ -293,6 +301,26 @@ impl Mirror {
             }
             mi.keys.insert(k, e);
         }
+        for e in mi.keys.values() {
+            for r in &e.slot {
+                for id in record_sets(r) {
+                    *mi.set_refs.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        mi.unreferenced = mi
+            .sets
+            .keys()
+            .filter(|id| !mi.set_refs.contains_key(id))
+            .copied()
+            .collect();
+        mi.lag = Some(
+            mi.keys
+                .iter()
+                .filter(|(_, e)| e.slot[0] != e.slot[1])
+                .map(|(p, _)| *p)
+                .collect(),
+        );
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
         mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
         let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
@@ -358,6 +386,7 @@ impl Mirror {
             .insert(id, Self::set_meta(content), 0)
             .context("writing a set (KW_SETS full?)")?;
         self.set_ids.insert(content.clone(), id);
+        self.unreferenced.insert(id);
         *created += 1;
         Ok(id)
     }
@@ -381,8 +410,22 @@ impl Mirror {
         Ok(idx)
     }
 
-    /// Writes `c` into the inactive slot and makes it live.
+    /// Writes `c` into the inactive slot and makes it live, examining every key.
     pub fn apply(&mut self, m: &mut Maps, c: &Compiled, key_cap: u32) -> Result<ApplyReport> {
+        self.apply_changes(m, c, None, key_cap)
+    }
+
+    /// Like `apply`, but `changed` names every key whose policy may differ from the live
+    /// slot's (a PATCH knows them). Only those, and the keys the inactive slot still lags on,
+    /// are examined, so a one-key change costs one key, not the whole policy. Falls back to
+    /// examining every key when the ipsets changed or the lag is unknown.
+    pub fn apply_changes(
+        &mut self,
+        m: &mut Maps,
+        c: &Compiled,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        key_cap: u32,
+    ) -> Result<ApplyReport> {
         let t0 = Instant::now();
         let target = 1 - self.active;
         let ti = target as usize;
@@ -391,48 +434,18 @@ impl Mirror {
             ..Default::default()
         };
 
-        // 1. Address sets and key records for the target slot.
+        // 1. Address sets of the ipsets.
         let mut ipset_ids = BTreeMap::new();
         for (name, content) in &c.ipsets {
-            ipset_ids.insert(
-                name.as_str(),
-                self.intern_set(m, content, &mut rep.sets_created)?,
-            );
+            let id = self.intern_set(m, content, &mut rep.sets_created)?;
+            ipset_ids.insert(name.clone(), id);
         }
-        let mut records: BTreeMap<KeyPrefix, KeyRecord> = BTreeMap::new();
-        for (prefix, k) in &c.keys {
-            let mut r = KeyRecord {
-                flags: k.flags,
-                ..Default::default()
-            };
-            for (i, a) in k.inline_v4.iter().take(r.inline_v4.len()).enumerate() {
-                r.inline_v4[i] = *a;
-                r.n_inline_v4 = i as u8 + 1;
+        let candidates: BTreeSet<KeyPrefix> = match (changed, &self.lag) {
+            (Some(ch), Some(lag)) if self.ipsets[ti].as_ref() == Some(&ipset_ids) => {
+                ch.union(lag).copied().collect()
             }
-            let mut sets = Vec::new();
-            if let Some(own) = &k.own_set {
-                sets.push(self.intern_set(m, own, &mut rep.sets_created)?);
-            }
-            for name in &k.ipsets {
-                sets.push(
-                    *ipset_ids
-                        .get(name.as_str())
-                        .ok_or_else(|| anyhow!("unknown ipset {name}"))?,
-                );
-            }
-            if sets.len() > MAX_SETS {
-                bail!(
-                    "key {:?} references more than {MAX_SETS} address sets",
-                    prefix
-                );
-            }
-            for (i, s) in sets.iter().enumerate() {
-                r.sets[i] = *s;
-            }
-            r.n_sets = sets.len() as u8;
-            r.stat_idx = self.stat_for(m, prefix, key_cap)?;
-            records.insert(*prefix, r);
-        }
+            _ => self.keys.keys().chain(c.keys.keys()).copied().collect(),
+        };
 
         // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
         let want: BTreeMap<u16, Listener> = c
@@ -472,36 +485,44 @@ impl Mirror {
         }
 
         // 3. Keys: only entries whose target record changes are written.
-        let stale: Vec<KeyPrefix> = self
-            .keys
-            .iter()
-            .filter(|(p, e)| e.slot[ti].flags & KEY_PRESENT != 0 && !records.contains_key(p))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in stale {
-            let mut e = self.keys[&p];
-            e.slot[ti] = KeyRecord::default();
-            if e.slot[1 - ti].flags & KEY_PRESENT == 0 {
-                m.keys.remove(&p)?;
-                self.keys.remove(&p);
-            } else {
-                m.keys.insert(p, e, 0)?;
-                self.keys.insert(p, e);
-            }
-            rep.keys_written += 1;
-        }
-        for (p, r) in &records {
+        let old_lag = self.lag.take();
+        for p in &candidates {
+            let new = match c.keys.get(p) {
+                Some(k) => self.record_for(m, p, k, &ipset_ids, key_cap)?,
+                None => KeyRecord::default(),
+            };
             let mut e = self.keys.get(p).copied().unwrap_or_default();
-            if e.slot[ti] == *r {
+            if e.slot[ti] == new {
                 continue;
             }
-            e.slot[ti] = *r;
-            m.keys
-                .insert(*p, e, 0)
-                .context("writing a key (KW_KEYS full?)")?;
-            self.keys.insert(*p, e);
+            let old = e.slot[ti];
+            e.slot[ti] = new;
+            if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
+                if self.keys.contains_key(p) {
+                    m.keys.remove(p)?;
+                }
+                self.keys.remove(p);
+                if let Some(i) = self.stat_idx.remove(p) {
+                    self.free_idx.push(i);
+                }
+            } else {
+                m.keys
+                    .insert(*p, e, 0)
+                    .context("writing a key (KW_KEYS full?)")?;
+                self.keys.insert(*p, e);
+            }
+            self.release(&old);
+            for id in record_sets(&new) {
+                *self.set_refs.entry(*id).or_default() += 1;
+            }
             rep.keys_written += 1;
         }
+        // Keys that may now differ between the slots: what lagged before, and what changed.
+        let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
+        lag.extend(candidates.iter().copied());
+        lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
+        self.lag = Some(lag);
+        self.ipsets[ti] = Some(ipset_ids);
 
         // 4. Settings, then the flip.
         let mut s = c.settings;
@@ -525,22 +546,64 @@ impl Mirror {
         Ok(rep)
     }
 
-    fn gc(&mut self, m: &mut Maps) -> Result<usize> {
-        let mut used = BTreeSet::new();
-        let mut live_keys = BTreeSet::new();
-        for (p, e) in &self.keys {
-            for r in &e.slot {
-                if r.flags & KEY_PRESENT != 0 {
-                    live_keys.insert(*p);
-                    used.extend(r.sets[..(r.n_sets as usize).min(MAX_SETS)].iter().copied());
+    /// The record of key `p` for a slot, interning its own address set.
+    fn record_for(
+        &mut self,
+        m: &mut Maps,
+        p: &KeyPrefix,
+        k: &crate::policy::CompiledKey,
+        ipset_ids: &BTreeMap<String, u32>,
+        key_cap: u32,
+    ) -> Result<KeyRecord> {
+        let mut r = KeyRecord {
+            flags: k.flags,
+            ..Default::default()
+        };
+        for (i, a) in k.inline_v4.iter().take(r.inline_v4.len()).enumerate() {
+            r.inline_v4[i] = *a;
+            r.n_inline_v4 = i as u8 + 1;
+        }
+        let mut sets = Vec::new();
+        if let Some(own) = &k.own_set {
+            let mut created = 0;
+            sets.push(self.intern_set(m, own, &mut created)?);
+        }
+        for name in &k.ipsets {
+            sets.push(
+                *ipset_ids
+                    .get(name)
+                    .ok_or_else(|| anyhow!("unknown ipset {name}"))?,
+            );
+        }
+        if sets.len() > MAX_SETS {
+            bail!("key {p:?} references more than {MAX_SETS} address sets");
+        }
+        for (i, s) in sets.iter().enumerate() {
+            r.sets[i] = *s;
+        }
+        r.n_sets = sets.len() as u8;
+        r.stat_idx = self.stat_for(m, p, key_cap)?;
+        Ok(r)
+    }
+
+    /// Drops one record's references to its sets.
+    fn release(&mut self, r: &KeyRecord) {
+        for id in record_sets(r) {
+            if let Some(n) = self.set_refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.set_refs.remove(id);
+                    self.unreferenced.insert(*id);
                 }
             }
         }
-        let dead: Vec<u32> = self
-            .sets
-            .keys()
-            .copied()
-            .filter(|id| !used.contains(id))
+    }
+
+    /// Frees the sets no record references any more (after the flip, so no reader has them).
+    fn gc(&mut self, m: &mut Maps) -> Result<usize> {
+        let dead: Vec<u32> = std::mem::take(&mut self.unreferenced)
+            .into_iter()
+            .filter(|id| !self.set_refs.contains_key(id))
             .collect();
         for id in &dead {
             let content = self.sets.remove(id).unwrap_or_default();
@@ -556,19 +619,16 @@ impl Mirror {
             }
             self.set_ids.remove(&content);
         }
-        let gone: Vec<KeyPrefix> = self
-            .stat_idx
-            .keys()
-            .filter(|p| !live_keys.contains(p))
-            .copied()
-            .collect();
-        for p in gone {
-            if let Some(i) = self.stat_idx.remove(&p) {
-                self.free_idx.push(i);
-            }
-        }
         Ok(dead.len())
     }
+}
+
+/// The set ids a record references.
+fn record_sets(r: &KeyRecord) -> &[u32] {
+    if r.flags & KEY_PRESENT == 0 {
+        return &[];
+    }
+    &r.sets[..(r.n_sets as usize).min(MAX_SETS)]
 }
 
 /// Read-only views of the pinned maps, for operator verbs that run without the daemon.

@@ -486,7 +486,7 @@ struct LargeLock {
     max: Duration,
 }
 
-const LARGE_LOCK_APPLIES: usize = 20;
+const LARGE_LOCK_APPLIES: usize = 100;
 
 /// Locks one more key per apply, editing the compiled policy in place (compiling 1M keys
 /// takes seconds and is not part of the figure). The first apply brings the second slot up
@@ -501,7 +501,12 @@ fn large_lock_latency(l: &mut Loaded, c: &mut Compiled, keys: usize) -> Result<L
             .get_mut(&key_prefix(&prefix_of(keys - 1 - i)))
             .ok_or_else(|| anyhow!("key {i} missing from the compiled policy"))?;
         k.flags |= KEY_LOCKED;
-        let rep = l.mirror.apply(&mut l.dp.maps, c, cap)?;
+        // Named like a PATCH names its keys: only the changed key (and the inactive slot's
+        // lag) is examined, not the whole policy.
+        let changed: std::collections::BTreeSet<_> = [key_prefix(&prefix_of(keys - 1 - i))].into();
+        let rep = l
+            .mirror
+            .apply_changes(&mut l.dp.maps, c, Some(&changed), cap)?;
         ensure!(
             (1..=2).contains(&rep.keys_written),
             "a one-lock change wrote {} key records",
@@ -696,8 +701,8 @@ fn control_plane(big: Option<&BigApply>, lock: &LockLatency, large: Option<&Larg
     if let Some(g) = large {
         let _ = writeln!(
             s,
-            "- lock to enforced, map level, with {} keys loaded (only {} applies, so no p99): p50 {}, max {}. \
-             Bringing the second slot up to the full key set first took {:.2} s.",
+            "- lock to enforced, map level, with {} keys loaded ({} incremental applies naming the changed key, as a PATCH will): p50 {}, max {}. \
+             A full apply, which examines every key (the policy-file path), brought the second slot up to the full key set first in {:.2} s.",
             keys_label(g.keys),
             g.applies,
             ms(g.p50),
@@ -840,8 +845,7 @@ fn write_doc(
         ms(large.p50),
         verdict_of(large.p50 < Duration::from_millis(10)),
         if large.p50 >= Duration::from_millis(10) {
-            " Each apply writes two key records but walks the whole key set in userspace \
-             (records, diff, cleanup), so its time grows with the policy, not with the change."
+            " Even the incremental apply grows with the policy here."
         } else {
             ""
         }
