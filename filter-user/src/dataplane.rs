@@ -488,7 +488,7 @@ impl Mirror {
         let old_lag = self.lag.take();
         for p in &candidates {
             let new = match c.keys.get(p) {
-                Some(k) => self.record_for(m, p, k, &ipset_ids, key_cap)?,
+                Some(k) => self.record_for(m, p, k, &ipset_ids, key_cap, &mut rep.sets_created)?,
                 None => KeyRecord::default(),
             };
             let mut e = self.keys.get(p).copied().unwrap_or_default();
@@ -554,6 +554,7 @@ impl Mirror {
         k: &crate::policy::CompiledKey,
         ipset_ids: &BTreeMap<String, u32>,
         key_cap: u32,
+        sets_created: &mut usize,
     ) -> Result<KeyRecord> {
         let mut r = KeyRecord {
             flags: k.flags,
@@ -565,8 +566,7 @@ impl Mirror {
         }
         let mut sets = Vec::new();
         if let Some(own) = &k.own_set {
-            let mut created = 0;
-            sets.push(self.intern_set(m, own, &mut created)?);
+            sets.push(self.intern_set(m, own, sets_created)?);
         }
         for name in &k.ipsets {
             sets.push(

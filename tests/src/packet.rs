@@ -3,7 +3,7 @@
 //! Frames are well formed unless a test deliberately breaks them afterwards: lengths and
 //! checksums are always filled in, so a verdict never depends on a builder mistake.
 //!
-//! ```ignore
+//! ```text
 //! let req = http_request("GET", "/api/v3/account", &[("X-MBX-APIKEY", "abc")]);
 //! let pkt = Pkt::tcp4([10, 0, 0, 1], [10, 0, 0, 2], 40000, 443).vlan(0x8100, 7);
 //! let req = pad_request_to(req, MAX_FRAME_LEN - pkt.payload_offset());
