@@ -29,7 +29,7 @@ use filter_common::{
     Settings, maps,
 };
 
-use crate::policy::{Cidr, Compiled, SetContent};
+use crate::policy::{Compiled, SetContent};
 
 /// The compiled XDP object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
@@ -751,14 +751,4 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-pub fn cidr_to_allow_key(set_id: u32, c: &Cidr) -> AllowKey {
-    AllowKey {
-        set_id,
-        family: c.0,
-        plen: c.1,
-        _pad: [0; 2],
-        addr: c.2,
-    }
 }
