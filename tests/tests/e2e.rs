@@ -160,15 +160,20 @@ struct Daemon<'a> {
 
 impl<'a> Daemon<'a> {
     fn start(sb: &'a Sandbox, policy: &Path, n: u32) -> Daemon<'a> {
+        Self::start_with(sb, Some(policy), n)
+    }
+
+    /// Without a policy file the daemon runs on what its state dir holds.
+    fn start_with(sb: &'a Sandbox, policy: Option<&Path>, n: u32) -> Daemon<'a> {
         let log = sb.tmp_dir().join(format!("keywall-{n}.log"));
         let f = fs::File::create(&log).expect("daemon log");
         let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
         let mut cmd = sb.edge_cmd(keywall_bin());
-        cmd.arg("run")
-            .args(["--iface", sb.edge_if()])
-            .arg("--policy")
-            .arg(policy)
-            .arg("--pin-dir")
+        cmd.arg("run").args(["--iface", sb.edge_if()]);
+        if let Some(policy) = policy {
+            cmd.arg("--policy").arg(policy);
+        }
+        cmd.arg("--pin-dir")
             .arg(sb.pin_dir())
             .arg("--state-dir")
             .arg(sb.state_dir())
@@ -932,4 +937,38 @@ fn detach_removes_filter() {
         "XDP came back after the daemon stopped"
     );
     assert_eq!(probe(&sb, Some(v4b), Some(GOOD), PROBE_SECS), Got::Pass);
+}
+
+#[test]
+fn restart_without_pins_restores_the_applied_policy() {
+    let (sb, _srv, path) = setup("e2erst");
+    let v4b: IpAddr = sb.add_client_v4().unwrap().into();
+    let mut d = Daemon::start(&sb, &path, 1);
+    d.wait_enforcing();
+    drop(d);
+    // A reboot: the pins (maps, program, link) are gone, the state dir stays.
+    let pin = sb.pin_dir().display().to_string();
+    let out = kw(&sb, &["detach", "--all", "--pin-dir", &pin]);
+    assert!(
+        out.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sb.xdp_attached().unwrap(), "still attached after detach");
+    assert_eq!(probe(&sb, Some(v4b), Some(GOOD), PROBE_SECS), Got::Pass);
+    // No --policy: the daemon restores the last applied policy before it attaches.
+    let mut d = Daemon::start_with(&sb, None, 2);
+    d.wait_enforcing();
+    assert!(
+        d.log_text().contains("restored revision"),
+        "no restore in the log:\n{}",
+        d.log_text()
+    );
+    let st = status(&sb);
+    assert_eq!(st["keys"], 2, "restored key count: {st}");
+    assert_eq!(st["locked_keys"], 1, "restored lock count: {st}");
+    assert_eq!(probe(&sb, Some(v4b), Some(GOOD), PROBE_SECS), Got::Blocked);
+    assert_eq!(probe(&sb, None, Some(LOCKED), PROBE_SECS), Got::Blocked);
+    assert_eq!(probe(&sb, None, Some(UNKNOWN), PROBE_SECS), Got::Blocked);
+    assert_eq!(probe(&sb, None, Some(GOOD), PROBE_SECS), Got::Pass);
 }
