@@ -169,25 +169,25 @@ fn scan(
         // More payload than the scan budget.
         return Found::Malformed;
     }
-    // The last 0..=7 bytes: copied into a zeroed word (zero is not a newline), then walked in
-    // registers.
+    // The last 1..=7 bytes: the 8 bytes ending at the payload end, shifted so the tail sits
+    // low with zeros above (zero is not a newline). Those 8 bytes are inside the frame: the
+    // headers before the payload are longer than 8 bytes. A direct read; the load helper costs
+    // over 100 ns.
     if pos < len {
-        let rem = len - pos;
-        // Written so the verifier sees a length in 1..=8.
-        let rem = ((rem.wrapping_sub(1)) & 7) + 1;
-        let mut tail: u64 = 0;
-        let r = unsafe {
-            bpf_xdp_load_bytes(
-                ctx.ctx,
-                ((start + pos) & 0x3fff) as u32,
-                &mut tail as *mut u64 as *mut _,
-                rem as u32,
-            )
-        };
-        if r != 0 {
+        let rem = (((len - pos).wrapping_sub(1)) & 7) as u64 + 1;
+        if end < 8 {
             return Found::Malformed;
         }
+        // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
+        let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
+        if q + 8 > data_end {
+            return Found::Malformed;
+        }
+        let mut tail = ld64(q as *const u64) >> (8 * (8 - rem));
         for _ in 0..8 {
+            if pos >= len {
+                break;
+            }
             let (adv, is_nl) = step(tail);
             // Shift the consumed bytes out; a shift by 64 would be undefined, so go in two.
             tail = (tail >> (8 * (adv as u64 - 1))) >> 8;
@@ -197,6 +197,8 @@ fn scan(
         }
     }
 
+    // The tail loop's exits differ only in pos and n; merge them for the verifier.
+    let n = forget_in(sc, 2, n) & 0xff;
     if n > MAX_LINES {
         return Found::Malformed;
     }
@@ -303,10 +305,31 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
     let data = ctx.data();
     let data_end = ctx.data_end();
     let p = data + off;
-    if p + 8 <= data_end && off + 8 <= end {
-        // Most lines (Host, User-Agent, ...) differ from every key header in their first
-        // 8 bytes: reject them before building the window.
-        let w0 = ld64(p as *const u64);
+    // The first 8 bytes of the line (fewer at the payload end, zero padded), for a cheap
+    // first comparison.
+    let (w0, have) = if p + 8 <= data_end && off + 8 <= end {
+        (ld64(p as *const u64), 8u64)
+    } else {
+        if off >= end {
+            return;
+        }
+        let rem = (((end - off).wrapping_sub(1)) & 7) as u64 + 1;
+        if end < 8 {
+            acc.malformed = 1;
+            return;
+        }
+        // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
+        let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
+        if q + 8 > data_end {
+            acc.malformed = 1;
+            return;
+        }
+        (ld64(q as *const u64) >> (8 * (8 - rem)), rem)
+    };
+    {
+        // Most lines (Host, User-Agent, the blank line ending the headers) differ from every
+        // key header in their first bytes: reject them before building the window.
+        let have_mask = low_bytes(have);
         let mut any = false;
         for h in 0..MAX_HEADERS {
             if h >= l.n_headers as usize {
@@ -317,7 +340,7 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
                 ld64(l.header_fold[h].as_ptr() as *const u64),
                 ld64(l.header_mask[h].as_ptr() as *const u64),
             );
-            if ((w0 | fold) ^ name) & mask == 0 {
+            if ((w0 | fold) ^ name) & mask & have_mask == 0 {
                 any = true;
                 break;
             }
