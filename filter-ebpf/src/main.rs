@@ -30,7 +30,7 @@ use filter_common::{
 };
 
 use crate::{
-    parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{Parsed, Segment, TCP_RST, TCP_SYN},
     scratch::{ScanIo, Scratch},
 };
 
@@ -213,7 +213,6 @@ fn judge_segment(
         if seg.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
             return Verdict::of(Reason::PassHandshake);
         }
-        let _ = TCP_ACK;
         return match FLOWS.get_ptr_mut(fk) {
             Some(f) => follow(slot, settings, unsafe { &mut *f }),
             None => Verdict::of(Reason::PassHandshake),
@@ -386,12 +385,6 @@ fn finish(v: Verdict, enforce: bool, bytes: u64) -> u32 {
         xdp_action::XDP_PASS
     }
 }
-
-/// Unused set id: a key record slot with id 0 holds no set.
-#[allow(dead_code)]
-const _: () = {
-    let _ = core::mem::size_of::<AllowKey>();
-};
 
 #[cfg(not(test))]
 #[panic_handler]

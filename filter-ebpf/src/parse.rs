@@ -18,7 +18,6 @@ const MAX_IPV6_EXT: usize = 6;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// A TCP segment as far as the filter cares.
 #[repr(C)]
@@ -34,6 +33,7 @@ pub struct Segment {
     pub payload_off: usize,
     pub payload_end: usize,
     /// Offset of the L3 header (for the reset action).
+    #[allow(dead_code)]
     pub l3_off: usize,
 }
 
