@@ -36,6 +36,22 @@ enum Found {
     Malformed,
 }
 
+/// The last `rem` (1..=8) payload bytes before `end` (an offset from the frame start), low in a
+/// word with zeros above, read as the 8 bytes ending at `end`: the headers before the payload
+/// are longer than 8 bytes, so those are inside the frame. None if the frame says otherwise.
+#[inline(always)]
+fn last_bytes(sc: ScratchPtr, data: usize, data_end: usize, end: usize, rem: u64) -> Option<u64> {
+    if end < 8 {
+        return None;
+    }
+    // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
+    let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
+    if q + 8 > data_end {
+        return None;
+    }
+    Some(ld64(q as *const u64) >> (8 * (8 - rem)))
+}
+
 /// How far to advance past the first newline in `w` (8 if none), and whether there was one.
 /// What the bpf_loop callback needs; lives on the caller's stack (bpf_loop requires that),
 /// so it is kept to three pointers and the rest stays in the per-CPU scratch.
@@ -175,15 +191,9 @@ fn scan(
     // over 100 ns.
     if pos < len {
         let rem = (((len - pos).wrapping_sub(1)) & 7) as u64 + 1;
-        if end < 8 {
+        let Some(mut tail) = last_bytes(sc, data, data_end, end, rem) else {
             return Found::Malformed;
-        }
-        // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
-        let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
-        if q + 8 > data_end {
-            return Found::Malformed;
-        }
-        let mut tail = ld64(q as *const u64) >> (8 * (8 - rem));
+        };
         for _ in 0..8 {
             if pos >= len {
                 break;
@@ -314,17 +324,13 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
             return;
         }
         let rem = (((end - off).wrapping_sub(1)) & 7) as u64 + 1;
-        if end < 8 {
-            acc.malformed = 1;
-            return;
+        match last_bytes(sc, data, data_end, end, rem) {
+            Some(w) => (w, rem),
+            None => {
+                acc.malformed = 1;
+                return;
+            }
         }
-        // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
-        let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
-        if q + 8 > data_end {
-            acc.malformed = 1;
-            return;
-        }
-        (ld64(q as *const u64) >> (8 * (8 - rem)), rem)
     };
     {
         // Most lines (Host, User-Agent, the blank line ending the headers) differ from every

@@ -263,53 +263,64 @@ fn judge_segment(
             }
             let (reason, stat_idx) =
                 policy::judge_key(slot, settings, &prefix, seg.family, &client);
-            if let Some(f) = known {
-                // Rewrite in place: replacing an LRU element costs a node swap.
-                let f = unsafe { &mut *f };
-                f.generation = settings.generation;
-                f.reason = reason as u8;
-                f.flags = FLOW_HAS_KEY;
-                f.stat_idx = stat_idx;
-                f.prefix = prefix;
-                f.client = client;
-                return Verdict { reason, stat_idx };
-            }
-            let flow = unsafe { &mut (*sc).flow };
-            *flow = Flow {
-                generation: settings.generation,
-                reason: reason as u8,
-                flags: FLOW_HAS_KEY,
-                family: seg.family,
-                _pad: 0,
+            remember(
+                sc,
+                fk,
+                known,
+                settings,
+                reason,
+                FLOW_HAS_KEY,
                 stat_idx,
-                _pad2: 0,
                 prefix,
                 client,
-            };
-            let _ = FLOWS.insert(fk, &*flow, 0);
+            );
             Verdict { reason, stat_idx }
         }
         http::SCAN_NONE => match FLOWS.get_ptr_mut(fk) {
             Some(f) => follow(slot, settings, unsafe { &mut *f }),
             None => {
                 let reason = no_key_reason(settings);
-                let flow = unsafe { &mut (*sc).flow };
-                *flow = Flow {
-                    generation: settings.generation,
-                    reason: reason as u8,
-                    flags: 0,
-                    family: seg.family,
-                    _pad: 0,
-                    stat_idx: NO_STAT,
-                    _pad2: 0,
-                    prefix: KeyPrefix { bytes: [0; 16] },
-                    client: seg.src,
-                };
-                let _ = FLOWS.insert(fk, &*flow, 0);
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(sc, fk, None, settings, reason, 0, NO_STAT, none, seg.src);
                 Verdict::of(reason)
             }
         },
         _ => Verdict::of(Reason::DropMalformed),
+    }
+}
+
+/// Records a connection's verdict: rewritten in place when the connection is known (replacing
+/// an LRU element costs a node swap), inserted otherwise. Built in scratch, not on the stack.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn remember(
+    sc: ScratchPtr,
+    fk: &FlowKey,
+    known: Option<*mut Flow>,
+    settings: &Settings,
+    reason: Reason,
+    flags: u8,
+    stat_idx: u32,
+    prefix: KeyPrefix,
+    client: [u8; 16],
+) {
+    let flow = unsafe { &mut (*sc).flow };
+    *flow = Flow {
+        generation: settings.generation,
+        reason: reason as u8,
+        flags,
+        family: fk.family,
+        _pad: 0,
+        stat_idx,
+        _pad2: 0,
+        prefix,
+        client,
+    };
+    match known {
+        Some(f) => unsafe { *f = *flow },
+        None => {
+            let _ = FLOWS.insert(fk, &*flow, 0);
+        }
     }
 }
 
