@@ -34,7 +34,9 @@ pub mod maps {
     pub const FLOWS: &str = "KW_FLOWS";
     pub const REASONS: &str = "KW_REASONS";
     pub const KEY_STATS: &str = "KW_KEY_STATS";
-    pub const ALL: [&str; 10] = [
+    pub const PREFILTER: &str = "KW_PREFILTER";
+    pub const EVENTS: &str = "KW_EVENTS";
+    pub const ALL: [&str; 12] = [
         CONTROL,
         SETTINGS,
         LISTENERS,
@@ -45,6 +47,8 @@ pub mod maps {
         FLOWS,
         REASONS,
         KEY_STATS,
+        PREFILTER,
+        EVENTS,
     ];
 }
 
@@ -59,6 +63,11 @@ pub const DEFAULT_MAX_ALLOW: u32 = 1 << 22;
 pub const DEFAULT_MAX_SETS: u32 = 1 << 20;
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
 pub const MAX_LISTENERS: u32 = 256;
+/// `KW_PREFILTER` words per slot by default (2^20 x 64 bits = 8 MiB a slot: about 16 bits per
+/// source for 4M allow entries).
+pub const DEFAULT_PREFILTER_WORDS_LOG2: u8 = 20;
+/// `KW_EVENTS` ring buffer bytes.
+pub const EVENTS_RING_BYTES: u32 = 1 << 18;
 
 /// Why a packet got its verdict. Every packet gets exactly one.
 #[repr(u8)]
@@ -158,7 +167,15 @@ pub struct Settings {
     pub generation: u32,
     pub flags: u8,
     pub key_prefix_len: u8,
-    pub _pad: [u8; 2],
+    /// log2 of the prefilter words per slot (`KW_PREFILTER` holds both slots' halves).
+    pub pf_words_log2: u8,
+    pub _pad: u8,
+    /// Distinct prefix lengths in the prefilter union, per family (probed in this order).
+    pub pf_n_v4: u8,
+    pub pf_n_v6: u8,
+    pub _pad2: [u8; 2],
+    pub pf_v4_plens: [u8; MAX_PLENS],
+    pub pf_v6_plens: [u8; MAX_PLENS],
 }
 
 /// Listeners are found with two array reads, no hashing: `KW_LISTENER_INDEX[slot * 65536 + port]`
@@ -182,6 +199,10 @@ pub const LOCATOR_FIX: u8 = 3;
 
 pub const LISTENER_PROXY_PROTOCOL: u8 = 1 << 0;
 
+/// Longest `sni_suffix` (dot included) and `label_prefix` a tls-sni listener can match.
+pub const MAX_SNI_SUFFIX: usize = 64;
+pub const MAX_LABEL_PREFIX: usize = 16;
+
 /// `KW_LISTENERS` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +223,14 @@ pub struct Listener {
     pub header_fold: [[u8; MAX_HEADER_NAME]; MAX_HEADERS],
     /// Per byte 0xff where the name (with colon) has a byte, 0 past its end.
     pub header_mask: [[u8; MAX_HEADER_NAME]; MAX_HEADERS],
+    /// `KW_SETS` id holding `trusted_proxies` (0: none; PROXY headers are then refused).
+    pub proxy_set: u32,
+    pub sni_suffix_len: u8,
+    pub label_prefix_len: u8,
+    pub _pad3: [u8; 2],
+    /// tls-sni: the suffix (`.api.example.com`) and label prefix (`k-`), lower-cased.
+    pub sni_suffix: [u8; MAX_SNI_SUFFIX],
+    pub label_prefix: [u8; MAX_LABEL_PREFIX],
 }
 
 impl Default for Listener {
@@ -218,6 +247,12 @@ impl Default for Listener {
             header_names: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
             header_fold: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
             header_mask: [[0; MAX_HEADER_NAME]; MAX_HEADERS],
+            proxy_set: 0,
+            sni_suffix_len: 0,
+            label_prefix_len: 0,
+            _pad3: [0; 2],
+            sni_suffix: [0; MAX_SNI_SUFFIX],
+            label_prefix: [0; MAX_LABEL_PREFIX],
         }
     }
 }
@@ -294,10 +329,16 @@ pub struct FlowKey {
 }
 
 pub const FLOW_HAS_KEY: u8 = 1 << 0;
+/// `client` came from a PROXY header (the connection's source is a trusted proxy).
+pub const FLOW_PROXIED: u8 = 1 << 1;
+/// A ClientHello is being followed across segments (`tls_*` fields).
+pub const FLOW_TLS_PENDING: u8 = 1 << 2;
+/// Bytes of a split extension carried from one segment to the next.
+pub const TLS_CARRY: usize = 96;
 
 /// `KW_FLOWS` value: the connection's verdict and what it was judged on.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     /// Settings generation the verdict was made under.
     pub generation: u32,
@@ -311,6 +352,35 @@ pub struct Flow {
     pub prefix: KeyPrefix,
     /// The address the allowlist is checked against (the PROXY header's, when there was one).
     pub client: [u8; 16],
+    /// ClientHello follow-up: TCP sequence number of the next extension (or of `carry[0]`),
+    /// and extension bytes left from there.
+    pub tls_seq: u32,
+    pub tls_left: u32,
+    pub carry_len: u8,
+    pub _pad3: [u8; 7],
+    /// The start of an extension that the previous segment cut (header or server_name).
+    pub carry: [u8; TLS_CARRY],
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            generation: 0,
+            reason: 0,
+            flags: 0,
+            family: 0,
+            _pad: 0,
+            stat_idx: 0,
+            _pad2: 0,
+            prefix: KeyPrefix { bytes: [0; 16] },
+            client: [0; 16],
+            tls_seq: 0,
+            tls_left: 0,
+            carry_len: 0,
+            _pad3: [0; 7],
+            carry: [0; TLS_CARRY],
+        }
+    }
 }
 
 /// `KW_REASONS` value (per CPU).
@@ -331,6 +401,73 @@ pub struct KeyStats {
     pub last_seen_ns: u64,
 }
 
+/// `KW_EVENTS` record: one sampled drop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// Where the allowlist looked (the PROXY header's address when there was one).
+    pub src: [u8; 16],
+    pub prefix: KeyPrefix,
+    pub family: u8,
+    pub reason: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    /// The listener's TCP port, and the client's.
+    pub port: u16,
+    pub sport: u16,
+}
+
+pub const EVENT_HAS_KEY: u8 = 1 << 0;
+/// Audit mode: the packet was counted as `observed` and passed.
+pub const EVENT_AUDIT: u8 = 1 << 1;
+
+/// Drop events are sampled with a per-CPU token bucket: this many a second, in bursts up to
+/// `EVENT_BURST`. A flood costs the daemon at most that many records a second per CPU.
+pub const EVENT_RATE_PER_CPU: u64 = 200;
+pub const EVENT_BURST: u64 = 50;
+/// `KW_REASONS` slots past the reasons: events sent, and events the bucket suppressed.
+pub const COUNTER_EVENTS_SENT: u32 = 30;
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = 31;
+
+/// The prefilter: a blocked Bloom filter per slot over the union of every allow entry
+/// (masked to a prefix length the slot lists). One 64-bit word per probe, three bits in it.
+/// False positives only let a SYN through to the key check; there are no false negatives, so
+/// it never blocks a source some key allows.
+///
+/// `hi`/`lo` are the address in network order as two big-endian words (IPv4 in the top 32
+/// bits of `hi`), already masked to `plen`. Returns (word index within a slot, bit mask).
+#[inline(always)]
+pub const fn prefilter_probe(family: u8, plen: u8, hi: u64, lo: u64, words_log2: u8) -> (u32, u64) {
+    let mut h = hi ^ lo.rotate_left(31) ^ ((family as u64) << 8 | plen as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    h ^= h >> 33;
+    let word = (h >> 32) as u32 & ((1u32 << (words_log2 & 31)) - 1);
+    let bits = (1u64 << (h & 63)) | (1u64 << ((h >> 6) & 63)) | (1u64 << ((h >> 12) & 63));
+    (word, bits)
+}
+
+/// `hi`/`lo` masked to the first `plen` bits (network order).
+#[inline(always)]
+pub const fn mask_addr(hi: u64, lo: u64, plen: u8) -> (u64, u64) {
+    let p = plen as u32;
+    if p == 0 {
+        (0, 0)
+    } else if p < 64 {
+        (hi & (u64::MAX << (64 - p)), 0)
+    } else if p == 64 {
+        (hi, 0)
+    } else if p < 128 {
+        (hi, lo & (u64::MAX << (128 - p)))
+    } else {
+        (hi, lo)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -346,4 +483,5 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for KeyStats {}
+    unsafe impl aya::Pod for DropEvent {}
 }

@@ -315,6 +315,11 @@ fn remember(
         _pad2: 0,
         prefix,
         client,
+        tls_seq: 0,
+        tls_left: 0,
+        carry_len: 0,
+        _pad3: [0; 7],
+        carry: [0; filter_common::TLS_CARRY],
     };
     match known {
         Some(f) => unsafe { *f = *flow },

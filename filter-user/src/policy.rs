@@ -635,7 +635,7 @@ impl Policy {
             generation: 0,
             flags,
             key_prefix_len: s.key_prefix_len,
-            _pad: [0; 2],
+            ..Default::default()
         }
     }
 
@@ -1511,7 +1511,7 @@ sni_suffix = ".x.com"
                     | kernel::SETTING_UNKNOWN_KEY_DROP
                     | kernel::SETTING_PREFILTER,
                 key_prefix_len: 8,
-                _pad: [0; 2],
+                ..Default::default()
             }
         );
         let mut p = spec();
