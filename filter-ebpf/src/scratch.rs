@@ -1,7 +1,7 @@
 //! Per-CPU scratch memory: what does not fit the 512-byte BPF stack, which all frames of a
 //! call chain share.
 
-use filter_common::{Flow, FlowKey};
+use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix};
 
 use crate::parse::Segment;
 
@@ -49,6 +49,16 @@ pub struct Scratch {
     /// A word the program writes and reads back so the verifier forgets a value's history
     /// (see filter-ebpf `forget`).
     pub tmp: [u64; 4],
+    /// Which of `seg`/`ev_*` describe the current packet (`SEEN_*`).
+    pub seen: u8,
+    pub _pad: [u8; 7],
+    /// Key and client of a key-bearing drop, for its event.
+    pub ev_prefix: KeyPrefix,
+    pub ev_client: [u8; 16],
+    /// The event token bucket (nanoseconds of budget, and when it was last topped up).
+    pub ev_budget: u64,
+    pub ev_last: u64,
+    pub event: DropEvent,
     pub lines: [u16; 128],
     pub window: [u64; WINDOW_WORDS],
 }
