@@ -13,6 +13,7 @@ mod events;
 mod parse;
 mod policy;
 mod prefilter;
+mod proxy;
 mod reset;
 mod scratch;
 
@@ -28,13 +29,15 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
-    FLOW_HAS_KEY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LOCATOR_HTTP_HEADER, Listener,
+    FLOW_HAS_KEY, FLOW_PROXIED, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL,
+    LOCATOR_FIX, LOCATOR_HTTP_HEADER, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
     SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
 };
 
 use crate::{
     parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
+    proxy::ProxyIo,
     scratch::{ScanIo, Scratch},
 };
 
@@ -274,16 +277,71 @@ fn judge_segment(
         };
     }
     let plen = (settings.key_prefix_len as usize) & 0x1f;
+    let mut start = seg.payload_off;
+    let mut client = seg.src;
+    let mut family = seg.family;
+    let mut known = FLOWS.get_ptr_mut(fk);
+    let proxied = l.flags & LISTENER_PROXY_PROTOCOL != 0;
+    let extra = if proxied { FLOW_PROXIED } else { 0 };
+    if proxied {
+        match known {
+            Some(f) if unsafe { (*f).flags } & FLOW_PROXIED != 0 => unsafe {
+                client = (*f).client;
+                family = (*f).family;
+            },
+            _ => {
+                // A connection's first payload must be a PROXY header from a trusted proxy.
+                if l.proxy_set == 0 || !policy::in_set(l.proxy_set, seg.family, &seg.src) {
+                    return Verdict::of(Reason::DropMalformed);
+                }
+                let io = unsafe { &mut (*sc).proxy };
+                *io = ProxyIo {
+                    start: seg.payload_off as u64,
+                    end: seg.payload_end as u64,
+                    ..Default::default()
+                };
+                proxy::keywall_proxy(ctx.ctx, io);
+                match io.result {
+                    proxy::PROXY_CLIENT => {
+                        client = io.addr;
+                        family = io.family as u8;
+                    }
+                    proxy::PROXY_LOCAL => {}
+                    _ => return Verdict::of(Reason::DropMalformed),
+                }
+                start += (io.len & 0x7ff) as usize;
+                // Known from now on as proxied, with no key yet (pending).
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(
+                    sc,
+                    fk,
+                    known,
+                    settings,
+                    Reason::PassHandshake,
+                    FLOW_PROXIED,
+                    NO_STAT,
+                    none,
+                    family,
+                    client,
+                );
+                if start >= seg.payload_end {
+                    return Verdict::of(Reason::PassHandshake);
+                }
+                known = FLOWS.get_ptr_mut(fk);
+            }
+        }
+    }
     // The locator reports a key, none, or a segment it cannot judge safely.
     let (result, prefix) = match l.locator {
-        LOCATOR_HTTP_HEADER => {
+        LOCATOR_HTTP_HEADER | LOCATOR_FIX => {
             // The arguments travel in per-CPU scratch: the BPF stack is shared by both frames.
             let io = unsafe { &mut (*sc).io };
             *io = ScanIo {
-                start: seg.payload_off as u64,
+                start: start as u64,
                 end: seg.payload_end as u64,
                 plen: plen as u64,
                 listener: l_idx as u64,
+                sep: if l.locator == LOCATOR_FIX { 1 } else { b'\n' as u64 },
                 result: http::SCAN_MALFORMED,
                 prefix: [0; 2],
             };
@@ -299,8 +357,6 @@ fn judge_segment(
             bytes[..8].copy_from_slice(&prefix[0].to_le_bytes());
             bytes[8..].copy_from_slice(&prefix[1].to_le_bytes());
             let prefix = KeyPrefix { bytes };
-            let client = seg.src;
-            let known = FLOWS.get_ptr_mut(fk);
             if let Some(f) = known {
                 let f = unsafe { &mut *f };
                 // Keep-alive clients send the key with every request: the same key on a
@@ -319,8 +375,7 @@ fn judge_segment(
                     };
                 }
             }
-            let (reason, stat_idx) =
-                policy::judge_key(slot, settings, &prefix, seg.family, &client);
+            let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, family, &client);
             if reason.is_drop() {
                 note_key(sc, &prefix, &client);
             }
@@ -330,19 +385,33 @@ fn judge_segment(
                 known,
                 settings,
                 reason,
-                FLOW_HAS_KEY,
+                FLOW_HAS_KEY | extra,
                 stat_idx,
                 prefix,
+                family,
                 client,
             );
             Verdict { reason, stat_idx }
         }
-        http::SCAN_NONE => match FLOWS.get_ptr_mut(fk) {
-            Some(f) => follow(sc, slot, settings, unsafe { &mut *f }),
+        http::SCAN_NONE => match known {
+            Some(f) => {
+                let f = unsafe { &mut *f };
+                if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
+                    // The first request after a PROXY header carried no key.
+                    let reason = no_key_reason(settings);
+                    f.reason = reason as u8;
+                    f.generation = settings.generation;
+                    Verdict::of(reason)
+                } else {
+                    follow(sc, slot, settings, f)
+                }
+            }
             None => {
                 let reason = no_key_reason(settings);
                 let none = KeyPrefix { bytes: [0; 16] };
-                remember(sc, fk, None, settings, reason, 0, NO_STAT, none, seg.src);
+                remember(
+                    sc, fk, None, settings, reason, extra, NO_STAT, none, family, client,
+                );
                 Verdict::of(reason)
             }
         },
@@ -363,6 +432,7 @@ fn remember(
     flags: u8,
     stat_idx: u32,
     prefix: KeyPrefix,
+    family: u8,
     client: [u8; 16],
 ) {
     let flow = unsafe { &mut (*sc).flow };
@@ -370,7 +440,7 @@ fn remember(
         generation: settings.generation,
         reason: reason as u8,
         flags,
-        family: fk.family,
+        family,
         _pad: 0,
         stat_idx,
         _pad2: 0,
@@ -418,6 +488,9 @@ fn follow(sc: ScratchPtr, slot: u32, settings: &Settings, f: &mut Flow) -> Verdi
                 policy::judge_key(slot, settings, &f.prefix, f.family, &f.client);
             f.stat_idx = stat_idx;
             reason
+        } else if f.reason == Reason::PassHandshake as u8 {
+            // Still waiting for its first request (after a PROXY header).
+            Reason::PassHandshake
         } else {
             no_key_reason(settings)
         };

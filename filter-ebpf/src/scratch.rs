@@ -3,7 +3,10 @@
 
 use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix};
 
-use crate::parse::Segment;
+use crate::{
+    parse::Segment,
+    proxy::{ProxyIo, V1State},
+};
 
 /// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
 /// verifier cannot bound tighter than 512 bytes.
@@ -18,6 +21,8 @@ pub struct ScanIo {
     pub plen: u64,
     /// Index of the listener in `KW_LISTENERS`.
     pub listener: u64,
+    /// The line separator: b'\n' for HTTP headers, SOH (1) for FIX fields.
+    pub sep: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }
@@ -59,6 +64,8 @@ pub struct Scratch {
     pub ev_budget: u64,
     pub ev_last: u64,
     pub event: DropEvent,
+    pub proxy: ProxyIo,
+    pub v1: V1State,
     pub lines: [u16; 128],
     pub window: [u64; WINDOW_WORDS],
 }
