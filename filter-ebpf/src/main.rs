@@ -16,6 +16,7 @@ mod prefilter;
 mod proxy;
 mod reset;
 mod scratch;
+mod tls;
 
 use core::intrinsics::AtomicOrdering;
 
@@ -29,7 +30,7 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
-    FLOW_HAS_KEY, FLOW_PROXIED, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL,
+    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, LOCATOR_TLS_SNI, TLS_CARRY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL,
     LOCATOR_FIX, LOCATOR_HTTP_HEADER, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
     SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
@@ -348,6 +349,52 @@ fn judge_segment(
             http::keywall_http_scan(ctx.ctx, io);
             (io.result, io.prefix)
         }
+        LOCATOR_TLS_SNI => {
+            let io = unsafe { &mut (*sc).tls };
+            io.start = start as u64;
+            io.end = seg.payload_end as u64;
+            io.listener = l_idx as u64;
+            io.plen = plen as u64;
+            io.seq = seg.seq as u64;
+            io.pending = 0;
+            if let Some(f) = known {
+                let f = unsafe { &*f };
+                if f.flags & FLOW_TLS_PENDING != 0 {
+                    io.pending = 1;
+                    io.tls_seq = f.tls_seq as u64;
+                    io.tls_left = f.tls_left as u64;
+                    io.carry_len = f.carry_len as u64;
+                    io.carry = f.carry;
+                }
+            }
+            tls::keywall_tls_scan(ctx.ctx, io);
+            if io.result == tls::SCAN_PENDING {
+                // The ClientHello goes on in the next segment: this part passes, and the
+                // connection keeps where the walk stopped.
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(
+                    sc,
+                    fk,
+                    known,
+                    settings,
+                    Reason::PassHandshake,
+                    FLOW_TLS_PENDING,
+                    NO_STAT,
+                    none,
+                    family,
+                    client,
+                );
+                if let Some(f) = FLOWS.get_ptr_mut(fk) {
+                    let f = unsafe { &mut *f };
+                    f.tls_seq = io.tls_seq as u32;
+                    f.tls_left = io.tls_left as u32;
+                    f.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
+                    f.carry = io.carry;
+                }
+                return Verdict::of(Reason::PassHandshake);
+            }
+            (io.result, io.prefix)
+        }
         // Locators this build does not know fail closed.
         _ => (http::SCAN_MALFORMED, [0; 2]),
     };
@@ -397,9 +444,11 @@ fn judge_segment(
             Some(f) => {
                 let f = unsafe { &mut *f };
                 if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
-                    // The first request after a PROXY header carried no key.
+                    // The first request after a PROXY header, or the rest of a ClientHello,
+                    // carried no key.
                     let reason = no_key_reason(settings);
                     f.reason = reason as u8;
+                    f.flags &= !FLOW_TLS_PENDING;
                     f.generation = settings.generation;
                     Verdict::of(reason)
                 } else {
