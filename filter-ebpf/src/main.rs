@@ -270,6 +270,11 @@ fn judge_segment(
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // A new connection on this 5-tuple: whatever was judged on an old one is void
+                // (a judged TLS or FIX connection is not scanned again).
+                let _ = FLOWS.remove(fk);
+            }
             return Verdict::of(Reason::PassHandshake);
         }
         return match FLOWS.get_ptr_mut(fk) {
@@ -329,6 +334,16 @@ fn judge_segment(
                     return Verdict::of(Reason::PassHandshake);
                 }
                 known = FLOWS.get_ptr_mut(fk);
+            }
+        }
+    }
+    if l.locator != LOCATOR_HTTP_HEADER {
+        // After a ClientHello everything is encrypted, and a FIX session logs on once: a
+        // judged connection of those can carry no other key, so it just follows its verdict.
+        if let Some(f) = known {
+            let f = unsafe { &mut *f };
+            if f.flags & FLOW_HAS_KEY != 0 {
+                return follow(sc, slot, settings, f);
             }
         }
     }
