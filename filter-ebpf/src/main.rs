@@ -8,8 +8,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod http;
 mod events;
+mod http;
 mod parse;
 mod policy;
 mod prefilter;
@@ -30,10 +30,10 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
-    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, LOCATOR_TLS_SNI, TLS_CARRY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL,
-    LOCATOR_FIX, LOCATOR_HTTP_HEADER, Listener,
+    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
+    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
-    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
+    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, TLS_CARRY, TlsPending,
 };
 
 use crate::{
@@ -67,8 +67,11 @@ static REASONS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
 /// The prefilter's Bloom words, both slots' halves; the loader writes them through mmap.
 #[map(name = "KW_PREFILTER")]
-static PREFILTER: Array<u64> =
-    Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+/// ClientHellos followed into a next segment.
+#[map(name = "KW_TLS_PENDING")]
+static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
+    LruHashMap::pinned(filter_common::MAX_TLS_PENDING, 0);
 /// Sampled drop events for the daemon (`keywall events`).
 #[map(name = "KW_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
@@ -357,7 +360,11 @@ fn judge_segment(
                 end: seg.payload_end as u64,
                 plen: plen as u64,
                 listener: l_idx as u64,
-                sep: if l.locator == LOCATOR_FIX { 1 } else { b'\n' as u64 },
+                sep: if l.locator == LOCATOR_FIX {
+                    1
+                } else {
+                    b'\n' as u64
+                },
                 result: http::SCAN_MALFORMED,
                 prefix: [0; 2],
             };
@@ -373,13 +380,14 @@ fn judge_segment(
             io.seq = seg.seq as u64;
             io.pending = 0;
             if let Some(f) = known {
-                let f = unsafe { &*f };
-                if f.flags & FLOW_TLS_PENDING != 0 {
-                    io.pending = 1;
-                    io.tls_seq = f.tls_seq as u64;
-                    io.tls_left = f.tls_left as u64;
-                    io.carry_len = f.carry_len as u64;
-                    io.carry = f.carry;
+                if unsafe { (*f).flags } & FLOW_TLS_PENDING != 0 {
+                    if let Some(t) = unsafe { TLS_PENDING.get(fk) } {
+                        io.pending = 1;
+                        io.tls_seq = t.tls_seq as u64;
+                        io.tls_left = t.tls_left as u64;
+                        io.carry_len = t.carry_len as u64;
+                        io.carry = t.carry;
+                    }
                 }
             }
             tls::keywall_tls_scan(ctx.ctx, io);
@@ -399,13 +407,12 @@ fn judge_segment(
                     family,
                     client,
                 );
-                if let Some(f) = FLOWS.get_ptr_mut(fk) {
-                    let f = unsafe { &mut *f };
-                    f.tls_seq = io.tls_seq as u32;
-                    f.tls_left = io.tls_left as u32;
-                    f.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
-                    f.carry = io.carry;
-                }
+                let t = unsafe { &mut (*sc).pending };
+                t.tls_seq = io.tls_seq as u32;
+                t.tls_left = io.tls_left as u32;
+                t.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
+                t.carry = io.carry;
+                let _ = TLS_PENDING.insert(fk, &*t, 0);
                 return Verdict::of(Reason::PassHandshake);
             }
             (io.result, io.prefix)
@@ -510,11 +517,6 @@ fn remember(
         _pad2: 0,
         prefix,
         client,
-        tls_seq: 0,
-        tls_left: 0,
-        carry_len: 0,
-        _pad3: [0; 7],
-        carry: [0; filter_common::TLS_CARRY],
     };
     match known {
         Some(f) => unsafe { *f = *flow },

@@ -130,7 +130,11 @@ pub fn rewrite(ctx: &XdpContext, sc: ScratchPtr) -> bool {
         }
         pseudo += 6u16.to_be() as u64 + 20u16.to_be() as u64;
         swap(tcp, tcp.add(2), 2);
-        let (rseq, rack) = if had_ack { (ack, seq.wrapping_add(consumed)) } else { (0, seq.wrapping_add(consumed)) };
+        let (rseq, rack) = if had_ack {
+            (ack, seq.wrapping_add(consumed))
+        } else {
+            (0, seq.wrapping_add(consumed))
+        };
         core::ptr::write_volatile(tcp.add(4) as *mut u32, rseq.to_be());
         core::ptr::write_volatile(tcp.add(8) as *mut u32, rack.to_be());
         *tcp.add(12) = 5 << 4;

@@ -1,7 +1,7 @@
 //! Per-CPU scratch memory: what does not fit the 512-byte BPF stack, which all frames of a
 //! call chain share.
 
-use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix};
+use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix, TlsPending};
 
 use crate::{
     parse::Segment,
@@ -69,6 +69,7 @@ pub struct Scratch {
     pub v1: V1State,
     pub tls: TlsIo,
     pub walk: TlsWalk,
+    pub pending: TlsPending,
     /// A server_name extension, assembled from the packet (and a previous segment's carry).
     pub ext: [u8; EXT_BUF],
     pub lines: [u16; 128],

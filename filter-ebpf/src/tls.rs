@@ -287,7 +287,11 @@ extern "C" fn walk_cb(_i: u64, lc: *mut c_void) -> i64 {
     }
     if ty == 0 {
         w.ext_len = len;
-        w.state = if o as u64 + 4 + len > end as u64 { CUT } else { AT_SNI };
+        w.state = if o as u64 + 4 + len > end as u64 {
+            CUT
+        } else {
+            AT_SNI
+        };
         return 1;
     }
     w.o += 4 + len;
