@@ -933,7 +933,12 @@ fn compile_listeners(
         // field starts); the usual ones are 553 Username (Kraken, Bitvavo) and 49
         // SenderCompID.
         match (l.locator, l.fix_tag) {
-            (Locator::Fix, Some(tag @ 1..=9999)) => k.fix_tag = tag,
+            (Locator::Fix, Some(tag @ 1..=9999)) => {
+                // Matched like a header name at field starts (after SOH): "553=".
+                k.fix_tag = tag;
+                encode_name(&mut k, 0, format!("{tag}=").as_bytes());
+                k.n_headers = 1;
+            }
             (Locator::Fix, Some(tag)) => err("fix_tag", format!("must be 1..=9999, got {tag}")),
             (Locator::Fix, None) => err(
                 "fix_tag",
