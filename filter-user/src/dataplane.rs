@@ -689,6 +689,14 @@ impl Mirror {
         lag.extend(candidates.iter().copied());
         lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
         self.lag = Some(lag);
+        // The slot holds its ipsets even when no key binds one, so an unused ipset keeps its
+        // id and a PATCH does not fall back to examining every key.
+        for id in ipset_ids.values() {
+            *self.set_refs.entry(*id).or_default() += 1;
+        }
+        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+            self.release_set(id);
+        }
         self.ipsets[ti] = Some(ipset_ids);
 
         // 4. The prefilter half of the target slot: new sources added in place; rebuilt from
