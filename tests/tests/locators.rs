@@ -311,7 +311,7 @@ fn sni_in_the_second_segment() {
     let sni_at = h.sni_offset().unwrap();
     for cut in sni_at - 12..sni_at + 28 {
         for (src, want) in [(ALLOWED4, PassAllowed), (OTHER4, DropNotAllowed)] {
-            let sport = 33_000 + (cut - sni_at + 12) as u16;
+            let sport = 33_000 + (cut + 12 - sni_at) as u16;
             let segs = tls4(src, sport).segments(&rec, &[cut]);
             let got = run_all(&mut l, &segs);
             assert!(got.contains(&want), "cut {cut} (SNI at {sni_at}): {got:?}");
