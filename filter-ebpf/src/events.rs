@@ -2,7 +2,7 @@
 //! the daemon at most `EVENT_RATE_PER_CPU` records a second per CPU (in bursts of
 //! `EVENT_BURST`), and the program a clock read and a few stores per dropped packet.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use filter_common::{
     COUNTER_EVENTS_SENT, COUNTER_EVENTS_SUPPRESSED, EVENT_AUDIT, EVENT_BURST, EVENT_HAS_KEY,
     EVENT_RATE_PER_CPU,
@@ -24,7 +24,8 @@ fn count(slot: u32) {
 #[inline(always)]
 pub fn sample(sc: ScratchPtr, v: &Verdict, audit: bool, seen: u8) {
     let s = unsafe { &mut *sc };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (a jiffy's resolution) is plenty for a 200/s bucket and costs less.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut budget = s.ev_budget + now.wrapping_sub(s.ev_last);
     if budget > CAP_NS {
         budget = CAP_NS;
