@@ -131,7 +131,10 @@ impl PrefilterMap {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let entries = data.info()?.max_entries() as usize;
         if entries < 2 || !entries.is_power_of_two() {
-            bail!("{} has {entries} entries; want 2 << words_log2", maps::PREFILTER);
+            bail!(
+                "{} has {entries} entries; want 2 << words_log2",
+                maps::PREFILTER
+            );
         }
         let words_log2 = (entries / 2).trailing_zeros() as u8;
         let len = entries * 8;
@@ -694,7 +697,11 @@ impl Mirror {
         for id in ipset_ids.values() {
             *self.set_refs.entry(*id).or_default() += 1;
         }
-        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+        for id in self.ipsets[ti]
+            .take()
+            .into_iter()
+            .flat_map(|m| m.into_values())
+        {
             self.release_set(id);
         }
         self.ipsets[ti] = Some(ipset_ids);
