@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod events;
 pub mod metrics;
 pub mod policy;
+pub mod prefilter;
 pub mod state;
 pub mod stats;
 pub mod status;
