@@ -1,3 +1,4 @@
 pub mod harness;
 pub mod netns;
 pub mod packet;
+pub mod api_bench;
