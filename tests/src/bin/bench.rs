@@ -617,6 +617,7 @@ fn capacity_for(keys: usize) -> Capacity {
         allow: (k / 10 + 4096).next_power_of_two(),
         sets: (k / 10 + 4096).next_power_of_two(),
         flows: 4096,
+        ..Default::default()
     }
 }
 
