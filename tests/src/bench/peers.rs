@@ -107,6 +107,11 @@ impl XdpFilter {
             .expect("XDP")
     }
 
+    /// The kernel's id of the loaded program.
+    pub fn prog_id(&mut self) -> Option<u32> {
+        self.prog().info().ok().map(|i| i.id())
+    }
+
     /// Average ns per run and the action it returned.
     pub fn time(&mut self, frame: &[u8], repeat: u32) -> Result<(f64, u32)> {
         let r = self

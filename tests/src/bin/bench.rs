@@ -205,10 +205,16 @@ fn host_of(i: usize, j: usize) -> [u8; 4] {
     (0x1000_0000u32 + (i * 4 + j) as u32).to_be_bytes()
 }
 
-/// Every tenth key (from `phase`) also holds its own /28 in 11.0.0.0/8 (a CIDR goes to the
-/// key's own set).
+/// Every tenth key (from `phase`) also holds its own /28, in 11.0.0.0/8 (phase 0) or
+/// 12.0.0.0/8 (a CIDR goes to the key's own set; sets are shared by content, so another
+/// phase must also mean other networks).
 fn cidr_of(i: usize, phase: usize) -> Option<([u8; 4], u8)> {
-    (i % 10 == phase).then(|| ((0x0b00_0000u32 + (i as u32 / 10) * 16).to_be_bytes(), 28))
+    let base = if phase == 0 {
+        0x0b00_0000u32
+    } else {
+        0x0c00_0000
+    };
+    (i % 10 == phase).then(|| ((base + (i as u32 / 10) * 16).to_be_bytes(), 28))
 }
 
 fn ip(a: [u8; 4]) -> String {
@@ -406,6 +412,30 @@ fn frames() -> Vec<Frame> {
             expect: &[Reason::DropPrefilter],
             prime: None,
             feature: Some("SYN prefilter"),
+            first_packet: false,
+            payload_len: 0,
+        },
+        Frame {
+            name: "TCP segment to a port with no listener".into(),
+            locator: Locator::None,
+            variant: None,
+            bytes: Pkt::tcp4(STRANGER, EDGE, 40009, 22).payload(&body).build(),
+            expect: &[Reason::PassNotApi],
+            prime: None,
+            feature: None,
+            first_packet: false,
+            payload_len: body.len(),
+        },
+        Frame {
+            name: "established flow, bare ACK (no payload)".into(),
+            locator: Locator::None,
+            variant: None,
+            bytes: Pkt::tcp4(allowed_src, EDGE, 40002, PORT_HTTP)
+                .flags(false, true, false, false, false)
+                .build(),
+            expect: &[Reason::PassFlow],
+            prime: Some(allowed_http.clone()),
+            feature: None,
             first_packet: false,
             payload_len: 0,
         },
@@ -1202,7 +1232,10 @@ fn lock_latency(l: &mut Loaded, keys: usize) -> Result<LockLatency> {
     t.sort();
     // The established flow from the allowed source, then the lock: its next packet drops.
     let fr = frames();
-    let flow = fr.iter().find(|f| f.prime.is_some()).expect("flow frame");
+    let flow = fr
+        .iter()
+        .find(|f| f.name.starts_with("established flow, 64 B"))
+        .expect("flow frame");
     verdict(l, flow, true)?;
     p.key[PROBE_KEY].locked = true;
     l.mirror.apply(&mut l.dp.maps, &compile(&p)?, cap)?;
@@ -1508,6 +1541,63 @@ fn flood_table(rows: &[FloodRow]) -> String {
     s
 }
 
+/// Where keywall's time goes, as differences between paths that add one step each (medians,
+/// largest key set): the profile the targets are explained with.
+fn breakdown(r: &Results) -> String {
+    let keys = r.rows.iter().map(|x| x.keys).max().unwrap_or(0);
+    let kw = |rows: &[Row], name: &str| -> Option<(f64, f64, f64)> {
+        let x = rows
+            .iter()
+            .find(|x| x.keys == keys && x.frame.starts_with(name))?;
+        let p = x.peers.as_ref()?;
+        Some((x.keywall?.median, p.pass.median, p.xdpfilt.median))
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| step ({} keys, repeat {} unless noted) | ns |\n| --- | ---: |",
+        keys_label(keys),
+        r.repeat
+    );
+    let mut line = |what: &str, v: Option<f64>| {
+        let _ = match v {
+            Some(v) => writeln!(s, "| {what} | {v:.0} |"),
+            None => writeln!(s, "| {what} | — |"),
+        };
+    };
+    let other = kw(&r.rows, "TCP segment to a port");
+    let ack = kw(&r.rows, "established flow, bare ACK");
+    let est = kw(&r.rows, "established flow, 64 B");
+    let http = kw(&r.rows, "HTTP header, allowed");
+    let first = kw(&r.first_rows, "HTTP header, allowed");
+    line("XDP_PASS floor (same frame)", other.map(|o| o.1));
+    line(
+        "xdp-filter above the floor (two hash lookups: destination, then source)",
+        est.map(|e| e.2 - e.1),
+    );
+    line(
+        "keywall: parse Ethernet/IP/TCP, listener tables (port with no listener) above the floor",
+        other.map(|o| o.0 - o.1),
+    );
+    line(
+        "+ listener found, flow lookup and verdict follow (bare ACK)",
+        ack.zip(other).map(|(a, o)| a.0 - o.0),
+    );
+    line(
+        "+ scanning a 64 B established segment for a later key",
+        est.zip(ack).map(|(e, a)| e.0 - a.0),
+    );
+    line(
+        "keep-alive request with the key (220 B scanned, same key and generation) above the bare ACK",
+        http.zip(ack).map(|(h, a)| h.0 - a.0),
+    );
+    line(
+        "first packet of a new connection above the keep-alive request (judging the key, inserting the flow; repeat 1, each above its own XDP_PASS)",
+        first.zip(http).map(|(f, h)| (f.0 - f.1) - (h.0 - h.1)),
+    );
+    s
+}
+
 fn ms(d: Duration) -> String {
     if d >= Duration::from_secs(1) {
         format!("{:.2} s", d.as_secs_f64())
@@ -1621,8 +1711,8 @@ fn control_plane(r: &Results) -> String {
     if let Some(n) = &r.snapshot {
         let _ = writeln!(
             s,
-            "- **{}-key snapshot swap under traffic**: {:.2} s to apply a policy that rewrites every key record ({} written) and \
-             every address set ({} created), while a probe thread ran allowed, disallowed and locked requests through the \
+            "- **{}-key snapshot swap under traffic**: {:.2} s to apply a policy that moves 3 of every key's 4 hosts and every key's \
+             CIDR to other keys and networks ({} key records written, {} address sets created), while a probe thread ran allowed, disallowed and locked requests through the \
              program, each the first packet of a new connection: {} probes during the swap, **{} wrong verdicts**{}. Compiling \
              the new policy took {:.2} s before it.",
             keys_label(n.keys),
@@ -1694,7 +1784,7 @@ fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
     t.push(ratio_target(
         "established flow",
-        find_row(&r.rows, |x| x.frame.starts_with("established")),
+        find_row(&r.rows, |x| x.frame.starts_with("established flow, 64 B")),
         1.1,
     ));
     for loc in [Locator::Http, Locator::Tls, Locator::Fix, Locator::ProxyV2] {
@@ -1827,6 +1917,7 @@ struct ProgInfo {
     name: String,
     xlated: u64,
     jited: u64,
+    functions: Vec<(String, usize)>,
 }
 
 fn prog_info(label: &str, id: u32) -> Option<ProgInfo> {
@@ -1839,14 +1930,66 @@ fn prog_info(label: &str, id: u32) -> Option<ProgInfo> {
         name: label.to_owned(),
         xlated: v["bytes_xlated"].as_u64()? / 8,
         jited: v["bytes_jited"].as_u64()?,
+        functions: xlated_functions(id),
     })
 }
 
+/// Instructions per function of a loaded program, from `bpftool prog dump xlated` (function
+/// headers are the lines that end with `:` and do not start with an instruction number).
+fn xlated_functions(id: u32) -> Vec<(String, usize)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "dump", "xlated", "id", &id.to_string()])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v: Vec<(String, usize)> = Vec::new();
+    for l in text.lines() {
+        let t = l.trim_start();
+        if t.starts_with(';') || t.is_empty() {
+            continue;
+        }
+        let is_insn = t
+            .split_once(':')
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_insn {
+            match v.last_mut() {
+                Some((_, n)) => *n += 1,
+                None => v.push(("(main)".into(), 1)),
+            }
+        } else if t.ends_with(':') {
+            let name = t
+                .trim_end_matches(':')
+                .split('(')
+                .next()
+                .unwrap_or(t)
+                .split_whitespace()
+                .last()
+                .unwrap_or(t)
+                .to_owned();
+            v.push((name, 0));
+        }
+    }
+    v
+}
+
 fn programs_table(p: &[ProgInfo]) -> String {
-    let mut s =
-        String::from("| program | xlated instructions | JIT bytes |\n| --- | ---: | ---: |\n");
+    let mut s = String::from(
+        "| program | xlated instructions | JIT bytes | instructions per function (`bpftool prog dump xlated`) |\n| --- | ---: | ---: | --- |\n",
+    );
     for x in p {
-        let _ = writeln!(s, "| {} | {} | {} |", x.name, x.xlated, x.jited);
+        let f: Vec<String> = x
+            .functions
+            .iter()
+            .map(|(n, c)| format!("{n} {c}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            x.name,
+            x.xlated,
+            x.jited,
+            f.join(", ")
+        );
     }
     s
 }
@@ -1951,6 +2094,8 @@ fn report(r: &Results, for_doc: bool) -> String {
         r.first_packets, r.reps
     );
     d.push_str(&packet_table(&r.first_rows));
+    d.push_str("\n## Where the time goes\n\nDifferences between paths that each add one step (medians from the tables above).\n\n");
+    d.push_str(&breakdown(r));
     let _ = writeln!(
         d,
         "\n## Flood on veth, 64 B-class frames from 65,536 sources\n\nkeywall with {} keys; {:.0} s windows; min / median / max over the reps.\n",
@@ -2128,18 +2273,17 @@ fn run(args: &Args) -> Result<()> {
     {
         programs.extend(prog_info("keywall", id));
     }
-    for (name, id) in [("keywall_baseline_pass", {
-        let p: &mut Xdp = peers
-            .pass
-            .ebpf
-            .program_mut(BASELINE_PROGRAM)
-            .expect("baseline")
-            .try_into()?;
-        prog_id(p)
-    })] {
-        if let Some(id) = id {
-            programs.extend(prog_info(name, id));
-        }
+    let pass_prog: &mut Xdp = peers
+        .pass
+        .ebpf
+        .program_mut(BASELINE_PROGRAM)
+        .expect("baseline")
+        .try_into()?;
+    if let Some(id) = prog_id(pass_prog) {
+        programs.extend(prog_info("keywall_baseline_pass", id));
+    }
+    if let Some(id) = peers.xdpfilt.prog_id() {
+        programs.extend(prog_info("xdp-filter (xdpfilt_dny_ip)", id));
     }
 
     let mut flood_rows = Vec::new();
