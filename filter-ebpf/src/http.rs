@@ -1,4 +1,5 @@
-//! The `http-header` locator: finds the configured API-key headers at line starts.
+//! The `http-header` and `fix` locators: find the configured API-key headers (or the FIX tag,
+//! `553=`) at line starts (field starts: FIX separates fields with SOH where HTTP has LF).
 //!
 //! Two passes keep the verifier's work linear:
 //! 1. a branch-free SWAR walk, 8 bytes a step, that records every line start;
@@ -85,8 +86,8 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn step(w: u64) -> (usize, usize) {
-    let m = newline_mask(w);
+fn step(w: u64, seps: u64) -> (usize, usize) {
+    let m = newline_mask(w, seps);
     let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
     // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
     let m = m | (1 << 63);
@@ -97,9 +98,10 @@ fn step(w: u64) -> (usize, usize) {
     (adv, is_nl)
 }
 
+/// `seps` is the separator byte in every byte of a word.
 #[inline(always)]
-fn newline_mask(w: u64) -> u64 {
-    let x = w ^ 0x0a0a_0a0a_0a0a_0a0a;
+fn newline_mask(w: u64, seps: u64) -> u64 {
+    let x = w ^ seps;
     x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080
 }
 
@@ -127,7 +129,8 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     let xctx = XdpContext::new(ctx);
     let start = (io.start & 0x3fff) as usize;
     let end = (io.end & 0x3fff) as usize;
-    match scan(&xctx, sc, start, end, l, (io.plen & 0x1f) as usize) {
+    let seps = ONES * (io.sep & 0xff);
+    match scan(&xctx, sc, start, end, l, (io.plen & 0x1f) as usize, seps) {
         Found::None => io.result = SCAN_NONE,
         Found::Malformed => io.result = SCAN_MALFORMED,
         Found::Key(p) => {
@@ -147,6 +150,7 @@ fn scan(
     end: usize,
     l: &Listener,
     plen: usize,
+    seps: u64,
 ) -> Found {
     let data = ctx.data();
     let data_end = ctx.data_end();
@@ -169,7 +173,7 @@ fn scan(
             break;
         }
         let w = ld64(p as *const u64);
-        let (adv, is_nl) = step(w);
+        let (adv, is_nl) = step(w, seps);
         pos += adv;
         // Branch-free append: the slot is overwritten unless this step found a newline.
         lines[n & 127] = pos as u16;
@@ -198,7 +202,7 @@ fn scan(
             if pos >= len {
                 break;
             }
-            let (adv, is_nl) = step(tail);
+            let (adv, is_nl) = step(tail, seps);
             // Shift the consumed bytes out; a shift by 64 would be undefined, so go in two.
             tail = (tail >> (8 * (adv as u64 - 1))) >> 8;
             pos += adv;

@@ -8,29 +8,37 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod events;
 mod http;
 mod parse;
 mod policy;
+mod prefilter;
+mod proxy;
+mod reset;
 mod scratch;
+mod tls;
 
 use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, FLOW_HAS_KEY, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
-    LOCATOR_HTTP_HEADER, Listener, MAX_LISTENERS, Reason, SETTING_ENFORCE, SETTING_LOADED,
-    SETTING_NO_KEY_DROP, SetMeta, Settings,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
+    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
+    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
+    MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
+    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, TLS_CARRY, TlsPending,
 };
 
 use crate::{
-    parse::{Parsed, Segment, TCP_RST, TCP_SYN},
+    parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
+    proxy::ProxyIo,
     scratch::{ScanIo, Scratch},
 };
 
@@ -57,6 +65,16 @@ static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 
 static REASONS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 #[map(name = "KW_KEY_STATS")]
 static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
+/// The prefilter's Bloom words, both slots' halves; the loader writes them through mmap.
+#[map(name = "KW_PREFILTER")]
+static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+/// ClientHellos followed into a next segment.
+#[map(name = "KW_TLS_PENDING")]
+static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
+    LruHashMap::pinned(filter_common::MAX_TLS_PENDING, 0);
+/// Sampled drop events for the daemon (`keywall events`).
+#[map(name = "KW_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 /// Per-CPU scratch for the HTTP scan's line starts (too big for the 512-byte stack).
 #[map(name = "KW_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -103,9 +121,9 @@ pub fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
 }
 
 /// The outcome of one packet: its reason, and the key's counter slot when a key is known.
-struct Verdict {
-    reason: Reason,
-    stat_idx: u32,
+pub struct Verdict {
+    pub reason: Reason,
+    pub stat_idx: u32,
 }
 
 impl Verdict {
@@ -118,17 +136,52 @@ impl Verdict {
     }
 }
 
+/// What a drop needs beyond the verdict: whether `scratch.seg` describes this packet (for
+/// events and the reset action), and whether `scratch.ev_*` hold its key and client.
+pub const SEEN_SEG: u8 = 1 << 0;
+pub const SEEN_KEY: u8 = 1 << 1;
+
 #[xdp]
 pub fn keywall(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (verdict, enforce) = decide(&ctx);
-    finish(verdict, enforce, bytes)
+    let (verdict, flags) = decide(&ctx);
+    let enforce = flags & SETTING_ENFORCE != 0;
+    let action = finish(&verdict, enforce, bytes);
+    if verdict.reason.is_drop() {
+        return on_drop(&ctx, &verdict, flags, action);
+    }
+    action
+}
+
+/// Drops are rare next to passes: the event and the reset live off the pass path.
+#[inline(never)]
+fn on_drop(ctx: &XdpContext, v: &Verdict, flags: u8, action: u32) -> u32 {
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return action;
+    };
+    let seen = unsafe { (*sc).seen };
+    events::sample(sc, v, flags & SETTING_ENFORCE == 0, seen);
+    if action == xdp_action::XDP_DROP
+        && flags & SETTING_ACTION_RESET != 0
+        && seen & SEEN_SEG != 0
+        && reset::applies(v.reason)
+        && reset::rewrite(ctx, sc)
+    {
+        return xdp_action::XDP_TX;
+    }
+    action
 }
 
 /// The floor for benchmarks: the same object's cheapest possible program.
 #[xdp]
 pub fn keywall_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The ceiling for benchmarks: drop everything.
+#[xdp]
+pub fn keywall_baseline_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 /// The live slot's settings, or None before any policy was applied.
@@ -142,15 +195,17 @@ fn live_settings() -> Option<(u32, &'static Settings)> {
     Some((slot, s))
 }
 
+/// The verdict, and the live settings' flags (0 when no policy is loaded).
 #[inline(always)]
-fn decide(ctx: &XdpContext) -> (Verdict, bool) {
+fn decide(ctx: &XdpContext) -> (Verdict, u8) {
     let Some((slot, settings)) = live_settings() else {
-        return (Verdict::of(Reason::PassNotApi), false);
+        return (Verdict::of(Reason::PassNotApi), 0);
     };
-    let enforce = settings.flags & SETTING_ENFORCE != 0;
+    let flags = settings.flags;
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
-        return (Verdict::of(Reason::PassNotApi), false);
+        return (Verdict::of(Reason::PassNotApi), 0);
     };
+    unsafe { (*sc).seen = 0 };
     let data = ctx.data();
     let end = ctx.data_end();
     let v = match parse::parse(sc, data, end) {
@@ -162,13 +217,14 @@ fn decide(ctx: &XdpContext) -> (Verdict, bool) {
         },
         Parsed::Tcp => {
             let seg = unsafe { &(*sc).seg };
+            unsafe { (*sc).seen = SEEN_SEG };
             match listener(slot, seg.dport) {
                 None => Verdict::of(Reason::PassNotApi),
                 Some((l, idx)) => judge_segment(ctx, sc, slot, settings, l, idx, seg),
             }
         }
     };
-    (v, enforce)
+    (v, flags)
 }
 
 /// The listener on `port` in `slot`, and its index in `KW_LISTENERS`.
@@ -211,28 +267,154 @@ fn judge_segment(
         // No payload: handshakes and bare ACKs carry no key. RSTs always pass so a server can
         // tear down; other packets of a known connection follow its verdict.
         if seg.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+                && settings.flags & SETTING_PREFILTER != 0
+                && !prefilter::source_may_connect(slot, settings, l, seg)
+            {
+                return Verdict::of(Reason::DropPrefilter);
+            }
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // A new connection on this 5-tuple: whatever was judged on an old one is void
+                // (a judged TLS or FIX connection is not scanned again).
+                let _ = FLOWS.remove(fk);
+            }
             return Verdict::of(Reason::PassHandshake);
         }
         return match FLOWS.get_ptr_mut(fk) {
-            Some(f) => follow(slot, settings, unsafe { &mut *f }),
+            Some(f) => follow(sc, slot, settings, unsafe { &mut *f }),
             None => Verdict::of(Reason::PassHandshake),
         };
     }
     let plen = (settings.key_prefix_len as usize) & 0x1f;
+    let mut start = seg.payload_off;
+    let mut client = seg.src;
+    let mut family = seg.family;
+    let mut known = FLOWS.get_ptr_mut(fk);
+    let proxied = l.flags & LISTENER_PROXY_PROTOCOL != 0;
+    let extra = if proxied { FLOW_PROXIED } else { 0 };
+    if proxied {
+        match known {
+            Some(f) if unsafe { (*f).flags } & FLOW_PROXIED != 0 => unsafe {
+                client = (*f).client;
+                family = (*f).family;
+            },
+            _ => {
+                // A connection's first payload must be a PROXY header from a trusted proxy.
+                if l.proxy_set == 0 || !policy::in_set(l.proxy_set, seg.family, &seg.src) {
+                    return Verdict::of(Reason::DropMalformed);
+                }
+                let io = unsafe { &mut (*sc).proxy };
+                *io = ProxyIo {
+                    start: seg.payload_off as u64,
+                    end: seg.payload_end as u64,
+                    ..Default::default()
+                };
+                proxy::keywall_proxy(ctx.ctx, io);
+                match io.result {
+                    proxy::PROXY_CLIENT => {
+                        client = io.addr;
+                        family = io.family as u8;
+                    }
+                    proxy::PROXY_LOCAL => {}
+                    _ => return Verdict::of(Reason::DropMalformed),
+                }
+                start += (io.len & 0x7ff) as usize;
+                // Known from now on as proxied, with no key yet (pending).
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(
+                    sc,
+                    fk,
+                    known,
+                    settings,
+                    Reason::PassHandshake,
+                    FLOW_PROXIED,
+                    NO_STAT,
+                    none,
+                    family,
+                    client,
+                );
+                if start >= seg.payload_end {
+                    return Verdict::of(Reason::PassHandshake);
+                }
+                known = FLOWS.get_ptr_mut(fk);
+            }
+        }
+    }
+    if l.locator != LOCATOR_HTTP_HEADER {
+        // After a ClientHello everything is encrypted, and a FIX session logs on once: a
+        // judged connection of those can carry no other key, so it just follows its verdict.
+        if let Some(f) = known {
+            let f = unsafe { &mut *f };
+            if f.flags & FLOW_HAS_KEY != 0 {
+                return follow(sc, slot, settings, f);
+            }
+        }
+    }
     // The locator reports a key, none, or a segment it cannot judge safely.
     let (result, prefix) = match l.locator {
-        LOCATOR_HTTP_HEADER => {
+        LOCATOR_HTTP_HEADER | LOCATOR_FIX => {
             // The arguments travel in per-CPU scratch: the BPF stack is shared by both frames.
             let io = unsafe { &mut (*sc).io };
             *io = ScanIo {
-                start: seg.payload_off as u64,
+                start: start as u64,
                 end: seg.payload_end as u64,
                 plen: plen as u64,
                 listener: l_idx as u64,
+                sep: if l.locator == LOCATOR_FIX {
+                    1
+                } else {
+                    b'\n' as u64
+                },
                 result: http::SCAN_MALFORMED,
                 prefix: [0; 2],
             };
             http::keywall_http_scan(ctx.ctx, io);
+            (io.result, io.prefix)
+        }
+        LOCATOR_TLS_SNI => {
+            let io = unsafe { &mut (*sc).tls };
+            io.start = start as u64;
+            io.end = seg.payload_end as u64;
+            io.listener = l_idx as u64;
+            io.plen = plen as u64;
+            io.seq = seg.seq as u64;
+            io.pending = 0;
+            if let Some(f) = known {
+                if unsafe { (*f).flags } & FLOW_TLS_PENDING != 0 {
+                    if let Some(t) = unsafe { TLS_PENDING.get(fk) } {
+                        io.pending = 1;
+                        io.tls_seq = t.tls_seq as u64;
+                        io.tls_left = t.tls_left as u64;
+                        io.carry_len = t.carry_len as u64;
+                        io.carry = t.carry;
+                    }
+                }
+            }
+            tls::keywall_tls_scan(ctx.ctx, io);
+            if io.result == tls::SCAN_PENDING {
+                // The ClientHello goes on in the next segment: this part passes, and the
+                // connection keeps where the walk stopped.
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(
+                    sc,
+                    fk,
+                    known,
+                    settings,
+                    Reason::PassHandshake,
+                    FLOW_TLS_PENDING,
+                    NO_STAT,
+                    none,
+                    family,
+                    client,
+                );
+                let t = unsafe { &mut (*sc).pending };
+                t.tls_seq = io.tls_seq as u32;
+                t.tls_left = io.tls_left as u32;
+                t.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
+                t.carry = io.carry;
+                let _ = TLS_PENDING.insert(fk, &*t, 0);
+                return Verdict::of(Reason::PassHandshake);
+            }
             (io.result, io.prefix)
         }
         // Locators this build does not know fail closed.
@@ -244,8 +426,6 @@ fn judge_segment(
             bytes[..8].copy_from_slice(&prefix[0].to_le_bytes());
             bytes[8..].copy_from_slice(&prefix[1].to_le_bytes());
             let prefix = KeyPrefix { bytes };
-            let client = seg.src;
-            let known = FLOWS.get_ptr_mut(fk);
             if let Some(f) = known {
                 let f = unsafe { &mut *f };
                 // Keep-alive clients send the key with every request: the same key on a
@@ -255,33 +435,54 @@ fn judge_segment(
                     && f.prefix == prefix
                 {
                     let reason = Reason::from_u8(f.reason).unwrap_or(Reason::DropMalformed);
+                    if reason.is_drop() {
+                        note_key(sc, &prefix, &client);
+                    }
                     return Verdict {
                         reason,
                         stat_idx: f.stat_idx,
                     };
                 }
             }
-            let (reason, stat_idx) =
-                policy::judge_key(slot, settings, &prefix, seg.family, &client);
+            let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, family, &client);
+            if reason.is_drop() {
+                note_key(sc, &prefix, &client);
+            }
             remember(
                 sc,
                 fk,
                 known,
                 settings,
                 reason,
-                FLOW_HAS_KEY,
+                FLOW_HAS_KEY | extra,
                 stat_idx,
                 prefix,
+                family,
                 client,
             );
             Verdict { reason, stat_idx }
         }
-        http::SCAN_NONE => match FLOWS.get_ptr_mut(fk) {
-            Some(f) => follow(slot, settings, unsafe { &mut *f }),
+        http::SCAN_NONE => match known {
+            Some(f) => {
+                let f = unsafe { &mut *f };
+                if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
+                    // The first request after a PROXY header, or the rest of a ClientHello,
+                    // carried no key.
+                    let reason = no_key_reason(settings);
+                    f.reason = reason as u8;
+                    f.flags &= !FLOW_TLS_PENDING;
+                    f.generation = settings.generation;
+                    Verdict::of(reason)
+                } else {
+                    follow(sc, slot, settings, f)
+                }
+            }
             None => {
                 let reason = no_key_reason(settings);
                 let none = KeyPrefix { bytes: [0; 16] };
-                remember(sc, fk, None, settings, reason, 0, NO_STAT, none, seg.src);
+                remember(
+                    sc, fk, None, settings, reason, extra, NO_STAT, none, family, client,
+                );
                 Verdict::of(reason)
             }
         },
@@ -302,6 +503,7 @@ fn remember(
     flags: u8,
     stat_idx: u32,
     prefix: KeyPrefix,
+    family: u8,
     client: [u8; 16],
 ) {
     let flow = unsafe { &mut (*sc).flow };
@@ -309,23 +511,28 @@ fn remember(
         generation: settings.generation,
         reason: reason as u8,
         flags,
-        family: fk.family,
+        family,
         _pad: 0,
         stat_idx,
         _pad2: 0,
         prefix,
         client,
-        tls_seq: 0,
-        tls_left: 0,
-        carry_len: 0,
-        _pad3: [0; 7],
-        carry: [0; filter_common::TLS_CARRY],
     };
     match known {
         Some(f) => unsafe { *f = *flow },
         None => {
             let _ = FLOWS.insert(fk, &*flow, 0);
         }
+    }
+}
+
+/// Keeps a refused packet's key and client for its drop event.
+#[inline(always)]
+fn note_key(sc: ScratchPtr, prefix: &KeyPrefix, client: &[u8; 16]) {
+    unsafe {
+        (*sc).ev_prefix = *prefix;
+        (*sc).ev_client = *client;
+        (*sc).seen |= SEEN_KEY;
     }
 }
 
@@ -340,13 +547,16 @@ fn no_key_reason(settings: &Settings) -> Reason {
 
 /// A packet of a judged connection: re-judge it if the policy changed since, then follow.
 #[inline(always)]
-fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
+fn follow(sc: ScratchPtr, slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
     if f.generation != settings.generation {
         let reason = if f.flags & FLOW_HAS_KEY != 0 {
             let (reason, stat_idx) =
                 policy::judge_key(slot, settings, &f.prefix, f.family, &f.client);
             f.stat_idx = stat_idx;
             reason
+        } else if f.reason == Reason::PassHandshake as u8 {
+            // Still waiting for its first request (after a PROXY header).
+            Reason::PassHandshake
         } else {
             no_key_reason(settings)
         };
@@ -356,6 +566,9 @@ fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
     let dropped = Reason::from_u8(f.reason)
         .map(|r| r.is_drop())
         .unwrap_or(true);
+    if dropped && f.flags & FLOW_HAS_KEY != 0 {
+        note_key(sc, &f.prefix, &f.client);
+    }
     Verdict {
         reason: if dropped {
             Reason::DropFlow
@@ -367,7 +580,7 @@ fn follow(slot: u32, settings: &Settings, f: &mut Flow) -> Verdict {
 }
 
 #[inline(always)]
-fn finish(v: Verdict, enforce: bool, bytes: u64) -> u32 {
+fn finish(v: &Verdict, enforce: bool, bytes: u64) -> u32 {
     let drop = v.reason.is_drop();
     let slot = if drop && !enforce {
         AUDIT_OFFSET + v.reason as u32

@@ -18,6 +18,7 @@ const MAX_IPV6_EXT: usize = 6;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A TCP segment as far as the filter cares.
 #[repr(C)]
@@ -32,9 +33,12 @@ pub struct Segment {
     /// Offsets from the start of the frame; `payload_end` excludes Ethernet padding.
     pub payload_off: usize,
     pub payload_end: usize,
-    /// Offset of the L3 header (for the reset action).
-    #[allow(dead_code)]
+    /// Offsets of the L3 and TCP headers (for the reset action).
     pub l3_off: usize,
+    pub l4_off: usize,
+    /// Sequence and acknowledgement numbers (host order).
+    pub seq: u32,
+    pub ack: u32,
 }
 
 pub enum Parsed {
@@ -221,6 +225,9 @@ fn parse_tcp(data: usize, end: usize, l4: usize, ip_end: usize, seg: &mut Segmen
     let b = p as *const u8;
     seg.sport = be16(p);
     seg.dport = be16(p + 2);
+    seg.seq = u32::from_be(unsafe { core::ptr::read_volatile((p + 4) as *const u32) });
+    seg.ack = u32::from_be(unsafe { core::ptr::read_volatile((p + 8) as *const u32) });
+    seg.l4_off = l4;
     let (doff, flags) = unsafe { (((*b.add(12) >> 4) as usize) * 4, *b.add(13)) };
     seg.tcp_flags = flags;
     let frame_len = end - data;

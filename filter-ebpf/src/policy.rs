@@ -75,8 +75,21 @@ fn allowed(rec: &KeyRecord, family: u8, client: &[u8; 16]) -> bool {
     false
 }
 
+/// The address as two big-endian words, so masking is two ANDs (IPv4 in the top 32 bits).
+#[inline(always)]
+pub fn split(client: &[u8; 16]) -> (u64, u64) {
+    let hi = u64::from_be_bytes([
+        client[0], client[1], client[2], client[3], client[4], client[5], client[6], client[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        client[8], client[9], client[10], client[11], client[12], client[13], client[14],
+        client[15],
+    ]);
+    (hi, lo)
+}
+
 #[inline(never)]
-fn in_set(set_id: u32, family: u8, client: &[u8; 16]) -> bool {
+pub fn in_set(set_id: u32, family: u8, client: &[u8; 16]) -> bool {
     let Some(meta) = (unsafe { SETS.get(&set_id) }) else {
         return false;
     };
@@ -85,14 +98,7 @@ fn in_set(set_id: u32, family: u8, client: &[u8; 16]) -> bool {
     } else {
         (meta.n_v6 as usize, &meta.v6_plens)
     };
-    // Split the address into two big-endian words so masking is two ANDs.
-    let hi = u64::from_be_bytes([
-        client[0], client[1], client[2], client[3], client[4], client[5], client[6], client[7],
-    ]);
-    let lo = u64::from_be_bytes([
-        client[8], client[9], client[10], client[11], client[12], client[13], client[14],
-        client[15],
-    ]);
+    let (hi, lo) = split(client);
     for j in 0..MAX_PLENS {
         if j >= n {
             break;

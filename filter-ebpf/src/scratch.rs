@@ -1,9 +1,13 @@
 //! Per-CPU scratch memory: what does not fit the 512-byte BPF stack, which all frames of a
 //! call chain share.
 
-use filter_common::{Flow, FlowKey};
+use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix, TlsPending};
 
-use crate::parse::Segment;
+use crate::{
+    parse::Segment,
+    proxy::{ProxyIo, V1State},
+    tls::{EXT_BUF, TlsIo, TlsWalk},
+};
 
 /// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
 /// verifier cannot bound tighter than 512 bytes.
@@ -18,6 +22,8 @@ pub struct ScanIo {
     pub plen: u64,
     /// Index of the listener in `KW_LISTENERS`.
     pub listener: u64,
+    /// The line separator: b'\n' for HTTP headers, SOH (1) for FIX fields.
+    pub sep: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }
@@ -49,6 +55,23 @@ pub struct Scratch {
     /// A word the program writes and reads back so the verifier forgets a value's history
     /// (see filter-ebpf `forget`).
     pub tmp: [u64; 4],
+    /// Which of `seg`/`ev_*` describe the current packet (`SEEN_*`).
+    pub seen: u8,
+    pub _pad: [u8; 7],
+    /// Key and client of a key-bearing drop, for its event.
+    pub ev_prefix: KeyPrefix,
+    pub ev_client: [u8; 16],
+    /// The event token bucket (nanoseconds of budget, and when it was last topped up).
+    pub ev_budget: u64,
+    pub ev_last: u64,
+    pub event: DropEvent,
+    pub proxy: ProxyIo,
+    pub v1: V1State,
+    pub tls: TlsIo,
+    pub walk: TlsWalk,
+    pub pending: TlsPending,
+    /// A server_name extension, assembled from the packet (and a previous segment's carry).
+    pub ext: [u8; EXT_BUF],
     pub lines: [u16; 128],
     pub window: [u64; WINDOW_WORDS],
 }

@@ -30,6 +30,7 @@ use filter_common::{
 };
 
 use crate::policy::{Compiled, SetContent};
+use crate::prefilter::{self, Fill, Half, PlenPlan};
 
 /// The compiled XDP object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
@@ -43,6 +44,8 @@ pub struct Capacity {
     pub allow: u32,
     pub sets: u32,
     pub flows: u32,
+    /// log2 of the prefilter's 64-bit words per slot (`KW_PREFILTER` holds two slots).
+    pub prefilter_words_log2: u8,
 }
 
 impl Default for Capacity {
@@ -52,6 +55,7 @@ impl Default for Capacity {
             allow: filter_common::DEFAULT_MAX_ALLOW,
             sets: filter_common::DEFAULT_MAX_SETS,
             flows: filter_common::DEFAULT_MAX_FLOWS,
+            prefilter_words_log2: filter_common::DEFAULT_PREFILTER_WORDS_LOG2,
         }
     }
 }
@@ -103,6 +107,101 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, Counter>,
     pub key_stats: Array<MapData, KeyStats>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
+    /// None while the loaded object has no prefilter (then nothing is written for it).
+    pub prefilter: Option<PrefilterMap>,
+}
+
+/// `KW_PREFILTER`, memory-mapped: an `Array<u64>` with `BPF_F_MMAPABLE`, slot s owning words
+/// `[s << log2, (s + 1) << log2)`. Written through the mapping, since a million words through
+/// `bpf_map_update_elem` would take a syscall each.
+pub struct PrefilterMap {
+    _data: MapData,
+    ptr: *mut u64,
+    words: usize,
+    /// log2 of the words per slot, from the map's own size (a pinned map keeps its size).
+    pub words_log2: u8,
+}
+
+// The mapping is owned like the fd it came from; only `&mut self` writes through it.
+unsafe impl Send for PrefilterMap {}
+unsafe impl Sync for PrefilterMap {}
+
+impl PrefilterMap {
+    fn open(data: MapData) -> Result<PrefilterMap> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let entries = data.info()?.max_entries() as usize;
+        if entries < 2 || !entries.is_power_of_two() {
+            bail!("{} has {entries} entries; want 2 << words_log2", maps::PREFILTER);
+        }
+        let words_log2 = (entries / 2).trailing_zeros() as u8;
+        let len = entries * 8;
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the whole map; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmap of {} (is it BPF_F_MMAPABLE?)", maps::PREFILTER));
+        }
+        Ok(PrefilterMap {
+            _data: data,
+            ptr: ptr.cast(),
+            words: entries,
+            words_log2,
+        })
+    }
+
+    fn half_range(&self, slot: u32) -> std::ops::Range<usize> {
+        let n = 1usize << self.words_log2;
+        let start = (slot as usize & 1) * n;
+        start..start + n
+    }
+
+    /// The words of one slot's half as they are in the map.
+    pub fn read_half(&self, slot: u32) -> Vec<u64> {
+        self.half_range(slot)
+            .map(|i| {
+                debug_assert!(i < self.words);
+                // SAFETY: i is within the mapping; the kernel only reads these words.
+                unsafe { std::ptr::read_volatile(self.ptr.add(i)) }
+            })
+            .collect()
+    }
+
+    /// Writes the words of `slot` that differ from `words`; returns how many it wrote.
+    fn write_half(&mut self, slot: u32, words: &[u64]) -> usize {
+        let range = self.half_range(slot);
+        assert_eq!(words.len(), range.len(), "prefilter half size");
+        let mut written = 0;
+        for (i, w) in range.zip(words) {
+            // SAFETY: i is within the mapping, and only this loader writes it.
+            unsafe {
+                let p = self.ptr.add(i);
+                if std::ptr::read_volatile(p) != *w {
+                    std::ptr::write_volatile(p, *w);
+                    written += 1;
+                }
+            }
+        }
+        // The flip that makes these words live comes after them.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        written
+    }
+}
+
+impl Drop for PrefilterMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, with its length.
+        unsafe { libc::munmap(self.ptr.cast(), self.words * 8) };
+    }
 }
 
 impl Maps {
@@ -122,6 +221,11 @@ impl Maps {
             reasons: t(ebpf, maps::REASONS)?.try_into()?,
             key_stats: t(ebpf, maps::KEY_STATS)?.try_into()?,
             flows: t(ebpf, maps::FLOWS)?.try_into()?,
+            prefilter: match ebpf.take_map(maps::PREFILTER) {
+                Some(Map::Array(data)) => Some(PrefilterMap::open(data)?),
+                Some(_) => bail!("{} is not an array", maps::PREFILTER),
+                None => None,
+            },
         })
     }
 }
@@ -137,6 +241,7 @@ impl Dataplane {
             .map_max_entries(maps::ALLOW, cap.allow)
             .map_max_entries(maps::SETS, cap.sets)
             .map_max_entries(maps::FLOWS, cap.flows)
+            .map_max_entries(maps::PREFILTER, 2u32 << cap.prefilter_words_log2.min(26))
             .load(EBPF_OBJECT)
             .context("loading the keywall object (maps pinned with another layout? `keywall detach --all` removes them)")?;
         let prog: &mut Xdp = ebpf
@@ -224,6 +329,10 @@ pub struct ApplyReport {
     pub keys_written: usize,
     pub sets_created: usize,
     pub sets_freed: usize,
+    /// The prefilter half was rebuilt from the whole union (not just added to).
+    pub prefilter_rebuilt: bool,
+    /// Prefilter words that differed and were written.
+    pub prefilter_words_written: usize,
     pub elapsed: std::time::Duration,
 }
 
@@ -239,7 +348,7 @@ pub struct Mirror {
     stat_idx: StdHashMap<KeyPrefix, u32>,
     free_idx: Vec<u32>,
     next_idx: u32,
-    /// Key records (over both slots) that reference each set; a set at zero is freed.
+    /// Key records and listeners (over both slots) that reference each set; a set at zero is freed.
     set_refs: StdHashMap<u32, u32>,
     /// Sets whose count reached zero since the last clean-up.
     unreferenced: BTreeSet<u32>,
@@ -247,6 +356,8 @@ pub struct Mirror {
     ipsets: [Option<BTreeMap<String, u32>>; 2],
     /// A superset of the keys whose records differ between the two slots (None: unknown).
     lag: Option<BTreeSet<KeyPrefix>>,
+    /// Each slot's prefilter half: the sources its key records contribute, and its words.
+    prefilter: [Half; 2],
 }
 
 impl Mirror {
@@ -256,6 +367,18 @@ impl Mirror {
     pub fn active_slot(&self) -> u32 {
         self.active
     }
+    /// How full the live prefilter half is (None before anything was built).
+    pub fn prefilter_fill(&self) -> Option<Fill> {
+        let h = &self.prefilter[self.active as usize];
+        (!h.words.is_empty()).then(|| prefilter::fill(&h.words, &h.plan))
+    }
+
+    /// The live slot's prefilter words and prefix lengths (for tests and status).
+    pub fn prefilter_half(&self) -> (&[u64], &PlenPlan) {
+        let h = &self.prefilter[self.active as usize];
+        (&h.words, &h.plan)
+    }
+
     pub fn key_count(&self) -> usize {
         let a = self.active as usize;
         self.keys
@@ -306,6 +429,31 @@ impl Mirror {
                 for id in record_sets(r) {
                     *mi.set_refs.entry(*id).or_default() += 1;
                 }
+            }
+        }
+        for slot in &mi.slots {
+            for l in slot.listeners.values() {
+                if l.proxy_set != 0 {
+                    *mi.set_refs.entry(l.proxy_set).or_default() += 1;
+                }
+            }
+        }
+        if let Some(pf) = &m.prefilter {
+            for s in 0..2usize {
+                let mut h = Half::default();
+                for e in mi.keys.values() {
+                    h.add_record(&e.slot[s], &mi.sets);
+                }
+                let st = mi.slots[s].settings;
+                let plan = PlenPlan {
+                    v4: st.pf_v4_plens[..(st.pf_n_v4 as usize).min(MAX_PLENS)].to_vec(),
+                    v6: st.pf_v6_plens[..(st.pf_n_v6 as usize).min(MAX_PLENS)].to_vec(),
+                };
+                // Words written under another size (or never) are rebuilt on the next apply.
+                let valid = st.pf_words_log2 == pf.words_log2
+                    && st.flags & filter_common::SETTING_LOADED != 0;
+                h.restore(pf.read_half(s as u32), plan, valid);
+                mi.prefilter[s] = h;
             }
         }
         mi.unreferenced = mi
@@ -440,19 +588,28 @@ impl Mirror {
             let id = self.intern_set(m, content, &mut rep.sets_created)?;
             ipset_ids.insert(name.clone(), id);
         }
-        let candidates: BTreeSet<KeyPrefix> = match (changed, &self.lag) {
+        let (candidates, examined_all): (BTreeSet<KeyPrefix>, bool) = match (changed, &self.lag) {
             (Some(ch), Some(lag)) if self.ipsets[ti].as_ref() == Some(&ipset_ids) => {
-                ch.union(lag).copied().collect()
+                (ch.union(lag).copied().collect(), false)
             }
-            _ => self.keys.keys().chain(c.keys.keys()).copied().collect(),
+            _ => (
+                self.keys.keys().chain(c.keys.keys()).copied().collect(),
+                true,
+            ),
         };
 
         // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
-        let want: BTreeMap<u16, Listener> = c
+        let mut want: BTreeMap<u16, Listener> = c
             .listeners
             .iter()
             .map(|(p, l)| (*p, Listener { port: *p, ..*l }))
             .collect();
+        for (port, content) in &c.proxy_sets {
+            let id = self.intern_set(m, content, &mut rep.sets_created)?;
+            if let Some(l) = want.get_mut(port) {
+                l.proxy_set = id;
+            }
+        }
         if self.slots[ti].listeners != want {
             if c.listeners.len() > MAX_LISTENERS as usize {
                 bail!("more than {MAX_LISTENERS} listeners");
@@ -481,6 +638,13 @@ impl Mirror {
                     0,
                 )?;
             }
+            // Trusted-proxy sets are referenced by listeners as sets are by key records.
+            for l in want.values().filter(|l| l.proxy_set != 0) {
+                *self.set_refs.entry(l.proxy_set).or_default() += 1;
+            }
+            for l in old.values().filter(|l| l.proxy_set != 0) {
+                self.release_set(l.proxy_set);
+            }
             self.slots[ti].listeners = want;
         }
 
@@ -497,6 +661,9 @@ impl Mirror {
             }
             let old = e.slot[ti];
             e.slot[ti] = new;
+            // New before old, so a record that keeps its sources (a lock) costs nothing.
+            self.prefilter[ti].add_record(&new, &self.sets);
+            self.prefilter[ti].remove_record(&old, &self.sets);
             if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
                 if self.keys.contains_key(p) {
                     m.keys.remove(p)?;
@@ -522,10 +689,32 @@ impl Mirror {
         lag.extend(candidates.iter().copied());
         lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
         self.lag = Some(lag);
+        // The slot holds its ipsets even when no key binds one, so an unused ipset keeps its
+        // id and a PATCH does not fall back to examining every key.
+        for id in ipset_ids.values() {
+            *self.set_refs.entry(*id).or_default() += 1;
+        }
+        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+            self.release_set(id);
+        }
         self.ipsets[ti] = Some(ipset_ids);
 
-        // 4. Settings, then the flip.
+        // 4. The prefilter half of the target slot: new sources added in place; rebuilt from
+        //    the whole union on a full apply or once too much of it is stale.
         let mut s = c.settings;
+        if let Some(pf) = m.prefilter.as_mut() {
+            let half = &mut self.prefilter[ti];
+            rep.prefilter_rebuilt = half.update(&self.sets, pf.words_log2, examined_all);
+            rep.prefilter_words_written = pf.write_half(target, &half.words);
+            let (n_v4, v4, n_v6, v6) = half.plan.kernel_lists();
+            s.pf_words_log2 = pf.words_log2;
+            s.pf_n_v4 = n_v4;
+            s.pf_v4_plens = v4;
+            s.pf_n_v6 = n_v6;
+            s.pf_v6_plens = v6;
+        }
+
+        // 5. Settings, then the flip.
         s.generation = self.generation().wrapping_add(1);
         m.settings.set(target, s, 0)?;
         self.slots[ti].settings = s;
@@ -540,7 +729,7 @@ impl Mirror {
         self.active = target;
         rep.generation = s.generation;
 
-        // 5. Free what neither slot references any more.
+        // 6. Free what neither slot references any more.
         rep.sets_freed = self.gc(m)?;
         rep.elapsed = t0.elapsed();
         Ok(rep)
@@ -589,12 +778,16 @@ impl Mirror {
     /// Drops one record's references to its sets.
     fn release(&mut self, r: &KeyRecord) {
         for id in record_sets(r) {
-            if let Some(n) = self.set_refs.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    self.set_refs.remove(id);
-                    self.unreferenced.insert(*id);
-                }
+            self.release_set(*id);
+        }
+    }
+
+    fn release_set(&mut self, id: u32) {
+        if let Some(n) = self.set_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.set_refs.remove(&id);
+                self.unreferenced.insert(id);
             }
         }
     }

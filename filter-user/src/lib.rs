@@ -2,6 +2,7 @@
 pub mod daemon;
 pub mod dataplane;
 pub mod policy;
+pub mod prefilter;
 pub mod state;
 pub mod stats;
 pub mod status;

@@ -149,6 +149,7 @@ fn real_main() -> Result<ExitCode> {
                     allow: max_allow,
                     sets: max_keys.max(1024),
                     flows: max_flows,
+                    ..Default::default()
                 },
                 poll: Duration::from_millis(poll_ms.max(10)),
             })?;

@@ -561,6 +561,9 @@ pub struct Compiled {
     /// Generation 0: the loader sets it when it applies.
     pub settings: kernel::Settings,
     pub listeners: BTreeMap<u16, kernel::Listener>,
+    /// `trusted_proxies` of each PROXY-protocol listener, by port. The loader stores each as
+    /// an address set (shared when identical) and writes its id into `Listener::proxy_set`.
+    pub proxy_sets: BTreeMap<u16, SetContent>,
     pub keys: BTreeMap<kernel::KeyPrefix, CompiledKey>,
     pub ipsets: BTreeMap<String, SetContent>,
 }
@@ -569,7 +572,6 @@ const KEY_PREFIX_LENS: std::ops::RangeInclusive<u8> = 4..=kernel::MAX_PREFIX_LEN
 /// One set slot of the key record is kept for the key's own CIDRs and IPv6 hosts.
 const MAX_KEY_IPSETS: usize = kernel::MAX_SETS - 1;
 const MAX_HEADER_LEN: usize = kernel::MAX_HEADER_NAME - 1; // the colon takes one byte
-const MAX_LABEL_PREFIX: usize = 8;
 
 impl Policy {
     /// Checks everything; returns every error, each with its place.
@@ -582,13 +584,14 @@ impl Policy {
     pub fn compile(&self) -> Result<Compiled, Vec<PolicyError>> {
         let mut errs = Vec::new();
         let settings = self.compile_settings(&mut errs);
-        let listeners = compile_listeners(&self.listener, &mut errs);
+        let (listeners, proxy_sets) = compile_listeners(&self.listener, &mut errs);
         let ipsets = self.compile_ipsets(&mut errs);
         let keys = self.compile_keys(&mut errs);
         if errs.is_empty() {
             Ok(Compiled {
                 settings,
                 listeners,
+                proxy_sets,
                 keys,
                 ipsets,
             })
@@ -758,8 +761,9 @@ pub fn key_prefix(prefix: &str) -> kernel::KeyPrefix {
 fn compile_listeners(
     listeners: &[Listener],
     errs: &mut Vec<PolicyError>,
-) -> BTreeMap<u16, kernel::Listener> {
+) -> (BTreeMap<u16, kernel::Listener>, BTreeMap<u16, SetContent>) {
     let mut out = BTreeMap::new();
+    let mut proxy_sets = BTreeMap::new();
     let mut ports: HashMap<u16, usize> = HashMap::new();
     for (i, l) in listeners.iter().enumerate() {
         let at = |field: &str| format!("listener[{i}].{field}");
@@ -844,14 +848,34 @@ fn compile_listeners(
                 );
             }
             k.flags |= kernel::LISTENER_PROXY_PROTOCOL;
+        } else if !l.trusted_proxies.is_empty() {
+            // Listed proxies would be trusted with nothing: say so rather than ignore them.
+            err(
+                "trusted_proxies",
+                "only with proxy_protocol = true".into(),
+            );
         }
+        let mut trusted = Vec::new();
         for (p, s) in l.trusted_proxies.iter().enumerate() {
-            if let Err(msg) = parse_cidr(s) {
-                err(&format!("trusted_proxies[{p}]"), msg);
+            match parse_cidr(s) {
+                Ok(c) => trusted.push(c),
+                Err(msg) => err(&format!("trusted_proxies[{p}]"), msg),
             }
         }
+        if l.proxy_protocol {
+            // The kernel probes the trusted set like any address set: few prefix lengths.
+            let set: SetContent = trusted.into_iter().collect();
+            let mut found = Vec::new();
+            check_plens(&set, "", &mut found);
+            for e in found {
+                err("trusted_proxies", e.message);
+            }
+            proxy_sets.insert(l.port, set);
+        }
 
-        // tls-sni
+        // tls-sni: the key is what follows label_prefix in the label just left of
+        // sni_suffix (`k-37c541a1.api.example.com`). Both are stored lower-cased; the kernel
+        // folds the server name's case before it compares.
         if l.locator == Locator::TlsSni {
             match l.sni_suffix.as_deref() {
                 None | Some("") => err(
@@ -864,10 +888,22 @@ fn compile_listeners(
                         "{s:?} must be a domain suffix starting with '.', e.g. \".api.example.com\""
                     ),
                 ),
-                Some(_) => {}
+                Some(s) if s.len() > kernel::MAX_SNI_SUFFIX => err(
+                    "sni_suffix",
+                    format!(
+                        "{s:?} is {} bytes; at most {}",
+                        s.len(),
+                        kernel::MAX_SNI_SUFFIX
+                    ),
+                ),
+                Some(s) => {
+                    let lower = s.to_ascii_lowercase();
+                    k.sni_suffix[..lower.len()].copy_from_slice(lower.as_bytes());
+                    k.sni_suffix_len = lower.len() as u8;
+                }
             }
             let label_prefix = l.label_prefix.as_deref().unwrap_or("");
-            if label_prefix.len() > MAX_LABEL_PREFIX
+            if label_prefix.len() > kernel::MAX_LABEL_PREFIX
                 || !label_prefix
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -875,13 +911,14 @@ fn compile_listeners(
                 err(
                     "label_prefix",
                     format!(
-                        "{label_prefix:?} must be at most {MAX_LABEL_PREFIX} letters, digits or '-'"
+                        "{label_prefix:?} must be at most {} letters, digits or '-'",
+                        kernel::MAX_LABEL_PREFIX
                     ),
                 );
             } else {
-                // Header slot 0 carries the label prefix (no colon): the key starts right
-                // after it at the start of the server name.
-                encode_name(&mut k, 0, label_prefix.as_bytes());
+                let lower = label_prefix.to_ascii_lowercase();
+                k.label_prefix[..lower.len()].copy_from_slice(lower.as_bytes());
+                k.label_prefix_len = lower.len() as u8;
             }
         } else {
             if l.sni_suffix.is_some() {
@@ -892,9 +929,16 @@ fn compile_listeners(
             }
         }
 
-        // fix
+        // fix: any tag number works (the kernel takes the value of `fix_tag=` wherever a
+        // field starts); the usual ones are 553 Username (Kraken, Bitvavo) and 49
+        // SenderCompID.
         match (l.locator, l.fix_tag) {
-            (Locator::Fix, Some(tag @ 1..=9999)) => k.fix_tag = tag,
+            (Locator::Fix, Some(tag @ 1..=9999)) => {
+                // Matched like a header name at field starts (after SOH): "553=".
+                k.fix_tag = tag;
+                encode_name(&mut k, 0, format!("{tag}=").as_bytes());
+                k.n_headers = 1;
+            }
             (Locator::Fix, Some(tag)) => err("fix_tag", format!("must be 1..=9999, got {tag}")),
             (Locator::Fix, None) => err(
                 "fix_tag",
@@ -906,7 +950,7 @@ fn compile_listeners(
 
         out.insert(l.port, k);
     }
-    out
+    (out, proxy_sets)
 }
 
 /// Writes one name into header slot `slot`: lower-cased bytes, a 0x20 fold bit where the
@@ -1460,7 +1504,7 @@ fix_tag = 553
 port = 443
 locator = "tls-sni"
 sni_suffix = "api.example.com"
-label_prefix = "toolong-x"
+label_prefix = "much-too-long-prefix"
 [[listener]]
 port = 444
 locator = "tls-sni"
@@ -1489,7 +1533,7 @@ sni_suffix = ".x.com"
                 "listener[2].trusted_proxies[1]: host bits set in 10.0.0.1/8",
                 "listener[2].fix_tag: only for fix listeners (this one is http-header)",
                 r#"listener[3].sni_suffix: "api.example.com" must be a domain suffix starting with '.', e.g. ".api.example.com""#,
-                r#"listener[3].label_prefix: "toolong-x" must be at most 8 letters, digits or '-'"#,
+                r#"listener[3].label_prefix: "much-too-long-prefix" must be at most 16 letters, digits or '-'"#,
                 "listener[4].headers: only for http-header listeners (this one is tls-sni)",
                 r#"listener[4].sni_suffix: a tls-sni listener needs sni_suffix, e.g. ".api.example.com""#,
                 "listener[5].proxy_protocol: only for http-header listeners (this one is fix)",
@@ -1572,10 +1616,13 @@ sni_suffix = ".x.com"
 
         let sni = &c.listeners[&443];
         assert_eq!((sni.locator, sni.n_headers), (kernel::LOCATOR_TLS_SNI, 0));
-        assert_eq!(&sni.header_names[0][..3], b"k-\0");
-        assert_eq!(&sni.header_fold[0][..3], &[0x20, 0, 0]);
-        assert_eq!(&sni.header_mask[0][..3], &[0xff, 0xff, 0]);
-        assert_eq!(sni.header_len[0], 2);
+        assert_eq!(sni.header_len, [0; kernel::MAX_HEADERS], "no header slots used");
+        assert_eq!(sni.sni_suffix_len, 16);
+        assert_eq!(&sni.sni_suffix[..17], b".api.example.com\0");
+        assert_eq!(sni.label_prefix_len, 2);
+        assert_eq!(&sni.label_prefix[..3], b"k-\0");
+        assert_eq!(sni.proxy_set, 0, "the loader fills in set ids");
+        assert!(c.proxy_sets.is_empty());
 
         let fix = &c.listeners[&9878];
         assert_eq!((fix.locator, fix.fix_tag), (kernel::LOCATOR_FIX, 553));
@@ -1585,6 +1632,64 @@ sni_suffix = ".x.com"
         p.listener[1].trusted_proxies = vec!["10.0.0.0/8".into()];
         let c = p.compile().unwrap();
         assert_eq!(c.listeners[&8080].flags, kernel::LISTENER_PROXY_PROTOCOL);
+        let mut ten = [0u8; 16];
+        ten[0] = 10;
+        assert_eq!(
+            c.proxy_sets,
+            BTreeMap::from([(8080, SetContent::from([(kernel::FAMILY_V4, 8, ten)]))])
+        );
+    }
+
+    #[test]
+    fn sni_names_are_lower_cased_and_bounded() {
+        let mut p = spec();
+        p.listener[0].sni_suffix = Some(".API.Example.COM".into());
+        p.listener[0].label_prefix = Some("Key-".into());
+        let c = p.compile().unwrap();
+        let l = &c.listeners[&443];
+        assert_eq!(&l.sni_suffix[..l.sni_suffix_len as usize], b".api.example.com");
+        assert_eq!(&l.label_prefix[..l.label_prefix_len as usize], b"key-");
+
+        // An empty label prefix is fine: the whole label is the key.
+        p.listener[0].label_prefix = None;
+        assert_eq!(p.compile().unwrap().listeners[&443].label_prefix_len, 0);
+        p.listener[0].label_prefix = Some(String::new());
+        assert!(p.validate().is_ok());
+
+        // 64 bytes fit, 65 do not.
+        let long = |n: usize| format!(".{}.com", "a".repeat(n - 5));
+        p.listener[0].sni_suffix = Some(long(64));
+        assert_eq!(p.compile().unwrap().listeners[&443].sni_suffix_len, 64);
+        p.listener[0].sni_suffix = Some(long(65));
+        let e = p.validate().unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].at, "listener[0].sni_suffix");
+        assert!(e[0].message.ends_with("is 65 bytes; at most 64"), "{}", e[0]);
+    }
+
+    #[test]
+    fn trusted_proxies_need_proxy_protocol_and_few_prefix_lengths() {
+        let mut p = spec();
+        p.listener[1].trusted_proxies = vec!["10.0.0.0/8".into()];
+        let e: Vec<String> = p.validate().unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            ["listener[1].trusted_proxies: only with proxy_protocol = true"]
+        );
+        p.listener[1].proxy_protocol = true;
+        p.listener[1].trusted_proxies = (16..=24).map(|l| format!("10.0.0.0/{l}")).collect();
+        let e = p.validate().unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].at, "listener[1].trusted_proxies");
+        // Two listeners with the same proxies compile to equal sets (the loader shares them).
+        p.listener[1].trusted_proxies = vec!["10.0.0.0/8".into(), "2001:db8:1::/64".into()];
+        p.listener.push(Listener {
+            port: 8081,
+            ..p.listener[1].clone()
+        });
+        let c = p.compile().unwrap();
+        assert_eq!(c.proxy_sets[&8080], c.proxy_sets[&8081]);
+        assert_eq!(c.proxy_sets[&8080].len(), 2);
     }
 
     #[test]

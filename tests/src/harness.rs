@@ -72,6 +72,12 @@ impl Loaded {
 
     /// Runs one frame; returns the XDP action and the single reason counted for it.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Reason, bool) {
+        let (action, reason, audit, _) = self.run_out(frame);
+        (action, reason, audit)
+    }
+
+    /// Like `run`, and also returns the frame as the program left it (what XDP_TX sends).
+    pub fn run_out(&mut self, frame: &[u8]) -> (u32, Reason, bool, Vec<u8>) {
         let before = self.counters();
         let mut out = vec![0u8; frame.len() + 256];
         let prog = self.dp.program().expect("program");
@@ -85,7 +91,9 @@ impl Loaded {
             .context("BPF_PROG_TEST_RUN")
             .expect("test run");
         let after = self.counters();
+        // Slots past the reasons count drop events, not verdicts.
         let changed: Vec<usize> = (0..after.len())
+            .filter(|i| *i < filter_common::COUNTER_EVENTS_SENT as usize)
             .filter(|i| after[*i] != before[*i])
             .collect();
         assert_eq!(
@@ -98,7 +106,8 @@ impl Loaded {
         let reason =
             Reason::from_u8((slot % filter_common::AUDIT_OFFSET) as u8).expect("valid reason slot");
         assert_eq!(after[changed[0]] - before[changed[0]], 1, "counted once");
-        (r.return_value, reason, audit)
+        out.truncate((r.data_size_out as usize).min(out.len()));
+        (r.return_value, reason, audit, out)
     }
 
     /// Runs `frame` `repeat` times and returns the kernel's average ns per run.
@@ -128,5 +137,6 @@ pub fn small_capacity() -> Capacity {
         allow: 16384,
         sets: 4096,
         flows: 4096,
+        prefilter_words_log2: 12,
     }
 }

@@ -133,6 +133,8 @@ pub struct Pkt {
     sport: u16,
     dport: u16,
     seq: u32,
+    /// The acknowledgment number; `None`: 1 when ACK is set, else 0.
+    ack: Option<u32>,
     /// `None` means "whatever a data-carrying peer would send", decided at build time.
     flags: Option<u8>,
     tcp_options: Vec<u8>,
@@ -152,6 +154,7 @@ impl Pkt {
             sport,
             dport,
             seq: 1000,
+            ack: None,
             flags: None,
             tcp_options: Vec::new(),
             payload: Vec::new(),
@@ -374,6 +377,41 @@ impl Pkt {
         self
     }
 
+    /// The acknowledgment number (sent as is, whatever the flags).
+    pub fn ack(mut self, n: u32) -> Pkt {
+        self.tcp_only("ack");
+        self.ack = Some(n);
+        self
+    }
+
+    /// Raw TCP flags (`TCP_SYN | TCP_ACK`, ...), for combinations `flags` does not name.
+    pub fn tcp_flag_bits(mut self, bits: u8) -> Pkt {
+        self.tcp_only("tcp_flag_bits");
+        self.flags = Some(bits);
+        self
+    }
+
+    pub fn seq_no(&self) -> u32 {
+        self.seq
+    }
+
+    /// One frame per piece of `payload` cut at `cuts` (ascending offsets), each with the
+    /// sequence number where its bytes sit in the stream: the next segment's seq is this
+    /// one's plus its length, as a sender segmenting one write would send them.
+    pub fn segments(&self, payload: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < payload.len()));
+        bounds.push(payload.len());
+        bounds.windows(2)
+            .map(|w| {
+                self.clone()
+                    .seq(self.seq.wrapping_add(w[0] as u32))
+                    .payload(&payload[w[0]..w[1]])
+                    .build()
+            })
+            .collect()
+    }
+
     /// Raw TCP options, padded with zero (end-of-options) to a multiple of 4 bytes.
     pub fn tcp_options(mut self, opts: &[u8]) -> Pkt {
         self.tcp_only("tcp_options");
@@ -413,7 +451,9 @@ impl Pkt {
         l4.extend_from_slice(&self.dport.to_be_bytes());
         let sum_at = match self.transport {
             Transport::Tcp => {
-                let ack = u32::from(self.tcp_flags() & TCP_ACK != 0);
+                let ack = self
+                    .ack
+                    .unwrap_or(u32::from(self.tcp_flags() & TCP_ACK != 0));
                 let data_offset = (20 + self.tcp_options.len()) / 4;
                 l4.extend_from_slice(&self.seq.to_be_bytes());
                 l4.extend_from_slice(&ack.to_be_bytes());
@@ -704,6 +744,352 @@ pub fn pad_request_to(req: Vec<u8>, total_len: usize) -> Vec<u8> {
     out.extend_from_slice(&req[line_end..]);
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS ClientHello
+// ---------------------------------------------------------------------------------------------
+
+pub const EXT_SERVER_NAME: u16 = 0;
+pub const EXT_SUPPORTED_GROUPS: u16 = 10;
+pub const EXT_EC_POINT_FORMATS: u16 = 11;
+pub const EXT_SIGNATURE_ALGORITHMS: u16 = 13;
+pub const EXT_ALPN: u16 = 16;
+pub const EXT_PADDING: u16 = 21;
+pub const EXT_SESSION_TICKET: u16 = 35;
+pub const EXT_SUPPORTED_VERSIONS: u16 = 43;
+pub const EXT_PSK_KEY_EXCHANGE_MODES: u16 = 45;
+pub const EXT_KEY_SHARE: u16 = 51;
+/// The hybrid post-quantum group Chrome and Firefox send by default.
+pub const GROUP_X25519MLKEM768: u16 = 0x11ec;
+pub const GROUP_X25519: u16 = 0x001d;
+/// Bytes of an X25519MLKEM768 client share (ML-KEM-768 key, then the X25519 key).
+pub const X25519MLKEM768_SHARE_LEN: usize = 1216;
+
+/// A GREASE value (RFC 8701): 0x0a0a, 0x1a1a, ... 0xfafa.
+pub const fn grease(i: u8) -> u16 {
+    let b = ((i & 0x0f) << 4) | 0x0a;
+    u16::from_be_bytes([b, b])
+}
+
+/// A TLS 1.3 ClientHello as browsers send it, with the parts that move the SNI around made
+/// optional. `record()` renders the whole TLS record (what the first TCP payload carries).
+#[derive(Clone, Debug)]
+pub struct ClientHello {
+    /// The server_name host; None leaves the extension out.
+    pub sni: Option<String>,
+    /// GREASE cipher suite, groups, versions and two GREASE extensions (first and last).
+    pub grease: bool,
+    /// A padding extension (type 21) of this many zero bytes.
+    pub padding: Option<usize>,
+    /// A session_ticket extension carrying a ticket of this many bytes.
+    pub session_ticket: Option<usize>,
+    /// An X25519MLKEM768 key share (1216 bytes) before the X25519 one: the hello passes 1500
+    /// bytes, so the SNI may land in the second segment.
+    pub pq_key_share: bool,
+    /// None: the builder's order (server_name first). Some(seed): a shuffle, as Chrome does.
+    pub shuffle: Option<u64>,
+    /// Puts server_name last (after the key share), so it lands in a second segment.
+    pub sni_last: bool,
+    /// Extensions appended as given (type, data).
+    pub extra: Vec<(u16, Vec<u8>)>,
+}
+
+impl ClientHello {
+    pub fn new(sni: &str) -> ClientHello {
+        ClientHello {
+            sni: Some(sni.to_owned()),
+            grease: false,
+            padding: None,
+            session_ticket: None,
+            pq_key_share: false,
+            shuffle: None,
+            sni_last: false,
+            extra: Vec::new(),
+        }
+    }
+
+    /// What a current Chrome sends: GREASE, a post-quantum key share, a session ticket,
+    /// padding and a shuffled extension order.
+    pub fn chrome_like(sni: &str, seed: u64) -> ClientHello {
+        ClientHello {
+            grease: true,
+            padding: Some(200),
+            session_ticket: Some(192),
+            pq_key_share: true,
+            shuffle: Some(seed),
+            ..ClientHello::new(sni)
+        }
+    }
+
+    /// The extensions in the order they are sent.
+    pub fn extensions(&self) -> Vec<(u16, Vec<u8>)> {
+        let mut exts: Vec<(u16, Vec<u8>)> = Vec::new();
+        if let Some(host) = &self.sni {
+            exts.push((EXT_SERVER_NAME, server_name_ext(host)));
+        }
+        let mut groups = Vec::new();
+        if self.grease {
+            groups.push(grease(2));
+        }
+        if self.pq_key_share {
+            groups.push(GROUP_X25519MLKEM768);
+        }
+        groups.extend([GROUP_X25519, 0x0017, 0x0018]);
+        exts.push((EXT_SUPPORTED_GROUPS, u16_list(&groups, 2)));
+        exts.push((EXT_EC_POINT_FORMATS, vec![1, 0]));
+        exts.push((
+            EXT_SIGNATURE_ALGORITHMS,
+            u16_list(&[0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601], 2),
+        ));
+        exts.push((EXT_ALPN, {
+            let mut protos = Vec::new();
+            for p in [&b"h2"[..], b"http/1.1"] {
+                protos.push(p.len() as u8);
+                protos.extend_from_slice(p);
+            }
+            with_len(&protos, 2)
+        }));
+        if let Some(n) = self.session_ticket {
+            exts.push((EXT_SESSION_TICKET, (0..n).map(|i| (i * 7 + 3) as u8).collect()));
+        }
+        let mut versions = Vec::new();
+        if self.grease {
+            versions.push(grease(5));
+        }
+        versions.extend([0x0304, 0x0303]);
+        exts.push((EXT_SUPPORTED_VERSIONS, u16_list(&versions, 1)));
+        exts.push((EXT_PSK_KEY_EXCHANGE_MODES, vec![1, 1]));
+        exts.push((EXT_KEY_SHARE, {
+            let mut shares = Vec::new();
+            if self.grease {
+                shares.extend_from_slice(&grease(2).to_be_bytes());
+                shares.extend_from_slice(&[0, 1, 0]);
+            }
+            if self.pq_key_share {
+                shares.extend_from_slice(&GROUP_X25519MLKEM768.to_be_bytes());
+                shares.extend_from_slice(&(X25519MLKEM768_SHARE_LEN as u16).to_be_bytes());
+                shares.extend((0..X25519MLKEM768_SHARE_LEN).map(|i| (i * 31 + 11) as u8));
+            }
+            shares.extend_from_slice(&GROUP_X25519.to_be_bytes());
+            shares.extend_from_slice(&32u16.to_be_bytes());
+            shares.extend((0..32).map(|i| (i * 13 + 5) as u8));
+            with_len(&shares, 2)
+        }));
+        exts.extend(self.extra.iter().cloned());
+        if let Some(seed) = self.shuffle {
+            // Fisher-Yates with a small deterministic generator, so a seed reproduces.
+            let mut x = seed | 1;
+            for i in (1..exts.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                exts.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+        }
+        if self.sni_last
+            && let Some(i) = exts.iter().position(|e| e.0 == EXT_SERVER_NAME)
+        {
+            let sn = exts.remove(i);
+            exts.push(sn);
+        }
+        if self.grease {
+            exts.insert(0, (grease(10), Vec::new()));
+            exts.push((grease(13), vec![0]));
+        }
+        // Padding goes last, as RFC 7685 clients place it.
+        if let Some(n) = self.padding {
+            exts.push((EXT_PADDING, vec![0; n]));
+        }
+        exts
+    }
+
+    /// The handshake message (type 1, 24-bit length, body).
+    pub fn handshake(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&0x0303u16.to_be_bytes()); // legacy_version
+        body.extend((0..32).map(|i| (i * 17 + 1) as u8)); // random
+        body.push(32); // legacy_session_id
+        body.extend((0..32).map(|i| (i * 3 + 9) as u8));
+        let mut suites = Vec::new();
+        if self.grease {
+            suites.push(grease(7));
+        }
+        suites.extend([0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9]);
+        body.extend_from_slice(&u16_list(&suites, 2));
+        body.extend_from_slice(&[1, 0]); // compression: null
+        let mut exts = Vec::new();
+        for (t, data) in self.extensions() {
+            exts.extend_from_slice(&t.to_be_bytes());
+            exts.extend_from_slice(&with_len(&data, 2));
+        }
+        body.extend_from_slice(&with_len(&exts, 2));
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        hs
+    }
+
+    /// The TLS record (content type 22, record version TLS 1.0 as clients send it).
+    pub fn record(&self) -> Vec<u8> {
+        let hs = self.handshake();
+        let mut r = vec![22, 3, 1];
+        r.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        r.extend_from_slice(&hs);
+        r
+    }
+
+    /// Offset of the server name's first byte within `record()`.
+    pub fn sni_offset(&self) -> Option<usize> {
+        let host = self.sni.as_ref()?;
+        let rec = self.record();
+        let ext = server_name_ext(host);
+        // The extension header is type (0, 0) then its length, then the data.
+        let mut needle = vec![0, 0];
+        needle.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        needle.extend_from_slice(&ext);
+        let at = rec.windows(needle.len()).position(|w| w == needle.as_slice())?;
+        Some(at + 4 + 5)
+    }
+}
+
+fn server_name_ext(host: &str) -> Vec<u8> {
+    let mut entry = vec![0]; // host_name
+    entry.extend_from_slice(&with_len(host.as_bytes(), 2));
+    with_len(&entry, 2)
+}
+
+/// `data` behind its length in `width` bytes (1 or 2).
+fn with_len(data: &[u8], width: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(width + data.len());
+    match width {
+        1 => v.push(u8::try_from(data.len()).expect("fits a byte")),
+        _ => v.extend_from_slice(&u16::try_from(data.len()).expect("fits 16 bits").to_be_bytes()),
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+fn u16_list(items: &[u16], len_width: usize) -> Vec<u8> {
+    let bytes: Vec<u8> = items.iter().flat_map(|i| i.to_be_bytes()).collect();
+    with_len(&bytes, len_width)
+}
+
+// ---------------------------------------------------------------------------------------------
+// FIX
+// ---------------------------------------------------------------------------------------------
+
+pub const SOH: u8 = 0x01;
+
+/// A FIX message: `8=begin|9=len|35=type|fields...|10=sum|` with SOH delimiters, BodyLength
+/// counting from after its own field to the checksum field, and CheckSum the byte sum mod 256
+/// of everything before it.
+pub fn fix_message(begin: &str, msg_type: &str, fields: &[(u32, &str)]) -> Vec<u8> {
+    let mut body = format!("35={msg_type}\x01").into_bytes();
+    for (tag, value) in fields {
+        body.extend_from_slice(format!("{tag}={value}\x01").as_bytes());
+    }
+    let mut m = format!("8={begin}\x019={}\x01", body.len()).into_bytes();
+    m.extend_from_slice(&body);
+    let sum = m.iter().map(|&b| u32::from(b)).sum::<u32>() % 256;
+    m.extend_from_slice(format!("10={sum:03}\x01").as_bytes());
+    m
+}
+
+/// A Logon (35=A) from `sender` with `username` (553) and a password (554), as an exchange
+/// gateway expects it. `begin` is `FIX.4.2`, `FIX.4.4` or `FIXT.1.1` (which adds
+/// DefaultApplVerID 1137=9).
+pub fn fix_logon(begin: &str, sender: &str, username: Option<&str>) -> Vec<u8> {
+    let mut fields: Vec<(u32, &str)> = vec![
+        (49, sender),
+        (56, "EXCHANGE"),
+        (34, "1"),
+        (52, "20261123-23:59:59.123"),
+        (98, "0"),
+        (108, "30"),
+        (141, "Y"),
+    ];
+    if let Some(u) = username {
+        fields.push((553, u));
+        fields.push((554, "s3cr3t-passw0rd"));
+    }
+    if begin == "FIXT.1.1" {
+        fields.push((1137, "9"));
+    }
+    fix_message(begin, "A", &fields)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY protocol
+// ---------------------------------------------------------------------------------------------
+
+/// The 12-byte signature that starts a PROXY v2 header.
+pub const PROXY_V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// One connection's addresses as a proxy reports them (client first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxiedConn {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// `PROXY TCP4 a b sp dp\r\n` (TCP6 for IPv6); `None`: `PROXY UNKNOWN\r\n`.
+pub fn proxy_v1(conn: Option<ProxiedConn>) -> Vec<u8> {
+    match conn {
+        None => b"PROXY UNKNOWN\r\n".to_vec(),
+        Some(c) => {
+            let fam = if c.src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!("PROXY {fam} {} {} {} {}\r\n", c.src, c.dst, c.sport, c.dport).into_bytes()
+        }
+    }
+}
+
+/// A PROXY v2 header. `conn: None` makes a LOCAL command (health checks: the connection's
+/// own addresses count); otherwise PROXY over TCP with the addresses, then the TLVs
+/// (type, value).
+pub fn proxy_v2(conn: Option<ProxiedConn>, tlvs: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut h = PROXY_V2_SIG.to_vec();
+    let mut body = Vec::new();
+    match conn {
+        None => {
+            h.push(0x20); // version 2, LOCAL
+            h.push(0x00); // AF_UNSPEC
+        }
+        Some(c) => {
+            h.push(0x21); // version 2, PROXY
+            match (c.src, c.dst) {
+                (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                    h.push(0x11); // AF_INET, STREAM
+                    body.extend_from_slice(&s.octets());
+                    body.extend_from_slice(&d.octets());
+                }
+                (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                    h.push(0x21); // AF_INET6, STREAM
+                    body.extend_from_slice(&s.octets());
+                    body.extend_from_slice(&d.octets());
+                }
+                _ => panic!("PROXY v2 addresses of mixed families"),
+            }
+            body.extend_from_slice(&c.sport.to_be_bytes());
+            body.extend_from_slice(&c.dport.to_be_bytes());
+        }
+    }
+    for (t, v) in tlvs {
+        body.push(*t);
+        body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.extend_from_slice(&body);
+    h
+}
+
+/// PROXY v2 TLV types haproxy sends.
+pub const PP2_TYPE_ALPN: u8 = 0x01;
+pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
+pub const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
+pub const PP2_TYPE_SSL: u8 = 0x20;
 
 #[cfg(test)]
 mod tests {
@@ -1173,5 +1559,137 @@ mod tests {
             assert_eq!(f.len(), MAX_FRAME_LEN);
             assert!(f.ends_with(b"X-MBX-APIKEY: key\r\n\r\n"));
         }
+    }
+
+    /// Walks a ClientHello record the way a server does and returns the server name and
+    /// the extension types in order.
+    fn parse_hello(r: &[u8]) -> (Option<String>, Vec<u16>) {
+        assert_eq!(&r[..3], &[22, 3, 1]);
+        assert_eq!(be16(r, 3) as usize, r.len() - 5, "record length");
+        let hs = &r[5..];
+        assert_eq!(hs[0], 1);
+        let hs_len = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
+        assert_eq!(hs_len, hs.len() - 4, "handshake length");
+        let b = &hs[4..];
+        let mut at = 2 + 32;
+        at += 1 + b[at] as usize; // session id
+        at += 2 + be16(b, at) as usize; // cipher suites
+        at += 1 + b[at] as usize; // compression
+        let ext_len = be16(b, at) as usize;
+        at += 2;
+        assert_eq!(at + ext_len, b.len(), "extensions length");
+        let (mut sni, mut types) = (None, Vec::new());
+        while at < b.len() {
+            let (t, len) = (be16(b, at), be16(b, at + 2) as usize);
+            let data = &b[at + 4..at + 4 + len];
+            if t == EXT_SERVER_NAME {
+                assert_eq!(be16(data, 0) as usize, len - 2);
+                assert_eq!(data[2], 0);
+                let n = be16(data, 3) as usize;
+                sni = Some(String::from_utf8(data[5..5 + n].to_vec()).unwrap());
+            }
+            types.push(t);
+            at += 4 + len;
+        }
+        (sni, types)
+    }
+
+    #[test]
+    fn client_hello_is_well_formed() {
+        let h = ClientHello::new("k-37c541a1.api.example.com");
+        let (sni, types) = parse_hello(&h.record());
+        assert_eq!(sni.as_deref(), Some("k-37c541a1.api.example.com"));
+        assert_eq!(types[0], EXT_SERVER_NAME);
+        let off = h.sni_offset().unwrap();
+        assert_eq!(&h.record()[off..off + 10], b"k-37c541a1");
+
+        let c = ClientHello::chrome_like("k-37c541a1.api.example.com", 7);
+        let rec = c.record();
+        assert!(rec.len() > 1500, "{} bytes", rec.len());
+        let (sni, types) = parse_hello(&rec);
+        assert_eq!(sni.as_deref(), Some("k-37c541a1.api.example.com"));
+        assert_eq!(types[0], grease(10));
+        assert_eq!(*types.last().unwrap(), EXT_PADDING);
+        assert!(types.contains(&EXT_SESSION_TICKET) && types.contains(&EXT_KEY_SHARE));
+        // Other seeds give other orders.
+        let orders: std::collections::BTreeSet<Vec<u16>> = (1..6)
+            .map(|s| parse_hello(&ClientHello::chrome_like("a.b", s).record()).1)
+            .collect();
+        assert!(orders.len() > 1);
+        // sni_last puts the name past the big key share, beyond the first full segment.
+        let late = ClientHello { sni_last: true, ..c };
+        assert!(late.sni_offset().unwrap() > 1460);
+        assert_eq!(parse_hello(&late.record()).0.as_deref(), Some("k-37c541a1.api.example.com"));
+        assert_eq!(ClientHello { sni: None, ..ClientHello::new("x") }.sni_offset(), None);
+    }
+
+    #[test]
+    fn segments_carry_consecutive_sequence_numbers() {
+        let p = Pkt::tcp4(A4, B4, 40000, 443).seq(0xffff_fff0);
+        let data: Vec<u8> = (0..100u8).collect();
+        let segs = p.segments(&data, &[30, 70]);
+        assert_eq!(segs.len(), 3);
+        let lay = p.layout();
+        let seq = |f: &[u8]| u32::from_be_bytes(f[lay.l4 + 4..lay.l4 + 8].try_into().unwrap());
+        assert_eq!(seq(&segs[0]), 0xffff_fff0);
+        assert_eq!(seq(&segs[1]), 0xffff_fff0u32.wrapping_add(30));
+        assert_eq!(seq(&segs[2]), 0xffff_fff0u32.wrapping_add(70));
+        assert_eq!(&segs[1][lay.payload..], &data[30..70]);
+        for f in &segs {
+            let lay = Layout { ip_end: f.len(), ..lay };
+            assert!(l4_checksum_ok(f, lay, IPPROTO_TCP));
+        }
+        let f = Pkt::tcp4(A4, B4, 1, 2).ack(0x1234_5678).build();
+        assert_eq!(&f[42..46], &0x1234_5678u32.to_be_bytes());
+    }
+
+    #[test]
+    fn fix_messages_have_correct_length_and_checksum() {
+        for begin in ["FIX.4.2", "FIX.4.4", "FIXT.1.1"] {
+            let m = fix_logon(begin, "SENDER1", Some("37c541a1deadbeef"));
+            let s = String::from_utf8(m.clone()).unwrap();
+            let fields: Vec<&str> = s.trim_end_matches('\x01').split('\x01').collect();
+            assert_eq!(fields[0], format!("8={begin}"));
+            assert_eq!(fields[2], "35=A");
+            assert!(fields.contains(&"553=37c541a1deadbeef"));
+            assert_eq!(fields.contains(&"1137=9"), begin == "FIXT.1.1");
+            // BodyLength: from after the 9= field up to the 10= field.
+            let body_start = fields[0].len() + fields[1].len() + 2;
+            let sum_at = s.rfind("10=").unwrap();
+            let len: usize = fields[1][2..].parse().unwrap();
+            assert_eq!(len, sum_at - body_start);
+            let sum: u32 = m[..sum_at].iter().map(|&b| u32::from(b)).sum::<u32>() % 256;
+            assert_eq!(fields.last().unwrap(), &format!("10={sum:03}"));
+        }
+        // A known message: the bytes of "8=FIX.4.2|9=5|35=0|" sum to 929, and 929 % 256 = 161.
+        assert_eq!(fix_message("FIX.4.2", "0", &[]), b"8=FIX.4.2\x019=5\x0135=0\x0110=161\x01");
+    }
+
+    #[test]
+    fn proxy_headers() {
+        let c = ProxiedConn {
+            src: "198.51.100.7".parse().unwrap(),
+            dst: "192.0.2.1".parse().unwrap(),
+            sport: 40000,
+            dport: 8080,
+        };
+        assert_eq!(proxy_v1(Some(c)), b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 8080\r\n");
+        let c6 = ProxiedConn {
+            src: "2001:db8::9".parse().unwrap(),
+            dst: "2001:db8::1".parse().unwrap(),
+            ..c
+        };
+        assert_eq!(proxy_v1(Some(c6)), b"PROXY TCP6 2001:db8::9 2001:db8::1 40000 8080\r\n");
+        let v2 = proxy_v2(Some(c), &[(PP2_TYPE_AUTHORITY, b"api.example".to_vec())]);
+        assert_eq!(&v2[..12], &PROXY_V2_SIG);
+        assert_eq!((v2[12], v2[13]), (0x21, 0x11));
+        assert_eq!(be16(&v2, 14) as usize, v2.len() - 16);
+        assert_eq!(&v2[16..20], &[198, 51, 100, 7]);
+        assert_eq!(be16(&v2, 24), 40000);
+        assert_eq!(&v2[28..], b"\x02\x00\x0bapi.example");
+        let v2 = proxy_v2(Some(c6), &[]);
+        assert_eq!((v2[13], be16(&v2, 14)), (0x21, 36));
+        let local = proxy_v2(None, &[]);
+        assert_eq!(&local[12..], &[0x20, 0, 0, 0]);
     }
 }

@@ -89,6 +89,7 @@ fn whole_policy_swaps_are_atomic_under_traffic() {
         allow: 65536,
         sets: 16384,
         flows: 4096,
+        prefilter_words_log2: 12,
     };
     let mut l = Loaded::with_capacity("", cap).unwrap();
     l.apply_policy(&a).unwrap();

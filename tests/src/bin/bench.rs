@@ -1316,6 +1316,7 @@ fn capacity_for(keys: usize) -> Capacity {
         allow: (k / 5 + 4096).next_power_of_two(),
         sets: (k / 5 + 4096).next_power_of_two(),
         flows: 4096,
+        ..Default::default()
     }
 }
 
