@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod harness;
 pub mod netns;
 pub mod packet;
