@@ -251,6 +251,8 @@ fn conflict(applied: u64, why: &str) -> Reply {
 pub enum Source {
     File(PathBuf),
     Api,
+    /// `--etcd`: the prefix the policy is read from.
+    Etcd(String),
 }
 
 impl Source {
@@ -258,12 +260,14 @@ impl Source {
         match self {
             Source::File(_) => "file",
             Source::Api => "api",
+            Source::Etcd(_) => "etcd",
         }
     }
     pub fn describe(&self) -> String {
         match self {
             Source::File(p) => format!("the policy file {} (API writes get 409)", p.display()),
             Source::Api => "the API".into(),
+            Source::Etcd(p) => format!("etcd {p} (API writes get 409)"),
         }
     }
 }
@@ -292,6 +296,14 @@ impl Shared {
                     "error": format!("policy is managed by the policy file {}", p.display()),
                     "revision": eng.revision(),
                     "source": "file",
+                }),
+            )),
+            Source::Etcd(prefix) => Some((
+                StatusCode::CONFLICT,
+                json!({
+                    "error": format!("policy is managed by etcd {prefix}"),
+                    "revision": eng.revision(),
+                    "source": "etcd",
                 }),
             )),
         }

@@ -3,3 +3,5 @@ pub mod harness;
 pub mod netns;
 pub mod packet;
 pub mod api_bench;
+pub mod etcd;
+pub mod fleet_bench;
