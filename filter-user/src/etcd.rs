@@ -237,7 +237,11 @@ impl Reconciler {
                 settings: p.settings.clone(),
                 listener: p.listener.clone(),
             },
-            keys: p.key.iter().map(|k| (k.prefix.clone(), k.clone())).collect(),
+            keys: p
+                .key
+                .iter()
+                .map(|k| (k.prefix.clone(), k.clone()))
+                .collect(),
             ipsets: p.ipsets.clone(),
             ..Default::default()
         }
@@ -579,7 +583,8 @@ fn parse_value(e: &Entry, bytes: &[u8]) -> Result<Value_, String> {
             .map(Value_::Ipset)
             .map_err(errs),
         Entry::Key(name) => {
-            let mut v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+            let mut v: Value =
+                serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
             let Some(obj) = v.as_object_mut() else {
                 return Err("must be a JSON object (one key of the policy)".into());
             };
@@ -808,7 +813,10 @@ impl Sync {
         let mut client = self.connect().await?;
         let snap = tokio::time::timeout(
             Duration::from_secs(10),
-            client.get(self.cfg.prefix.as_str(), Some(GetOptions::new().with_prefix())),
+            client.get(
+                self.cfg.prefix.as_str(),
+                Some(GetOptions::new().with_prefix()),
+            ),
         )
         .await
         .map_err(|_| anyhow!("snapshot timed out"))?
@@ -939,7 +947,11 @@ impl Sync {
         m.set_sync_errors("etcd", self.status.errors.len());
         for e in &self.status.errors {
             if out.rejected > 0 {
-                log::warn!("etcd: {} refused, keeps its last good value: {}", e.key, e.error);
+                log::warn!(
+                    "etcd: {} refused, keeps its last good value: {}",
+                    e.key,
+                    e.error
+                );
             }
         }
         let compiled = match compiled {
@@ -964,7 +976,10 @@ impl Sync {
                 return Ok(None);
             }
             let keys: BTreeSet<_>;
-            let only = if snapshot || out.full || eng.applied.as_ref().is_none_or(|a| a.source != "etcd") {
+            let only = if snapshot
+                || out.full
+                || eng.applied.as_ref().is_none_or(|a| a.source != "etcd")
+            {
                 // A snapshot replaces everything (both slots of the double buffer, so no
                 // packet sees a mix); settings and ipsets bear on every key.
                 None
@@ -1042,7 +1057,10 @@ mod tests {
     fn entries_by_name() {
         assert_eq!(Entry::parse("settings"), Entry::Settings);
         assert_eq!(Entry::parse("keys/abcd1234"), Entry::Key("abcd1234".into()));
-        assert_eq!(Entry::parse("ipsets/broker-a"), Entry::Ipset("broker-a".into()));
+        assert_eq!(
+            Entry::parse("ipsets/broker-a"),
+            Entry::Ipset("broker-a".into())
+        );
         assert_eq!(Entry::parse("keys/"), Entry::Unknown("keys/".into()));
         assert_eq!(Entry::parse("key/abc"), Entry::Unknown("key/abc".into()));
     }
@@ -1061,7 +1079,10 @@ mod tests {
         let r = rec_with(&[
             ("settings", SETTINGS),
             ("ipsets/broker-a", r#"["203.0.113.0/24"]"#),
-            ("keys/bbbbbbbb", r#"{"allow": ["10.0.0.0/8"], "ipsets": ["broker-a"]}"#),
+            (
+                "keys/bbbbbbbb",
+                r#"{"allow": ["10.0.0.0/8"], "ipsets": ["broker-a"]}"#,
+            ),
             ("keys/aaaaaaaa", r#"{"prefix": "aaaaaaaa", "locked": true}"#),
         ]);
         let p = r.policy();
@@ -1093,7 +1114,11 @@ mod tests {
         assert_eq!(p.find_key("aaaaaaaa").unwrap().allow, ["10.0.0.0/8"]);
         assert!(p.find_key("bbbbbbbb").unwrap().locked);
         assert_eq!(r.errors().len(), 1);
-        assert!(r.errors()["keys/aaaaaaaa"].contains("line 1"), "{:?}", r.errors());
+        assert!(
+            r.errors()["keys/aaaaaaaa"].contains("line 1"),
+            "{:?}",
+            r.errors()
+        );
 
         // A good value clears the error.
         let (out, _) = r.apply(vec![Change::put("keys/aaaaaaaa", r#"{"locked": true}"#)]);
@@ -1121,7 +1146,10 @@ mod tests {
         assert!(e["keys/bbbbbbbb"].contains("does not match"), "{e:?}");
         assert!(e["keys/dddddddd"].contains("unknown ipset"), "{e:?}");
         assert!(e["keys/short"].contains("exactly 8 bytes"), "{e:?}");
-        assert!(e["ipsets/x"].starts_with("[0]") || e["ipsets/x"].contains("300"), "{e:?}");
+        assert!(
+            e["ipsets/x"].starts_with("[0]") || e["ipsets/x"].contains("300"),
+            "{e:?}"
+        );
         assert!(e.contains_key("ipsets/y"), "{e:?}");
         assert!(e["kyes/typo"].contains("unknown entry"), "{e:?}");
     }
@@ -1129,12 +1157,18 @@ mod tests {
     #[test]
     fn a_refused_entry_is_taken_when_what_it_lacked_comes() {
         let mut r = rec_with(&[("settings", SETTINGS)]);
-        let (out, _) = r.apply(vec![Change::put("keys/aaaaaaaa", r#"{"ipsets": ["broker-a"]}"#)]);
+        let (out, _) = r.apply(vec![Change::put(
+            "keys/aaaaaaaa",
+            r#"{"ipsets": ["broker-a"]}"#,
+        )]);
         assert_eq!(out.rejected, 1);
         let (out, _) = r.apply(vec![Change::put("ipsets/broker-a", r#"["192.0.2.0/24"]"#)]);
         assert_eq!(out.rejected, 0, "{:?}", r.errors());
         assert!(r.errors().is_empty());
-        assert_eq!(r.policy().find_key("aaaaaaaa").unwrap().ipsets, ["broker-a"]);
+        assert_eq!(
+            r.policy().find_key("aaaaaaaa").unwrap().ipsets,
+            ["broker-a"]
+        );
     }
 
     #[test]
@@ -1174,7 +1208,11 @@ mod tests {
         let (out, _) = r.apply(vec![Change::put("settings", s12.as_str())]);
         assert_eq!(out.rejected, 1);
         assert_eq!(r.policy().settings.key_prefix_len, 10);
-        assert!(r.errors()["settings"].contains("keys/bbbbbbbbbb"), "{:?}", r.errors());
+        assert!(
+            r.errors()["settings"].contains("keys/bbbbbbbbbb"),
+            "{:?}",
+            r.errors()
+        );
     }
 
     #[test]
@@ -1184,7 +1222,7 @@ mod tests {
             ("keys/aaaaaaaa", "{}"),
             ("keys/bbbbbbbb", "{}"),
         ]);
-        r.apply(vec![Change::put("keys/cccccccc", "nope")]);
+        let _ = r.apply(vec![Change::put("keys/cccccccc", "nope")]);
         assert_eq!(r.errors().len(), 1);
         let (out, c) = r.snapshot(vec![
             ("settings".into(), SETTINGS.into()),
@@ -1200,8 +1238,11 @@ mod tests {
 
     #[test]
     fn seeded_from_the_applied_policy_an_invalid_entry_keeps_it() {
-        let seed = rec_with(&[("settings", SETTINGS), ("keys/aaaaaaaa", r#"{"locked": true}"#)])
-            .policy();
+        let seed = rec_with(&[
+            ("settings", SETTINGS),
+            ("keys/aaaaaaaa", r#"{"locked": true}"#),
+        ])
+        .policy();
         let mut r = Reconciler::from_policy(&seed);
         let (out, _) = r.snapshot(vec![
             ("settings".into(), SETTINGS.into()),

@@ -20,7 +20,10 @@ use std::{
     os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -40,8 +43,9 @@ pub struct EtcdServer {
     pub ns: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
-    proc: Option<Proc>,
-    links: u32,
+    // Interior mutability: a test stops and resumes etcd while daemons borrow the fleet.
+    proc: Mutex<Option<Proc>>,
+    links: AtomicU32,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -64,7 +68,9 @@ impl EtcdServer {
     /// Makes the namespace and starts etcd in it.
     pub fn start() -> Result<EtcdServer> {
         if which("etcd").is_none() || which("etcdctl").is_none() {
-            bail!("etcd and etcdctl are not installed (run `cargo xtask setup`: etcd-server, etcd-client)");
+            bail!(
+                "etcd and etcdctl are not installed (run `cargo xtask setup`: etcd-server, etcd-client)"
+            );
         }
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -74,34 +80,67 @@ impl EtcdServer {
         let dir = std::env::temp_dir().join(format!("kw-etcd-{pid}-{n}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        let mut s = EtcdServer {
+        let s = EtcdServer {
             ns: ns.clone(),
             data_dir: dir.join("data"),
             log: dir.join("etcd.log"),
-            proc: None,
-            links: 0,
+            proc: Mutex::new(None),
+            links: AtomicU32::new(0),
         };
         ip(&["netns", "add", &ns])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{ETCD_ADDR}/32"), "dev", "lo"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ETCD_ADDR}/32"),
+            "dev",
+            "lo",
+        ])?;
         s.resume()?;
         Ok(s)
     }
 
     /// Joins a sandbox's edge namespace to etcd.
-    pub fn connect(&mut self, sb: &Sandbox) -> Result<()> {
-        self.links += 1;
-        let i = self.links;
+    pub fn connect(&self, sb: &Sandbox) -> Result<()> {
+        let i = self.links.fetch_add(1, Ordering::SeqCst) + 1;
         if i > 250 {
             bail!("too many edges on one etcd");
         }
         let ours = format!("fl{i}");
         ip(&[
-            "-n", &self.ns, "link", "add", &ours, "type", "veth", "peer", "name", EDGE_LINK,
-            "netns", sb.edge_ns(),
+            "-n",
+            &self.ns,
+            "link",
+            "add",
+            &ours,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            EDGE_LINK,
+            "netns",
+            sb.edge_ns(),
         ])?;
-        ip(&["-n", &self.ns, "addr", "add", &format!("10.250.{i}.1/30"), "dev", &ours])?;
-        ip(&["-n", sb.edge_ns(), "addr", "add", &format!("10.250.{i}.2/30"), "dev", EDGE_LINK])?;
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &format!("10.250.{i}.1/30"),
+            "dev",
+            &ours,
+        ])?;
+        ip(&[
+            "-n",
+            sb.edge_ns(),
+            "addr",
+            "add",
+            &format!("10.250.{i}.2/30"),
+            "dev",
+            EDGE_LINK,
+        ])?;
         ip(&["-n", &self.ns, "link", "set", &ours, "up"])?;
         ip(&["-n", sb.edge_ns(), "link", "set", EDGE_LINK, "up"])?;
         ip(&[
@@ -117,8 +156,9 @@ impl EtcdServer {
     }
 
     /// Starts etcd (again, on the same data dir) and waits until it answers.
-    pub fn resume(&mut self) -> Result<()> {
-        if self.proc.is_some() {
+    pub fn resume(&self) -> Result<()> {
+        let mut slot = self.proc.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
             return Ok(());
         }
         let log = fs::OpenOptions::new()
@@ -140,13 +180,13 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .context("starting etcd")?;
-        self.proc = Some(Proc::new(child));
+        *slot = Some(Proc::new(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(p) = self.proc.as_mut()
+            if let Some(p) = slot.as_mut()
                 && let Some(st) = p.try_wait()?
             {
-                self.proc = None;
+                *slot = None;
                 bail!("etcd exited ({st}): {}", self.log_tail());
             }
             if self.ctl(&["endpoint", "health"]).is_ok() {
@@ -160,8 +200,9 @@ impl EtcdServer {
     }
 
     /// Stops etcd (SIGKILL: what a crash or a partition looks like to its clients).
-    pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
+    pub fn stop(&self) -> Result<()> {
+        let taken = self.proc.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut p) = taken {
             p.kill()?;
             p.wait()?;
         }
@@ -223,11 +264,15 @@ impl EtcdServer {
         let path = PathBuf::from(NETNS_DIR).join(&self.ns);
         thread::scope(|s| {
             s.spawn(|| {
-                let ns = fs::File::open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                let ns =
+                    fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 // SAFETY: setns(2) on a namespace fd we hold, for this thread only.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+                    bail!(
+                        "setns {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    );
                 }
                 f()
             })
@@ -244,7 +289,11 @@ impl Drop for EtcdServer {
             eprintln!("--- etcd log (last lines) ---\n{}\n---", self.log_tail());
         }
         if std::env::var_os("KEYWALL_SANDBOX_KEEP").is_some_and(|v| v == "1") {
-            eprintln!("KEYWALL_SANDBOX_KEEP=1: keeping {} and {}", self.ns, self.data_dir.display());
+            eprintln!(
+                "KEYWALL_SANDBOX_KEEP=1: keeping {} and {}",
+                self.ns,
+                self.data_dir.display()
+            );
             return;
         }
         let _ = Command::new("ip")

@@ -56,7 +56,7 @@ fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
 
 /// `writes` locks, each timed to the drop on every edge: `out[i][e]` is write i on edge e.
 pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
-    let mut etcd = EtcdServer::start()?;
+    let etcd = EtcdServer::start()?;
     let sbs: Vec<Sandbox> = (0..EDGES)
         .map(|_| Sandbox::new("fleetb"))
         .collect::<Result<_>>()?;

@@ -36,7 +36,7 @@ struct Fleet {
 
 impl Fleet {
     fn new(tag: &str, edges: usize) -> Fleet {
-        let mut etcd = EtcdServer::start().expect("starting etcd");
+        let etcd = EtcdServer::start().expect("starting etcd");
         let sbs: Vec<Sandbox> = (0..edges)
             .map(|_| Sandbox::new(tag).expect("sandbox"))
             .collect();
@@ -99,7 +99,14 @@ impl Fleet {
         ApiDaemon::start(
             &self.sbs[i],
             n,
-            &["--etcd", ETCD_URL, "--etcd-prefix", &self.prefix, "--metrics", METRICS],
+            &[
+                "--etcd",
+                ETCD_URL,
+                "--etcd-prefix",
+                &self.prefix,
+                "--metrics",
+                METRICS,
+            ],
         )
         .expect("keywall run --etcd")
     }
@@ -116,13 +123,29 @@ fn probe(sb: &Sandbox, key: &str) -> Got {
     let src: IpAddr = sb.client_v4().into();
     let out = sb
         .client_cmd("curl")
-        .args(["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}"])
-        .args(["--interface", &src.to_string(), "-H", &format!("X-MBX-APIKEY: {key}")])
+        .args([
+            "-sS",
+            "--max-time",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "--interface",
+            &src.to_string(),
+            "-H",
+            &format!("X-MBX-APIKEY: {key}"),
+        ])
         .arg(format!("http://{}:{PORT}/api/v3/account", sb.edge_v4()))
         .stdin(Stdio::null())
         .output()
         .expect("curl");
-    match (out.status.code(), String::from_utf8_lossy(&out.stdout).trim()) {
+    match (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+    ) {
         (Some(0), "200") => Got::Pass,
         (Some(28), _) => Got::Blocked,
         (c, b) => panic!(
@@ -171,7 +194,12 @@ fn status_json(sb: &Sandbox) -> Value {
 fn stats_json(sb: &Sandbox) -> Value {
     let out = kw(
         sb,
-        &["stats", "--json", "--pin-dir", &sb.pin_dir().display().to_string()],
+        &[
+            "stats",
+            "--json",
+            "--pin-dir",
+            &sb.pin_dir().display().to_string(),
+        ],
     );
     assert!(out.status.success(), "keywall stats: {out:?}");
     serde_json::from_slice(&out.stdout).expect("stats JSON")
@@ -182,11 +210,21 @@ fn metric(sb: &Sandbox, series: &str) -> Option<f64> {
     let text = sb
         .run_edge(
             "curl",
-            ["-sS", "--max-time", "3", &format!("http://{METRICS}/metrics")],
+            [
+                "-sS",
+                "--max-time",
+                "3",
+                &format!("http://{METRICS}/metrics"),
+            ],
         )
         .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn policy_raw(d: &ApiDaemon) -> Vec<u8> {
@@ -214,7 +252,10 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -270,7 +311,10 @@ fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
         .unwrap();
     assert_eq!(st, 409, "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains(&format!("managed by etcd {}", f.prefix)),
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("managed by etcd {}", f.prefix)),
         "{v}"
     );
 
@@ -300,7 +344,11 @@ fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
     assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked); 3]);
     for (sb, b) in f.sbs.iter().zip(&before) {
         let after = reason_packets(&stats_json(sb), "drop_locked");
-        assert!(after >= b + 2, "drop_locked {b} -> {after} on {}", sb.edge_ns());
+        assert!(
+            after >= b + 2,
+            "drop_locked {b} -> {after} on {}",
+            sb.edge_ns()
+        );
     }
 
     // And the unlock.
@@ -317,7 +365,7 @@ fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
 
 #[test]
 fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compaction() {
-    let mut f = Fleet::new("fleetdown", 2);
+    let f = Fleet::new("fleetdown", 2);
     f.write_policy();
     let mut ds: Vec<ApiDaemon> = (0..2).map(|i| f.daemon(i, 1)).collect();
     wait_synced(&ds);
@@ -336,7 +384,11 @@ fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compac
     while down.elapsed() < Duration::from_secs(30) {
         assert_eq!(verdicts(&f), want);
         for (d, p) in ds.iter().zip(&policies) {
-            assert_eq!(&policy_raw(d), p, "the applied policy changed while etcd was down");
+            assert_eq!(
+                &policy_raw(d),
+                p,
+                "the applied policy changed while etcd was down"
+            );
         }
         thread::sleep(Duration::from_secs(3));
     }
@@ -397,7 +449,15 @@ fn an_invalid_value_is_rejected_for_its_entry_and_the_rest_keeps_syncing() {
     std::fs::write(&pol, "").unwrap();
     let out = kw(
         sb,
-        &["run", "--iface", sb.edge_if(), "--policy", &pol.display().to_string(), "--etcd", ETCD_URL],
+        &[
+            "run",
+            "--iface",
+            sb.edge_if(),
+            "--policy",
+            &pol.display().to_string(),
+            "--etcd",
+            ETCD_URL,
+        ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -416,7 +476,10 @@ fn an_invalid_value_is_rejected_for_its_entry_and_the_rest_keeps_syncing() {
     f.put("keys/badname1", &json!({"prefix": "other123"}).to_string());
     f.put("keys/nosetkey", &json!({"ipsets": ["nope"]}).to_string());
     // ... while a valid change after them is applied.
-    f.put("keys/lockkey1", &json!({"allow": f.clients(), "locked": false}).to_string());
+    f.put(
+        "keys/lockkey1",
+        &json!({"allow": f.clients(), "locked": false}).to_string(),
+    );
     wait_for("lockkey1 unlocked", 10, || {
         (key_locked(&d, "lockkey1") == Some(false)).then_some(())
     });
@@ -425,7 +488,10 @@ fn an_invalid_value_is_rejected_for_its_entry_and_the_rest_keeps_syncing() {
     });
     assert!(metric(sb, rejected).unwrap() >= 3.0);
     let st = status_json(sb);
-    let errors = st["etcd"]["errors"].as_array().expect("etcd.errors").clone();
+    let errors = st["etcd"]["errors"]
+        .as_array()
+        .expect("etcd.errors")
+        .clone();
     let find = |k: &str| {
         errors
             .iter()
@@ -453,7 +519,10 @@ fn an_invalid_value_is_rejected_for_its_entry_and_the_rest_keeps_syncing() {
         ],
     );
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains(&format!("rejected:   {}keys/goodkey1", f.prefix)), "{text}");
+    assert!(
+        text.contains(&format!("rejected:   {}keys/goodkey1", f.prefix)),
+        "{text}"
+    );
 
     // What nosetkey lacked arrives: it is taken. The other two are fixed or deleted.
     f.put("ipsets/nope", "[\"192.0.2.0/24\"]");
