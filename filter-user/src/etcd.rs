@@ -22,7 +22,6 @@ use serde_json::Value;
 use crate::{
     api::Shared,
     policy::{Compiled, Key, Listener, Policy, PolicyError, Settings, key_prefix, parse_json},
-    state,
 };
 
 /// Where the daemon finds the fleet's policy, and how it proves who it is.
@@ -1022,13 +1021,15 @@ impl Sync {
             return;
         }
         let dir = &self.shared.state_dir;
-        match serde_json::to_vec_pretty(&self.status) {
-            Ok(b) => {
-                if let Err(e) = state::write_atomic(&dir.join(STATUS_FILE), &b) {
-                    log::warn!("etcd: writing the sync status: {e:#}");
-                }
-            }
-            Err(e) => log::warn!("etcd: encoding the sync status: {e}"),
+        // Renamed into place but not fsynced: it is a report (rewritten at every batch),
+        // not state, and an fsync per batch would slow the next lock down.
+        let tmp = dir.join(format!(".{STATUS_FILE}.tmp"));
+        let res = serde_json::to_vec_pretty(&self.status)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(std::fs::write(&tmp, b)?))
+            .and_then(|()| Ok(std::fs::rename(&tmp, dir.join(STATUS_FILE))?));
+        if let Err(e) = res {
+            log::warn!("etcd: writing the sync status: {e:#}");
         }
         self.written = Some(self.status.clone());
     }

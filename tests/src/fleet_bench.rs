@@ -88,8 +88,22 @@ pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
         .seq(5000)
         .payload(b"{\"ping\":1}")
         .build();
-    // Wait for every edge to enforce the snapshot (the connection passes).
+    // Wait for every edge to enforce the snapshot (before it a daemon has no policy, and the
+    // connection would be opened on a filter that passes everything), then for the
+    // connection to pass on each.
     let deadline = Instant::now() + Duration::from_secs(20);
+    for d in &daemons {
+        while d.call("GET", "/v1/status", None)?.1["revision"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0
+        {
+            if Instant::now() > deadline {
+                bail!("an edge has not applied the snapshot from etcd after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     for p in &progs {
         while run_frame(p, &first)? != XDP_PASS || run_frame(p, &later)? != XDP_PASS {
             if Instant::now() > deadline {
@@ -123,6 +137,8 @@ pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
                             left -= 1;
                         }
                     }
+                    // A short pause between rounds leaves the CPU to etcd and the daemons.
+                    std::thread::sleep(Duration::from_micros(50));
                     if t0.elapsed() > Duration::from_secs(5) {
                         bail!("an edge still passes 5 s after the lock was written: {row:?}");
                     }
@@ -140,6 +156,22 @@ pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
             }
             Ok(out)
         })
+    });
+    let out = out.map_err(|e| {
+        // The daemons' side of the story, for whoever reads the failure.
+        let logs: Vec<String> = daemons
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let log = d.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                format!(
+                    "--- edge {i} ---\n{}",
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                )
+            })
+            .collect();
+        e.context(logs.join("\n"))
     })?;
     drop(daemons);
     Ok(out)

@@ -537,3 +537,34 @@ fn an_invalid_value_is_rejected_for_its_entry_and_the_rest_keeps_syncing() {
     let st = status_json(sb);
     assert_eq!(st["etcd"]["errors"], json!([]), "{st}");
 }
+
+/// The propagation bench on a few writes (the bench runs 500): every write reaches every
+/// edge's kernel verdict, well within a second.
+#[test]
+fn propagation_bench_measures_every_edge() {
+    let writes = std::env::var("KEYWALL_FLEET_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rows = tests::fleet_bench::propagation(writes).expect("propagation bench");
+    assert_eq!(rows.len(), writes);
+    assert!(
+        rows.iter()
+            .all(|r| r.len() == 3 && r.iter().all(|d| !d.is_zero()))
+    );
+    let all: Vec<Duration> = rows.iter().flatten().copied().collect();
+    let (p50, p99) = (
+        tests::fleet_bench::percentile(&all, 50.0),
+        tests::fleet_bench::percentile(&all, 99.0),
+    );
+    eprintln!("etcd put to drop on 3 edges, {writes} writes: p50 {p50:?}, p99 {p99:?}");
+    for e in 0..3 {
+        let col: Vec<Duration> = rows.iter().map(|r| r[e]).collect();
+        eprintln!(
+            "  edge {e}: p50 {:?}, p99 {:?}",
+            tests::fleet_bench::percentile(&col, 50.0),
+            tests::fleet_bench::percentile(&col, 99.0)
+        );
+    }
+    assert!(p50 < Duration::from_millis(500), "p50 {p50:?}");
+}
