@@ -205,6 +205,8 @@ pub fn run(o: RunOptions) -> Result<()> {
                 runtime.policy_error.as_deref().unwrap_or("unreadable")
             );
         }
+    } else if eng.applied.is_none() && o.etcd.is_some() {
+        log::warn!("no policy yet: the filter passes everything until etcd's is applied");
     } else if eng.applied.is_none() {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }

@@ -345,10 +345,14 @@ impl Reconciler {
             ..Default::default()
         };
         undo.clear();
+        let mut taken = Vec::new();
         for (e, v) in parsed {
             let raw = value_bytes(&v);
             match self.check(&e, v.as_ref()) {
-                Ok(()) => self.take(&mut out, &mut undo, &e, v),
+                Ok(()) => {
+                    self.take(&mut out, &mut undo, &e, v);
+                    taken.push((e, raw));
+                }
                 Err(msg) => self.refuse(&mut out, &fresh, e, raw, msg),
             }
         }
@@ -372,6 +376,12 @@ impl Reconciler {
                             self.ipsets.remove(&s);
                         }
                     }
+                }
+                // Each keeps its last good value, reported, and is retried with the next batch.
+                for (e, raw) in taken {
+                    self.errors
+                        .insert(e.name(), format!("refused with its batch: {msg}"));
+                    self.pending.insert(e, raw);
                 }
                 (
                     Outcome {

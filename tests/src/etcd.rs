@@ -34,6 +34,8 @@ use crate::netns::{NETNS_DIR, Proc, Sandbox, ns_command};
 
 pub const ETCD_ADDR: &str = "10.250.0.1";
 pub const ETCD_URL: &str = "http://10.250.0.1:2379";
+/// The same etcd when started with [`EtcdServer::start_tls`].
+pub const ETCD_TLS_URL: &str = "https://10.250.0.1:2379";
 /// The edge side of the link to etcd.
 const EDGE_LINK: &str = "kwetcd";
 
@@ -46,6 +48,114 @@ pub struct EtcdServer {
     // Interior mutability: a test stops and resumes etcd while daemons borrow the fleet.
     proc: Mutex<Option<Proc>>,
     links: AtomicU32,
+    pub tls: Option<TlsFiles>,
+    /// `user:password` etcdctl authenticates with, once auth is enabled.
+    pub root: Mutex<Option<String>>,
+}
+
+/// A throw-away CA, etcd's server certificate (for 10.250.0.1) and a client certificate.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl TlsFiles {
+    /// EC P-256 keys, valid for two days, made with the openssl CLI.
+    pub fn make(dir: &std::path::Path) -> Result<TlsFiles> {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=keywall test CA",
+        ]);
+        openssl(dir, &a)?;
+        for (name, cn, usage, san) in [
+            (
+                "server",
+                "etcd",
+                "serverAuth,clientAuth",
+                "IP:10.250.0.1,IP:127.0.0.1",
+            ),
+            ("client", "keywall-edge", "clientAuth", "DNS:keywall-edge"),
+        ] {
+            let mut a = vec!["req"];
+            a.extend(ec);
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let subj = format!("/CN={cn}");
+            a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(dir, &a)?;
+            let ext = format!("{name}.ext");
+            fs::write(
+                dir.join(&ext),
+                format!(
+                    "subjectAltName={san}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
+                ),
+            )?;
+            let pem = format!("{name}.pem");
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+            )?;
+        }
+        Ok(TlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        })
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -67,6 +177,15 @@ fn ip(args: &[&str]) -> Result<()> {
 impl EtcdServer {
     /// Makes the namespace and starts etcd in it.
     pub fn start() -> Result<EtcdServer> {
+        Self::start_with(false)
+    }
+
+    /// etcd serving TLS only, requiring client certificates of its own CA ([`ETCD_TLS_URL`]).
+    pub fn start_tls() -> Result<EtcdServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<EtcdServer> {
         if which("etcd").is_none() || which("etcdctl").is_none() {
             bail!(
                 "etcd and etcdctl are not installed (run `cargo xtask setup`: etcd-server, etcd-client)"
@@ -80,7 +199,16 @@ impl EtcdServer {
         let dir = std::env::temp_dir().join(format!("kw-etcd-{pid}-{n}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
+        let tls = if tls {
+            let d = dir.join("tls");
+            fs::create_dir_all(&d)?;
+            Some(TlsFiles::make(&d)?)
+        } else {
+            None
+        };
         let s = EtcdServer {
+            tls,
+            root: Mutex::new(None),
             ns: ns.clone(),
             data_dir: dir.join("data"),
             log: dir.join("etcd.log"),
@@ -165,12 +293,22 @@ impl EtcdServer {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = ns_command(&self.ns, "etcd")
-            .args(["--name", "kw"])
+        let mut cmd = ns_command(&self.ns, "etcd");
+        cmd.args(["--name", "kw"])
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--listen-client-urls", ETCD_URL])
-            .args(["--advertise-client-urls", ETCD_URL])
+            .args(["--listen-client-urls", self.url()])
+            .args(["--advertise-client-urls", self.url()]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-cluster", "kw=http://127.0.0.1:2380"])
@@ -217,9 +355,36 @@ impl EtcdServer {
 
     /// `etcdctl ARGS` against this etcd; its stdout.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let out = ns_command(&self.ns, "etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", ETCD_URL, "--command-timeout", "5s"])
+        let root = self.root.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.ctl_as(root.as_deref(), args)
+    }
+
+    /// The etcd URL clients use.
+    pub fn url(&self) -> &'static str {
+        if self.tls.is_some() {
+            ETCD_TLS_URL
+        } else {
+            ETCD_URL
+        }
+    }
+
+    /// `etcdctl` as `user:password` (None: no password auth).
+    pub fn ctl_as(&self, user: Option<&str>, args: &[&str]) -> Result<String> {
+        let mut cmd = ns_command(&self.ns, "etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", self.url(), "--command-timeout", "5s"]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -256,6 +421,42 @@ impl EtcdServer {
         let r = self.revision()?;
         self.ctl(&["compact", &r.to_string(), "--physical"])?;
         Ok(r)
+    }
+
+    /// Turns authentication on: `root` (who writes, as the control plane) and `user`, who may
+    /// only read under `prefix` (as an edge). Later [`EtcdServer::ctl`] calls run as root.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) -> Result<()> {
+        let root_pw = "root-pw-for-tests";
+        self.ctl(&[
+            "user",
+            "add",
+            "root",
+            "--new-user-password",
+            root_pw,
+            "--interactive=false",
+        ])?;
+        self.ctl(&["user", "grant-role", "root", "root"])?;
+        self.ctl(&["role", "add", "keywall-edge"])?;
+        self.ctl(&[
+            "role",
+            "grant-permission",
+            "keywall-edge",
+            "--prefix=true",
+            "read",
+            prefix,
+        ])?;
+        self.ctl(&[
+            "user",
+            "add",
+            user,
+            "--new-user-password",
+            password,
+            "--interactive=false",
+        ])?;
+        self.ctl(&["user", "grant-role", user, "keywall-edge"])?;
+        self.ctl(&["auth", "enable"])?;
+        *self.root.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("root:{root_pw}"));
+        Ok(())
     }
 
     /// Runs `f` on a thread that entered the etcd namespace (setns is per thread), so a

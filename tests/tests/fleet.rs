@@ -16,7 +16,7 @@ use std::{
 use serde_json::{Value, json};
 use tests::{
     api_bench::{ApiDaemon, http_unix, keywall_bin},
-    etcd::{ETCD_URL, EtcdServer},
+    etcd::{ETCD_TLS_URL, ETCD_URL, EtcdServer},
     netns::{Proc, Sandbox},
 };
 
@@ -36,7 +36,10 @@ struct Fleet {
 
 impl Fleet {
     fn new(tag: &str, edges: usize) -> Fleet {
-        let etcd = EtcdServer::start().expect("starting etcd");
+        Fleet::with_etcd(tag, edges, EtcdServer::start().expect("starting etcd"))
+    }
+
+    fn with_etcd(tag: &str, edges: usize, etcd: EtcdServer) -> Fleet {
         let sbs: Vec<Sandbox> = (0..edges)
             .map(|_| Sandbox::new(tag).expect("sandbox"))
             .collect();
@@ -567,4 +570,59 @@ fn propagation_bench_measures_every_edge() {
         );
     }
     assert!(p50 < Duration::from_millis(500), "p50 {p50:?}");
+}
+
+#[test]
+fn tls_client_certificates_and_etcd_auth_are_passed_through() {
+    let f = Fleet::with_etcd(
+        "fleettls",
+        1,
+        EtcdServer::start_tls().expect("starting etcd with TLS"),
+    );
+    f.write_policy();
+    f.etcd
+        .enable_auth("keywall-edge", "edge-pw", &f.prefix)
+        .unwrap();
+    // The edge's user may read its prefix and nothing more.
+    let edge = Some("keywall-edge:edge-pw");
+    let key = format!("{}keys/goodkey1", f.prefix);
+    assert!(f.etcd.ctl_as(edge, &["get", &key]).is_ok());
+    assert!(f.etcd.ctl_as(edge, &["put", &key, "{}"]).is_err());
+
+    let sb = &f.sbs[0];
+    let t = f.etcd.tls.clone().unwrap();
+    let pw = sb.tmp_dir().join("etcd-password");
+    std::fs::write(&pw, "edge-pw\n").unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let d = ApiDaemon::start(
+        sb,
+        1,
+        &[
+            "--etcd",
+            ETCD_TLS_URL,
+            "--etcd-prefix",
+            &f.prefix,
+            "--etcd-ca",
+            &path(&t.ca),
+            "--etcd-cert",
+            &path(&t.client_cert),
+            "--etcd-key",
+            &path(&t.client_key),
+            "--etcd-user",
+            "keywall-edge",
+            "--etcd-password-file",
+            &path(&pw),
+            "--metrics",
+            METRICS,
+        ],
+    )
+    .expect("keywall run --etcd over TLS");
+    wait_synced(std::slice::from_ref(&d));
+    assert_eq!(verdicts(&f), vec![(Got::Pass, Got::Blocked)]);
+    f.put("keys/goodkey1", &f.good_key(true).to_string());
+    wait_for("the lock over TLS", 10, || {
+        (key_locked(&d, "goodkey1") == Some(true)).then_some(())
+    });
+    assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked)]);
+    assert_eq!(metric(sb, "keywall_sync_up{source=\"etcd\"}"), Some(1.0));
 }
