@@ -400,8 +400,6 @@ impl Sandbox {
         for (ns, ifname) in [(e, ei), (c, ci)] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", ifname, "up"])?;
-            // A veth accepts XDP_TX/redirected frames from its peer only with GRO on (or an XDP
-            // program attached): needed for `action = "reset"` RSTs sent back with XDP_TX.
             let out = ns_command(ns, "ethtool")
                 .args(["-K", ifname, "gro", "on"])
                 .output();
@@ -416,30 +414,27 @@ impl Sandbox {
                 ),
             }
         }
-        self.attach_client_xdp_pass()
-            .context("attaching the XDP_PASS program to the client veth")?;
+        // A veth delivers frames its peer sends with XDP_TX (the RSTs of `action = "reset"`)
+        // only when it has an XDP program itself; GRO alone does not do it on this kernel
+        // (seen on 6.18). Give the client side one that passes everything.
+        let pass = self.tmp_dir().join("keywall-pass.o");
+        std::fs::write(&pass, keywall::dataplane::PASS_OBJECT)
+            .context("writing the pass object")?;
+        ip(&[
+            "-n",
+            c,
+            "link",
+            "set",
+            "dev",
+            ci,
+            "xdpdrv",
+            "obj",
+            pass.to_str().expect("utf-8 path"),
+            "sec",
+            "xdp",
+        ])
+        .context("attaching a pass-all XDP program to the client veth")?;
         Ok(())
-    }
-
-    /// Attaches a two-instruction XDP_PASS program to the client veth. A veth takes frames its
-    /// peer sends with XDP_TX into its ring, but only schedules its NAPI to read them when it
-    /// has an XDP program itself (`veth_xdp_flush`); with GRO alone the RSTs of
-    /// `action = "reset"` sat in the ring until the next ordinary packet came.
-    fn attach_client_xdp_pass(&self) -> Result<()> {
-        let fd = load_xdp_pass()?;
-        let pin = self.pin_dir.join("client-xdp-pass");
-        let r = pin_bpf_fd(&fd, &pin).and_then(|()| {
-            // nsenter, not `ip -n`: that remounts /sys, and the pin is on the bpffs under it.
-            run_ok(
-                self.client_cmd("ip")
-                    .args(["link", "set", "dev", self.client_if()])
-                    .args(["xdpdrv".as_ref(), "pinned".as_ref(), pin.as_os_str()]),
-            )
-            .map(|_| ())
-        });
-        // The interface holds the program now; the pin (and our fd) are no longer needed.
-        let _ = fs::remove_file(&pin);
-        r
     }
 
     pub fn names(&self) -> &Names {
@@ -913,75 +908,6 @@ fn spawn(c: &mut Command) -> Result<Proc> {
     c.spawn()
         .map(Proc::new)
         .with_context(|| format!("cannot start `{}`", describe(c)))
-}
-
-/// `r0 = XDP_PASS; exit`, loaded with BPF_F_XDP_HAS_FRAGS so large (GRO) frames pass too.
-fn load_xdp_pass() -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    const BPF_F_XDP_HAS_FRAGS: u32 = 1 << 5;
-    const BPF_XDP: u32 = 37;
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]), // mov64 r0, 2 (XDP_PASS)
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
-    ];
-    let license = b"GPL\0";
-    // union bpf_attr, BPF_PROG_LOAD part: prog_type, insn_cnt, insns, license, log_level,
-    // log_size, log_buf, kern_version, prog_flags, prog_name[16], prog_ifindex,
-    // expected_attach_type.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[44..48].copy_from_slice(&BPF_F_XDP_HAS_FRAGS.to_ne_bytes());
-    attr[48..56].copy_from_slice(b"kw_pass\0");
-    attr[68..72].copy_from_slice(&BPF_XDP.to_ne_bytes());
-    // SAFETY: bpf(2) reads `attr` (and the instructions and license it points to, which
-    // outlive the call); it writes nothing back for BPF_PROG_LOAD without a log buffer.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr.as_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        bail!("BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this new descriptor to us alone.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// BPF_OBJ_PIN: makes `fd`'s object reachable at `path` (on bpffs).
-fn pin_bpf_fd(fd: &std::os::fd::OwnedFd, path: &Path) -> Result<()> {
-    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let mut c_path = path.as_os_str().as_bytes().to_vec();
-    c_path.push(0);
-    // union bpf_attr, BPF_OBJ_PIN part: pathname, bpf_fd, file_flags.
-    let mut attr = [0u8; 16];
-    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
-    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    // SAFETY: bpf(2) reads `attr` and the NUL-terminated path it points to.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            attr.as_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        bail!(
-            "BPF_OBJ_PIN {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "bpftool",
     "xdp-tools",
+    // xdp-filter's compiled programs (xdpfilt_*.o), which the bench loads as its peer.
+    "libxdp1",
     "nftables",
     "haproxy",
     "etcd-server",
@@ -71,11 +73,17 @@ enum Cmd {
     },
     /// Setup, build, and run the namespace demo against real clients and a real server.
     Demo,
-    /// Setup, and run the benchmarks.
+    /// Setup, and run the benchmarks (per-packet beside XDP_PASS, drop-all and xdp-filter;
+    /// flood on veth beside drop-all, xdp-filter, nftables and no filter; control plane).
+    /// The full run rewrites BENCHMARKS.md.
     Bench {
-        /// A short run (seconds, not minutes).
+        /// A short run (seconds, not minutes) that checks every row is produced.
         #[arg(long)]
         quick: bool,
+        /// Extra arguments for keywall-bench (`-- --help` lists them: --no-flood,
+        /// --require-all, --no-doc, --doc FILE).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Setup, and build the release `keywall` binary.
     Build,
@@ -105,7 +113,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             test(&ctx, &args)?;
             if quick_bench || RUN_QUICK_BENCH_AFTER_TESTS {
-                bench(&ctx, true)?;
+                bench(&ctx, true, &[])?;
             }
             step("test: all passed");
             Ok(())
@@ -114,9 +122,9 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             demo(&ctx)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, args } => {
             setup(&mut ctx)?;
-            bench(&ctx, quick)
+            bench(&ctx, quick, &args)
         }
     }
 }
@@ -534,7 +542,7 @@ fn demo(ctx: &Ctx) -> Result<()> {
     ctx.run(c)
 }
 
-fn bench(ctx: &Ctx, quick: bool) -> Result<()> {
+fn bench(ctx: &Ctx, quick: bool, extra: &[String]) -> Result<()> {
     step(&format!("bench{}", if quick { " --quick" } else { "" }));
     let mut args = vec![
         "run",
@@ -548,5 +556,6 @@ fn bench(ctx: &Ctx, quick: bool) -> Result<()> {
     if quick {
         args.push("--quick");
     }
+    args.extend(extra.iter().map(String::as_str));
     ctx.cargo(&args)
 }
