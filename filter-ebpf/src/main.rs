@@ -16,6 +16,7 @@ mod prefilter;
 mod proxy;
 mod reset;
 mod scratch;
+mod swar;
 mod tls;
 
 use core::intrinsics::AtomicOrdering;
@@ -327,19 +328,7 @@ fn judge_segment(
                 }
                 start += (io.len & 0x7ff) as usize;
                 // Known from now on as proxied, with no key yet (pending).
-                let none = KeyPrefix { bytes: [0; 16] };
-                remember(
-                    sc,
-                    fk,
-                    known,
-                    settings,
-                    Reason::PassHandshake,
-                    FLOW_PROXIED,
-                    NO_STAT,
-                    none,
-                    family,
-                    client,
-                );
+                remember_pending(sc, fk, known, settings, FLOW_PROXIED, family, client);
                 if start >= seg.payload_end {
                     return Verdict::of(Reason::PassHandshake);
                 }
@@ -401,19 +390,7 @@ fn judge_segment(
             if io.result == tls::SCAN_PENDING {
                 // The ClientHello goes on in the next segment: this part passes, and the
                 // connection keeps where the walk stopped.
-                let none = KeyPrefix { bytes: [0; 16] };
-                remember(
-                    sc,
-                    fk,
-                    known,
-                    settings,
-                    Reason::PassHandshake,
-                    FLOW_TLS_PENDING,
-                    NO_STAT,
-                    none,
-                    family,
-                    client,
-                );
+                remember_pending(sc, fk, known, settings, FLOW_TLS_PENDING, family, client);
                 let t = unsafe { &mut (*sc).pending };
                 t.tls_seq = io.tls_seq as u32;
                 t.tls_left = io.tls_left as u32;
@@ -495,6 +472,33 @@ fn judge_segment(
         },
         _ => Verdict::of(Reason::DropMalformed),
     }
+}
+
+/// Records a connection that has no key yet but is expected to show one (after a PROXY
+/// header, or in the rest of a ClientHello): `pass_handshake` until then.
+#[inline(always)]
+fn remember_pending(
+    sc: ScratchPtr,
+    fk: &FlowKey,
+    known: Option<*mut Flow>,
+    settings: &Settings,
+    flags: u8,
+    family: u8,
+    client: [u8; 16],
+) {
+    let none = KeyPrefix { bytes: [0; 16] };
+    remember(
+        sc,
+        fk,
+        known,
+        settings,
+        Reason::PassHandshake,
+        flags,
+        NO_STAT,
+        none,
+        family,
+        client,
+    );
 }
 
 /// Records a connection's verdict: rewritten in place when the connection is known (replacing
