@@ -1,4 +1,4 @@
+pub mod api_bench;
 pub mod harness;
 pub mod netns;
 pub mod packet;
-pub mod api_bench;
