@@ -35,7 +35,7 @@ use tokio::{
 };
 
 use crate::{
-    daemon::Engine,
+    daemon::{Engine, Persist},
     dataplane::PinnedView,
     events::EventRecord,
     metrics::Metrics,
@@ -364,7 +364,7 @@ impl Shared {
             }
             Decision::Apply => {}
         }
-        match eng.apply_compiled(p, compiled, None, rev, "api") {
+        match eng.apply_compiled(p, compiled, None, rev, "api", Persist::Snapshot) {
             Ok(_) => self.applied_reply(&eng, t0, "applied"),
             Err(e) => self.apply_failed(e),
         }
@@ -428,13 +428,31 @@ impl Shared {
                 return reject(bad_input(&errs));
             }
         };
+        log::debug!("PATCH {}: validated in {:?}", patch.revision, t0.elapsed());
         let changed = patch_prefixes(&patch);
-        match eng.apply_compiled(next, compiled, changed.as_ref(), patch.revision, "api") {
+        match eng.apply_compiled(
+            next,
+            compiled,
+            changed.as_ref(),
+            patch.revision,
+            "api",
+            Persist::Journal(&patch),
+        ) {
             Ok(_) => {
                 eng.last_patch = Some(patch);
                 self.applied_reply(&eng, t0, "applied")
             }
             Err(e) => self.apply_failed(e),
+        }
+    }
+
+    /// Writes a snapshot when the PATCH journal has grown long (called after answering).
+    pub fn compact_if_due(&self) {
+        let mut eng = self.engine.lock().unwrap();
+        if eng.wants_compaction()
+            && let Err(e) = eng.compact()
+        {
+            log::error!("writing a policy snapshot: {e:#}");
         }
     }
 
@@ -774,6 +792,9 @@ async fn handle(
                 }
             })
             .await;
+            // The journal is folded into a snapshot off the answer's path.
+            let sh3 = sh.clone();
+            tokio::task::spawn_blocking(move || sh3.compact_if_due());
             match r {
                 Ok((st, v)) => json_response(st, &v),
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -58,7 +58,18 @@ pub struct Engine {
     pub key_cap: u32,
     /// The last PATCH applied (revision and ops), so its retry is recognised as a no-op.
     pub last_patch: Option<Patch>,
+    /// PATCHes in the state dir's journal since the last snapshot.
+    pub journal_len: usize,
 }
+
+/// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
+pub enum Persist<'a> {
+    Snapshot,
+    Journal(&'a Patch),
+}
+
+/// Journal lines after which the daemon writes a fresh snapshot (after answering).
+pub const JOURNAL_COMPACT: usize = 1024;
 
 impl Engine {
     /// The applied revision (0 before anything was applied).
@@ -82,7 +93,30 @@ impl Engine {
                     .join("\n")
             )
         })?;
-        self.apply_compiled(p, compiled, None, revision, source)
+        self.apply_compiled(p, compiled, None, revision, source, Persist::Snapshot)
+    }
+
+    /// True when the journal is long enough to fold into a snapshot.
+    pub fn wants_compaction(&self) -> bool {
+        self.journal_len >= JOURNAL_COMPACT
+    }
+
+    /// Folds the journal into a fresh snapshot of the applied policy.
+    pub fn compact(&mut self) -> Result<()> {
+        if self.journal_len == 0 {
+            return Ok(());
+        }
+        if let Some(a) = &self.applied {
+            let t0 = Instant::now();
+            state::save_applied(&self.state_dir, a)?;
+            log::info!(
+                "folded {} journalled PATCHes into a snapshot in {:?}",
+                self.journal_len,
+                t0.elapsed()
+            );
+        }
+        self.journal_len = 0;
+        Ok(())
     }
 
     /// Writes an already validated policy. `changed` (from a PATCH) names every key that may
@@ -95,6 +129,7 @@ impl Engine {
         changed: Option<&BTreeSet<KeyPrefix>>,
         revision: u64,
         source: &str,
+        persist: Persist<'_>,
     ) -> Result<crate::dataplane::ApplyReport> {
         // --audit overrides what the policy says in the kernel only: the stored policy stays
         // as written, so reads and retries see what the writer sent.
@@ -112,7 +147,30 @@ impl Engine {
             policy: p,
         };
         self.last_patch = None;
-        let saved = state::save_applied(&self.state_dir, &applied);
+        let t_save = Instant::now();
+        let saved = match persist {
+            Persist::Snapshot => {
+                self.journal_len = 0;
+                state::save_applied(&self.state_dir, &applied)
+            }
+            Persist::Journal(patch) => {
+                self.journal_len += 1;
+                state::append_journal(
+                    &self.state_dir,
+                    &state::JournalEntry {
+                        revision,
+                        source: source.to_owned(),
+                        applied_unix: applied.applied_unix,
+                        ops: patch.ops.clone(),
+                    },
+                )
+            }
+        };
+        log::debug!(
+            "revision {revision}: maps {:?}, state dir {:?}",
+            rep.elapsed,
+            t_save.elapsed()
+        );
         self.applied = Some(applied);
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
@@ -156,6 +214,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         audit: o.audit,
         key_cap: o.capacity.keys,
         last_patch: None,
+        journal_len: 0,
     };
     let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
 

@@ -145,7 +145,7 @@ impl<'a> ApiDaemon<'a> {
             cmd.args(["--metrics", "off"]);
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("KEYWALL_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f);
