@@ -35,7 +35,7 @@ use tokio::{
 };
 
 use crate::{
-    daemon::{Engine, Persist},
+    daemon::{Engine, PatchFailure, Persist},
     dataplane::PinnedView,
     events::EventRecord,
     metrics::Metrics,
@@ -390,15 +390,9 @@ impl Shared {
             return r;
         }
         let applied = eng.revision();
-        let base = eng
-            .applied
-            .as_ref()
-            .map(|a| a.policy.clone())
-            .unwrap_or_default();
         let decision = decide(applied, patch.revision, || {
-            // A retry: the very patch that was applied last, or ops that are already true.
-            eng.last_patch.as_ref() == Some(&patch)
-                || base.apply_patch(&patch).is_ok_and(|n| n == base)
+            // A retry: the very patch that was applied last, or ops that already hold.
+            eng.last_patch.as_ref() == Some(&patch) || eng.ops_hold(&patch.ops)
         });
         match decision {
             Decision::Unchanged => return self.applied_reply(&eng, t0, "unchanged"),
@@ -414,6 +408,23 @@ impl Shared {
             }
             Decision::Apply => {}
         }
+        // Locks, unlocks and key upserts cost the keys they name; ipset changes (which every
+        // key bound to the set follows) and the very first policy take the whole path.
+        if eng.can_patch_keys(&patch) {
+            return match eng.patch_keys(&patch, "api") {
+                Ok(_) => self.applied_reply(&eng, t0, "applied"),
+                Err(PatchFailure::Invalid(errs)) => {
+                    drop(eng);
+                    reject(bad_input(&errs))
+                }
+                Err(PatchFailure::Apply(e)) => self.apply_failed(e),
+            };
+        }
+        let base = eng
+            .applied
+            .as_ref()
+            .map(|a| a.policy.clone())
+            .unwrap_or_default();
         let next = match base.apply_patch(&patch) {
             Ok(n) => n,
             Err(errs) => {

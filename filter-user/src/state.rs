@@ -175,6 +175,15 @@ pub fn replay_ops(p: &mut Policy, ops: &[PatchOp]) -> Result<(), String> {
         .enumerate()
         .map(|(i, k)| (k.prefix.clone(), i))
         .collect();
+    replay_ops_indexed(p, &mut index, ops)
+}
+
+/// `replay_ops` with the caller's prefix index of `p.key`, kept up to date.
+pub fn replay_ops_indexed(
+    p: &mut Policy,
+    index: &mut std::collections::HashMap<String, usize>,
+    ops: &[PatchOp],
+) -> Result<(), String> {
     for op in ops {
         match op {
             PatchOp::Upsert { key } => match index.get(&key.prefix) {

@@ -778,14 +778,38 @@ fn applied_revision_survives_restart() {
     let (sb, _srv) = setup("apirest");
     let mut d = ApiDaemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 5));
-    let (st, v) = d
-        .call(
-            "PATCH",
-            "/v1/policy",
-            Some(&json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]})),
-        )
-        .unwrap();
-    assert_eq!(st, 200, "{v}");
+    // More PATCHes of every kind (journalled, not snapshotted): the daemon's policy is what
+    // applying them in order to the PUT policy gives.
+    let mut want: keywall::policy::Policy = serde_json::from_value(policy(&sb, 5)).unwrap();
+    let patches = [
+        json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]}),
+        json!({"revision": 10, "ops": [
+            {"op": "upsert", "key": {"prefix": "newkey01", "allow": ["192.0.2.0/24"]}},
+            {"op": "upsert", "key": {"prefix": "newkey02", "allow": ["2001:db8:1::/64"], "ipsets": ["broker-a"]}},
+            {"op": "delete", "prefix": "lockkey1"}]}),
+        json!({"revision": 11, "ops": [{"op": "set_ipset", "name": "broker-b", "cidrs": ["198.18.0.0/15"]},
+            {"op": "upsert", "key": {"prefix": "newkey01", "ipsets": ["broker-b"]}}]}),
+        json!({"revision": 12, "ops": [{"op": "lock", "prefix": "newkey02"}, {"op": "unlock", "prefix": "newkey02"},
+            {"op": "delete", "prefix": "newkey01"}, {"op": "delete_ipset", "name": "broker-b"}]}),
+    ];
+    for p in &patches {
+        let (st, v) = d.call("PATCH", "/v1/policy", Some(p)).unwrap();
+        assert_eq!(st, 200, "{p}: {v}");
+        let patch: keywall::policy::Patch = serde_json::from_value(p.clone()).unwrap();
+        want = want.apply_patch(&patch).unwrap();
+    }
+    let (_, got) = d.call("GET", "/v1/policy", None).unwrap();
+    assert_eq!(
+        got,
+        serde_json::to_value(&want).unwrap(),
+        "PATCHes applied differently"
+    );
+    let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+    assert_eq!(st["keys"], 2, "{st}");
+    // A retry of the last PATCH is a no-op.
+    let (st, v) = d.call("PATCH", "/v1/policy", Some(&patches[3])).unwrap();
+    assert_eq!((st, v["changed"].clone()), (200, json!(false)), "{v}");
+
     let before = get_policy_raw(&d);
     d.stop().unwrap();
     drop(d);
@@ -799,17 +823,17 @@ fn applied_revision_survives_restart() {
         "the restarted daemon serves another policy"
     );
     let (_, st) = d.call("GET", "/v1/status", None).unwrap();
-    assert_eq!(st["revision"], 9, "{st}");
+    assert_eq!(st["revision"], 12, "{st}");
     assert_eq!(st["source"], "api", "{st}");
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Blocked);
     // The restored revision still orders writes.
-    let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 9))).unwrap();
-    assert_eq!((st, v["revision"].clone()), (409, json!(9)), "{v}");
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 12))).unwrap();
+    assert_eq!((st, v["revision"].clone()), (409, json!(12)), "{v}");
     let (st, v) = d
         .call(
             "PATCH",
             "/v1/policy",
-            Some(&json!({"revision": 10, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})),
+            Some(&json!({"revision": 13, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})),
         )
         .unwrap();
     assert_eq!(st, 200, "{v}");
