@@ -306,9 +306,7 @@ impl Shared {
             self.metrics
                 .apply_seconds
                 .observe(t0.elapsed().as_secs_f64());
-            if let Some(a) = &eng.applied {
-                self.metrics.set_policy(&a.policy, a.revision);
-            }
+            self.metrics.set_policy(eng);
         }
         (
             StatusCode::OK,

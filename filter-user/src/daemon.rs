@@ -67,6 +67,8 @@ pub struct Engine {
     /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
     /// under `unbound_keys = "pass"`, the prefilter must stay off.
     pub open_keys: usize,
+    /// Locked keys in the applied policy (for metrics, without a walk over every key).
+    pub locked_keys: usize,
 }
 
 /// Why a PATCH was not applied.
@@ -267,6 +269,15 @@ impl Engine {
             undo.push((kp, old));
         }
         let open_after = (self.open_keys as isize + open_delta) as usize;
+        let mut locked_delta: isize = 0;
+        for (prefix, new) in &after {
+            if let Some(&i) = self.index.get(*prefix) {
+                locked_delta -= base.key[i].locked as isize;
+            }
+            if let Some((k, _)) = new {
+                locked_delta += k.locked as isize;
+            }
+        }
         let old_flags = compiled.settings.flags;
         let prefilter = base.settings.prefilter
             && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
@@ -300,6 +311,7 @@ impl Engine {
         state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops)
             .map_err(|m| PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}")))?;
         self.open_keys = open_after;
+        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
         a.revision = patch.revision;
         a.policy.revision = Some(patch.revision);
         a.source = source.to_owned();
@@ -387,6 +399,7 @@ impl Engine {
             .map(|(i, k)| (k.prefix.clone(), i))
             .collect();
         self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
+        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
         self.compiled = Some(compiled);
         let t_save = Instant::now();
         let saved = match persist {
@@ -459,6 +472,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         compiled: None,
         index: HashMap::new(),
         open_keys: 0,
+        locked_keys: 0,
     };
     let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
 
@@ -501,9 +515,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     } else if eng.applied.is_none() {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
-    if let Some(a) = &eng.applied {
-        metrics.set_policy(&a.policy, a.revision);
-    }
+    metrics.set_policy(&eng);
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -654,9 +666,7 @@ fn apply_file(eng: &mut Engine, p: &Path, runtime: &mut Runtime, metrics: &Metri
             runtime.policy_error = None;
             metrics.update("file", "applied");
             metrics.apply_seconds.observe(t0.elapsed().as_secs_f64());
-            if let Some(a) = &eng.applied {
-                metrics.set_policy(&a.policy, a.revision);
-            }
+            metrics.set_policy(eng);
         }
         Ok(None) => runtime.policy_error = None,
         Err(e) => {
