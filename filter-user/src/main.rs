@@ -38,6 +38,8 @@ impl ApiArgs {
     }
 }
 
+// Parsed once per process: the size of the `run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon: restore, attach, and keep the kernel maps in step with the policy.

@@ -1193,3 +1193,42 @@ allow = ["{a4}/32", "{a6}/128"]
         "{after}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// the helpers' own logic
+
+#[test]
+fn client_answers_map_to_outcomes() {
+    assert_eq!(tool_outcome("LOGON KEYWALL-EDGE", "LOGON"), Got::Pass);
+    assert_eq!(
+        tool_outcome("SERVERHELLO 1699-byte hello, SNI extension at 1665", "SERVERHELLO"),
+        Got::Pass
+    );
+    assert_eq!(tool_outcome("TIMEOUT", "LOGON"), Got::Blocked);
+    assert_eq!(
+        tool_outcome("ERROR connection closed", "LOGON"),
+        Got::Odd("ERROR connection closed".into())
+    );
+    // A pass word must be the whole first word, not a prefix of it.
+    assert_eq!(
+        tool_outcome("LOGONX y", "LOGON"),
+        Got::Odd("LOGONX y".into())
+    );
+    assert!(expect(Got::Pass, Got::Pass).is_ok());
+    assert!(expect(Got::Blocked, Got::Pass).is_err());
+}
+
+#[test]
+fn curl_results_map_to_outcomes() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let out = |code: i32, stdout: &str| Output {
+        status: std::process::ExitStatus::from_raw(code << 8),
+        stdout: stdout.as_bytes().to_vec(),
+        stderr: Vec::new(),
+    };
+    assert_eq!(curl_outcome(&out(0, "200")), Got::Pass);
+    assert_eq!(curl_outcome(&out(0, "body\n200")), Got::Pass);
+    assert_eq!(curl_outcome(&out(28, "000")), Got::Blocked);
+    assert!(matches!(curl_outcome(&out(0, "504")), Got::Odd(_)));
+    assert!(matches!(curl_outcome(&out(56, "000")), Got::Odd(_)));
+}
