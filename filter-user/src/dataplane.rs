@@ -833,9 +833,28 @@ pub struct PinnedView {
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     pub listeners: Array<MapData, Listener>,
+    /// None when the pinned object has no prefilter.
+    pub prefilter: Option<PrefilterMap>,
 }
 
 impl PinnedView {
+    /// How full the live slot's prefilter is, from the pinned maps (works with the daemon down).
+    pub fn prefilter_fill(&self) -> Result<Option<Fill>> {
+        let Some(pf) = &self.prefilter else {
+            return Ok(None);
+        };
+        let slot = self.control.get(&0, 0)?.active_slot & 1;
+        let st = self.settings.get(&slot, 0)?;
+        if st.pf_words_log2 != pf.words_log2 {
+            return Ok(None); // never written at this size
+        }
+        let plan = PlenPlan {
+            v4: st.pf_v4_plens[..(st.pf_n_v4 as usize).min(MAX_PLENS)].to_vec(),
+            v6: st.pf_v6_plens[..(st.pf_n_v6 as usize).min(MAX_PLENS)].to_vec(),
+        };
+        Ok(Some(prefilter::fill(&pf.read_half(slot), &plan)))
+    }
+
     pub fn open(pin_dir: &Path) -> Result<PinnedView> {
         fn o(dir: &Path, name: &str) -> Result<Map> {
             let p = dir.join(name);
@@ -852,6 +871,10 @@ impl PinnedView {
             keys: o(pin_dir, maps::KEYS)?.try_into()?,
             flows: o(pin_dir, maps::FLOWS)?.try_into()?,
             listeners: o(pin_dir, maps::LISTENERS)?.try_into()?,
+            prefilter: match MapData::from_pin(pin_dir.join(maps::PREFILTER)) {
+                Ok(d) => Some(PrefilterMap::open(d)?),
+                Err(_) => None,
+            },
         })
     }
 }

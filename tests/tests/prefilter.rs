@@ -460,6 +460,12 @@ fn a_restarted_loader_reads_the_filter_back() {
     let (w2, p2) = again.prefilter_half();
     assert_eq!(p2, &plan);
     assert!(w2 == words.as_slice(), "words read back differ");
+    // Operators read the same fill from the pins, with no loader around.
+    let view = keywall::dataplane::PinnedView::open(&l.pin_dir).unwrap();
+    let fill = view.prefilter_fill().unwrap().expect("written");
+    assert_eq!(Some(fill), l.mirror.prefilter_fill());
+    assert!(fill.bits_set >= 3 && fill.fp_v4 < 1e-6, "{fill:?}");
+    drop(view);
     // The pure model agrees with the kernel words.
     let a = v6("2001:db8:aa::1");
     assert!(prefilter::passes(&words, &plan, 6, &a, 12));
