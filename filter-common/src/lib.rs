@@ -36,7 +36,8 @@ pub mod maps {
     pub const KEY_STATS: &str = "KW_KEY_STATS";
     pub const PREFILTER: &str = "KW_PREFILTER";
     pub const EVENTS: &str = "KW_EVENTS";
-    pub const ALL: [&str; 12] = [
+    pub const TLS_PENDING: &str = "KW_TLS_PENDING";
+    pub const ALL: [&str; 13] = [
         CONTROL,
         SETTINGS,
         LISTENERS,
@@ -49,6 +50,7 @@ pub mod maps {
         KEY_STATS,
         PREFILTER,
         EVENTS,
+        TLS_PENDING,
     ];
 }
 
@@ -331,7 +333,7 @@ pub struct FlowKey {
 pub const FLOW_HAS_KEY: u8 = 1 << 0;
 /// `client` came from a PROXY header (the connection's source is a trusted proxy).
 pub const FLOW_PROXIED: u8 = 1 << 1;
-/// A ClientHello is being followed across segments (`tls_*` fields).
+/// A ClientHello is being followed across segments (its state is in `KW_TLS_PENDING`).
 pub const FLOW_TLS_PENDING: u8 = 1 << 2;
 /// Bytes of a split extension carried from one segment to the next.
 pub const TLS_CARRY: usize = 96;
@@ -352,14 +354,6 @@ pub struct Flow {
     pub prefix: KeyPrefix,
     /// The address the allowlist is checked against (the PROXY header's, when there was one).
     pub client: [u8; 16],
-    /// ClientHello follow-up: TCP sequence number of the next extension (or of `carry[0]`),
-    /// and extension bytes left from there.
-    pub tls_seq: u32,
-    pub tls_left: u32,
-    pub carry_len: u8,
-    pub _pad3: [u8; 7],
-    /// The start of an extension that the previous segment cut (header or server_name).
-    pub carry: [u8; TLS_CARRY],
 }
 
 impl Default for Flow {
@@ -374,14 +368,27 @@ impl Default for Flow {
             _pad2: 0,
             prefix: KeyPrefix { bytes: [0; 16] },
             client: [0; 16],
-            tls_seq: 0,
-            tls_left: 0,
-            carry_len: 0,
-            _pad3: [0; 7],
-            carry: [0; TLS_CARRY],
         }
     }
 }
+
+/// `KW_TLS_PENDING` value: where a ClientHello that outgrew its first segment goes on. Kept
+/// apart from `Flow` so the common flow entry stays small.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsPending {
+    /// TCP sequence number of the next extension (or of `carry[0]`), and extension bytes left
+    /// from there.
+    pub tls_seq: u32,
+    pub tls_left: u32,
+    pub carry_len: u8,
+    pub _pad: [u8; 7],
+    /// The start of an extension that the previous segment cut (header or server_name).
+    pub carry: [u8; TLS_CARRY],
+}
+
+/// ClientHellos followed across segments at once (LRU: an abandoned one ages out).
+pub const MAX_TLS_PENDING: u32 = 16384;
 
 /// `KW_REASONS` value (per CPU).
 #[repr(C)]
@@ -440,7 +447,9 @@ pub const COUNTER_EVENTS_SUPPRESSED: u32 = 31;
 /// bits of `hi`), already masked to `plen`. Returns (word index within a slot, bit mask).
 #[inline(always)]
 pub const fn prefilter_probe(family: u8, plen: u8, hi: u64, lo: u64, words_log2: u8) -> (u32, u64) {
-    let mut h = hi ^ lo.rotate_left(31) ^ ((family as u64) << 8 | plen as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut h = hi
+        ^ lo.rotate_left(31)
+        ^ ((family as u64) << 8 | plen as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h ^= h >> 33;
     h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     h ^= h >> 33;
@@ -484,4 +493,5 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for KeyStats {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for TlsPending {}
 }

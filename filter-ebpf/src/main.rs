@@ -8,14 +8,15 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod http;
 mod events;
+mod http;
 mod parse;
 mod policy;
 mod prefilter;
 mod proxy;
 mod reset;
 mod scratch;
+mod tls;
 
 use core::intrinsics::AtomicOrdering;
 
@@ -29,10 +30,10 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
-    FLOW_HAS_KEY, FLOW_PROXIED, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL,
-    LOCATOR_FIX, LOCATOR_HTTP_HEADER, Listener,
+    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
+    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
-    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
+    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, TLS_CARRY, TlsPending,
 };
 
 use crate::{
@@ -66,8 +67,11 @@ static REASONS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
 /// The prefilter's Bloom words, both slots' halves; the loader writes them through mmap.
 #[map(name = "KW_PREFILTER")]
-static PREFILTER: Array<u64> =
-    Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+/// ClientHellos followed into a next segment.
+#[map(name = "KW_TLS_PENDING")]
+static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
+    LruHashMap::pinned(filter_common::MAX_TLS_PENDING, 0);
 /// Sampled drop events for the daemon (`keywall events`).
 #[map(name = "KW_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
@@ -269,6 +273,11 @@ fn judge_segment(
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // A new connection on this 5-tuple: whatever was judged on an old one is void
+                // (a judged TLS or FIX connection is not scanned again).
+                let _ = FLOWS.remove(fk);
+            }
             return Verdict::of(Reason::PassHandshake);
         }
         return match FLOWS.get_ptr_mut(fk) {
@@ -331,6 +340,16 @@ fn judge_segment(
             }
         }
     }
+    if l.locator != LOCATOR_HTTP_HEADER {
+        // After a ClientHello everything is encrypted, and a FIX session logs on once: a
+        // judged connection of those can carry no other key, so it just follows its verdict.
+        if let Some(f) = known {
+            let f = unsafe { &mut *f };
+            if f.flags & FLOW_HAS_KEY != 0 {
+                return follow(sc, slot, settings, f);
+            }
+        }
+    }
     // The locator reports a key, none, or a segment it cannot judge safely.
     let (result, prefix) = match l.locator {
         LOCATOR_HTTP_HEADER | LOCATOR_FIX => {
@@ -341,11 +360,61 @@ fn judge_segment(
                 end: seg.payload_end as u64,
                 plen: plen as u64,
                 listener: l_idx as u64,
-                sep: if l.locator == LOCATOR_FIX { 1 } else { b'\n' as u64 },
+                sep: if l.locator == LOCATOR_FIX {
+                    1
+                } else {
+                    b'\n' as u64
+                },
                 result: http::SCAN_MALFORMED,
                 prefix: [0; 2],
             };
             http::keywall_http_scan(ctx.ctx, io);
+            (io.result, io.prefix)
+        }
+        LOCATOR_TLS_SNI => {
+            let io = unsafe { &mut (*sc).tls };
+            io.start = start as u64;
+            io.end = seg.payload_end as u64;
+            io.listener = l_idx as u64;
+            io.plen = plen as u64;
+            io.seq = seg.seq as u64;
+            io.pending = 0;
+            if let Some(f) = known {
+                if unsafe { (*f).flags } & FLOW_TLS_PENDING != 0 {
+                    if let Some(t) = unsafe { TLS_PENDING.get(fk) } {
+                        io.pending = 1;
+                        io.tls_seq = t.tls_seq as u64;
+                        io.tls_left = t.tls_left as u64;
+                        io.carry_len = t.carry_len as u64;
+                        io.carry = t.carry;
+                    }
+                }
+            }
+            tls::keywall_tls_scan(ctx.ctx, io);
+            if io.result == tls::SCAN_PENDING {
+                // The ClientHello goes on in the next segment: this part passes, and the
+                // connection keeps where the walk stopped.
+                let none = KeyPrefix { bytes: [0; 16] };
+                remember(
+                    sc,
+                    fk,
+                    known,
+                    settings,
+                    Reason::PassHandshake,
+                    FLOW_TLS_PENDING,
+                    NO_STAT,
+                    none,
+                    family,
+                    client,
+                );
+                let t = unsafe { &mut (*sc).pending };
+                t.tls_seq = io.tls_seq as u32;
+                t.tls_left = io.tls_left as u32;
+                t.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
+                t.carry = io.carry;
+                let _ = TLS_PENDING.insert(fk, &*t, 0);
+                return Verdict::of(Reason::PassHandshake);
+            }
             (io.result, io.prefix)
         }
         // Locators this build does not know fail closed.
@@ -397,9 +466,11 @@ fn judge_segment(
             Some(f) => {
                 let f = unsafe { &mut *f };
                 if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
-                    // The first request after a PROXY header carried no key.
+                    // The first request after a PROXY header, or the rest of a ClientHello,
+                    // carried no key.
                     let reason = no_key_reason(settings);
                     f.reason = reason as u8;
+                    f.flags &= !FLOW_TLS_PENDING;
                     f.generation = settings.generation;
                     Verdict::of(reason)
                 } else {
@@ -446,11 +517,6 @@ fn remember(
         _pad2: 0,
         prefix,
         client,
-        tls_seq: 0,
-        tls_left: 0,
-        carry_len: 0,
-        _pad3: [0; 7],
-        carry: [0; filter_common::TLS_CARRY],
     };
     match known {
         Some(f) => unsafe { *f = *flow },

@@ -77,7 +77,10 @@ pub extern "C" fn keywall_proxy(ctx: *mut xdp_md, io: *mut ProxyIo) -> i64 {
         return 0;
     }
     let w0 = ld64(p as *const u64).to_le_bytes();
-    if w0 == [V2_SIG[0], V2_SIG[1], V2_SIG[2], V2_SIG[3], V2_SIG[4], V2_SIG[5], V2_SIG[6], V2_SIG[7]]
+    if w0
+        == [
+            V2_SIG[0], V2_SIG[1], V2_SIG[2], V2_SIG[3], V2_SIG[4], V2_SIG[5], V2_SIG[6], V2_SIG[7],
+        ]
     {
         v2(io, p, data_end, start, end);
     } else if &w0[..6] == b"PROXY " {
@@ -183,7 +186,11 @@ fn v1(ctx: &XdpContext, sc: ScratchPtr, io: &mut ProxyIo, p: usize, start: usize
         io.family = FAMILY_V4 as u64;
     } else {
         let (head, tail) = (st.parts & 15, st.tail & 15);
-        let ok = if st.dc != 0 { head + tail <= 7 } else { head == 8 && tail == 0 };
+        let ok = if st.dc != 0 {
+            head + tail <= 7
+        } else {
+            head == 8 && tail == 0
+        };
         if !ok {
             return;
         }

@@ -70,6 +70,11 @@ pub fn rewrite(ctx: &XdpContext, sc: ScratchPtr) -> bool {
     if seg.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
         return false;
     }
+    // Only what the client is waiting on is answered: data, or its FIN. A bare ACK of a
+    // refused connection is just dropped (it already had its RST).
+    if seg.payload_off >= seg.payload_end && seg.tcp_flags & TCP_FIN == 0 {
+        return false;
+    }
     let v4 = seg.family == FAMILY_V4;
     let l3 = forget_in(sc, 0, seg.l3_off) & 0x3f;
     let l4 = if v4 { l3 + 20 } else { l3 + 40 };
@@ -130,7 +135,11 @@ pub fn rewrite(ctx: &XdpContext, sc: ScratchPtr) -> bool {
         }
         pseudo += 6u16.to_be() as u64 + 20u16.to_be() as u64;
         swap(tcp, tcp.add(2), 2);
-        let (rseq, rack) = if had_ack { (ack, seq.wrapping_add(consumed)) } else { (0, seq.wrapping_add(consumed)) };
+        let (rseq, rack) = if had_ack {
+            (ack, seq.wrapping_add(consumed))
+        } else {
+            (0, seq.wrapping_add(consumed))
+        };
         core::ptr::write_volatile(tcp.add(4) as *mut u32, rseq.to_be());
         core::ptr::write_volatile(tcp.add(8) as *mut u32, rack.to_be());
         *tcp.add(12) = 5 << 4;

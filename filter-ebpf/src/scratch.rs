@@ -1,11 +1,12 @@
 //! Per-CPU scratch memory: what does not fit the 512-byte BPF stack, which all frames of a
 //! call chain share.
 
-use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix};
+use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix, TlsPending};
 
 use crate::{
     parse::Segment,
     proxy::{ProxyIo, V1State},
+    tls::{EXT_BUF, TlsIo, TlsWalk},
 };
 
 /// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
@@ -66,6 +67,11 @@ pub struct Scratch {
     pub event: DropEvent,
     pub proxy: ProxyIo,
     pub v1: V1State,
+    pub tls: TlsIo,
+    pub walk: TlsWalk,
+    pub pending: TlsPending,
+    /// A server_name extension, assembled from the packet (and a previous segment's carry).
+    pub ext: [u8; EXT_BUF],
     pub lines: [u16; 128],
     pub window: [u64; WINDOW_WORDS],
 }

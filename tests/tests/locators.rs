@@ -311,7 +311,7 @@ fn sni_in_the_second_segment() {
     let sni_at = h.sni_offset().unwrap();
     for cut in sni_at - 12..sni_at + 28 {
         for (src, want) in [(ALLOWED4, PassAllowed), (OTHER4, DropNotAllowed)] {
-            let sport = 33_000 + (cut - sni_at + 12) as u16;
+            let sport = 33_000 + (cut + 12 - sni_at) as u16;
             let segs = tls4(src, sport).segments(&rec, &[cut]);
             let got = run_all(&mut l, &segs);
             assert!(got.contains(&want), "cut {cut} (SNI at {sni_at}): {got:?}");
@@ -442,13 +442,14 @@ fn fix_tag_only_counts_at_field_starts() {
 #[test]
 fn fix_truncations_and_mutations_never_pass_a_disallowed_source() {
     let mut l = Loaded::new(POLICY).unwrap();
-    for begin in ["FIX.4.2", "FIXT.1.1"] {
+    for (n, begin) in ["FIX.4.2", "FIXT.1.1"].into_iter().enumerate() {
         let m = fix_logon(begin, "SENDER1", Some("37c541a1deadbeef"));
         let at = m.windows(5).position(|w| w == b"\x01553=").unwrap();
         let end = at + 1 + m[at + 1..].iter().position(|&b| b == 1).unwrap() + 1;
         truncations_fail_closed(&mut l, |sp| fix4(OTHER4, sp, FIX_553), &m, at + 2, begin);
         // Everything after the key field is decided the same way.
-        let f = fix4(OTHER4, 36_000, FIX_553).payload(&m[..end]).build();
+        // A connection of its own: a judged FIX session is not scanned again.
+        let f = fix4(OTHER4, 36_000 + n as u16, FIX_553).payload(&m[..end]).build();
         expect(&mut l, &f, DropNotAllowed, "up to the key's SOH");
         mutations_fail_closed(&mut l, |sp| fix4(OTHER4, sp, FIX_553), &m, 0xf1f1, begin);
     }
