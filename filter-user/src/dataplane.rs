@@ -448,7 +448,7 @@ impl Mirror {
             for s in 0..2usize {
                 let mut h = Half::default();
                 for e in mi.keys.values() {
-                    h.add_record(&e.slot[s], &mi.sets);
+                    h.record_changed(&KeyRecord::default(), &e.slot[s], &mi.sets);
                 }
                 let st = mi.slots[s].settings;
                 let plan = PlenPlan {
@@ -654,42 +654,24 @@ impl Mirror {
             self.slots[ti].listeners = want;
         }
 
-        // 3. Keys: only entries whose target record changes are written.
+        // 3. Keys: only entries whose target record changes are written. A full apply builds
+        //    the prefilter half from the policy itself meanwhile, on another thread (it walks
+        //    every allow entry; the key writes wait on syscalls).
         let old_lag = self.lag.take();
-        for p in &candidates {
-            let new = match c.keys.get(p) {
-                Some(k) => self.record_for(m, p, k, &ipset_ids, key_cap, &mut rep.sets_created)?,
-                None => KeyRecord::default(),
+        let pf_log2 = m.prefilter.as_ref().map(|p| p.words_log2);
+        let built = std::thread::scope(|scope| -> Result<Option<(PlenPlan, Vec<u64>)>> {
+            let job = match (examined_all, pf_log2) {
+                (true, Some(log2)) => Some(scope.spawn(move || {
+                    prefilter::build(|| prefilter::compiled_entries(c), log2)
+                })),
+                _ => None,
             };
-            let mut e = self.keys.get(p).copied().unwrap_or_default();
-            if e.slot[ti] == new {
-                continue;
+            if examined_all {
+                self.prefilter[ti].expect_rebuild();
             }
-            let old = e.slot[ti];
-            e.slot[ti] = new;
-            // New before old, so a record that keeps its sources (a lock) costs nothing.
-            self.prefilter[ti].add_record(&new, &self.sets);
-            self.prefilter[ti].remove_record(&old, &self.sets);
-            if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
-                if self.keys.contains_key(p) {
-                    m.keys.remove(p)?;
-                }
-                self.keys.remove(p);
-                if let Some(i) = self.stat_idx.remove(p) {
-                    self.free_idx.push(i);
-                }
-            } else {
-                m.keys
-                    .insert(*p, e, 0)
-                    .context("writing a key (KW_KEYS full?)")?;
-                self.keys.insert(*p, e);
-            }
-            self.release(&old);
-            for id in record_sets(&new) {
-                *self.set_refs.entry(*id).or_default() += 1;
-            }
-            rep.keys_written += 1;
-        }
+            self.write_keys(m, c, &candidates, ti, &ipset_ids, key_cap, &mut rep)?;
+            Ok(job.map(|j| j.join().expect("the prefilter build panicked")))
+        })?;
         // Keys that may now differ between the slots: what lagged before, and what changed.
         let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
         lag.extend(candidates.iter().copied());
@@ -710,7 +692,9 @@ impl Mirror {
         let mut s = c.settings;
         if let Some(pf) = m.prefilter.as_mut() {
             let half = &mut self.prefilter[ti];
-            rep.prefilter_rebuilt = half.update(&self.sets, pf.words_log2, examined_all);
+            let (keys, sets) = (&self.keys, &self.sets);
+            let entries = || prefilter::record_entries(keys.values().map(move |e| &e.slot[ti]), sets);
+            rep.prefilter_rebuilt = half.update(built, entries, pf.words_log2);
             let dirty = half.take_dirty();
             rep.prefilter_words_written = pf.write_half(target, &half.words, dirty.as_deref());
             let (n_v4, v4, n_v6, v6) = half.plan.kernel_lists();
@@ -740,6 +724,53 @@ impl Mirror {
         rep.sets_freed = self.gc(m)?;
         rep.elapsed = t0.elapsed();
         Ok(rep)
+    }
+
+    /// Writes the target slot's record of every candidate key whose record changes.
+    #[allow(clippy::too_many_arguments)]
+    fn write_keys(
+        &mut self,
+        m: &mut Maps,
+        c: &Compiled,
+        candidates: &BTreeSet<KeyPrefix>,
+        ti: usize,
+        ipset_ids: &BTreeMap<String, u32>,
+        key_cap: u32,
+        rep: &mut ApplyReport,
+    ) -> Result<()> {
+        for p in candidates {
+            let new = match c.keys.get(p) {
+                Some(k) => self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?,
+                None => KeyRecord::default(),
+            };
+            let mut e = self.keys.get(p).copied().unwrap_or_default();
+            if e.slot[ti] == new {
+                continue;
+            }
+            let old = e.slot[ti];
+            e.slot[ti] = new;
+            self.prefilter[ti].record_changed(&old, &new, &self.sets);
+            if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
+                if self.keys.contains_key(p) {
+                    m.keys.remove(p)?;
+                }
+                self.keys.remove(p);
+                if let Some(i) = self.stat_idx.remove(p) {
+                    self.free_idx.push(i);
+                }
+            } else {
+                m.keys
+                    .insert(*p, e, 0)
+                    .context("writing a key (KW_KEYS full?)")?;
+                self.keys.insert(*p, e);
+            }
+            self.release(&old);
+            for id in record_sets(&new) {
+                *self.set_refs.entry(*id).or_default() += 1;
+            }
+            rep.keys_written += 1;
+        }
+        Ok(())
     }
 
     /// The record of key `p` for a slot, interning its own address set.
