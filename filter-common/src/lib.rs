@@ -412,7 +412,7 @@ pub struct KeyStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, jiffy resolution).
     pub time_ns: u64,
     /// Where the allowlist looked (the PROXY header's address when there was one).
     pub src: [u8; 16],

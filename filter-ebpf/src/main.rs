@@ -250,6 +250,14 @@ fn flow_key(seg: &Segment) -> FlowKey {
     }
 }
 
+/// The segment's flow key, built in scratch.
+#[inline(always)]
+fn flow_key_in(sc: ScratchPtr, seg: &Segment) -> &'static FlowKey {
+    let fk = unsafe { &mut (*sc).flow_key };
+    *fk = flow_key(seg);
+    fk
+}
+
 #[inline(always)]
 fn judge_segment(
     ctx: &XdpContext,
@@ -260,9 +268,6 @@ fn judge_segment(
     l_idx: u32,
     seg: &Segment,
 ) -> Verdict {
-    let fk = unsafe { &mut (*sc).flow_key };
-    *fk = flow_key(seg);
-    let fk: &FlowKey = fk;
     if seg.payload_off >= seg.payload_end {
         // No payload: handshakes and bare ACKs carry no key. RSTs always pass so a server can
         // tear down; other packets of a known connection follow its verdict.
@@ -273,18 +278,20 @@ fn judge_segment(
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
-            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                // A new connection on this 5-tuple: whatever was judged on an old one is void
-                // (a judged TLS or FIX connection is not scanned again).
-                let _ = FLOWS.remove(fk);
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && l.locator != LOCATOR_HTTP_HEADER {
+                // A new connection on this 5-tuple: what was judged on an old one is void, as
+                // a judged TLS or FIX connection is not scanned again. (HTTP segments are
+                // always scanned, so those entries need no such care.)
+                let _ = FLOWS.remove(flow_key_in(sc, seg));
             }
             return Verdict::of(Reason::PassHandshake);
         }
-        return match FLOWS.get_ptr_mut(fk) {
+        return match FLOWS.get_ptr_mut(flow_key_in(sc, seg)) {
             Some(f) => follow(sc, slot, settings, unsafe { &mut *f }),
             None => Verdict::of(Reason::PassHandshake),
         };
     }
+    let fk = flow_key_in(sc, seg);
     let plen = (settings.key_prefix_len as usize) & 0x1f;
     let mut start = seg.payload_off;
     let mut client = seg.src;

@@ -131,7 +131,10 @@ impl PrefilterMap {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let entries = data.info()?.max_entries() as usize;
         if entries < 2 || !entries.is_power_of_two() {
-            bail!("{} has {entries} entries; want 2 << words_log2", maps::PREFILTER);
+            bail!(
+                "{} has {entries} entries; want 2 << words_log2",
+                maps::PREFILTER
+            );
         }
         let words_log2 = (entries / 2).trailing_zeros() as u8;
         let len = entries * 8;
@@ -661,9 +664,9 @@ impl Mirror {
         let pf_log2 = m.prefilter.as_ref().map(|p| p.words_log2);
         let built = std::thread::scope(|scope| -> Result<Option<(PlenPlan, Vec<u64>)>> {
             let job = match (examined_all, pf_log2) {
-                (true, Some(log2)) => Some(scope.spawn(move || {
-                    prefilter::build(|| prefilter::compiled_entries(c), log2)
-                })),
+                (true, Some(log2)) => Some(
+                    scope.spawn(move || prefilter::build(|| prefilter::compiled_entries(c), log2)),
+                ),
                 _ => None,
             };
             if examined_all {
@@ -682,7 +685,11 @@ impl Mirror {
         for id in ipset_ids.values() {
             *self.set_refs.entry(*id).or_default() += 1;
         }
-        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+        for id in self.ipsets[ti]
+            .take()
+            .into_iter()
+            .flat_map(|m| m.into_values())
+        {
             self.release_set(id);
         }
         self.ipsets[ti] = Some(ipset_ids);
@@ -693,7 +700,8 @@ impl Mirror {
         if let Some(pf) = m.prefilter.as_mut() {
             let half = &mut self.prefilter[ti];
             let (keys, sets) = (&self.keys, &self.sets);
-            let entries = || prefilter::record_entries(keys.values().map(move |e| &e.slot[ti]), sets);
+            let entries =
+                || prefilter::record_entries(keys.values().map(move |e| &e.slot[ti]), sets);
             rep.prefilter_rebuilt = half.update(built, entries, pf.words_log2);
             let dirty = half.take_dirty();
             rep.prefilter_words_written = pf.write_half(target, &half.words, dirty.as_deref());

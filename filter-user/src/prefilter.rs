@@ -20,9 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use filter_common::{
-    FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe,
-};
+use filter_common::{FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe};
 
 use crate::policy::{Cidr, Compiled, SetContent};
 
@@ -56,7 +54,11 @@ impl PlenPlan {
     }
 
     pub fn list(&self, family: u8) -> &[u8] {
-        if family == FAMILY_V4 { &self.v4 } else { &self.v6 }
+        if family == FAMILY_V4 {
+            &self.v4
+        } else {
+            &self.v6
+        }
     }
 
     fn list_mut(&mut self, family: u8) -> &mut Vec<u8> {
@@ -70,7 +72,11 @@ impl PlenPlan {
     /// The length an entry of length `plen` is stored at: the longest listed one not longer
     /// than it (masking to it only widens the entry). None if every listed one is longer.
     pub fn effective(&self, family: u8, plen: u8) -> Option<u8> {
-        self.list(family).iter().copied().filter(|&q| q <= plen).max()
+        self.list(family)
+            .iter()
+            .copied()
+            .filter(|&q| q <= plen)
+            .max()
     }
 
     /// Like `effective`, but adds `plen` to the list when it is missing and there is room.
@@ -157,7 +163,10 @@ fn insert(words: &mut [u64], plan: &PlenPlan, c: &Cidr, words_log2: u8) -> bool 
 
 /// A whole half: the plan for the entries and the words with all of them set. The entries
 /// are walked twice (lengths first), never collected: a million keys hold millions.
-pub fn build<I: Iterator<Item = Cidr>>(entries: impl Fn() -> I, words_log2: u8) -> (PlenPlan, Vec<u64>) {
+pub fn build<I: Iterator<Item = Cidr>>(
+    entries: impl Fn() -> I,
+    words_log2: u8,
+) -> (PlenPlan, Vec<u64>) {
     let plan = PlenPlan::for_entries(entries());
     let mut words = vec![0u64; 1usize << words_log2];
     for c in entries() {
@@ -288,7 +297,10 @@ pub fn record_entries<'a>(
     records: impl Iterator<Item = &'a KeyRecord> + Clone + 'a,
     sets: &'a HashMap<u32, SetContent>,
 ) -> impl Iterator<Item = Cidr> + 'a {
-    let ids: BTreeSet<u32> = records.clone().flat_map(|r| record_sets(r).iter().copied()).collect();
+    let ids: BTreeSet<u32> = records
+        .clone()
+        .flat_map(|r| record_sets(r).iter().copied())
+        .collect();
     records
         .flat_map(|r| record_hosts(r).iter().map(|h| host_cidr(*h)))
         .chain(
@@ -334,7 +346,12 @@ impl Half {
 
     /// Notes that one key's record in this slot goes from `old` to `new`. A record that keeps
     /// its sources (a lock) changes nothing here.
-    pub fn record_changed(&mut self, old: &KeyRecord, new: &KeyRecord, sets: &HashMap<u32, SetContent>) {
+    pub fn record_changed(
+        &mut self,
+        old: &KeyRecord,
+        new: &KeyRecord,
+        sets: &HashMap<u32, SetContent>,
+    ) {
         let (oh, nh) = (record_hosts(old), record_hosts(new));
         for h in nh.iter().filter(|h| !oh.contains(h)) {
             self.size += 1;
@@ -517,7 +534,11 @@ mod tests {
         let entries = cidrs(&refs);
         let p = PlenPlan::for_entries(entries.iter().copied());
         assert_eq!(p.v4.len(), MAX_PLENS);
-        assert!(p.v4.contains(&32), "the common length stays exact: {:?}", p.v4);
+        assert!(
+            p.v4.contains(&32),
+            "the common length stays exact: {:?}",
+            p.v4
+        );
         assert!(p.v4.contains(&8), "the shortest always stays: {:?}", p.v4);
         // Every entry has a length to go to, never a longer one.
         for (f, plen, _) in &entries {
@@ -546,7 +567,13 @@ mod tests {
             let (f, a) = addr(s);
             assert!(passes(&words, &plan, f, &a, LOG2), "{s} must pass");
         }
-        for s in ["198.51.100.8", "203.0.114.1", "11.0.0.1", "2001:db9::1", "2001:db8:aa::2"] {
+        for s in [
+            "198.51.100.8",
+            "203.0.114.1",
+            "11.0.0.1",
+            "2001:db9::1",
+            "2001:db8:aa::2",
+        ] {
             let (f, a) = addr(s);
             assert!(!passes(&words, &plan, f, &a, LOG2), "{s} must not pass");
         }
@@ -564,9 +591,17 @@ mod tests {
             let mut entries = Vec::new();
             for _ in 0..n {
                 let v6 = rng.below(3) == 0;
-                let (family, max) = if v6 { (FAMILY_V6, 128) } else { (FAMILY_V4, 32) };
+                let (family, max) = if v6 {
+                    (FAMILY_V6, 128)
+                } else {
+                    (FAMILY_V4, 32)
+                };
                 // Many lengths, so coarsening happens in most rounds.
-                let plen = if rng.below(2) == 0 { max } else { (rng.below(max as u64 - 7) + 8) as u8 };
+                let plen = if rng.below(2) == 0 {
+                    max
+                } else {
+                    (rng.below(max as u64 - 7) + 8) as u8
+                };
                 let mut a = [0u8; 16];
                 let bytes = if v6 { 16 } else { 4 };
                 for b in a.iter_mut().take(bytes) {
@@ -589,8 +624,14 @@ mod tests {
                         inside[bit / 8] |= 0x80 >> (bit % 8);
                     }
                 }
-                assert!(passes(&words, &plan, *family, a, LOG2), "round {round}: {a:?}/{plen}");
-                assert!(passes(&words, &plan, *family, &inside, LOG2), "round {round}");
+                assert!(
+                    passes(&words, &plan, *family, a, LOG2),
+                    "round {round}: {a:?}/{plen}"
+                );
+                assert!(
+                    passes(&words, &plan, *family, &inside, LOG2),
+                    "round {round}"
+                );
             }
             // Random sources outside every entry (as widened by the plan) mostly fail.
             let fl = fill(&words, &plan);
@@ -641,7 +682,10 @@ mod tests {
     #[test]
     fn half_counts_shared_sets_once_and_lock_changes_nothing() {
         let mut sets = HashMap::new();
-        sets.insert(7, SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])));
+        sets.insert(
+            7,
+            SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])),
+        );
         let host = u32::from_ne_bytes([198, 51, 100, 7]);
         let none = KeyRecord::default();
         let a = record(&[host], &[7]);
@@ -653,7 +697,10 @@ mod tests {
         let mut records = vec![a, b];
         let entries = |r: &Vec<KeyRecord>| record_entries(r.iter(), &sets).collect::<Vec<_>>();
         let now = entries(&records);
-        assert!(h.update(None, || now.iter().copied(), LOG2), "first update builds");
+        assert!(
+            h.update(None, || now.iter().copied(), LOG2),
+            "first update builds"
+        );
         assert_eq!(h.take_dirty(), None);
         let built = h.words.clone();
 
@@ -678,7 +725,10 @@ mod tests {
         h.record_changed(&none, &c, &sets);
         records.push(c);
         let now = entries(&records);
-        assert!(!h.update(None, || now.iter().copied(), LOG2), "one new host is set in place");
+        assert!(
+            !h.update(None, || now.iter().copied(), LOG2),
+            "one new host is set in place"
+        );
         let (f, x) = addr("192.0.2.9");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
         h.record_changed(&locked, &none, &sets);
@@ -686,7 +736,10 @@ mod tests {
         assert_eq!(h.stale(), 3);
         let now = entries(&records);
         assert_eq!(now.len(), 1);
-        assert!(h.update(None, || now.iter().copied(), LOG2), "3 stale of 1 is over 10%: rebuilt");
+        assert!(
+            h.update(None, || now.iter().copied(), LOG2),
+            "3 stale of 1 is over 10%: rebuilt"
+        );
         let (f, x) = addr("203.0.113.5");
         assert!(!passes(&h.words, &h.plan, f, &x, LOG2));
     }
