@@ -623,7 +623,12 @@ impl Mirror {
             if c.listeners.len() > MAX_LISTENERS as usize {
                 bail!("more than {MAX_LISTENERS} listeners");
             }
+            // Until every write is done the mirror holds no listeners for this slot (so a
+            // failed write is redone in full), and so no references to their sets.
             let old = std::mem::take(&mut self.slots[ti].listeners);
+            for l in old.values().filter(|l| l.proxy_set != 0) {
+                self.release_set(l.proxy_set);
+            }
             for port in old.keys() {
                 if !c.listeners.contains_key(port) {
                     m.listener_index.set(
@@ -650,9 +655,6 @@ impl Mirror {
             // Trusted-proxy sets are referenced by listeners as sets are by key records.
             for l in want.values().filter(|l| l.proxy_set != 0) {
                 *self.set_refs.entry(l.proxy_set).or_default() += 1;
-            }
-            for l in old.values().filter(|l| l.proxy_set != 0) {
-                self.release_set(l.proxy_set);
             }
             self.slots[ti].listeners = want;
         }
