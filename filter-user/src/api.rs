@@ -122,7 +122,10 @@ impl ApiConfig {
             return Ok(());
         };
         if self.token.is_none() {
-            bail!("--api {} needs --token-file: TCP clients must present a bearer token", self.addr);
+            bail!(
+                "--api {} needs --token-file: TCP clients must present a bearer token",
+                self.addr
+            );
         }
         let addrs = resolve(a)?;
         let beyond_loopback = addrs.iter().any(|s| !s.ip().is_loopback());
@@ -300,7 +303,9 @@ impl Shared {
     fn applied_reply(&self, eng: &Engine, t0: Instant, result: &str) -> Reply {
         self.metrics.update("api", result);
         if result == "applied" {
-            self.metrics.apply_seconds.observe(t0.elapsed().as_secs_f64());
+            self.metrics
+                .apply_seconds
+                .observe(t0.elapsed().as_secs_f64());
             if let Some(a) = &eng.applied {
                 self.metrics.set_policy(&a.policy, a.revision);
             }
@@ -582,10 +587,9 @@ fn tls_acceptor(t: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor> {
     let read = |p: &Path| -> Result<Vec<u8>> {
         std::fs::read(p).with_context(|| format!("reading {}", p.display()))
     };
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut read(&t.cert)?.as_slice())
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing certificates in {}", t.cert.display()))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut read(&t.cert)?.as_slice())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing certificates in {}", t.cert.display()))?;
     if certs.is_empty() {
         bail!("no certificate in {}", t.cert.display());
     }

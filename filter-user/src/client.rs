@@ -31,7 +31,9 @@ impl Client {
     pub fn new(addr: &str, token_file: Option<&Path>) -> Result<Client> {
         let token = match token_file {
             Some(p) => Some(String::from_utf8(read_token_file(p)?)?),
-            None => std::env::var("KEYWALL_TOKEN").ok().filter(|t| !t.is_empty()),
+            None => std::env::var("KEYWALL_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
         };
         Ok(Client {
             addr: addr.parse()?,
@@ -255,7 +257,8 @@ pub fn policy_show(c: &Client, as_json: bool) -> Result<u8> {
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let p: Policy = serde_json::from_value(v).context("the daemon sent a policy we cannot read")?;
+        let p: Policy =
+            serde_json::from_value(v).context("the daemon sent a policy we cannot read")?;
         print!("{}", toml::to_string(&p)?);
     }
     Ok(0)
@@ -263,7 +266,11 @@ pub fn policy_show(c: &Client, as_json: bool) -> Result<u8> {
 
 /// `keywall key show PREFIX`.
 pub fn key_show(c: &Client, prefix: &str, as_json: bool) -> Result<u8> {
-    let (st, v) = c.call(Method::GET, &format!("/v1/keys/{}", path_escape(prefix)), None)?;
+    let (st, v) = c.call(
+        Method::GET,
+        &format!("/v1/keys/{}", path_escape(prefix)),
+        None,
+    )?;
     if st != 200 {
         print_rejection(st, &v);
         return Ok(1);
@@ -275,7 +282,10 @@ pub fn key_show(c: &Client, prefix: &str, as_json: bool) -> Result<u8> {
     let k = &v["policy"];
     println!("key:      {prefix}");
     if k.is_null() {
-        println!("policy:   not in the applied policy (revision {})", v["revision"]);
+        println!(
+            "policy:   not in the applied policy (revision {})",
+            v["revision"]
+        );
     } else {
         println!(
             "locked:   {}",
@@ -330,7 +340,11 @@ pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
     for _ in 0..RETRIES {
         let rev = c.revision()? + 1;
         let body = json!({"revision": rev, "ops": [{"op": op, "prefix": prefix}]});
-        let (st, v) = c.call(Method::PATCH, "/v1/policy", Some(serde_json::to_vec(&body)?))?;
+        let (st, v) = c.call(
+            Method::PATCH,
+            "/v1/policy",
+            Some(serde_json::to_vec(&body)?),
+        )?;
         match st {
             200 => {
                 println!(
@@ -361,9 +375,11 @@ pub fn events(c: &Client, as_json: bool) -> Result<u8> {
             let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
             match EventRecord::from_json(&v) {
                 Some(r) => writeln!(out, "{}", r.to_line())?,
-                None if !v["lagged"].is_null() => {
-                    writeln!(out, "({} events lost: this reader was too slow)", v["lagged"])?
-                }
+                None if !v["lagged"].is_null() => writeln!(
+                    out,
+                    "({} events lost: this reader was too slow)",
+                    v["lagged"]
+                )?,
                 None => writeln!(out, "{line}")?,
             }
         }
@@ -380,7 +396,10 @@ mod tests {
     #[test]
     fn error_sentences() {
         assert_eq!(
-            error_text(400, &json!({"error": "host bits set", "at": "ops[0].key.allow[0]"})),
+            error_text(
+                400,
+                &json!({"error": "host bits set", "at": "ops[0].key.allow[0]"})
+            ),
             "rejected: ops[0].key.allow[0]: host bits set"
         );
         assert_eq!(

@@ -278,7 +278,10 @@ pub fn run(o: RunOptions) -> Result<()> {
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(l) = metrics_listener {
-        log::info!("metrics on http://{}/metrics", o.metrics.as_deref().unwrap_or(""));
+        log::info!(
+            "metrics on http://{}/metrics",
+            o.metrics.as_deref().unwrap_or("")
+        );
         rt.spawn(api::serve_metrics(l, metrics.clone()));
     }
 

@@ -34,6 +34,10 @@ use crate::prefilter::{self, Fill, Half, PlenPlan};
 
 /// The compiled XDP object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
+/// An object whose only program (`keywall_pass`, section `xdp`) passes every frame: tests put
+/// it on the client end of a veth, which then accepts the frames its peer sends with XDP_TX.
+pub static PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall-pass"));
 
 const PROG_PIN: &str = "prog";
 

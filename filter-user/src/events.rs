@@ -292,7 +292,11 @@ mod tests {
         assert_eq!(v["src"], "2001:db8::7");
         assert!(v["prefix"].is_null());
         assert_eq!(v["audit"], true);
-        assert!(r.to_line().contains("[2001:db8::7]:40000"), "{}", r.to_line());
+        assert!(
+            r.to_line().contains("[2001:db8::7]:40000"),
+            "{}",
+            r.to_line()
+        );
         assert!(r.to_line().ends_with("key - (audit: passed)"));
     }
 }

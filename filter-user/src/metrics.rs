@@ -126,7 +126,13 @@ struct KernelCollector {
 }
 
 /// Entries and capacity of the maps whose fill matters to operators.
-const FILL_MAPS: [&str; 5] = [maps::KEYS, maps::ALLOW, maps::SETS, maps::FLOWS, maps::KEY_STATS];
+const FILL_MAPS: [&str; 5] = [
+    maps::KEYS,
+    maps::ALLOW,
+    maps::SETS,
+    maps::FLOWS,
+    maps::KEY_STATS,
+];
 
 /// Counting a hash map's entries walks it key by key; past this many the count is cut (the
 /// scrape must stay cheap) and the figure is a lower bound.
@@ -147,10 +153,8 @@ impl Collector for KernelCollector {
                 let c = ConstCounter::new(0u64);
                 let mut m = enc.encode_descriptor(name, help, None, c.metric_type())?;
                 for r in Reason::ALL {
-                    let mut rows = vec![(
-                        r as usize,
-                        if r.is_drop() { "dropped" } else { "passed" },
-                    )];
+                    let mut rows =
+                        vec![(r as usize, if r.is_drop() { "dropped" } else { "passed" })];
                     if r.is_drop() {
                         rows.push(((AUDIT_OFFSET + r as u32) as usize, "observed"));
                     }

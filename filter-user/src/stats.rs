@@ -127,7 +127,8 @@ fn last_seen_unix(last_seen_ns: u64) -> u64 {
     if last_seen_ns == 0 {
         return 0;
     }
-    crate::state::now_unix().saturating_sub(monotonic_ns().saturating_sub(last_seen_ns) / 1_000_000_000)
+    crate::state::now_unix()
+        .saturating_sub(monotonic_ns().saturating_sub(last_seen_ns) / 1_000_000_000)
 }
 
 /// SPEC's `stats --json`: every reason present, `keys` by drops, cut at `top`.

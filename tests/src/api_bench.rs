@@ -50,8 +50,8 @@ pub fn http_unix(
     body: Option<&[u8]>,
     headers: &[(&str, &str)],
 ) -> Result<(u16, Vec<u8>)> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("connecting to {}", sock.display()))?;
+    let mut s =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: keywall\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -87,10 +87,10 @@ pub fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>)> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("bad status line: {head}"))?;
     let mut body = resp[end + 4..].to_vec();
-    if head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"))
-    {
+    if head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    }) {
         let mut out = Vec::new();
         let mut rest = &body[..];
         while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
@@ -177,7 +177,10 @@ impl<'a> ApiDaemon<'a> {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the API did not answer within 20 s; log:\n{}", self.log_text());
+                bail!(
+                    "the API did not answer within 20 s; log:\n{}",
+                    self.log_text()
+                );
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -339,8 +342,7 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_responses() {
-        let (st, b) =
-            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        let (st, b) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
         assert_eq!((st, b.as_slice()), (200, &b"{}"[..]));
         let (st, b) = parse_response(
             b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",

@@ -1,5 +1,5 @@
+pub mod api_bench;
 pub mod bench;
 pub mod harness;
 pub mod netns;
 pub mod packet;
-pub mod api_bench;

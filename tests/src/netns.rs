@@ -397,8 +397,6 @@ impl Sandbox {
         for (ns, ifname) in [(e, ei), (c, ci)] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", ifname, "up"])?;
-            // A veth accepts XDP_TX/redirected frames from its peer only with GRO on (or an XDP
-            // program attached): needed for `action = "reset"` RSTs sent back with XDP_TX.
             let out = ns_command(ns, "ethtool")
                 .args(["-K", ifname, "gro", "on"])
                 .output();
@@ -413,6 +411,26 @@ impl Sandbox {
                 ),
             }
         }
+        // A veth delivers frames its peer sends with XDP_TX (the RSTs of `action = "reset"`)
+        // only when it has an XDP program itself; GRO alone does not do it on this kernel
+        // (seen on 6.18). Give the client side one that passes everything.
+        let pass = self.tmp_dir().join("keywall-pass.o");
+        std::fs::write(&pass, keywall::dataplane::PASS_OBJECT)
+            .context("writing the pass object")?;
+        ip(&[
+            "-n",
+            c,
+            "link",
+            "set",
+            "dev",
+            ci,
+            "xdpdrv",
+            "obj",
+            pass.to_str().expect("utf-8 path"),
+            "sec",
+            "xdp",
+        ])
+        .context("attaching a pass-all XDP program to the client veth")?;
         Ok(())
     }
 

@@ -74,13 +74,24 @@ fn probe(sb: &Sandbox, src: IpAddr, key: Option<&str>) -> Got {
         IpAddr::V6(_) => format!("http://[{}]:{PORT}/api/v3/account", sb.edge_v6()),
     };
     let mut cmd = sb.client_cmd("curl");
-    cmd.args(["-sS", "--max-time", "2", "-o", "/dev/null", "-w", "%{http_code}"])
-        .args(["--interface", &src.to_string()]);
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .args(["--interface", &src.to_string()]);
     if let Some(k) = key {
         cmd.args(["-H", &format!("X-MBX-APIKEY: {k}")]);
     }
     let out = cmd.arg(&url).stdin(Stdio::null()).output().expect("curl");
-    match (out.status.code(), String::from_utf8_lossy(&out.stdout).trim()) {
+    match (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+    ) {
         (Some(0), "200") => Got::Pass,
         (Some(28), _) => Got::Blocked,
         (c, b) => panic!(
@@ -147,7 +158,10 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -210,7 +224,8 @@ fn client_says_daemon_unreachable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("cannot reach the keywall daemon") && err.contains(&sock.display().to_string()),
+        err.contains("cannot reach the keywall daemon")
+            && err.contains(&sock.display().to_string()),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
@@ -224,10 +239,26 @@ fn api_lock_cuts_keepalive_connection() {
     // The API is the source: a policy file pushed through the CLI (TOML, no revision).
     let toml_path = sb.tmp_dir().join("policy.toml");
     let p: keywall::policy::Policy = serde_json::from_value(policy(&sb, 1)).unwrap();
-    let p = keywall::policy::Policy { revision: None, ..p };
+    let p = keywall::policy::Policy {
+        revision: None,
+        ..p
+    };
     fs::write(&toml_path, toml::to_string(&p).unwrap()).unwrap();
-    let out = kw(&sb, &["policy", "apply", &toml_path.display().to_string(), "--api", &api]);
-    assert!(out.status.success(), "policy apply: {}", String::from_utf8_lossy(&out.stderr));
+    let out = kw(
+        &sb,
+        &[
+            "policy",
+            "apply",
+            &toml_path.display().to_string(),
+            "--api",
+            &api,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "policy apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("revision 1"));
     wait_for("enforcing", 10, || {
         (probe(&sb, sb.client_v4().into(), Some(LOCKED)) == Got::Blocked).then_some(())
@@ -267,17 +298,30 @@ fn api_lock_cuts_keepalive_connection() {
     let t_lock = now_f64();
     let out = kw(&sb, &["key", "lock", "goodkey1", "--api", &api]);
     let t_answered = now_f64();
-    assert!(out.status.success(), "key lock: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "key lock: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     thread::sleep(Duration::from_millis(2500));
     let lines = client_lines(&out_path);
     let late_ok: Vec<_> = lines.iter().filter(|l| l.0 && l.1 > t_answered).collect();
-    assert!(late_ok.is_empty(), "answers to requests sent after the lock was answered: {late_ok:?}");
+    assert!(
+        late_ok.is_empty(),
+        "answers to requests sent after the lock was answered: {late_ok:?}"
+    );
     let first_err = lines
         .iter()
         .find(|l| !l.0)
         .unwrap_or_else(|| panic!("the client never failed after the lock: {lines:?}"));
-    assert!(first_err.1 >= t_lock - 0.2, "failed before the lock? {lines:?}");
-    assert_eq!(first_err.3, conn, "the cut was not on the keep-alive connection: {lines:?}");
+    assert!(
+        first_err.1 >= t_lock - 0.2,
+        "failed before the lock? {lines:?}"
+    );
+    assert_eq!(
+        first_err.3, conn,
+        "the cut was not on the keep-alive connection: {lines:?}"
+    );
     let s = stats(&d);
     assert!(
         reason_packets(&s, "drop_locked") + reason_packets(&s, "drop_flow") > drops_before,
@@ -298,9 +342,16 @@ fn api_lock_cuts_keepalive_connection() {
     // Unlock: a new connection gets answers again.
     let n = client_lines(&out_path).len();
     let out = kw(&sb, &["key", "unlock", "goodkey1", "--api", &api]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_for("answers after the unlock", 5, || {
-        client_lines(&out_path)[n..].iter().any(|l| l.0).then_some(())
+        client_lines(&out_path)[n..]
+            .iter()
+            .any(|l| l.0)
+            .then_some(())
     });
     let out = kw(&sb, &["policy", "show", "--json", "--api", &api]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -315,13 +366,18 @@ fn bad_inputs_change_nothing() {
     let d = ApiDaemon::start(&sb, 1, &["--api-max-body", "65536"]).unwrap();
     put_ok(&d, &policy(&sb, 5));
     let want = [Got::Pass, Got::Pass, Got::Blocked, Got::Blocked];
-    wait_for("the policy to enforce", 10, || (verdicts(&sb, second) == want).then_some(()));
+    wait_for("the policy to enforce", 10, || {
+        (verdicts(&sb, second) == want).then_some(())
+    });
     let before = get_policy_raw(&d);
     let gen_before = d.call("GET", "/v1/status", None).unwrap().1["generation"].clone();
 
     let upsert = |key: Value| json!({"revision": 6, "ops": [{"op": "lock", "prefix": "lockkey1"}, {"op": "upsert", "key": key}]});
     let mut dup = policy(&sb, 6);
-    dup["key"].as_array_mut().unwrap().push(json!({"prefix": "goodkey1"}));
+    dup["key"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"prefix": "goodkey1"}));
     let stale = {
         let mut p = policy(&sb, 4);
         p["key"][0]["locked"] = json!(true);
@@ -331,17 +387,97 @@ fn bad_inputs_change_nothing() {
     same_rev_other["key"][1]["locked"] = json!(false);
     // (name, method, body, status, `at` wanted)
     let cases: Vec<(&str, &str, Vec<u8>, u16, Option<&str>)> = vec![
-        ("malformed JSON", "PUT", b"{\"revision\": 6, \"key\": [".to_vec(), 400, Some("line 1")),
-        ("malformed PATCH", "PATCH", b"{\"revision\": 6, \"ops\": [{\"op\": \"smash\"}]}".to_vec(), 400, Some("ops[0]")),
-        ("bad CIDR", "PATCH", upsert(json!({"prefix": "newkey01", "allow": ["10.0.0.300/32"]})).to_string().into_bytes(), 400, Some("ops[1].key.allow[0]")),
-        ("host bits set", "PATCH", upsert(json!({"prefix": "newkey01", "allow": ["198.51.100.0/32", "10.0.0.1/8"]})).to_string().into_bytes(), 400, Some("ops[1].key.allow[1]")),
-        ("unknown ipset", "PATCH", upsert(json!({"prefix": "newkey01", "ipsets": ["nosuch"]})).to_string().into_bytes(), 400, Some("ops[1].key.ipsets[0]")),
-        ("duplicate key", "PUT", dup.to_string().into_bytes(), 400, Some("key[2].prefix")),
-        ("missing revision", "PUT", { let mut p = policy(&sb, 0); p.as_object_mut().unwrap().remove("revision"); p.to_string().into_bytes() }, 400, Some("revision")),
-        ("stale revision PUT", "PUT", stale.to_string().into_bytes(), 409, None),
-        ("same revision, other content", "PUT", same_rev_other.to_string().into_bytes(), 409, None),
-        ("stale revision PATCH", "PATCH", json!({"revision": 3, "ops": [{"op": "unlock", "prefix": "lockkey1"}]}).to_string().into_bytes(), 409, None),
-        ("unknown key lock", "PATCH", json!({"revision": 6, "ops": [{"op": "lock", "prefix": "nosuchk1"}]}).to_string().into_bytes(), 400, Some("ops[0].prefix")),
+        (
+            "malformed JSON",
+            "PUT",
+            b"{\"revision\": 6, \"key\": [".to_vec(),
+            400,
+            Some("line 1"),
+        ),
+        (
+            "malformed PATCH",
+            "PATCH",
+            b"{\"revision\": 6, \"ops\": [{\"op\": \"smash\"}]}".to_vec(),
+            400,
+            Some("ops[0]"),
+        ),
+        (
+            "bad CIDR",
+            "PATCH",
+            upsert(json!({"prefix": "newkey01", "allow": ["10.0.0.300/32"]}))
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("ops[1].key.allow[0]"),
+        ),
+        (
+            "host bits set",
+            "PATCH",
+            upsert(json!({"prefix": "newkey01", "allow": ["198.51.100.0/32", "10.0.0.1/8"]}))
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("ops[1].key.allow[1]"),
+        ),
+        (
+            "unknown ipset",
+            "PATCH",
+            upsert(json!({"prefix": "newkey01", "ipsets": ["nosuch"]}))
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("ops[1].key.ipsets[0]"),
+        ),
+        (
+            "duplicate key",
+            "PUT",
+            dup.to_string().into_bytes(),
+            400,
+            Some("key[2].prefix"),
+        ),
+        (
+            "missing revision",
+            "PUT",
+            {
+                let mut p = policy(&sb, 0);
+                p.as_object_mut().unwrap().remove("revision");
+                p.to_string().into_bytes()
+            },
+            400,
+            Some("revision"),
+        ),
+        (
+            "stale revision PUT",
+            "PUT",
+            stale.to_string().into_bytes(),
+            409,
+            None,
+        ),
+        (
+            "same revision, other content",
+            "PUT",
+            same_rev_other.to_string().into_bytes(),
+            409,
+            None,
+        ),
+        (
+            "stale revision PATCH",
+            "PATCH",
+            json!({"revision": 3, "ops": [{"op": "unlock", "prefix": "lockkey1"}]})
+                .to_string()
+                .into_bytes(),
+            409,
+            None,
+        ),
+        (
+            "unknown key lock",
+            "PATCH",
+            json!({"revision": 6, "ops": [{"op": "lock", "prefix": "nosuchk1"}]})
+                .to_string()
+                .into_bytes(),
+            400,
+            Some("ops[0].prefix"),
+        ),
         ("oversize body", "PUT", vec![b' '; 100_000], 413, None),
     ];
     let mut failures = Vec::new();
@@ -363,15 +499,27 @@ fn bad_inputs_change_nothing() {
             failures.push(format!("{name}: GET /v1/policy changed"));
         }
     }
-    assert!(failures.is_empty(), "bad inputs:\n  {}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "bad inputs:\n  {}",
+        failures.join("\n  ")
+    );
 
     // A retry of what is applied succeeds and changes nothing.
     let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 5))).unwrap();
-    assert_eq!((st, v["revision"].clone(), v["changed"].clone()), (200, json!(5), json!(false)), "{v}");
+    assert_eq!(
+        (st, v["revision"].clone(), v["changed"].clone()),
+        (200, json!(5), json!(false)),
+        "{v}"
+    );
     assert_eq!(get_policy_raw(&d), before);
     let gen_after = d.call("GET", "/v1/status", None).unwrap().1["generation"].clone();
     assert_eq!(gen_before, gen_after, "a rejected write reached the maps");
-    assert_eq!(verdicts(&sb, second), want, "verdicts changed after rejected writes");
+    assert_eq!(
+        verdicts(&sb, second),
+        want,
+        "verdicts changed after rejected writes"
+    );
 
     // Unknown endpoints and methods.
     assert_eq!(d.call("GET", "/v1/nothing", None).unwrap().0, 404);
@@ -385,12 +533,27 @@ fn tcp_token_and_file_source() {
     fs::write(&token, "s3cret-0123456789\n").unwrap();
     let file = sb.tmp_dir().join("policy.toml");
     let p: keywall::policy::Policy = serde_json::from_value(policy(&sb, 1)).unwrap();
-    fs::write(&file, toml::to_string(&keywall::policy::Policy { revision: None, ..p }).unwrap())
-        .unwrap();
+    fs::write(
+        &file,
+        toml::to_string(&keywall::policy::Policy {
+            revision: None,
+            ..p
+        })
+        .unwrap(),
+    )
+    .unwrap();
     let log = sb.tmp_dir().join("keywall-tcp.log");
     let child = sb
         .edge_cmd(keywall_bin().unwrap())
-        .args(["run", "--iface", sb.edge_if(), "--xdp-mode", "native", "--metrics", "off"])
+        .args([
+            "run",
+            "--iface",
+            sb.edge_if(),
+            "--xdp-mode",
+            "native",
+            "--metrics",
+            "off",
+        ])
         .arg("--pin-dir")
         .arg(sb.pin_dir())
         .arg("--state-dir")
@@ -407,7 +570,17 @@ fn tcp_token_and_file_source() {
     let _d = Proc::new(child);
     let curl = |auth: Option<&str>, method: &str, body: Option<&str>| -> (String, Value) {
         let mut c = sb.edge_cmd("curl");
-        c.args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+        c.args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ]);
         if let Some(a) = auth {
             c.args(["-H", &format!("Authorization: {a}")]);
         }
@@ -417,12 +590,20 @@ fn tcp_token_and_file_source() {
         let out = c.arg("http://127.0.0.1:9477/v1/policy").output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.to_owned(), serde_json::from_str(body).unwrap_or(Value::Null))
+        (
+            code.to_owned(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
     };
     let good = "Bearer s3cret-0123456789";
-    wait_for("the TCP API", 20, || (curl(Some(good), "GET", None).0 == "200").then_some(()));
+    wait_for("the TCP API", 20, || {
+        (curl(Some(good), "GET", None).0 == "200").then_some(())
+    });
     let (_, before) = curl(Some(good), "GET", None);
-    assert_eq!(before["revision"], 1, "a file without revision applies as revision 1: {before}");
+    assert_eq!(
+        before["revision"], 1,
+        "a file without revision applies as revision 1: {before}"
+    );
 
     assert_eq!(curl(None, "GET", None).0, "401");
     assert_eq!(curl(Some("Bearer s3cret-0123456788"), "GET", None).0, "401");
@@ -436,9 +617,22 @@ fn tcp_token_and_file_source() {
     assert_eq!(code, "409", "{v}");
     assert_eq!(v["source"], "file", "{v}");
     assert_eq!(v["revision"], 1, "{v}");
-    assert!(v["error"].as_str().unwrap().contains(&file.display().to_string()), "{v}");
-    assert_eq!(curl(Some(good), "GET", None).1, before, "a refused write changed the policy");
-    assert_eq!(probe(&sb, sb.client_v4().into(), Some(LOCKED)), Got::Blocked);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(&file.display().to_string()),
+        "{v}"
+    );
+    assert_eq!(
+        curl(Some(good), "GET", None).1,
+        before,
+        "a refused write changed the policy"
+    );
+    assert_eq!(
+        probe(&sb, sb.client_v4().into(), Some(LOCKED)),
+        Got::Blocked
+    );
 
     // A file change (no revision in it) applies as the next revision.
     let mut p2: keywall::policy::Policy = serde_json::from_value(policy(&sb, 1)).unwrap();
@@ -451,11 +645,29 @@ fn tcp_token_and_file_source() {
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(LOCKED)), Got::Pass);
 
     // Beyond loopback without TLS is refused up front, saying why.
-    let out = kw(&sb, &["run", "--iface", sb.edge_if(), "--api", &format!("tcp:{}:9479", sb.edge_v4()),
-        "--token-file", &token.display().to_string(), "--pin-dir", "/sys/fs/bpf/kw-never",
-        "--state-dir", &sb.tmp_dir().join("never").display().to_string(), "--metrics", "off"]);
+    let out = kw(
+        &sb,
+        &[
+            "run",
+            "--iface",
+            sb.edge_if(),
+            "--api",
+            &format!("tcp:{}:9479", sb.edge_v4()),
+            "--token-file",
+            &token.display().to_string(),
+            "--pin-dir",
+            "/sys/fs/bpf/kw-never",
+            "--state-dir",
+            &sb.tmp_dir().join("never").display().to_string(),
+            "--metrics",
+            "off",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("without TLS") && err.contains("clear text"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("without TLS") && err.contains("clear text"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -515,22 +727,48 @@ fn concurrent_writers_none_lost() {
     let all: Vec<u64> = results.iter().flatten().copied().collect();
     let distinct: BTreeSet<u64> = all.iter().copied().collect();
     assert_eq!(all.len(), WRITERS * EACH);
-    assert_eq!(distinct.len(), WRITERS * EACH, "two writes got the same revision");
+    assert_eq!(
+        distinct.len(),
+        WRITERS * EACH,
+        "two writes got the same revision"
+    );
     for r in &results {
-        assert!(r.windows(2).all(|w| w[0] < w[1]), "a writer's revisions went back: {r:?}");
+        assert!(
+            r.windows(2).all(|w| w[0] < w[1]),
+            "a writer's revisions went back: {r:?}"
+        );
     }
     let seen = seen_by_reader.lock().unwrap();
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "the applied revision went back");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the applied revision went back"
+    );
     let (_, fin) = d.call("GET", "/v1/policy", None).unwrap();
-    assert_eq!(fin["revision"], 1 + (WRITERS * EACH) as u64, "revisions skipped or lost");
-    let keys: BTreeSet<&str> = fin["key"].as_array().unwrap().iter().map(|k| k["prefix"].as_str().unwrap()).collect();
+    assert_eq!(
+        fin["revision"],
+        1 + (WRITERS * EACH) as u64,
+        "revisions skipped or lost"
+    );
+    let keys: BTreeSet<&str> = fin["key"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["prefix"].as_str().unwrap())
+        .collect();
     for w in 0..WRITERS {
         for i in 0..EACH {
-            assert!(keys.contains(format!("w{w}{i:03}kkk").as_str()), "w{w}{i:03}kkk lost");
+            assert!(
+                keys.contains(format!("w{w}{i:03}kkk").as_str()),
+                "w{w}{i:03}kkk lost"
+            );
         }
     }
     let (_, st) = d.call("GET", "/v1/status", None).unwrap();
-    assert_eq!(st["keys"], 2 + WRITERS * EACH, "the kernel does not hold every key: {st}");
+    assert_eq!(
+        st["keys"],
+        2 + WRITERS * EACH,
+        "the kernel does not hold every key: {st}"
+    );
 }
 
 #[test]
@@ -539,7 +777,11 @@ fn applied_revision_survives_restart() {
     let mut d = ApiDaemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 5));
     let (st, v) = d
-        .call("PATCH", "/v1/policy", Some(&json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]})))
+        .call(
+            "PATCH",
+            "/v1/policy",
+            Some(&json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]})),
+        )
         .unwrap();
     assert_eq!(st, 200, "{v}");
     let before = get_policy_raw(&d);
@@ -549,7 +791,11 @@ fn applied_revision_survives_restart() {
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Blocked);
 
     let d = ApiDaemon::start(&sb, 2, &[]).unwrap();
-    assert_eq!(get_policy_raw(&d), before, "the restarted daemon serves another policy");
+    assert_eq!(
+        get_policy_raw(&d),
+        before,
+        "the restarted daemon serves another policy"
+    );
     let (_, st) = d.call("GET", "/v1/status", None).unwrap();
     assert_eq!(st["revision"], 9, "{st}");
     assert_eq!(st["source"], "api", "{st}");
@@ -558,7 +804,11 @@ fn applied_revision_survives_restart() {
     let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 9))).unwrap();
     assert_eq!((st, v["revision"].clone()), (409, json!(9)), "{v}");
     let (st, v) = d
-        .call("PATCH", "/v1/policy", Some(&json!({"revision": 10, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})))
+        .call(
+            "PATCH",
+            "/v1/policy",
+            Some(&json!({"revision": 10, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})),
+        )
         .unwrap();
     assert_eq!(st, 200, "{v}");
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Pass);
@@ -571,26 +821,47 @@ fn metrics_parse_as_prometheus_text() {
     put_ok(&d, &policy(&sb, 3));
     // Some verdicts to count, and a rejected write.
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Pass);
-    assert_eq!(probe(&sb, sb.client_v4().into(), Some(LOCKED)), Got::Blocked);
+    assert_eq!(
+        probe(&sb, sb.client_v4().into(), Some(LOCKED)),
+        Got::Blocked
+    );
     let (st, _) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 2))).unwrap();
     assert_eq!(st, 409);
     let out = sb
-        .exec_edge("curl", ["-sS", "--max-time", "5", "http://127.0.0.1:9478/metrics"])
+        .exec_edge(
+            "curl",
+            ["-sS", "--max-time", "5", "http://127.0.0.1:9478/metrics"],
+        )
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text.lines().last(), Some("# EOF"), "OpenMetrics text ends with # EOF");
+    assert_eq!(
+        text.lines().last(),
+        Some("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
     let lines: Vec<std::io::Result<String>> = text.lines().map(|l| Ok(l.to_owned())).collect();
     let scrape = prometheus_parse::Scrape::parse(lines.into_iter()).expect("parses");
     // Every sample line is a sample the parser understood (it skips what it cannot read).
-    let sample_lines = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).count();
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count();
     let buckets = text.lines().filter(|l| l.contains("_bucket{")).count();
     let histogram_samples = scrape
         .samples
         .iter()
         .filter(|s| matches!(s.value, prometheus_parse::Value::Histogram(_)))
         .count();
-    assert_eq!(scrape.samples.len() - histogram_samples + buckets, sample_lines, "unparsed lines in:\n{text}");
+    assert_eq!(
+        scrape.samples.len() - histogram_samples + buckets,
+        sample_lines,
+        "unparsed lines in:\n{text}"
+    );
 
     let find = |name: &str, labels: &[(&str, &str)]| -> f64 {
         let s = scrape
@@ -607,16 +878,44 @@ fn metrics_parse_as_prometheus_text() {
     };
     for r in filter_common::Reason::ALL {
         let action = if r.is_drop() { "dropped" } else { "passed" };
-        find("keywall_packets_total", &[("reason", r.name()), ("action", action)]);
-        find("keywall_bytes_total", &[("reason", r.name()), ("action", action)]);
+        find(
+            "keywall_packets_total",
+            &[("reason", r.name()), ("action", action)],
+        );
+        find(
+            "keywall_bytes_total",
+            &[("reason", r.name()), ("action", action)],
+        );
     }
-    assert!(find("keywall_packets_total", &[("reason", "drop_locked"), ("action", "dropped")]) >= 1.0);
-    assert!(find("keywall_packets_total", &[("reason", "pass_allowed"), ("action", "passed")]) >= 1.0);
+    assert!(
+        find(
+            "keywall_packets_total",
+            &[("reason", "drop_locked"), ("action", "dropped")]
+        ) >= 1.0
+    );
+    assert!(
+        find(
+            "keywall_packets_total",
+            &[("reason", "pass_allowed"), ("action", "passed")]
+        ) >= 1.0
+    );
     assert_eq!(find("keywall_policy_revision", &[]), 3.0);
     assert_eq!(find("keywall_policy_keys", &[]), 2.0);
     assert_eq!(find("keywall_policy_locked_keys", &[]), 1.0);
-    assert_eq!(find("keywall_policy_updates_total", &[("source", "api"), ("result", "applied")]), 1.0);
-    assert_eq!(find("keywall_policy_updates_total", &[("source", "api"), ("result", "conflict")]), 1.0);
+    assert_eq!(
+        find(
+            "keywall_policy_updates_total",
+            &[("source", "api"), ("result", "applied")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        find(
+            "keywall_policy_updates_total",
+            &[("source", "api"), ("result", "conflict")]
+        ),
+        1.0
+    );
     assert_eq!(find("keywall_sync_up", &[("source", "api")]), 1.0);
     assert_eq!(find("keywall_map_entries", &[("map", "KW_KEYS")]), 2.0);
     assert!(find("keywall_map_capacity", &[("map", "KW_KEYS")]) >= 2.0);
@@ -630,7 +929,10 @@ fn metrics_parse_as_prometheus_text() {
         .find(|s| s.metric == "keywall_policy_apply_seconds")
         .unwrap_or_else(|| panic!("no apply histogram in:\n{text}"));
     assert!(matches!(&h.value, prometheus_parse::Value::Histogram(b) if !b.is_empty()));
-    assert!(!text.contains("goodkey1"), "per-key figures leaked into Prometheus");
+    assert!(
+        !text.contains("goodkey1"),
+        "per-key figures leaked into Prometheus"
+    );
 }
 
 #[test]
@@ -651,10 +953,16 @@ fn events_show_a_provoked_drop() {
     let mut ev = Proc::new(child);
     thread::sleep(Duration::from_millis(500));
     if let Some(st) = ev.try_wait().unwrap() {
-        panic!("keywall events exited ({st}): {}", fs::read_to_string(&err_path).unwrap_or_default());
+        panic!(
+            "keywall events exited ({st}): {}",
+            fs::read_to_string(&err_path).unwrap_or_default()
+        );
     }
     let t0 = now_f64();
-    assert_eq!(probe(&sb, sb.client_v4().into(), Some(LOCKED)), Got::Blocked);
+    assert_eq!(
+        probe(&sb, sb.client_v4().into(), Some(LOCKED)),
+        Got::Blocked
+    );
     let src = sb.client_v4().to_string();
     let line = wait_for("a drop_locked event for lockkey1", 10, || {
         let f = fs::File::open(&out_path).ok()?;
@@ -662,15 +970,25 @@ fn events_show_a_provoked_drop() {
             .lines()
             .map_while(Result::ok)
             .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .find(|v| v["reason"] == "drop_locked" && v["prefix"] == "lockkey1" && v["src"] == src.as_str())
+            .find(|v| {
+                v["reason"] == "drop_locked"
+                    && v["prefix"] == "lockkey1"
+                    && v["src"] == src.as_str()
+            })
     });
     assert_eq!(line["port"], PORT, "{line}");
     assert!(line["sport"].as_u64().unwrap() > 0, "{line}");
     assert_eq!(line["audit"], false, "{line}");
     let t = line["time_unix_ns"].as_u64().unwrap() as f64 / 1e9;
-    assert!((t - t0).abs() < 5.0, "event time {t} is not near the drop at {t0}: {line}");
+    assert!(
+        (t - t0).abs() < 5.0,
+        "event time {t} is not near the drop at {t0}: {line}"
+    );
     assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
     // The daemon logged it too.
-    assert!(d.log_text().contains("drop event:"), "not in the daemon log");
+    assert!(
+        d.log_text().contains("drop event:"),
+        "not in the daemon log"
+    );
     ev.kill().ok();
 }
