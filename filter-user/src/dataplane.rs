@@ -5,6 +5,11 @@
 //! `KW_CONTROL` in one word, then frees what no slot references any more. If a write fails
 //! half way, the live slot is untouched and the mirror still describes the maps exactly, so
 //! the next apply simply continues from there.
+//!
+//! The SYN prefilter (`KW_PREFILTER`, see `prefilter.rs`) follows the same scheme: each slot
+//! owns half of the map, written through a shared memory mapping before the flip. A PATCH
+//! sets the bits of sources it adds and writes only those words; a full apply rebuilds the
+//! half from the policy.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
