@@ -250,6 +250,9 @@ pub struct Rig<'a> {
     pub client_if: &'a str,
     pub gen_cpu: usize,
     pub edge_cpu: usize,
+    /// Run the edge's NAPI thread SCHED_FIFO, so that other work on a shared machine cannot
+    /// take the edge core from it (the kernel's RT throttling still leaves others 5%).
+    pub rt_napi: bool,
 }
 
 impl Rig<'_> {
@@ -258,6 +261,10 @@ impl Rig<'_> {
         let t = napi_threads(self.edge_if);
         for pid in &t {
             let _ = pin_task(*pid, self.edge_cpu);
+            if self.rt_napi {
+                let p = libc::sched_param { sched_priority: 1 };
+                unsafe { libc::sched_setscheduler(*pid, libc::SCHED_FIFO, &p) };
+            }
         }
         t
     }
