@@ -292,7 +292,10 @@ fn policy_with_keys(n: usize, shift: bool) -> Policy {
 }
 
 /// Every allowed host and network of `policy_with_keys(n, false)`, for the peers.
-fn allowed_sources(n: usize) -> (Vec<[u8; 4]>, Vec<([u8; 4], u8)>) {
+/// IPv4 networks as (address, prefix length).
+type Nets = Vec<([u8; 4], u8)>;
+
+fn allowed_sources(n: usize) -> (Vec<[u8; 4]>, Nets) {
     let hosts = (0..n)
         .filter(|i| *i != LOCKED_KEY)
         .flat_map(|i| (0..4).map(move |j| host_of(i, j)))
@@ -1802,7 +1805,7 @@ struct Target {
     met: Option<bool>,
 }
 
-fn find_row<'a>(rows: &'a [Row], pred: impl Fn(&Row) -> bool) -> Option<&'a Row> {
+fn find_row(rows: &[Row], pred: impl Fn(&Row) -> bool) -> Option<&Row> {
     // The largest key set wins.
     rows.iter().filter(|r| pred(r)).max_by_key(|r| r.keys)
 }
