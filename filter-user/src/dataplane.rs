@@ -34,6 +34,10 @@ use crate::prefilter::{self, Fill, Half, PlenPlan};
 
 /// The compiled XDP object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
+/// An object whose only program (`keywall_pass`, section `xdp`) passes every frame: tests put
+/// it on the client end of a veth, which then accepts the frames its peer sends with XDP_TX.
+pub static PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall-pass"));
 
 const PROG_PIN: &str = "prog";
 
@@ -131,7 +135,10 @@ impl PrefilterMap {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let entries = data.info()?.max_entries() as usize;
         if entries < 2 || !entries.is_power_of_two() {
-            bail!("{} has {entries} entries; want 2 << words_log2", maps::PREFILTER);
+            bail!(
+                "{} has {entries} entries; want 2 << words_log2",
+                maps::PREFILTER
+            );
         }
         let words_log2 = (entries / 2).trailing_zeros() as u8;
         let len = entries * 8;
@@ -694,7 +701,11 @@ impl Mirror {
         for id in ipset_ids.values() {
             *self.set_refs.entry(*id).or_default() += 1;
         }
-        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+        for id in self.ipsets[ti]
+            .take()
+            .into_iter()
+            .flat_map(|m| m.into_values())
+        {
             self.release_set(id);
         }
         self.ipsets[ti] = Some(ipset_ids);

@@ -1,6 +1,10 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
+pub mod api;
+pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
+pub mod metrics;
 pub mod policy;
 pub mod prefilter;
 pub mod state;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use keywall::{daemon, dataplane, policy::Policy, stats, status};
+use keywall::{api, client, daemon, dataplane, policy::Policy, stats, status};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,24 @@ struct Cli {
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/keywall";
 const DEFAULT_STATE_DIR: &str = "/var/lib/keywall";
+const DEFAULT_API: &str = "unix:/run/keywall/api.sock";
+
+/// How client verbs reach the daemon.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    #[arg(long, default_value = DEFAULT_API)]
+    api: String,
+    /// Bearer token for TCP (else the KEYWALL_TOKEN environment variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Result<client::Client> {
+        client::Client::new(&self.api, self.token_file.as_deref())
+    }
+}
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -30,10 +48,28 @@ enum Cmd {
         xdp_mode: String,
         #[arg(long)]
         policy: Option<PathBuf>,
-        #[arg(long, default_value = "unix:/run/keywall/api.sock")]
+        /// `unix:PATH` (mode 0600) or `tcp:HOST:PORT` (needs --token-file).
+        #[arg(long, default_value = DEFAULT_API)]
         api: String,
+        /// File holding the bearer token TCP clients must present.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// TLS certificate chain (PEM) for a TCP API.
+        #[arg(long, requires = "api_tls_key")]
+        api_tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM) for a TCP API.
+        #[arg(long, requires = "api_tls_cert")]
+        api_tls_key: Option<PathBuf>,
+        /// CA (PEM) that API clients' certificates must chain to; clients without one are refused.
+        #[arg(long, requires = "api_tls_cert")]
+        api_client_ca: Option<PathBuf>,
+        /// Serve a TCP API beyond loopback without TLS (only on a network you trust).
+        #[arg(long)]
+        api_insecure: bool,
+        /// Largest request body in bytes (a 1M-key PUT is about 100 MB).
+        #[arg(long, default_value_t = api::DEFAULT_MAX_BODY)]
+        api_max_body: usize,
+        /// Prometheus endpoint HOST:PORT, or `off`.
         #[arg(long, default_value = "127.0.0.1:9478")]
         metrics: String,
         #[arg(long)]
@@ -82,7 +118,19 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Policy files.
+    /// Streams sampled drop events from the daemon.
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One key: show, lock, unlock (through the daemon's API).
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Policy files, and the daemon's applied policy.
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -102,6 +150,42 @@ enum Cmd {
 enum PolicyCmd {
     /// Validate a policy file offline; every error names its place.
     Check { file: PathBuf },
+    /// Push a policy file (TOML or JSON) to the running daemon.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The daemon's applied policy (TOML, or JSON with --json).
+    Show {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Its policy and counters.
+    Show {
+        prefix: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Lock it: its connections are cut from the next packet on.
+    Lock {
+        prefix: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Unlock {
+        prefix: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,9 +205,14 @@ fn real_main() -> Result<ExitCode> {
             ifaces,
             xdp_mode,
             policy,
-            api: _,
-            token_file: _,
-            metrics: _,
+            api,
+            token_file,
+            api_tls_cert,
+            api_tls_key,
+            api_client_ca,
+            api_insecure,
+            api_max_body,
+            metrics,
             etcd,
             etcd_prefix: _,
             state_dir,
@@ -135,8 +224,22 @@ fn real_main() -> Result<ExitCode> {
             poll_ms,
         } => {
             if etcd.is_some() {
-                anyhow::bail!("--etcd is not supported by this build yet");
+                anyhow::bail!("--etcd is not yet supported by this build");
             }
+            let api = api::ApiConfig {
+                addr: api.parse()?,
+                token: token_file
+                    .as_deref()
+                    .map(api::read_token_file)
+                    .transpose()?,
+                tls: api_tls_cert.map(|cert| api::TlsFiles {
+                    cert,
+                    key: api_tls_key.expect("clap requires it"),
+                    client_ca: api_client_ca,
+                }),
+                insecure: api_insecure,
+                max_body: api_max_body,
+            };
             daemon::run(daemon::RunOptions {
                 ifaces,
                 xdp_mode,
@@ -152,6 +255,8 @@ fn real_main() -> Result<ExitCode> {
                     ..Default::default()
                 },
                 poll: Duration::from_millis(poll_ms.max(10)),
+                api,
+                metrics: (metrics != "off").then_some(metrics),
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -203,6 +308,18 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::Policy {
+            cmd: PolicyCmd::Apply { file, api },
+        } => Ok(ExitCode::from(client::policy_apply(&api.client()?, &file)?)),
+        Cmd::Policy {
+            cmd: PolicyCmd::Show { json, api },
+        } => Ok(ExitCode::from(client::policy_show(&api.client()?, json)?)),
+        Cmd::Key { cmd } => Ok(ExitCode::from(match cmd {
+            KeyCmd::Show { prefix, json, api } => client::key_show(&api.client()?, &prefix, json)?,
+            KeyCmd::Lock { prefix, api } => client::key_lock(&api.client()?, &prefix, true)?,
+            KeyCmd::Unlock { prefix, api } => client::key_lock(&api.client()?, &prefix, false)?,
+        })),
+        Cmd::Events { json, api } => Ok(ExitCode::from(client::events(&api.client()?, json)?)),
         Cmd::Detach {
             iface,
             all,

@@ -19,9 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use filter_common::{
-    FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe,
-};
+use filter_common::{FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe};
 
 use crate::policy::{Cidr, SetContent};
 
@@ -46,7 +44,11 @@ impl PlenPlan {
     }
 
     pub fn list(&self, family: u8) -> &[u8] {
-        if family == FAMILY_V4 { &self.v4 } else { &self.v6 }
+        if family == FAMILY_V4 {
+            &self.v4
+        } else {
+            &self.v6
+        }
     }
 
     fn list_mut(&mut self, family: u8) -> &mut Vec<u8> {
@@ -60,7 +62,11 @@ impl PlenPlan {
     /// The length an entry of length `plen` is stored at: the longest listed one not longer
     /// than it (masking to it only widens the entry). None if every listed one is longer.
     pub fn effective(&self, family: u8, plen: u8) -> Option<u8> {
-        self.list(family).iter().copied().filter(|&q| q <= plen).max()
+        self.list(family)
+            .iter()
+            .copied()
+            .filter(|&q| q <= plen)
+            .max()
     }
 
     /// Like `effective`, but adds `plen` to the list when it is missing and there is room.
@@ -423,7 +429,11 @@ mod tests {
         let entries = cidrs(&refs);
         let p = PlenPlan::for_entries(&entries);
         assert_eq!(p.v4.len(), MAX_PLENS);
-        assert!(p.v4.contains(&32), "the common length stays exact: {:?}", p.v4);
+        assert!(
+            p.v4.contains(&32),
+            "the common length stays exact: {:?}",
+            p.v4
+        );
         assert!(p.v4.contains(&8), "the shortest always stays: {:?}", p.v4);
         // Every entry has a length to go to, never a longer one.
         for (f, plen, _) in &entries {
@@ -452,7 +462,13 @@ mod tests {
             let (f, a) = addr(s);
             assert!(passes(&words, &plan, f, &a, LOG2), "{s} must pass");
         }
-        for s in ["198.51.100.8", "203.0.114.1", "11.0.0.1", "2001:db9::1", "2001:db8:aa::2"] {
+        for s in [
+            "198.51.100.8",
+            "203.0.114.1",
+            "11.0.0.1",
+            "2001:db9::1",
+            "2001:db8:aa::2",
+        ] {
             let (f, a) = addr(s);
             assert!(!passes(&words, &plan, f, &a, LOG2), "{s} must not pass");
         }
@@ -470,9 +486,17 @@ mod tests {
             let mut entries = Vec::new();
             for _ in 0..n {
                 let v6 = rng.below(3) == 0;
-                let (family, max) = if v6 { (FAMILY_V6, 128) } else { (FAMILY_V4, 32) };
+                let (family, max) = if v6 {
+                    (FAMILY_V6, 128)
+                } else {
+                    (FAMILY_V4, 32)
+                };
                 // Many lengths, so coarsening happens in most rounds.
-                let plen = if rng.below(2) == 0 { max } else { (rng.below(max as u64 - 7) + 8) as u8 };
+                let plen = if rng.below(2) == 0 {
+                    max
+                } else {
+                    (rng.below(max as u64 - 7) + 8) as u8
+                };
                 let mut a = [0u8; 16];
                 let bytes = if v6 { 16 } else { 4 };
                 for b in a.iter_mut().take(bytes) {
@@ -495,8 +519,14 @@ mod tests {
                         inside[bit / 8] |= 0x80 >> (bit % 8);
                     }
                 }
-                assert!(passes(&words, &plan, *family, a, LOG2), "round {round}: {a:?}/{plen}");
-                assert!(passes(&words, &plan, *family, &inside, LOG2), "round {round}");
+                assert!(
+                    passes(&words, &plan, *family, a, LOG2),
+                    "round {round}: {a:?}/{plen}"
+                );
+                assert!(
+                    passes(&words, &plan, *family, &inside, LOG2),
+                    "round {round}"
+                );
             }
             // Random sources outside every entry (as widened by the plan) mostly fail.
             let fl = fill(&words, &plan);
@@ -547,7 +577,10 @@ mod tests {
     #[test]
     fn half_counts_shared_sets_once_and_lock_changes_nothing() {
         let mut sets = HashMap::new();
-        sets.insert(7, SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])));
+        sets.insert(
+            7,
+            SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])),
+        );
         let host = u32::from_ne_bytes([198, 51, 100, 7]);
         let a = record(&[host], &[7]);
         let b = record(&[], &[7]);
@@ -574,12 +607,18 @@ mod tests {
         assert_eq!(h.stale(), 0);
         let c = record(&[u32::from_ne_bytes([192, 0, 2, 9])], &[]);
         h.add_record(&c, &sets);
-        assert!(!h.update(&sets, LOG2, false), "one new host is set in place");
+        assert!(
+            !h.update(&sets, LOG2, false),
+            "one new host is set in place"
+        );
         let (f, x) = addr("192.0.2.9");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
         h.remove_record(&locked, &sets);
         assert_eq!(h.stale(), 3);
-        assert!(h.update(&sets, LOG2, false), "3 stale of 1 is over 10%: rebuilt");
+        assert!(
+            h.update(&sets, LOG2, false),
+            "3 stale of 1 is over 10%: rebuilt"
+        );
         let (f, x) = addr("203.0.113.5");
         assert!(!passes(&h.words, &h.plan, f, &x, LOG2));
         assert_eq!(h.union(&sets).len(), 1);

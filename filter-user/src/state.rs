@@ -20,7 +20,7 @@ const RUNTIME_FILE: &str = "runtime.json";
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Applied {
     pub revision: u64,
-    /// `file:PATH`, `api`, `etcd`, or `restored`.
+    /// `file:PATH` or `api` (later `etcd`): the one source that owns the policy.
     pub source: String,
     pub applied_unix: u64,
     pub policy: Policy,
@@ -60,7 +60,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn save_applied(state_dir: &Path, a: &Applied) -> Result<()> {
-    write_atomic(&state_dir.join(POLICY_FILE), &serde_json::to_vec_pretty(a)?)
+    // Compact: at 1M keys pretty printing costs more than the write.
+    write_atomic(&state_dir.join(POLICY_FILE), &serde_json::to_vec(a)?)
 }
 
 pub fn load_applied(state_dir: &Path) -> Result<Option<Applied>> {

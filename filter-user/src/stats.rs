@@ -104,6 +104,33 @@ pub fn key_counts(view: &PinnedView) -> Result<Vec<KeyCount>> {
     Ok(out)
 }
 
+/// One key's counters in the live slot, looked up directly (no walk over every key).
+pub fn key_count(view: &PinnedView, prefix: &str) -> Result<Option<KeyCount>> {
+    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
+    let Ok(e) = view.keys.get(&crate::policy::key_prefix(prefix), 0) else {
+        return Ok(None);
+    };
+    let r = e.slot[slot];
+    if r.flags & KEY_PRESENT == 0 {
+        return Ok(None);
+    }
+    let s: KeyStats = view.key_stats.get(&r.stat_idx, 0).unwrap_or_default();
+    Ok(Some(KeyCount {
+        prefix: prefix.to_owned(),
+        passed: s.passed,
+        dropped: s.dropped,
+        last_seen_unix: last_seen_unix(s.last_seen_ns),
+    }))
+}
+
+fn last_seen_unix(last_seen_ns: u64) -> u64 {
+    if last_seen_ns == 0 {
+        return 0;
+    }
+    crate::state::now_unix()
+        .saturating_sub(monotonic_ns().saturating_sub(last_seen_ns) / 1_000_000_000)
+}
+
 /// SPEC's `stats --json`: every reason present, `keys` by drops, cut at `top`.
 pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
     let settings_enforce = live_enforce(view);

@@ -1,3 +1,4 @@
+pub mod api_bench;
 pub mod bench;
 pub mod harness;
 pub mod netns;

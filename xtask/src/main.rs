@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
 ];
 
+/// PyPI packages the end-to-end tests and the demo run (the FIX client and acceptor), as
+/// (import name, pip requirement).
+const PIP_PACKAGES: &[(&str, &str)] = &[("simplefix", "simplefix==1.0.17")];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -259,6 +263,7 @@ fn setup(ctx: &mut Ctx) -> Result<()> {
         );
     }
     setup_apt(ctx)?;
+    setup_python(ctx)?;
     setup_rust(ctx)?;
     setup_bpf_linker(ctx)?;
     setup_bpffs(ctx)?;
@@ -291,6 +296,67 @@ fn setup_apt(ctx: &Ctx) -> Result<()> {
     if !still.is_empty() {
         bail!(
             "apt packages still missing after install: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs the PIP_PACKAGES that `python3` (the one on PATH, which the tests run) cannot
+/// import. pip comes from apt if missing; a Debian python that refuses pip installs
+/// (externally managed) gets `--break-system-packages`.
+fn setup_python(ctx: &Ctx) -> Result<()> {
+    let missing = |ctx: &Ctx| -> Vec<&'static str> {
+        PIP_PACKAGES
+            .iter()
+            .filter(|(module, _)| {
+                ctx.output("python3", &["-c", &format!("import {module}")])
+                    .is_none()
+            })
+            .map(|(_, req)| *req)
+            .collect()
+    };
+    let todo = missing(ctx);
+    if todo.is_empty() {
+        println!("ok: python packages ({} present)", PIP_PACKAGES.len());
+        return Ok(());
+    }
+    if ctx.output("python3", &["-m", "pip", "--version"]).is_none() {
+        let mut install = privileged(ctx, "apt-get");
+        install
+            .args(["install", "-y", "--no-install-recommends", "python3-pip"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        ctx.run(install)?;
+    }
+    println!("setup: installing python packages: {}", todo.join(" "));
+    let mut pip = ctx.command("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+    ])
+    .args(&todo);
+    if ctx.run(pip).is_err() {
+        let mut pip = ctx.command("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .arg("--break-system-packages")
+        .args(&todo);
+        ctx.run(pip)?;
+    }
+    let still = missing(ctx);
+    if !still.is_empty() {
+        bail!(
+            "python packages still missing after install: {}",
             still.join(" ")
         );
     }

@@ -1,0 +1,417 @@
+//! The operator verbs that talk to the daemon's API: `policy apply|show`, `key show|lock|unlock`
+//! and `events`.
+
+use std::{io::Write as _, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    api::{ApiAddr, read_token_file},
+    events::EventRecord,
+    policy::Policy,
+};
+
+/// Attempts at a lock/unlock or an apply without a revision when another writer got in first.
+const RETRIES: usize = 5;
+
+pub struct Client {
+    addr: ApiAddr,
+    token: Option<String>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// `--token-file`, else `KEYWALL_TOKEN`.
+    pub fn new(addr: &str, token_file: Option<&Path>) -> Result<Client> {
+        let token = match token_file {
+            Some(p) => Some(String::from_utf8(read_token_file(p)?)?),
+            None => std::env::var("KEYWALL_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        };
+        Ok(Client {
+            addr: addr.parse()?,
+            token,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the keywall daemon at {} ({e}); is `keywall run` running with this --api?",
+            self.addr
+        )
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>> {
+        match &self.addr {
+            ApiAddr::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                exchange(s, req).await
+            }
+            ApiAddr::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a.as_str())
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                exchange(s, req).await
+            }
+        }
+    }
+
+    fn build(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "keywall");
+        if let Some(t) = &self.token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+        }
+        b.body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("request parts")
+    }
+
+    /// One request; the status and the JSON body (`null` if the body is not JSON).
+    pub fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
+        let req = self.build(method, path, body);
+        self.rt.block_on(async {
+            let resp = self.send(req).await?;
+            let st = resp.status().as_u16();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .context("reading the daemon's answer")?
+                .to_bytes();
+            Ok((st, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+        })
+    }
+
+    /// Streams a response line by line until it ends or `f` returns false.
+    pub fn stream(&self, path: &str, mut f: impl FnMut(&str) -> Result<bool>) -> Result<()> {
+        let req = self.build(Method::GET, path, None);
+        self.rt.block_on(async {
+            let mut resp = self.send(req).await?;
+            if resp.status() != StatusCode::OK {
+                let st = resp.status();
+                let b = resp.into_body().collect().await?.to_bytes();
+                let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                bail!("{}", error_text(st.as_u16(), &v));
+            }
+            let mut buf = Vec::new();
+            while let Some(frame) = resp.body_mut().frame().await {
+                let frame = frame.context("reading the event stream")?;
+                let Some(d) = frame.data_ref() else { continue };
+                buf.extend_from_slice(d);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    if !f(String::from_utf8_lossy(&line).trim_end())? {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The applied revision (0 if nothing is applied).
+    pub fn revision(&self) -> Result<u64> {
+        let (st, v) = self.call(Method::GET, "/v1/policy", None)?;
+        if st != 200 {
+            bail!("{}", error_text(st, &v));
+        }
+        Ok(v["revision"].as_u64().unwrap_or(0))
+    }
+}
+
+async fn exchange<S>(s: S, req: Request<Full<Bytes>>) -> Result<Response<Incoming>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .context("HTTP handshake with the daemon")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .send_request(req)
+        .await
+        .context("sending the request to the daemon")
+}
+
+/// One sentence for an error answer.
+pub fn error_text(status: u16, v: &Value) -> String {
+    let msg = v["error"].as_str().unwrap_or("no details");
+    let mut s = match status {
+        400 => "rejected".to_owned(),
+        401 => "unauthorized (give --token-file or KEYWALL_TOKEN)".to_owned(),
+        404 => "not found".to_owned(),
+        409 => "conflict".to_owned(),
+        413 => "too large".to_owned(),
+        _ => format!("HTTP {status}"),
+    };
+    match v["at"].as_str() {
+        Some(at) if !at.is_empty() => s.push_str(&format!(": {at}: {msg}")),
+        _ => s.push_str(&format!(": {msg}")),
+    }
+    if status == 409
+        && let Some(r) = v["revision"].as_u64()
+    {
+        s.push_str(&format!(" (applied revision {r})"));
+    }
+    s
+}
+
+/// Reads a policy file: TOML, or JSON (`.json`, or a document that starts with `{`).
+pub fn read_policy_file(file: &Path) -> Result<Policy> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let json = file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    let parsed = if json {
+        Policy::from_json_str(&text)
+    } else {
+        Policy::from_toml_str(&text)
+    };
+    parsed.map_err(|errs| {
+        anyhow!(
+            "{}: {}",
+            file.display(),
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+/// Prints every error of a 400, one a line.
+fn print_rejection(status: u16, v: &Value) {
+    eprintln!("keywall: {}", error_text(status, v));
+    if let Some(errs) = v["errors"].as_array()
+        && errs.len() > 1
+    {
+        for e in errs.iter().skip(1) {
+            eprintln!(
+                "  {}: {}",
+                e["at"].as_str().unwrap_or(""),
+                e["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// `keywall policy apply FILE`: exit 0 applied (or already applied), 1 rejected.
+pub fn policy_apply(c: &Client, file: &Path) -> Result<u8> {
+    let mut p = read_policy_file(file)?;
+    let given = p.revision;
+    for _ in 0..RETRIES {
+        if given.is_none() {
+            p.revision = Some(c.revision()? + 1);
+        }
+        let (st, v) = c.call(Method::PUT, "/v1/policy", Some(serde_json::to_vec(&p)?))?;
+        match st {
+            200 => {
+                println!(
+                    "{} revision {} ({:.1} ms)",
+                    if v["changed"] == false {
+                        "already applied:"
+                    } else {
+                        "applied"
+                    },
+                    v["revision"],
+                    v["apply_ms"].as_f64().unwrap_or(0.0)
+                );
+                return Ok(0);
+            }
+            // Another writer took our revision between the read and the write: read again.
+            409 if given.is_none() && v["source"].is_null() => continue,
+            _ => {
+                print_rejection(st, &v);
+                return Ok(1);
+            }
+        }
+    }
+    bail!("gave up after {RETRIES} conflicting writes")
+}
+
+/// `keywall policy show [--json]`.
+pub fn policy_show(c: &Client, as_json: bool) -> Result<u8> {
+    let (st, v) = c.call(Method::GET, "/v1/policy", None)?;
+    if st != 200 {
+        print_rejection(st, &v);
+        return Ok(1);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let p: Policy =
+            serde_json::from_value(v).context("the daemon sent a policy we cannot read")?;
+        print!("{}", toml::to_string(&p)?);
+    }
+    Ok(0)
+}
+
+/// `keywall key show PREFIX`.
+pub fn key_show(c: &Client, prefix: &str, as_json: bool) -> Result<u8> {
+    let (st, v) = c.call(
+        Method::GET,
+        &format!("/v1/keys/{}", path_escape(prefix)),
+        None,
+    )?;
+    if st != 200 {
+        print_rejection(st, &v);
+        return Ok(1);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let k = &v["policy"];
+    println!("key:      {prefix}");
+    if k.is_null() {
+        println!(
+            "policy:   not in the applied policy (revision {})",
+            v["revision"]
+        );
+    } else {
+        println!(
+            "locked:   {}",
+            if k["locked"] == true { "yes" } else { "no" }
+        );
+        let list = |f: &str| {
+            k[f].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "-".into())
+        };
+        println!("allow:    {}", list("allow"));
+        println!("ipsets:   {}", list("ipsets"));
+    }
+    let ct = &v["counters"];
+    if !ct.is_null() {
+        println!("passed:   {}", ct["passed"]);
+        println!("dropped:  {}", ct["dropped"]);
+        let ls = ct["last_seen_unix"].as_u64().unwrap_or(0);
+        if ls == 0 {
+            println!("seen:     never");
+        } else {
+            println!(
+                "seen:     {}s ago",
+                crate::state::now_unix().saturating_sub(ls)
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn path_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `keywall key lock|unlock PREFIX`: a PATCH at the applied revision + 1, again on 409.
+pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
+    let op = if lock { "lock" } else { "unlock" };
+    for _ in 0..RETRIES {
+        let rev = c.revision()? + 1;
+        let body = json!({"revision": rev, "ops": [{"op": op, "prefix": prefix}]});
+        let (st, v) = c.call(
+            Method::PATCH,
+            "/v1/policy",
+            Some(serde_json::to_vec(&body)?),
+        )?;
+        match st {
+            200 => {
+                println!(
+                    "{op}ed {prefix}: revision {} ({:.1} ms, enforced)",
+                    v["revision"],
+                    v["apply_ms"].as_f64().unwrap_or(0.0)
+                );
+                return Ok(0);
+            }
+            409 if v["source"].is_null() => continue,
+            _ => {
+                print_rejection(st, &v);
+                return Ok(1);
+            }
+        }
+    }
+    bail!("gave up after {RETRIES} conflicting writes")
+}
+
+/// `keywall events [--json]`: streams until interrupted.
+pub fn events(c: &Client, as_json: bool) -> Result<u8> {
+    let stdout = std::io::stdout();
+    c.stream("/v1/events", |line| {
+        let mut out = stdout.lock();
+        if as_json {
+            writeln!(out, "{line}")?;
+        } else {
+            let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+            match EventRecord::from_json(&v) {
+                Some(r) => writeln!(out, "{}", r.to_line())?,
+                None if !v["lagged"].is_null() => writeln!(
+                    out,
+                    "({} events lost: this reader was too slow)",
+                    v["lagged"]
+                )?,
+                None => writeln!(out, "{line}")?,
+            }
+        }
+        // A closed pipe (`| head`) ends the stream quietly.
+        Ok(out.flush().is_ok())
+    })?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_sentences() {
+        assert_eq!(
+            error_text(
+                400,
+                &json!({"error": "host bits set", "at": "ops[0].key.allow[0]"})
+            ),
+            "rejected: ops[0].key.allow[0]: host bits set"
+        );
+        assert_eq!(
+            error_text(409, &json!({"error": "stale", "revision": 4})),
+            "conflict: stale (applied revision 4)"
+        );
+    }
+
+    #[test]
+    fn path_escaping() {
+        assert_eq!(path_escape("37c541a1"), "37c541a1");
+        assert_eq!(path_escape("a/b c"), "a%2Fb%20c");
+        assert_eq!(crate::api::percent_decode(&path_escape("x/?#%y")), "x/?#%y");
+    }
+}

@@ -1,0 +1,361 @@
+//! The control-plane API from outside: a real `keywall run` in a sandbox, a small HTTP/1.1
+//! client for its unix socket, and the control-plane benchmarks (lock to enforced, a 1M-key
+//! PUT).
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya_obj::programs::XdpAttachType;
+use serde_json::{Value, json};
+
+use crate::{
+    harness::{XDP_DROP, XDP_PASS},
+    netns::{Proc, Sandbox},
+    packet::{Pkt, http_request},
+};
+
+/// The `keywall` binary next to the running test or bench binary.
+pub fn keywall_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("exe has a directory")?;
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let b = d.join("keywall");
+        if b.is_file() {
+            return Ok(b);
+        }
+    }
+    bail!(
+        "keywall binary not found next to {} — build it first: `cargo build -p filter-user`",
+        exe.display()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client for the unix socket
+
+/// One request on a fresh connection; returns the status and the body.
+pub fn http_unix(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Vec<u8>)> {
+    let mut s =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: keywall\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        // The server may answer (413) and close before taking all of a large body.
+        let _ = s.write_all(b);
+    }
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    parse_response(&resp)
+}
+
+/// Splits an HTTP/1.1 response into status and body (content-length or chunked).
+pub fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no header end in {:?}", String::from_utf8_lossy(resp)))?;
+    let head = String::from_utf8_lossy(&resp[..end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line: {head}"))?;
+    let mut body = resp[end + 4..].to_vec();
+    if head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    }) {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[i + 2..i + 2 + n]);
+            rest = &rest[i + 2 + n + 2..];
+        }
+        body = out;
+    }
+    Ok((status, body))
+}
+
+/// A request whose body is JSON (or empty); the answer's status and JSON (`null` if none).
+pub fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    let b = body.map(|v| serde_json::to_vec(v).expect("json"));
+    let (st, resp) = http_unix(sock, method, path, b.as_deref(), &[])?;
+    Ok((st, serde_json::from_slice(&resp).unwrap_or(Value::Null)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A daemon in a sandbox
+
+/// `keywall run` on the sandbox's edge interface, API on a unix socket in its state dir.
+pub struct ApiDaemon<'a> {
+    pub sb: &'a Sandbox,
+    pub proc: Option<Proc>,
+    pub log: PathBuf,
+    pub sock: PathBuf,
+}
+
+impl<'a> ApiDaemon<'a> {
+    /// Starts it with `extra` arguments (e.g. `--policy FILE`, `--metrics ADDR`) and waits
+    /// until the API answers.
+    pub fn start(sb: &'a Sandbox, n: u32, extra: &[&str]) -> Result<ApiDaemon<'a>> {
+        let log = sb.tmp_dir().join(format!("keywall-api-{n}.log"));
+        let sock = sb.tmp_dir().join(format!("api-{n}.sock"));
+        let f = fs::File::create(&log)?;
+        let mut cmd = sb.edge_cmd(keywall_bin()?);
+        cmd.arg("run")
+            .args(["--iface", sb.edge_if()])
+            .arg("--pin-dir")
+            .arg(sb.pin_dir())
+            .arg("--state-dir")
+            .arg(sb.state_dir())
+            .arg("--api")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--xdp-mode", "native", "--poll-ms", "100"]);
+        if !extra.contains(&"--metrics") {
+            cmd.args(["--metrics", "off"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        let child = cmd.spawn().context("starting keywall run")?;
+        let mut d = ApiDaemon {
+            sb,
+            proc: Some(Proc::new(child)),
+            log,
+            sock,
+        };
+        d.wait_api()?;
+        Ok(d)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (20 s at most) for `GET /v1/status` to answer 200.
+    pub fn wait_api(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(p) = self.proc.as_mut()
+                && let Some(st) = p.try_wait()?
+            {
+                bail!("keywall run exited ({st}); log:\n{}", self.log_text());
+            }
+            if let Ok((200, _)) = call(&self.sock, "GET", "/v1/status", None) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the API did not answer within 20 s; log:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        call(&self.sock, method, path, body)
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ApiDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        if thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- {} (last lines) ---\n{}\n---",
+                self.log.display(),
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks
+
+const BENCH_PORT: u16 = 8080;
+const CLIENT: [u8; 4] = [10, 200, 0, 7];
+const SERVER: [u8; 4] = [10, 200, 0, 1];
+
+/// A policy of `n` keys (`bk000000`..), each allowed from one host of 10.64.0.0/10 plus the
+/// bench client; the first is the key the benchmark locks.
+pub fn bench_policy(n: usize, revision: u64) -> Value {
+    let keys: Vec<Value> = (0..n)
+        .map(|i| {
+            let host = format!("10.{}.{}.{}", 64 + (i >> 16) % 64, (i >> 8) & 255, i & 255);
+            json!({"prefix": format!("bk{i:06}"), "allow": [host, "10.200.0.7"]})
+        })
+        .collect();
+    json!({
+        "revision": revision,
+        "settings": {"key_prefix_len": 8, "unknown_key": "drop", "no_key": "pass", "prefilter": false},
+        "listener": [{"port": BENCH_PORT, "locator": "http-header", "headers": ["X-MBX-APIKEY"]}],
+        "key": keys,
+    })
+}
+
+/// Runs one frame through the daemon's pinned program; returns the XDP action.
+fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN on the daemon's program")?;
+    Ok(r.return_value)
+}
+
+/// From an API lock to the next packet of an established connection being dropped, `n`
+/// times (each lock is undone by an unlock that is not timed). The connection is one flow
+/// judged by the daemon's pinned program through BPF_PROG_TEST_RUN: its first packet carried
+/// the key, later packets follow the flow's verdict, which is checked against the live policy.
+/// Each sample is the PATCH round trip plus polling until the next packet is dropped.
+pub fn lock_to_drop(n: usize) -> Result<Vec<Duration>> {
+    let sb = Sandbox::new("apibl")?;
+    let d = ApiDaemon::start(&sb, 1, &[])?;
+    let mut rev = 1u64;
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&bench_policy(1000, rev)))?;
+    if st != 200 {
+        bail!("PUT the bench policy: {st} {v}");
+    }
+    let prog = Xdp::from_pin(sb.pin_dir().join("prog"), XdpAttachType::Interface)
+        .context("opening the daemon's pinned program")?;
+    let first = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
+        .payload(&http_request(
+            "GET",
+            "/api/v3/account",
+            &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
+        ))
+        .build();
+    let later = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
+        .seq(5000)
+        .payload(b"{\"ping\":1}")
+        .build();
+    if run_frame(&prog, &first)? != XDP_PASS || run_frame(&prog, &later)? != XDP_PASS {
+        bail!("the bench connection is not allowed before the lock");
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        rev += 1;
+        let lock = json!({"revision": rev, "ops": [{"op": "lock", "prefix": "bk000000"}]});
+        let t0 = Instant::now();
+        let (st, v) = d.call("PATCH", "/v1/policy", Some(&lock))?;
+        if st != 200 {
+            bail!("lock: {st} {v}");
+        }
+        loop {
+            if run_frame(&prog, &later)? == XDP_DROP {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!("the connection still passes 5 s after the lock was answered");
+            }
+        }
+        out.push(t0.elapsed());
+        rev += 1;
+        let unlock = json!({"revision": rev, "ops": [{"op": "unlock", "prefix": "bk000000"}]});
+        let (st, v) = d.call("PATCH", "/v1/policy", Some(&unlock))?;
+        if st != 200 {
+            bail!("unlock: {st} {v}");
+        }
+        if run_frame(&prog, &later)? != XDP_PASS {
+            bail!("the connection does not pass again after the unlock");
+        }
+    }
+    Ok(out)
+}
+
+/// Seconds for one PUT of a `keys`-key policy onto a daemon that already enforces a
+/// `keys`-key policy (every key's allow entry changes), answered once the maps enforce it.
+pub fn put_snapshot(keys: usize) -> Result<Duration> {
+    let sb = Sandbox::new("apibp")?;
+    let d = ApiDaemon::start(&sb, 1, &["--max-keys", &keys.max(1024).to_string()])?;
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&bench_policy(keys, 1)))?;
+    if st != 200 {
+        bail!("first PUT: {st} {v}");
+    }
+    // The second snapshot moves every key to another host.
+    let mut p = bench_policy(keys, 2);
+    for k in p["key"].as_array_mut().expect("keys") {
+        k["allow"][1] = json!("10.200.0.8");
+    }
+    let body = serde_json::to_vec(&p)?;
+    let t0 = Instant::now();
+    let (st, resp) = http_unix(&d.sock, "PUT", "/v1/policy", Some(&body), &[])?;
+    let took = t0.elapsed();
+    if st != 200 {
+        bail!("snapshot PUT: {st} {}", String::from_utf8_lossy(&resp));
+    }
+    Ok(took)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let (st, b) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((st, b.as_slice()), (200, &b"{}"[..]));
+        let (st, b) = parse_response(
+            b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((st, b.as_slice()), (409, &b"abcde"[..]));
+    }
+
+    #[test]
+    fn bench_policy_is_valid() {
+        let p = keywall::policy::Policy::from_json_str(&bench_policy(300, 1).to_string())
+            .expect("parses");
+        p.validate().expect("valid");
+        assert_eq!(p.key.len(), 300);
+    }
+}
