@@ -38,7 +38,7 @@ impl ApiArgs {
     }
 }
 
-// Parsed once per process: the size of `Run` costs nothing worth boxing for.
+// Parsed once per process: the size of the `run` variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {

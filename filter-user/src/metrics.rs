@@ -116,11 +116,11 @@ impl Metrics {
     }
 
     /// Records the applied policy's figures.
-    pub fn set_policy(&self, p: &crate::policy::Policy, revision: u64) {
-        self.revision.set(revision as i64);
-        self.keys.set(p.key.len() as i64);
-        self.locked_keys
-            .set(p.key.iter().filter(|k| k.locked).count() as i64);
+    pub fn set_policy(&self, eng: &crate::daemon::Engine) {
+        self.revision.set(eng.revision() as i64);
+        self.keys
+            .set(eng.applied.as_ref().map_or(0, |a| a.policy.key.len()) as i64);
+        self.locked_keys.set(eng.locked_keys as i64);
     }
 
     /// The text exposition (OpenMetrics).

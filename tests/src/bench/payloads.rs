@@ -78,8 +78,9 @@ pub fn tls_client_hello(sni: &str) -> Vec<u8> {
     ];
     hello.extend_from_slice(&vec16(&suites));
     hello.extend_from_slice(&[1, 0]); // compression: null
-    // Padding (RFC 7685) brings the handshake to 508 bytes, as Chrome does.
-    let without_pad = hello.len() + 2 + exts.len() + 4;
+    // Padding (RFC 7685) brings the handshake message to 512 bytes with its 4-byte header,
+    // as Chrome does.
+    let without_pad = hello.len() + 2 + exts.len();
     if without_pad + 4 < 508 {
         let pad = 508 - without_pad - 4;
         ext(&mut exts, 0x0015, &vec![0; pad]);
