@@ -35,7 +35,7 @@ use tokio::{
 };
 
 use crate::{
-    daemon::Engine,
+    daemon::{Engine, PatchFailure, Persist},
     dataplane::PinnedView,
     events::EventRecord,
     metrics::Metrics,
@@ -254,6 +254,8 @@ fn conflict(applied: u64, why: &str) -> Reply {
 pub enum Source {
     File(PathBuf),
     Api,
+    /// `--etcd`: the prefix the policy is read from.
+    Etcd(String),
 }
 
 impl Source {
@@ -261,12 +263,14 @@ impl Source {
         match self {
             Source::File(_) => "file",
             Source::Api => "api",
+            Source::Etcd(_) => "etcd",
         }
     }
     pub fn describe(&self) -> String {
         match self {
             Source::File(p) => format!("the policy file {} (API writes get 409)", p.display()),
             Source::Api => "the API".into(),
+            Source::Etcd(p) => format!("etcd {p} (API writes get 409)"),
         }
     }
 }
@@ -297,6 +301,14 @@ impl Shared {
                     "source": "file",
                 }),
             )),
+            Source::Etcd(prefix) => Some((
+                StatusCode::CONFLICT,
+                json!({
+                    "error": format!("policy is managed by etcd {prefix}"),
+                    "revision": eng.revision(),
+                    "source": "etcd",
+                }),
+            )),
         }
     }
 
@@ -306,9 +318,7 @@ impl Shared {
             self.metrics
                 .apply_seconds
                 .observe(t0.elapsed().as_secs_f64());
-            if let Some(a) = &eng.applied {
-                self.metrics.set_policy(&a.policy, a.revision);
-            }
+            self.metrics.set_policy(eng);
         }
         (
             StatusCode::OK,
@@ -364,7 +374,7 @@ impl Shared {
             }
             Decision::Apply => {}
         }
-        match eng.apply_compiled(p, compiled, None, rev, "api") {
+        match eng.apply_compiled(p, compiled, None, rev, "api", Persist::Snapshot) {
             Ok(_) => self.applied_reply(&eng, t0, "applied"),
             Err(e) => self.apply_failed(e),
         }
@@ -390,15 +400,9 @@ impl Shared {
             return r;
         }
         let applied = eng.revision();
-        let base = eng
-            .applied
-            .as_ref()
-            .map(|a| a.policy.clone())
-            .unwrap_or_default();
         let decision = decide(applied, patch.revision, || {
-            // A retry: the very patch that was applied last, or ops that are already true.
-            eng.last_patch.as_ref() == Some(&patch)
-                || base.apply_patch(&patch).is_ok_and(|n| n == base)
+            // A retry: the very patch that was applied last, or ops that already hold.
+            eng.last_patch.as_ref() == Some(&patch) || eng.ops_hold(&patch.ops)
         });
         match decision {
             Decision::Unchanged => return self.applied_reply(&eng, t0, "unchanged"),
@@ -414,6 +418,23 @@ impl Shared {
             }
             Decision::Apply => {}
         }
+        // Locks, unlocks and key upserts cost the keys they name; ipset changes (which every
+        // key bound to the set follows) and the very first policy take the whole path.
+        if eng.can_patch_keys(&patch) {
+            return match eng.patch_keys(&patch, "api") {
+                Ok(_) => self.applied_reply(&eng, t0, "applied"),
+                Err(PatchFailure::Invalid(errs)) => {
+                    drop(eng);
+                    reject(bad_input(&errs))
+                }
+                Err(PatchFailure::Apply(e)) => self.apply_failed(e),
+            };
+        }
+        let base = eng
+            .applied
+            .as_ref()
+            .map(|a| a.policy.clone())
+            .unwrap_or_default();
         let next = match base.apply_patch(&patch) {
             Ok(n) => n,
             Err(errs) => {
@@ -428,13 +449,31 @@ impl Shared {
                 return reject(bad_input(&errs));
             }
         };
+        log::debug!("PATCH {}: validated in {:?}", patch.revision, t0.elapsed());
         let changed = patch_prefixes(&patch);
-        match eng.apply_compiled(next, compiled, changed.as_ref(), patch.revision, "api") {
+        match eng.apply_compiled(
+            next,
+            compiled,
+            changed.as_ref(),
+            patch.revision,
+            "api",
+            Persist::Journal(&patch),
+        ) {
             Ok(_) => {
                 eng.last_patch = Some(patch);
                 self.applied_reply(&eng, t0, "applied")
             }
             Err(e) => self.apply_failed(e),
+        }
+    }
+
+    /// Writes a snapshot when the PATCH journal has grown long (called after answering).
+    pub fn compact_if_due(&self) {
+        let mut eng = self.engine.lock().unwrap();
+        if eng.wants_compaction()
+            && let Err(e) = eng.compact()
+        {
+            log::error!("writing a policy snapshot: {e:#}");
         }
     }
 
@@ -774,6 +813,9 @@ async fn handle(
                 }
             })
             .await;
+            // The journal is folded into a snapshot off the answer's path.
+            let sh3 = sh.clone();
+            tokio::task::spawn_blocking(move || sh3.compact_if_due());
             match r {
                 Ok((st, v)) => json_response(st, &v),
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -161,6 +161,7 @@ pub fn error_text(status: u16, v: &Value) -> String {
         404 => "not found".to_owned(),
         409 => "conflict".to_owned(),
         413 => "too large".to_owned(),
+        503 => "unavailable".to_owned(),
         _ => format!("HTTP {status}"),
     };
     match v["at"].as_str() {

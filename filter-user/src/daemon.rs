@@ -6,7 +6,7 @@
 //! new policy is validated completely before anything is written.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -23,7 +23,7 @@ use crate::{
     api::{self, ApiConfig, Shared, Source},
     dataplane::{Capacity, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Compiled, Patch, Policy},
+    policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError},
     state::{self, Applied, Runtime},
 };
 
@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub api: ApiConfig,
     /// None: `--metrics off`.
     pub metrics: Option<String>,
+    /// `--etcd`: the policy source (exclusive with `policy`).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -58,7 +60,39 @@ pub struct Engine {
     pub key_cap: u32,
     /// The last PATCH applied (revision and ops), so its retry is recognised as a no-op.
     pub last_patch: Option<Patch>,
+    /// PATCHes in the state dir's journal since the last snapshot.
+    pub journal_len: usize,
+    /// The applied policy in kernel form, kept so a PATCH recompiles only the keys it names.
+    pub compiled: Option<Compiled>,
+    /// Position of each key in the applied policy's `key` list.
+    pub index: HashMap<String, usize>,
+    /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
+    /// under `unbound_keys = "pass"`, the prefilter must stay off.
+    pub open_keys: usize,
+    /// Locked keys in the applied policy (for metrics, without a walk over every key).
+    pub locked_keys: usize,
 }
+
+/// Why a PATCH was not applied.
+pub enum PatchFailure {
+    /// 400: what the ops brought in is invalid, with places (`ops[2].key.allow[0]`).
+    Invalid(Vec<PolicyError>),
+    /// 500: the maps could not be written (the live policy is unchanged) or persisting failed.
+    Apply(anyhow::Error),
+}
+
+fn is_open(k: &Key) -> bool {
+    !k.locked && k.allow.is_empty() && k.ipsets.is_empty()
+}
+
+/// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
+pub enum Persist<'a> {
+    Snapshot,
+    Journal(&'a Patch),
+}
+
+/// Journal lines after which the daemon writes a fresh snapshot (after answering).
+pub const JOURNAL_COMPACT: usize = 1024;
 
 impl Engine {
     /// The applied revision (0 before anything was applied).
@@ -82,7 +116,253 @@ impl Engine {
                     .join("\n")
             )
         })?;
-        self.apply_compiled(p, compiled, None, revision, source)
+        self.apply_compiled(p, compiled, None, revision, source, Persist::Snapshot)
+    }
+
+    /// True if `patch` touches keys only and the engine can apply it key by key.
+    pub fn can_patch_keys(&self, patch: &Patch) -> bool {
+        self.applied.is_some()
+            && self.compiled.is_some()
+            && patch.ops.iter().all(|op| {
+                matches!(
+                    op,
+                    PatchOp::Upsert { .. }
+                        | PatchOp::Delete { .. }
+                        | PatchOp::Lock { .. }
+                        | PatchOp::Unlock { .. }
+                )
+            })
+    }
+
+    /// The key with this prefix in the applied policy.
+    pub fn key(&self, prefix: &str) -> Option<&Key> {
+        let a = self.applied.as_ref()?;
+        self.index.get(prefix).map(|&i| &a.policy.key[i])
+    }
+
+    /// True if every op is already true of the applied policy (a retried PATCH).
+    pub fn ops_hold(&self, ops: &[PatchOp]) -> bool {
+        let Some(a) = &self.applied else { return false };
+        ops.iter().all(|op| match op {
+            PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
+            PatchOp::Delete { prefix } => self.key(prefix).is_none(),
+            PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
+            PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
+            PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
+            PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
+        })
+    }
+
+    /// Applies a keys-only PATCH (`can_patch_keys`) at the cost of the keys it names: each
+    /// upserted key is validated on its own (against the settings and the ipsets it binds),
+    /// only those keys are recompiled and written, and the applied policy is changed in
+    /// place once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
+    pub fn patch_keys(
+        &mut self,
+        patch: &Patch,
+        source: &str,
+    ) -> std::result::Result<crate::dataplane::ApplyReport, PatchFailure> {
+        let a = self.applied.as_ref().expect("can_patch_keys");
+        let base = &a.policy;
+        // What each named key becomes (None: deleted), following the ops in order.
+        let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
+        let mut errs = Vec::new();
+        for (n, op) in patch.ops.iter().enumerate() {
+            let current = |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| {
+                match after.get(p) {
+                    Some(v) => v.as_ref().map(|(k, _)| k.clone()),
+                    None => self.index.get(p).map(|&i| base.key[i].clone()),
+                }
+            };
+            let missing = |prefix: &str| {
+                PolicyError::new(
+                    format!("ops[{n}].prefix"),
+                    format!("no key with prefix {prefix:?}"),
+                )
+            };
+            match op {
+                PatchOp::Upsert { key } => {
+                    let mini = Policy {
+                        settings: base.settings.clone(),
+                        ipsets: key
+                            .ipsets
+                            .iter()
+                            .filter_map(|n| base.ipsets.get_key_value(n))
+                            .map(|(n, c)| (n.clone(), c.clone()))
+                            .collect(),
+                        key: vec![key.clone()],
+                        ..Default::default()
+                    };
+                    match mini.compile() {
+                        Ok(mut c) => {
+                            let ck = c.keys.pop_first().map(|(_, ck)| ck);
+                            after.insert(&key.prefix, Some((key.clone(), ck)));
+                        }
+                        Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
+                            at: match e.at.strip_prefix("key[0]") {
+                                Some(tail) => format!("ops[{n}].key{tail}"),
+                                None => e.at,
+                            },
+                            message: e.message,
+                        })),
+                    }
+                }
+                PatchOp::Delete { prefix } => match current(&after, prefix) {
+                    Some(_) => {
+                        after.insert(prefix, None);
+                    }
+                    None => errs.push(missing(prefix)),
+                },
+                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                    match current(&after, prefix) {
+                        Some(mut k) => {
+                            k.locked = matches!(op, PatchOp::Lock { .. });
+                            // Recompiled below from the record it had (only the flag moves).
+                            after.insert(prefix, Some((k, None)));
+                        }
+                        None => errs.push(missing(prefix)),
+                    }
+                }
+                PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => {
+                    unreachable!("can_patch_keys")
+                }
+            }
+        }
+        if !errs.is_empty() {
+            return Err(PatchFailure::Invalid(errs));
+        }
+
+        // Kernel form of the result: the cached compile with the named keys replaced.
+        let compiled = self.compiled.as_mut().expect("can_patch_keys");
+        let mut undo: Vec<(KeyPrefix, Option<CompiledKey>)> = Vec::new();
+        let mut changed = BTreeSet::new();
+        let mut open_delta: isize = 0;
+        for (prefix, new) in &after {
+            let kp = crate::policy::key_prefix(prefix);
+            changed.insert(kp);
+            if let Some(&i) = self.index.get(*prefix) {
+                open_delta -= is_open(&base.key[i]) as isize;
+            }
+            let old = match new {
+                None => compiled.keys.remove(&kp),
+                Some((k, ck)) => {
+                    open_delta += is_open(k) as isize;
+                    let ck = match ck {
+                        Some(ck) => ck.clone(),
+                        None => {
+                            // A lock or unlock of a key that was valid: its record with the
+                            // lock flag set or cleared.
+                            let mut ck = compiled
+                                .keys
+                                .get(&kp)
+                                .cloned()
+                                .expect("a present key is compiled");
+                            if k.locked {
+                                ck.flags |= filter_common::KEY_LOCKED;
+                            } else {
+                                ck.flags &= !filter_common::KEY_LOCKED;
+                            }
+                            ck
+                        }
+                    };
+                    compiled.keys.insert(kp, ck)
+                }
+            };
+            undo.push((kp, old));
+        }
+        let open_after = (self.open_keys as isize + open_delta) as usize;
+        let mut locked_delta: isize = 0;
+        for (prefix, new) in &after {
+            if let Some(&i) = self.index.get(*prefix) {
+                locked_delta -= base.key[i].locked as isize;
+            }
+            if let Some((k, _)) = new {
+                locked_delta += k.locked as isize;
+            }
+        }
+        let old_flags = compiled.settings.flags;
+        let prefilter = base.settings.prefilter
+            && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
+        if prefilter {
+            compiled.settings.flags |= filter_common::SETTING_PREFILTER;
+        } else {
+            compiled.settings.flags &= !filter_common::SETTING_PREFILTER;
+        }
+        let rep = match self.mirror.apply_changes(
+            &mut self.dp.maps,
+            compiled,
+            Some(&changed),
+            self.key_cap,
+        ) {
+            Ok(rep) => rep,
+            Err(e) => {
+                // The live slot is untouched; put the cached compile back as it was.
+                compiled.settings.flags = old_flags;
+                for (kp, old) in undo {
+                    match old {
+                        Some(ck) => compiled.keys.insert(kp, ck),
+                        None => compiled.keys.remove(&kp),
+                    };
+                }
+                return Err(PatchFailure::Apply(e));
+            }
+        };
+
+        // The maps enforce it: change the applied policy in place, as apply_patch would.
+        let a = self.applied.as_mut().expect("checked");
+        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops)
+            .map_err(|m| PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}")))?;
+        self.open_keys = open_after;
+        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        a.revision = patch.revision;
+        a.policy.revision = Some(patch.revision);
+        a.source = source.to_owned();
+        a.applied_unix = state::now_unix();
+        let t_save = Instant::now();
+        self.journal_len += 1;
+        let saved = state::append_journal(
+            &self.state_dir,
+            &state::JournalEntry {
+                revision: patch.revision,
+                source: source.to_owned(),
+                applied_unix: a.applied_unix,
+                ops: patch.ops.clone(),
+            },
+        );
+        log::debug!(
+            "revision {} (keys only): maps {:?}, journal {:?}",
+            patch.revision,
+            rep.elapsed,
+            t_save.elapsed()
+        );
+        self.last_patch = Some(patch.clone());
+        saved
+            .context("the maps enforce it, but saving it to the state dir failed")
+            .map_err(PatchFailure::Apply)?;
+        Ok(rep)
+    }
+
+    /// True when the journal is long enough to fold into a snapshot.
+    pub fn wants_compaction(&self) -> bool {
+        self.journal_len >= JOURNAL_COMPACT
+    }
+
+    /// Folds the journal into a fresh snapshot of the applied policy.
+    pub fn compact(&mut self) -> Result<()> {
+        if self.journal_len == 0 {
+            return Ok(());
+        }
+        if let Some(a) = &self.applied {
+            let t0 = Instant::now();
+            state::save_applied(&self.state_dir, a)?;
+            log::info!(
+                "folded {} journalled PATCHes into a snapshot in {:?}",
+                self.journal_len,
+                t0.elapsed()
+            );
+        }
+        self.journal_len = 0;
+        Ok(())
     }
 
     /// Writes an already validated policy. `changed` (from a PATCH) names every key that may
@@ -95,6 +375,7 @@ impl Engine {
         changed: Option<&BTreeSet<KeyPrefix>>,
         revision: u64,
         source: &str,
+        persist: Persist<'_>,
     ) -> Result<crate::dataplane::ApplyReport> {
         // --audit overrides what the policy says in the kernel only: the stored policy stays
         // as written, so reads and retries see what the writer sent.
@@ -112,7 +393,40 @@ impl Engine {
             policy: p,
         };
         self.last_patch = None;
-        let saved = state::save_applied(&self.state_dir, &applied);
+        self.index = applied
+            .policy
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.prefix.clone(), i))
+            .collect();
+        self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
+        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
+        self.compiled = Some(compiled);
+        let t_save = Instant::now();
+        let saved = match persist {
+            Persist::Snapshot => {
+                self.journal_len = 0;
+                state::save_applied(&self.state_dir, &applied)
+            }
+            Persist::Journal(patch) => {
+                self.journal_len += 1;
+                state::append_journal(
+                    &self.state_dir,
+                    &state::JournalEntry {
+                        revision,
+                        source: source.to_owned(),
+                        applied_unix: applied.applied_unix,
+                        ops: patch.ops.clone(),
+                    },
+                )
+            }
+        };
+        log::debug!(
+            "revision {revision}: maps {:?}, state dir {:?}",
+            rep.elapsed,
+            t_save.elapsed()
+        );
         self.applied = Some(applied);
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
@@ -144,6 +458,14 @@ pub fn run(o: RunOptions) -> Result<()> {
         bail!("keywall run needs at least one --iface");
     }
     o.api.check()?;
+    if o.policy.is_some() && o.etcd.is_some() {
+        bail!("--policy and --etcd are exclusive: a daemon has one policy source");
+    }
+    if let Some(e) = &o.etcd {
+        e.check()?;
+    } else {
+        crate::etcd::forget(&o.state_dir);
+    }
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating state dir {}", o.state_dir.display()))?;
     let dp = Dataplane::load(&o.pin_dir, o.capacity)?;
@@ -156,6 +478,11 @@ pub fn run(o: RunOptions) -> Result<()> {
         audit: o.audit,
         key_cap: o.capacity.keys,
         last_patch: None,
+        journal_len: 0,
+        compiled: None,
+        index: HashMap::new(),
+        open_keys: 0,
+        locked_keys: 0,
     };
     let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
 
@@ -195,12 +522,12 @@ pub fn run(o: RunOptions) -> Result<()> {
                 runtime.policy_error.as_deref().unwrap_or("unreadable")
             );
         }
+    } else if eng.applied.is_none() && o.etcd.is_some() {
+        log::warn!("no policy yet: the filter passes everything until etcd's is applied");
     } else if eng.applied.is_none() {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
-    if let Some(a) = &eng.applied {
-        metrics.set_policy(&a.policy, a.revision);
-    }
+    metrics.set_policy(&eng);
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -256,9 +583,10 @@ pub fn run(o: RunOptions) -> Result<()> {
             Some(format!("{e:#}"))
         }
     };
-    let source = match &o.policy {
-        Some(p) => Source::File(p.clone()),
-        None => Source::Api,
+    let source = match (&o.policy, &o.etcd) {
+        (Some(p), _) => Source::File(p.clone()),
+        (None, Some(e)) => Source::Etcd(e.prefix.clone()),
+        (None, None) => Source::Api,
     };
     metrics.set_sync(
         source.kind(),
@@ -277,6 +605,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     });
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
+    if let Some(e) = o.etcd.clone() {
+        crate::etcd::spawn(e, shared.clone())?;
+    }
     if let Some(l) = metrics_listener {
         log::info!(
             "metrics on http://{}/metrics",
@@ -351,9 +682,7 @@ fn apply_file(eng: &mut Engine, p: &Path, runtime: &mut Runtime, metrics: &Metri
             runtime.policy_error = None;
             metrics.update("file", "applied");
             metrics.apply_seconds.observe(t0.elapsed().as_secs_f64());
-            if let Some(a) = &eng.applied {
-                metrics.set_policy(&a.policy, a.revision);
-            }
+            metrics.set_policy(eng);
         }
         Ok(None) => runtime.policy_error = None,
         Err(e) => {

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub keys: Gauge,
     pub locked_keys: Gauge,
     pub sync_up: Family<Labels, Gauge>,
+    pub sync_errors: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -74,6 +75,12 @@ impl Metrics {
             "1 when the policy source is healthy (the file parses and applies; the API listens)",
             sync_up.clone(),
         );
+        let sync_errors = Family::<Labels, Gauge>::default();
+        registry.register(
+            "sync_entries_in_error",
+            "Entries of the policy source whose latest value was refused (they keep their last good value)",
+            sync_errors.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector { pin_dir }));
         Metrics {
             registry,
@@ -83,6 +90,7 @@ impl Metrics {
             keys,
             locked_keys,
             sync_up,
+            sync_errors,
         }
     }
 
@@ -101,12 +109,18 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    pub fn set_sync_errors(&self, source: &str, n: usize) {
+        self.sync_errors
+            .get_or_create(&vec![("source".into(), source.into())])
+            .set(n as i64);
+    }
+
     /// Records the applied policy's figures.
-    pub fn set_policy(&self, p: &crate::policy::Policy, revision: u64) {
-        self.revision.set(revision as i64);
-        self.keys.set(p.key.len() as i64);
-        self.locked_keys
-            .set(p.key.iter().filter(|k| k.locked).count() as i64);
+    pub fn set_policy(&self, eng: &crate::daemon::Engine) {
+        self.revision.set(eng.revision() as i64);
+        self.keys
+            .set(eng.applied.as_ref().map_or(0, |a| a.policy.key.len()) as i64);
+        self.locked_keys.set(eng.locked_keys as i64);
     }
 
     /// The text exposition (OpenMetrics).

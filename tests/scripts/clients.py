@@ -123,7 +123,10 @@ def cmd_split_hello(src, dst, port, sni, split_at, delay_ms, timeout):
     hello, sni_at = client_hello(sni)
     split_at = int(split_at)
     if split_at == 0:
-        split_at = len(hello)  # one write: TCP cuts it at the MSS, past which the SNI lies
+        # One write: TCP cuts it at the MSS (1,448 on a 1,500 MTU), past which the SNI lies.
+        if sni_at < 1500:
+            return "ERROR the SNI extension at %d would fit in the first segment" % sni_at
+        split_at = len(hello)
     elif split_at > sni_at:
         return "ERROR split at %d is not before the SNI extension at %d" % (split_at, sni_at)
     try:

@@ -57,19 +57,39 @@ pub fn http_unix(
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    // A large body waits for `100 Continue`, as curl does: a server that refuses it (413)
+    // answers at once and closes, and a body still being written would reset the answer.
+    let expect = body.is_some_and(|b| b.len() > 16 << 10);
     if let Some(b) = body {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             b.len()
         ));
+        if expect {
+            req.push_str("Expect: 100-continue\r\n");
+        }
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
-    if let Some(b) = body {
-        // The server may answer (413) and close before taking all of a large body.
-        let _ = s.write_all(b);
-    }
     let mut resp = Vec::new();
+    if let Some(b) = body {
+        if expect {
+            let mut buf = [0u8; 4096];
+            while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                resp.extend_from_slice(&buf[..n]);
+            }
+            if resp.starts_with(b"HTTP/1.1 100") {
+                resp.clear();
+                s.write_all(b)?;
+            }
+        } else {
+            s.write_all(b)?;
+        }
+    }
     s.read_to_end(&mut resp)?;
     parse_response(&resp)
 }
@@ -145,7 +165,7 @@ impl<'a> ApiDaemon<'a> {
             cmd.args(["--metrics", "off"]);
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("KEYWALL_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f);

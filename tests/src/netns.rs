@@ -28,7 +28,7 @@ use std::{
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Mutex, Once,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -307,7 +307,10 @@ pub struct Sandbox {
     /// Next host numbers for [`Sandbox::add_client_v4`] / [`Sandbox::add_client_v6`].
     next_v4: AtomicU32,
     next_v6: AtomicU32,
-    cleaned: AtomicBool,
+    /// Whether [`Sandbox::cleanup`] ran. A mutex, not a flag: a second caller (the main thread
+    /// while a Ctrl-C handler cleans up) must wait until the first one has finished, or the
+    /// process could exit with the namespaces half removed.
+    cleaned: Mutex<bool>,
 }
 
 impl Sandbox {
@@ -325,7 +328,7 @@ impl Sandbox {
             names,
             next_v4: AtomicU32::new(3),
             next_v6: AtomicU32::new(3),
-            cleaned: AtomicBool::new(false),
+            cleaned: Mutex::new(false),
         };
         // On error `sb` drops here, and its cleanup removes whatever was made.
         sb.build()
@@ -837,9 +840,11 @@ impl Sandbox {
     /// Kills everything in the namespaces, deletes them, the pin dir and the temp dir.
     /// Idempotent; [`Drop`] calls it. Safe to call from another thread (a Ctrl-C handler).
     pub fn cleanup(&self) {
-        if self.cleaned.swap(true, Ordering::SeqCst) {
+        let mut cleaned = self.cleaned.lock().unwrap_or_else(|e| e.into_inner());
+        if *cleaned {
             return;
         }
+        *cleaned = true;
         if std::env::var_os("KEYWALL_SANDBOX_KEEP").is_some_and(|v| v == "1") {
             eprintln!(
                 "netns: KEYWALL_SANDBOX_KEEP=1: keeping {} / {}, {} and {}",

@@ -9,6 +9,12 @@
 //! let req = pad_request_to(req, MAX_FRAME_LEN - pkt.payload_offset());
 //! let frame = pkt.payload(&req).build(); // exactly 1514 bytes, key header at the end
 //! ```
+//!
+//! Payloads for the other locators: [`ClientHello`] (TLS, with GREASE, padding, tickets, a
+//! post-quantum key share past 1500 bytes, shuffled extensions), [`fix_logon`] and
+//! [`fix_message`] (FIX with correct BodyLength and CheckSum), [`proxy_v1`] and [`proxy_v2`]
+//! (PROXY headers). [`Pkt::segments`] cuts a payload into segments with consecutive
+//! sequence numbers.
 
 /// Default Ethernet addresses: locally administered, so they never collide with real NICs.
 pub const ETH_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

@@ -359,6 +359,9 @@ fn api_lock_cuts_keepalive_connection() {
     assert_eq!(shown["key"][0]["locked"], false, "{shown}");
 }
 
+/// (name, method, body, status wanted, start of `at` wanted)
+type BadCase<'a> = (&'a str, &'a str, Vec<u8>, u16, Option<&'a str>);
+
 #[test]
 fn bad_inputs_change_nothing() {
     let (sb, _srv) = setup("apibad");
@@ -385,8 +388,7 @@ fn bad_inputs_change_nothing() {
     };
     let mut same_rev_other = policy(&sb, 5);
     same_rev_other["key"][1]["locked"] = json!(false);
-    // (name, method, body, status, `at` wanted)
-    let cases: Vec<(&str, &str, Vec<u8>, u16, Option<&str>)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "malformed JSON",
             "PUT",
@@ -776,14 +778,38 @@ fn applied_revision_survives_restart() {
     let (sb, _srv) = setup("apirest");
     let mut d = ApiDaemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 5));
-    let (st, v) = d
-        .call(
-            "PATCH",
-            "/v1/policy",
-            Some(&json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]})),
-        )
-        .unwrap();
-    assert_eq!(st, 200, "{v}");
+    // More PATCHes of every kind (journalled, not snapshotted): the daemon's policy is what
+    // applying them in order to the PUT policy gives.
+    let mut want: keywall::policy::Policy = serde_json::from_value(policy(&sb, 5)).unwrap();
+    let patches = [
+        json!({"revision": 9, "ops": [{"op": "lock", "prefix": "goodkey1"}]}),
+        json!({"revision": 10, "ops": [
+            {"op": "upsert", "key": {"prefix": "newkey01", "allow": ["192.0.2.0/24"]}},
+            {"op": "upsert", "key": {"prefix": "newkey02", "allow": ["2001:db8:1::/64"], "ipsets": ["broker-a"]}},
+            {"op": "delete", "prefix": "lockkey1"}]}),
+        json!({"revision": 11, "ops": [{"op": "set_ipset", "name": "broker-b", "cidrs": ["198.18.0.0/15"]},
+            {"op": "upsert", "key": {"prefix": "newkey01", "ipsets": ["broker-b"]}}]}),
+        json!({"revision": 12, "ops": [{"op": "lock", "prefix": "newkey02"}, {"op": "unlock", "prefix": "newkey02"},
+            {"op": "delete", "prefix": "newkey01"}, {"op": "delete_ipset", "name": "broker-b"}]}),
+    ];
+    for p in &patches {
+        let (st, v) = d.call("PATCH", "/v1/policy", Some(p)).unwrap();
+        assert_eq!(st, 200, "{p}: {v}");
+        let patch: keywall::policy::Patch = serde_json::from_value(p.clone()).unwrap();
+        want = want.apply_patch(&patch).unwrap();
+    }
+    let (_, got) = d.call("GET", "/v1/policy", None).unwrap();
+    assert_eq!(
+        got,
+        serde_json::to_value(&want).unwrap(),
+        "PATCHes applied differently"
+    );
+    let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+    assert_eq!(st["keys"], 2, "{st}");
+    // A retry of the last PATCH is a no-op.
+    let (st, v) = d.call("PATCH", "/v1/policy", Some(&patches[3])).unwrap();
+    assert_eq!((st, v["changed"].clone()), (200, json!(false)), "{v}");
+
     let before = get_policy_raw(&d);
     d.stop().unwrap();
     drop(d);
@@ -797,17 +823,17 @@ fn applied_revision_survives_restart() {
         "the restarted daemon serves another policy"
     );
     let (_, st) = d.call("GET", "/v1/status", None).unwrap();
-    assert_eq!(st["revision"], 9, "{st}");
+    assert_eq!(st["revision"], 12, "{st}");
     assert_eq!(st["source"], "api", "{st}");
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Blocked);
     // The restored revision still orders writes.
-    let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 9))).unwrap();
-    assert_eq!((st, v["revision"].clone()), (409, json!(9)), "{v}");
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&policy(&sb, 12))).unwrap();
+    assert_eq!((st, v["revision"].clone()), (409, json!(12)), "{v}");
     let (st, v) = d
         .call(
             "PATCH",
             "/v1/policy",
-            Some(&json!({"revision": 10, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})),
+            Some(&json!({"revision": 13, "ops": [{"op": "unlock", "prefix": "goodkey1"}]})),
         )
         .unwrap();
     assert_eq!(st, 200, "{v}");
@@ -991,4 +1017,193 @@ fn events_show_a_provoked_drop() {
         "not in the daemon log"
     );
     ev.kill().ok();
+}
+
+/// A CA, a server certificate for `server_ip` and a client certificate, made with openssl.
+fn make_pki(dir: &Path, server_ip: &str) -> [std::path::PathBuf; 6] {
+    let p = |n: &str| dir.join(n);
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: &std::path::PathBuf| p.display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key) = (p("ca.pem"), p("ca.key"));
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=keywall-test-ca",
+                "-keyout",
+                &s(&ca_key),
+                "-out",
+                &s(&ca),
+            ],
+        ]
+        .concat(),
+    );
+    let mut out = Vec::new();
+    for (name, ext) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n".to_owned()),
+    ] {
+        let (key, csr, crt, extf) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.pem")),
+            p(&format!("{name}.ext")),
+        );
+        fs::write(&extf, ext).unwrap();
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-subj",
+                    &format!("/CN=keywall-{name}"),
+                    "-keyout",
+                    &s(&key),
+                    "-out",
+                    &s(&csr),
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(&ca),
+            "-CAkey",
+            &s(&ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &s(&extf),
+            "-out",
+            &s(&crt),
+        ]);
+        out.push((crt, key));
+    }
+    let [(sc, sk), (cc, ck)] = [out.remove(0), out.remove(0)];
+    [ca, ca_key, sc, sk, cc, ck]
+}
+
+#[test]
+fn tls_with_client_certificates_beyond_loopback() {
+    let (sb, _srv) = setup("apitls");
+    let edge = sb.edge_v4().to_string();
+    let [ca, _, srv_cert, srv_key, cli_cert, cli_key] = make_pki(sb.tmp_dir(), &edge);
+    let token = sb.tmp_dir().join("token");
+    fs::write(&token, "tls-token-42\n").unwrap();
+    let s = |p: &std::path::PathBuf| p.display().to_string();
+    let api = format!("tcp:{edge}:9443");
+    let child = sb
+        .edge_cmd(keywall_bin().unwrap())
+        .args([
+            "run",
+            "--iface",
+            sb.edge_if(),
+            "--xdp-mode",
+            "native",
+            "--metrics",
+            "off",
+        ])
+        .arg("--pin-dir")
+        .arg(sb.pin_dir())
+        .arg("--state-dir")
+        .arg(sb.state_dir())
+        .args(["--api", &api, "--token-file", &s(&token)])
+        .args([
+            "--api-tls-cert",
+            &s(&srv_cert),
+            "--api-tls-key",
+            &s(&srv_key),
+            "--api-client-ca",
+            &s(&ca),
+        ])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(sb.tmp_dir().join("keywall-tls.log")).unwrap())
+        .stderr(fs::File::create(sb.tmp_dir().join("keywall-tls.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let _d = Proc::new(child);
+    let url = format!("https://{edge}:9443/v1/status");
+    // From the client namespace, across the veth: (curl exit code, HTTP code).
+    let curl = |extra: &[&str]| -> (i32, String) {
+        let out = sb
+            .client_cmd("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &s(&ca),
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let with_cert = ["--cert", &s(&cli_cert), "--key", &s(&cli_key)];
+    let auth = ["-H", "Authorization: Bearer tls-token-42"];
+    wait_for("the TLS API", 20, || {
+        (curl(&[&with_cert[..], &auth].concat()) == (0, "200".into())).then_some(())
+    });
+    // Certificate without the token: 401.
+    assert_eq!(curl(&with_cert), (0, "401".into()));
+    // No client certificate: the handshake fails, nothing is answered.
+    let (code, http) = curl(&auth);
+    assert!(
+        code != 0 && http != "200",
+        "no client certificate got through: {code} {http}"
+    );
+    // Plain HTTP on the TLS port gets no API answer.
+    let out = sb
+        .client_cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(auth)
+        .arg(format!("http://{edge}:9443/v1/status"))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
 }

@@ -7,8 +7,8 @@
 //! - FIX: a simplefix client's Logon (tag 553, and tag 49 on a FIX.4.4 session) to a FIX
 //!   acceptor.
 //! - PROXY v2: Debian's haproxy ends TLS and forwards to the edge, where a second haproxy
-//!   (`accept-proxy`) answers with the client address it was told; curl `--haproxy-protocol`
-//!   from an untrusted source.
+//!   (`accept-proxy`) answers with the client address it was told; with the prefilter on, only
+//!   the trusted proxy can connect; curl `--haproxy-protocol` from an untrusted source.
 //! - `action = "reset"`: the client sees ECONNRESET within 100 ms.
 //! - The SYN prefilter under a SYN flood from a source no key allows.
 //!
@@ -723,14 +723,15 @@ frontend api
         .expect("haproxy backend in the edge namespace")
 }
 
-fn proxy_policy(sb: &Sandbox, trusted: IpAddr, allowed: IpAddr) -> String {
+/// `prefilter`: whether the SYN prefilter is on (then only trusted proxies may connect).
+fn proxy_policy(sb: &Sandbox, trusted: IpAddr, allowed: IpAddr, prefilter: bool) -> String {
     format!(
         r#"[settings]
 key_prefix_len = 8
 unknown_key = "drop"
 no_key = "pass"
 unbound_keys = "drop"
-prefilter = false
+prefilter = {prefilter}
 
 [[listener]]
 port = {PROXIED_PORT}
@@ -833,7 +834,7 @@ backend edge
         Proxied::Ok(format!("client={other}"))
     );
 
-    let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, allowed));
+    let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, allowed, true));
     let mut d = Daemon::start(&sb, &policy);
     d.wait_ready(2, || {
         expect(
@@ -868,6 +869,23 @@ backend edge
         matches!(unknown, Proxied::Refused(_)),
         "an unknown key got through: {unknown:?}"
     );
+    // With the prefilter on, a PROXY listener takes handshakes from trusted proxies alone:
+    // even the allowed client cannot connect around haproxy.
+    let around = sb
+        .client_cmd("curl")
+        .args(["-sS", "--max-time", PROBE_SECS, "--haproxy-protocol"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--interface", &allowed.to_string()])
+        .args(["-H", &format!("X-MBX-APIKEY: {GOOD}-rest-of-the-key")])
+        .arg(format!("http://{}:{PROXIED_PORT}/", sb.edge_v4()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    assert_eq!(
+        curl_outcome(&around),
+        Got::Blocked,
+        "the allowed client connected to the PROXY listener around haproxy"
+    );
     d.assert_running();
 
     let after = stats(&sb);
@@ -879,6 +897,7 @@ backend edge
             ("drop_not_allowed", 1),
             ("drop_locked", 1),
             ("drop_unknown_key", 1),
+            ("drop_prefilter", 1),
         ],
     );
     assert_eq!(
@@ -920,7 +939,7 @@ fn proxy_header_from_untrusted_source_is_refused() {
     assert_eq!(got, Got::Pass, "unfiltered: {body}");
     assert!(body.contains(&format!("client={a4}")), "{body}");
 
-    let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, a4));
+    let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, a4, false));
     let mut d = Daemon::start(&sb, &policy);
     // Ready once curl's own PROXY header is refused (before the policy it passes).
     d.wait_ready(2, || expect(direct(a4, None).0, Got::Blocked));
@@ -1192,4 +1211,43 @@ allow = ["{a4}/32", "{a6}/128"]
             >= allowed.len() as u64,
         "{after}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the helpers' own logic
+
+#[test]
+fn client_answers_map_to_outcomes() {
+    assert_eq!(tool_outcome("LOGON KEYWALL-EDGE", "LOGON"), Got::Pass);
+    assert_eq!(
+        tool_outcome("SERVERHELLO 1699-byte hello, SNI extension at 1665", "SERVERHELLO"),
+        Got::Pass
+    );
+    assert_eq!(tool_outcome("TIMEOUT", "LOGON"), Got::Blocked);
+    assert_eq!(
+        tool_outcome("ERROR connection closed", "LOGON"),
+        Got::Odd("ERROR connection closed".into())
+    );
+    // A pass word must be the whole first word, not a prefix of it.
+    assert_eq!(
+        tool_outcome("LOGONX y", "LOGON"),
+        Got::Odd("LOGONX y".into())
+    );
+    assert!(expect(Got::Pass, Got::Pass).is_ok());
+    assert!(expect(Got::Blocked, Got::Pass).is_err());
+}
+
+#[test]
+fn curl_results_map_to_outcomes() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let out = |code: i32, stdout: &str| Output {
+        status: std::process::ExitStatus::from_raw(code << 8),
+        stdout: stdout.as_bytes().to_vec(),
+        stderr: Vec::new(),
+    };
+    assert_eq!(curl_outcome(&out(0, "200")), Got::Pass);
+    assert_eq!(curl_outcome(&out(0, "body\n200")), Got::Pass);
+    assert_eq!(curl_outcome(&out(28, "000")), Got::Blocked);
+    assert!(matches!(curl_outcome(&out(0, "504")), Got::Odd(_)));
+    assert!(matches!(curl_outcome(&out(56, "000")), Got::Odd(_)));
 }

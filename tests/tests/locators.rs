@@ -1018,3 +1018,92 @@ fn reset_leaves_segments_without_payload_alone() {
     let f = Pkt::tcp4(OTHER4, EDGE4, 43_001, HTTP_PORT).syn().build();
     expect(&mut l, &f, DropPrefilter, "prefiltered SYN");
 }
+
+#[test]
+fn split_hello_truncations_retransmissions_and_bad_sequence_numbers_fail_closed() {
+    let mut l = Loaded::new(POLICY).unwrap();
+    let host = "k-37c541a1.api.example.com";
+    let h = ClientHello {
+        sni_last: true,
+        ..ClientHello::chrome_like(host, 5)
+    };
+    let rec = h.record();
+    let cut = 1448;
+    let sni_end = h.sni_offset().unwrap() + host.len();
+    assert!(h.sni_offset().unwrap() > cut);
+    let base = 0x7fff_fff0u32;
+
+    // Every truncation of the second (key-bearing) segment.
+    for len in 1..=rec.len() - cut {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        let r1 = l.run(&first).1;
+        assert!(
+            !r1.is_drop() && !passes_on_a_key(r1),
+            "first segment: {r1:?}"
+        );
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32))
+            .payload(&rec[cut..cut + len])
+            .build();
+        let (action, r, _) = l.run(&second);
+        assert!(!passes_on_a_key(r), "second segment cut at {len}: {r:?}");
+        if cut + len >= sni_end {
+            assert!(r.is_drop() && action == XDP_DROP, "cut at {len}: {r:?}");
+        }
+    }
+
+    // Mutations of the second segment.
+    let mut rng = Rng(0x2222);
+    for i in 0..200 {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        l.run(&first);
+        let mut m = rec[cut..].to_vec();
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(m.len());
+            m[at] = rng.next() as u8;
+        }
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32))
+            .payload(&m)
+            .build();
+        let r = l.run(&second).1;
+        assert!(!passes_on_a_key(r), "mutation {i}: {r:?}");
+    }
+
+    for (src, want) in [(ALLOWED4, PassAllowed), (OTHER4, DropNotAllowed)] {
+        // A retransmitted first segment changes nothing.
+        let sport = fresh_port();
+        let segs = tls4(src, sport).seq(base).segments(&rec, &[cut]);
+        let got = run_all(&mut l, &[segs[0].clone(), segs[0].clone(), segs[1].clone()]);
+        assert_eq!(got[2], want, "retransmitted first segment: {got:?}");
+        assert!(
+            !got[..2].iter().any(|r| r.is_drop() || passes_on_a_key(*r)),
+            "{got:?}"
+        );
+    }
+    // The second segment first (reordered), or at a sequence number that does not follow:
+    // a disallowed source is never passed on its key.
+    let sport = fresh_port();
+    let segs = tls4(OTHER4, sport).seq(base).segments(&rec, &[cut]);
+    let got = run_all(&mut l, &[segs[1].clone(), segs[0].clone()]);
+    assert!(
+        !got.iter().any(|r| passes_on_a_key(*r)),
+        "reordered: {got:?}"
+    );
+    for shift in [-1i32, 1, 7, -300] {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        l.run(&first);
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32).wrapping_add(shift as u32))
+            .payload(&rec[cut..])
+            .build();
+        let r = l.run(&second).1;
+        assert!(
+            !passes_on_a_key(r),
+            "second segment shifted by {shift}: {r:?}"
+        );
+    }
+}

@@ -517,6 +517,12 @@ fn a_restarted_loader_reads_the_filter_back() {
     let (w2, p2) = again.prefilter_half();
     assert_eq!(p2, &plan);
     assert!(w2 == words.as_slice(), "words read back differ");
+    // Operators read the same fill from the pins, with no loader around.
+    let view = keywall::dataplane::PinnedView::open(&l.pin_dir).unwrap();
+    let fill = view.prefilter_fill().unwrap().expect("written");
+    assert_eq!(Some(fill), l.mirror.prefilter_fill());
+    assert!(fill.bits_set >= 3 && fill.fp_v4 < 1e-6, "{fill:?}");
+    drop(view);
     // The pure model agrees with the kernel words.
     let a = v6("2001:db8:aa::1");
     assert!(prefilter::passes(&words, &plan, 6, &a, 12));
@@ -535,4 +541,77 @@ fn a_restarted_loader_reads_the_filter_back() {
         DropPrefilter,
         "after restart",
     );
+}
+
+#[test]
+fn trusted_proxy_sets_are_shared_between_listeners_and_freed_when_unused() {
+    let two = format!(
+        "{POLICY}\n[[listener]]\nport = 8444\nlocator = \"http-header\"\nheaders = [\"X-MBX-APIKEY\"]\n\
+         proxy_protocol = true\ntrusted_proxies = [\"10.9.0.0/16\", \"2001:db8:ffff::/48\"]\n"
+    );
+    let mut l = Loaded::new(&two).unwrap();
+    let proxy_sets = |l: &Loaded| -> Vec<(u16, u32)> {
+        let slot = l.mirror.active_slot();
+        (1..=filter_common::MAX_LISTENERS as u16)
+            .map(|n| {
+                l.dp.maps
+                    .listeners
+                    .get(&filter_common::listener_slot(slot, n), 0)
+                    .unwrap()
+            })
+            .filter(|x| x.locator != 0 && x.proxy_set != 0)
+            .map(|x| (x.port, x.proxy_set))
+            .collect()
+    };
+    let sets = proxy_sets(&l);
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert_eq!(
+        sets[0].1, sets[1].1,
+        "identical trusted proxies share one set"
+    );
+    let id = sets[0].1;
+    assert!(l.dp.maps.sets.get(&id, 0).is_ok());
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8444),
+        PassHandshake,
+        "trusted",
+    );
+
+    // Other proxies for one listener: a new set; the old one stays while 8443 uses it.
+    l.apply(&two.replacen("10.9.0.0/16", "10.8.0.0/16", 2).replacen(
+        "10.8.0.0/16",
+        "10.9.0.0/16",
+        1,
+    ))
+    .unwrap();
+    let sets = proxy_sets(&l);
+    assert_ne!(sets[0].1, sets[1].1, "{sets:?}");
+    expect(
+        &mut l,
+        &syn4(v4("10.8.0.5"), 8444),
+        PassHandshake,
+        "new proxy",
+    );
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8444),
+        DropPrefilter,
+        "old proxy",
+    );
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8443),
+        PassHandshake,
+        "8443 kept its set",
+    );
+    // Once neither slot's listeners reference a set, it is gone.
+    let no_proxies = POLICY.replace(
+        "proxy_protocol = true\ntrusted_proxies = [\"10.9.0.0/16\", \"2001:db8:ffff::/48\"]\n",
+        "",
+    );
+    l.apply(&no_proxies).unwrap();
+    l.apply(&no_proxies).unwrap();
+    assert!(proxy_sets(&l).is_empty());
+    assert!(l.dp.maps.sets.get(&id, 0).is_err(), "set {id} freed");
 }

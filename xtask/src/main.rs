@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "etcd-server",
     "etcd-client",
+    // protoc: the etcd client crate compiles etcd's gRPC protocol at build time.
+    "protobuf-compiler",
     "socat",
     "openssl",
 ];
