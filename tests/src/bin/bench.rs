@@ -1478,8 +1478,58 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
 /// Hook for the control-plane API figures (tests/src/api_bench.rs, wired in by the lead):
 /// returns markdown bullet lines for the "Control-plane API" section, or None when this build
 /// has no API bench. The table and BENCHMARKS.md print whatever it returns.
-fn control_plane_api_section(_plan: &Plan) -> Result<Option<String>> {
-    Ok(None)
+/// The daemon end to end: locks over the API, a 1M-key PUT, and etcd propagation to three
+/// edges. Each runs real daemons in namespace sandboxes (tests/src/api_bench.rs,
+/// tests/src/fleet_bench.rs).
+fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
+    let (locks, put_keys, writes) = if plan.quick {
+        (20, 1_000, 10)
+    } else {
+        (1_000, 1_000_000, 500)
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut out = String::new();
+    println!("  API: {locks} locks, lock to the next packet dropped");
+    let l = tests::api_bench::lock_to_drop(locks)?;
+    let (p50, p99) = (
+        tests::fleet_bench::percentile(&l, 50.0),
+        tests::fleet_bench::percentile(&l, 99.0),
+    );
+    writeln!(
+        out,
+        "- **Lock over the API to the next packet dropped** ({locks} locks, 1k keys loaded; the PATCH round trip on the unix socket plus polling the connection's next packet through the daemon's pinned program): p50 {:.2} ms, p99 {:.2} ms (target p99 < 10 ms: {}).",
+        ms(p50),
+        ms(p99),
+        if p99 < Duration::from_millis(10) { "met" } else { "missed" }
+    )?;
+    println!("  API: PUT of {} keys", keys_label(put_keys));
+    let put = tests::api_bench::put_snapshot(put_keys)?;
+    writeln!(
+        out,
+        "- **PUT of a {}-key policy** (every key's allowlist changes; answered once the maps enforce it, the state dir written): {:.2} s (target < 5 s at 1M: {}).",
+        keys_label(put_keys),
+        put.as_secs_f64(),
+        if put_keys < 1_000_000 {
+            "not the 1M run"
+        } else if put < Duration::from_secs(5) {
+            "met"
+        } else {
+            "missed"
+        }
+    )?;
+    println!("  etcd: {writes} locks to 3 edges");
+    let prop = tests::fleet_bench::propagation(writes)?;
+    for e in 0..prop.first().map_or(0, |w| w.len()) {
+        let xs: Vec<Duration> = prop.iter().map(|w| w[e]).collect();
+        writeln!(
+            out,
+            "- **etcd write to drop on edge {}** ({writes} lock writes with etcdctl's client API, each timed to that edge's next packet dropped): p50 {:.2} ms, p99 {:.2} ms.",
+            e + 1,
+            ms(tests::fleet_bench::percentile(&xs, 50.0)),
+            ms(tests::fleet_bench::percentile(&xs, 99.0)),
+        )?;
+    }
+    Ok(Some(out))
 }
 
 // ---------------------------------------------------------------------------------------------
