@@ -1478,8 +1478,58 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
 /// Hook for the control-plane API figures (tests/src/api_bench.rs, wired in by the lead):
 /// returns markdown bullet lines for the "Control-plane API" section, or None when this build
 /// has no API bench. The table and BENCHMARKS.md print whatever it returns.
-fn control_plane_api_section(_plan: &Plan) -> Result<Option<String>> {
-    Ok(None)
+/// The daemon end to end: locks over the API, a 1M-key PUT, and etcd propagation to three
+/// edges. Each runs real daemons in namespace sandboxes (tests/src/api_bench.rs,
+/// tests/src/fleet_bench.rs).
+fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
+    let (locks, put_keys, writes) = if plan.quick {
+        (20, 1_000, 10)
+    } else {
+        (1_000, 1_000_000, 500)
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut out = String::new();
+    println!("  API: {locks} locks, lock to the next packet dropped");
+    let l = tests::api_bench::lock_to_drop(locks)?;
+    let (p50, p99) = (
+        tests::fleet_bench::percentile(&l, 50.0),
+        tests::fleet_bench::percentile(&l, 99.0),
+    );
+    writeln!(
+        out,
+        "- **Lock over the API to the next packet dropped** ({locks} locks, 1k keys loaded; the PATCH round trip on the unix socket plus polling the connection's next packet through the daemon's pinned program): p50 {:.2} ms, p99 {:.2} ms (target p99 < 10 ms: {}).",
+        ms(p50),
+        ms(p99),
+        if p99 < Duration::from_millis(10) { "met" } else { "missed" }
+    )?;
+    println!("  API: PUT of {} keys", keys_label(put_keys));
+    let put = tests::api_bench::put_snapshot(put_keys)?;
+    writeln!(
+        out,
+        "- **PUT of a {}-key policy** (every key's allowlist changes; answered once the maps enforce it, the state dir written): {:.2} s (target < 5 s at 1M: {}).",
+        keys_label(put_keys),
+        put.as_secs_f64(),
+        if put_keys < 1_000_000 {
+            "not the 1M run"
+        } else if put < Duration::from_secs(5) {
+            "met"
+        } else {
+            "missed"
+        }
+    )?;
+    println!("  etcd: {writes} locks to 3 edges");
+    let prop = tests::fleet_bench::propagation(writes)?;
+    for e in 0..prop.first().map_or(0, |w| w.len()) {
+        let xs: Vec<Duration> = prop.iter().map(|w| w[e]).collect();
+        writeln!(
+            out,
+            "- **etcd write to drop on edge {}** ({writes} lock writes with etcdctl's client API, each timed to that edge's next packet dropped): p50 {:.2} ms, p99 {:.2} ms.",
+            e + 1,
+            ms(tests::fleet_bench::percentile(&xs, 50.0)),
+            ms(tests::fleet_bench::percentile(&xs, 99.0)),
+        )?;
+    }
+    Ok(Some(out))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2255,14 +2305,14 @@ How this was profiled: `bpftool prog profile` needs hardware counters, and this 
 PMU (`/sys/bus/event_source/devices` has no `cpu`), so there are no cycles per function here.
 Instead: instruction counts per function from `bpftool prog dump xlated` (the program sizes
 table), and path differences timed by BPF_PROG_TEST_RUN on the same frames in the same run
-(\"Where the time goes\": each row adds one step). Figures quoted below are from the run of
-2026-11-24 with 1M keys; reruns move them by 10-20%.
+(\"Where the time goes\": each row adds one step). Figures quoted below are approximate, from
+runs on 2026-11-24 with 1M keys; reruns move them by 10-20%.
 
 - **The floor under every keywall path is already xdp-filter's whole cost.** Parsing
   Ethernet/IP/TCP (VLAN and IPv6 extension walks included) and the two listener array reads
   cost about 45 ns above `XDP_PASS`, as much as xdp-filter's two 4-byte hash lookups (about
   55 ns). Any path that then touches a map, let alone the payload, is above 1.1× xdp-filter.
-- **Established flow (3.5×):** a bare ACK adds about 100 ns for the 5-tuple lookup in the
+- **Established flow (about 3.5-3.8×):** a bare ACK adds about 100 ns for the 5-tuple lookup in the
   shared `KW_FLOWS` LRU hash (a 40-byte key hashed with jhash, one cache line of value) and the
   generation check. An HTTP connection's data segment is then scanned again, because a
   keep-alive connection can carry a later request with another key: about 120 ns for 64 B
@@ -2273,7 +2323,7 @@ table), and path differences timed by BPF_PROG_TEST_RUN on the same frames in th
   lookup hashes 12 bytes instead of 40; (2) skip the rescan of an HTTP segment whose first
   bytes cannot start a request line or continue a header line that was cut, which is the
   fail-closed trade-off for the lead to weigh.
-- **Key-bearing first packet (5-9×):** 1.5× xdp-filter's repeat-1 figure leaves about 120 ns
+- **Key-bearing first packet (about 4.5-9×):** 1.5× xdp-filter's repeat-1 figure leaves about 120 ns
   above the floor, less than scanning a 220-byte request at the current 2 ns per byte
   (about 450 ns for the keep-alive request above a bare ACK). The first packet adds about
   390 ns more: the `KW_KEYS` lookup (16-byte key in a 1M-element hash), the inline host walk,
@@ -2282,17 +2332,21 @@ table), and path differences timed by BPF_PROG_TEST_RUN on the same frames in th
   and the scan's per-byte cost. The TLS scan (`keywall_tls_scan`, 1,848 instructions plus its
   bpf_loop callback) is the cheapest first packet because the ClientHello walk jumps from
   extension to extension instead of reading every byte.
-- **Prefilter SYN (2.1×):** above the no-listener segment, a dropped SYN costs about 80 ns:
-  the listener found, one blocked-Bloom word per prefix length in the union (here two, /32
-  and /28, in an 8 MiB-per-slot array), and the drop counter and event budget (`on_drop`,
-  213 instructions). With repeat on one frame the Bloom words stay in cache; in the flood,
-  with 65,536 sources, they do not (see the NAPI ns per frame column). A smaller filter
-  (fewer bits per source, fitting L2) or one probe when the union has a single prefix length
-  would cut it.
+- **Prefilter SYN (about 1.5× in the latest run):** above the no-listener segment a dropped
+  SYN costs about 40 ns: the listener found, one blocked-Bloom word per prefix length in the
+  union (here two, /32 and /28, in an 8 MiB-per-slot array), and the drop counter and event
+  budget (`on_drop`). The rest is the parse-and-listener floor above. With repeat on one frame
+  the Bloom words stay in cache; in the flood, with 65,536 sources, they do not: the NAPI CPU
+  per frame column puts keywall's prefilter at about 3× the drop-all's cost per frame, but
+  already below xdp-filter's, whose 1M-entry per-CPU hash misses cache on every spread
+  source. A smaller filter (fewer bits per source, fitting L2) or a single probe when the
+  union has one prefix length would cut the rest.
 - **Flood:** on this shared 2-vCPU VM the edge NAPI thread got 10-40% of its core (other
-  agents' work; the CPU columns show it), so Mpps mostly measure scheduling. The NAPI CPU
-  time per frame is the figure to compare meanwhile; `--rt-napi` runs the NAPI thread
-  SCHED_FIFO, and a rerun on a quiet machine is needed for the Mpps targets.
+  agents' work; the CPU columns show it), so Mpps mostly measure scheduling, and the
+  generator itself is starved at times. The NAPI CPU time per frame is the figure to compare
+  meanwhile; `--rt-napi` runs the NAPI thread SCHED_FIFO, and a rerun on a quiet machine is
+  needed for the Mpps targets. The key-bearing flood makes every frame a new connection (a
+  first packet, flow insert included), which is why it costs about 10× the drop-all per frame.
 - **Control plane (lock p99, 1M snapshot):** both were met in earlier runs on a quieter
   machine (lock p99 0.6 ms, 1M-key snapshot 4.5 s onto an empty policy); in this run the
   machine's load (load average 7-8 on 2 vCPUs) stretched every map-writing syscall. The
