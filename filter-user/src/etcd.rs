@@ -21,7 +21,10 @@ use serde_json::Value;
 
 use crate::{
     api::Shared,
-    policy::{Compiled, Key, Listener, Policy, PolicyError, Settings, key_prefix, parse_json},
+    policy::{
+        Compiled, Key, Listener, Patch, PatchOp, Policy, PolicyError, Settings, key_prefix,
+        parse_json,
+    },
 };
 
 /// Where the daemon finds the fleet's policy, and how it proves who it is.
@@ -985,27 +988,43 @@ impl Sync {
                 return Ok(None);
             }
             let keys: BTreeSet<_>;
+            // Key-only batches are journalled like a PATCH (one line, not the whole policy).
+            let journal: Option<Patch>;
             let only = if snapshot
                 || out.full
                 || eng.applied.as_ref().is_none_or(|a| a.source != "etcd")
             {
                 // A snapshot replaces everything (both slots of the double buffer, so no
                 // packet sees a mix); settings and ipsets bear on every key.
+                journal = None;
                 None
             } else {
                 keys = out.keys_changed.iter().map(|k| key_prefix(k)).collect();
+                journal = Some(Patch {
+                    revision: rev,
+                    ops: out
+                        .keys_changed
+                        .iter()
+                        .map(|k| match policy.find_key(k) {
+                            Some(key) => PatchOp::Upsert { key: key.clone() },
+                            None => PatchOp::Delete { prefix: k.clone() },
+                        })
+                        .collect(),
+                });
                 Some(&keys)
             };
-            let r = eng.apply_compiled(
-                policy,
-                compiled,
-                only,
-                rev,
-                "etcd",
-                crate::daemon::Persist::Snapshot,
-            );
+            let persist = match &journal {
+                Some(p) => crate::daemon::Persist::Journal(p),
+                None => crate::daemon::Persist::Snapshot,
+            };
+            let r = eng.apply_compiled(policy, compiled, only, rev, "etcd", persist);
             if r.is_ok() {
                 m.set_policy(&eng);
+                if eng.wants_compaction()
+                    && let Err(e) = eng.compact()
+                {
+                    log::error!("etcd: writing a policy snapshot: {e:#}");
+                }
             }
             r.map(Some)
         });

@@ -411,6 +411,12 @@ fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compac
     }
 
     // Changes while edge 1's daemon is down, then a compaction past its revision.
+    // A key-only change first: it is journalled (one line, like a PATCH), and the restart
+    // below restores it from the journal before it resyncs.
+    f.put("keys/jkey0001", &json!({"allow": f.clients()}).to_string());
+    wait_for("edge 1 to apply jkey0001", 10, || {
+        key_locked(&ds[1], "jkey0001").map(|_| ())
+    });
     let old_rev = policy(&ds[1])["revision"].as_u64().unwrap();
     ds[1].stop().unwrap();
     f.put("keys/goodkey1", &f.good_key(true).to_string());
@@ -439,7 +445,10 @@ fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compac
     assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked); 2]);
     assert_eq!(probe(&f.sbs[1], "newkey01-aaaaaaaa-secret"), Got::Pass);
     let log = ds[1].log_text();
-    assert!(log.contains("restored revision"), "{log}");
+    assert!(
+        log.contains(&format!("restored revision {old_rev} ")),
+        "{log}"
+    );
 }
 
 #[test]
