@@ -13,6 +13,9 @@ use crate::{EVENTS, REASONS, SEEN_KEY, SEEN_SEG, ScratchPtr, Verdict};
 /// Nanoseconds of budget one event costs, and the most budget a CPU can save up.
 const COST_NS: u64 = 1_000_000_000 / EVENT_RATE_PER_CPU;
 const CAP_NS: u64 = COST_NS * EVENT_BURST;
+/// Drops suppressed without reading the clock once the bucket ran dry (a flood pays a
+/// decrement per packet, not a helper call).
+const SKIP_WHEN_EMPTY: u64 = 31;
 
 #[inline(always)]
 fn count(slot: u32) {
@@ -24,6 +27,12 @@ fn count(slot: u32) {
 #[inline(always)]
 pub fn sample(sc: ScratchPtr, v: &Verdict, audit: bool, seen: u8) {
     let s = unsafe { &mut *sc };
+    if s.ev_skip > 0 {
+        // The bucket was empty a moment ago: a flood. Skip the clock for a while.
+        s.ev_skip -= 1;
+        count(COUNTER_EVENTS_SUPPRESSED);
+        return;
+    }
     // The coarse clock (a jiffy's resolution) is plenty for a 200/s bucket and costs less.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut budget = s.ev_budget + now.wrapping_sub(s.ev_last);
@@ -33,6 +42,7 @@ pub fn sample(sc: ScratchPtr, v: &Verdict, audit: bool, seen: u8) {
     s.ev_last = now;
     if budget < COST_NS {
         s.ev_budget = budget;
+        s.ev_skip = SKIP_WHEN_EMPTY;
         count(COUNTER_EVENTS_SUPPRESSED);
         return;
     }

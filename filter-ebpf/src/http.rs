@@ -21,6 +21,7 @@ use filter_common::{Listener, MAX_HEADERS};
 use crate::{
     LISTENERS, SCRATCH, ScratchPtr, forget_in, ld64,
     scratch::{LineState, ScanIo, WINDOW_WORDS},
+    swar::{HIGH, LOW7, ONES, low_bytes},
 };
 
 /// Payload bytes one segment may carry (8 per step). A larger payload fails closed.
@@ -254,10 +255,6 @@ fn scan(
     }
 }
 
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGH: u64 = 0x8080_8080_8080_8080;
-const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-
 /// High bit set in each byte of `x` equal to `b`, exactly (no borrow between bytes).
 #[inline(always)]
 fn eq_mask(x: u64, b: u8) -> u64 {
@@ -278,17 +275,6 @@ fn key_byte_mask(x: u64) -> u64 {
 fn leading_bytes(m: u64) -> u64 {
     let lsb = m & m.wrapping_neg();
     (lsb.wrapping_sub(1) & HIGH).count_ones() as u64
-}
-
-#[inline(always)]
-fn low_bytes(k: u64) -> u64 {
-    if k == 0 {
-        0
-    } else if k >= 8 {
-        u64::MAX
-    } else {
-        u64::MAX >> (64 - 8 * k)
-    }
 }
 
 /// The 8 bytes at byte offset `o` of the window (little endian).

@@ -16,6 +16,7 @@ mod prefilter;
 mod proxy;
 mod reset;
 mod scratch;
+mod swar;
 mod tls;
 
 use core::intrinsics::AtomicOrdering;
@@ -250,6 +251,14 @@ fn flow_key(seg: &Segment) -> FlowKey {
     }
 }
 
+/// The segment's flow key, built in scratch.
+#[inline(always)]
+fn flow_key_in(sc: ScratchPtr, seg: &Segment) -> &'static FlowKey {
+    let fk = unsafe { &mut (*sc).flow_key };
+    *fk = flow_key(seg);
+    fk
+}
+
 #[inline(always)]
 fn judge_segment(
     ctx: &XdpContext,
@@ -260,9 +269,6 @@ fn judge_segment(
     l_idx: u32,
     seg: &Segment,
 ) -> Verdict {
-    let fk = unsafe { &mut (*sc).flow_key };
-    *fk = flow_key(seg);
-    let fk: &FlowKey = fk;
     if seg.payload_off >= seg.payload_end {
         // No payload: handshakes and bare ACKs carry no key. RSTs always pass so a server can
         // tear down; other packets of a known connection follow its verdict.
@@ -273,18 +279,20 @@ fn judge_segment(
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
-            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                // A new connection on this 5-tuple: whatever was judged on an old one is void
-                // (a judged TLS or FIX connection is not scanned again).
-                let _ = FLOWS.remove(fk);
+            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && l.locator != LOCATOR_HTTP_HEADER {
+                // A new connection on this 5-tuple: what was judged on an old one is void, as
+                // a judged TLS or FIX connection is not scanned again. (HTTP segments are
+                // always scanned, so those entries need no such care.)
+                let _ = FLOWS.remove(flow_key_in(sc, seg));
             }
             return Verdict::of(Reason::PassHandshake);
         }
-        return match FLOWS.get_ptr_mut(fk) {
+        return match FLOWS.get_ptr_mut(flow_key_in(sc, seg)) {
             Some(f) => follow(sc, slot, settings, unsafe { &mut *f }),
             None => Verdict::of(Reason::PassHandshake),
         };
     }
+    let fk = flow_key_in(sc, seg);
     let plen = (settings.key_prefix_len as usize) & 0x1f;
     let mut start = seg.payload_off;
     let mut client = seg.src;
@@ -320,19 +328,7 @@ fn judge_segment(
                 }
                 start += (io.len & 0x7ff) as usize;
                 // Known from now on as proxied, with no key yet (pending).
-                let none = KeyPrefix { bytes: [0; 16] };
-                remember(
-                    sc,
-                    fk,
-                    known,
-                    settings,
-                    Reason::PassHandshake,
-                    FLOW_PROXIED,
-                    NO_STAT,
-                    none,
-                    family,
-                    client,
-                );
+                remember_pending(sc, fk, known, settings, FLOW_PROXIED, family, client);
                 if start >= seg.payload_end {
                     return Verdict::of(Reason::PassHandshake);
                 }
@@ -394,19 +390,7 @@ fn judge_segment(
             if io.result == tls::SCAN_PENDING {
                 // The ClientHello goes on in the next segment: this part passes, and the
                 // connection keeps where the walk stopped.
-                let none = KeyPrefix { bytes: [0; 16] };
-                remember(
-                    sc,
-                    fk,
-                    known,
-                    settings,
-                    Reason::PassHandshake,
-                    FLOW_TLS_PENDING,
-                    NO_STAT,
-                    none,
-                    family,
-                    client,
-                );
+                remember_pending(sc, fk, known, settings, FLOW_TLS_PENDING, family, client);
                 let t = unsafe { &mut (*sc).pending };
                 t.tls_seq = io.tls_seq as u32;
                 t.tls_left = io.tls_left as u32;
@@ -488,6 +472,33 @@ fn judge_segment(
         },
         _ => Verdict::of(Reason::DropMalformed),
     }
+}
+
+/// Records a connection that has no key yet but is expected to show one (after a PROXY
+/// header, or in the rest of a ClientHello): `pass_handshake` until then.
+#[inline(always)]
+fn remember_pending(
+    sc: ScratchPtr,
+    fk: &FlowKey,
+    known: Option<*mut Flow>,
+    settings: &Settings,
+    flags: u8,
+    family: u8,
+    client: [u8; 16],
+) {
+    let none = KeyPrefix { bytes: [0; 16] };
+    remember(
+        sc,
+        fk,
+        known,
+        settings,
+        Reason::PassHandshake,
+        flags,
+        NO_STAT,
+        none,
+        family,
+        client,
+    );
 }
 
 /// Records a connection's verdict: rewritten in place when the connection is known (replacing

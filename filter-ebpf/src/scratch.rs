@@ -64,6 +64,7 @@ pub struct Scratch {
     /// The event token bucket (nanoseconds of budget, and when it was last topped up).
     pub ev_budget: u64,
     pub ev_last: u64,
+    pub ev_skip: u64,
     pub event: DropEvent,
     pub proxy: ProxyIo,
     pub v1: V1State,

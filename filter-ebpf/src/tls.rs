@@ -19,6 +19,7 @@ use crate::{
     LISTENERS, SCRATCH, ScratchPtr,
     http::{SCAN_KEY, SCAN_NONE},
     ld64,
+    swar::{low_bytes, lower},
 };
 
 /// The ClientHello goes on in the next segment; the state is in `TlsIo`.
@@ -73,6 +74,12 @@ const NO_SNI: u64 = 3;
 struct WalkLoop {
     ctx: *mut xdp_md,
     sc: ScratchPtr,
+}
+
+/// Copies `n` frame bytes from offset `off` to `dst` (a rare path: the helper is slow).
+#[inline(always)]
+fn load(x: &XdpContext, off: usize, dst: *mut u8, n: u32) -> bool {
+    unsafe { bpf_xdp_load_bytes(x.ctx, off as u32, dst as *mut c_void, n) == 0 }
 }
 
 /// Big-endian u16 at frame offset `off`, if the frame has it.
@@ -212,10 +219,7 @@ fn walk(
             }
             let ext = unsafe { &mut (*sc).ext };
             let n = ((n - 1) & 0xff) + 1;
-            if unsafe {
-                bpf_xdp_load_bytes(x.ctx, o as u32, ext.as_mut_ptr() as *mut c_void, n as u32)
-            } != 0
-            {
+            if !load(x, o, ext.as_mut_ptr(), n as u32) {
                 return;
             }
             sni(io, l, sc, n);
@@ -235,15 +239,7 @@ fn walk(
                 if n > TLS_CARRY {
                     return;
                 }
-                if unsafe {
-                    bpf_xdp_load_bytes(
-                        x.ctx,
-                        o as u32,
-                        io.carry.as_mut_ptr() as *mut c_void,
-                        n as u32,
-                    )
-                } != 0
-                {
+                if !load(x, o, io.carry.as_mut_ptr(), n as u32) {
                     return;
                 }
                 io.carry_len = n as u64;
@@ -329,15 +325,7 @@ fn carried(
     if want > have {
         return;
     }
-    if unsafe {
-        bpf_xdp_load_bytes(
-            x.ctx,
-            start as u32,
-            ext.as_mut_ptr().add(c) as *mut c_void,
-            want as u32,
-        )
-    } != 0
-    {
+    if !load(x, start, unsafe { ext.as_mut_ptr().add(c) }, want as u32) {
         return;
     }
     let avail = (c + want) as u64;
@@ -368,30 +356,6 @@ fn carried(
         start as u64 + (skip & 0xffff),
         left - 4 - len,
     );
-}
-
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGH: u64 = 0x8080_8080_8080_8080;
-const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-
-/// ASCII upper-case letters lowered, every other byte kept (DNS names are case-insensitive).
-#[inline(always)]
-fn lower(x: u64) -> u64 {
-    let ge_a = ((x & LOW7) + ONES * (0x80 - b'A' as u64)) & HIGH;
-    let gt_z = ((x & LOW7) + ONES * (0x80 - b'Z' as u64 - 1)) & HIGH;
-    let upper = ge_a & !gt_z & !x & HIGH;
-    x | (upper >> 2)
-}
-
-#[inline(always)]
-fn low_bytes(k: u64) -> u64 {
-    if k == 0 {
-        0
-    } else if k >= 8 {
-        u64::MAX
-    } else {
-        u64::MAX >> (64 - 8 * k)
-    }
 }
 
 /// The 8 bytes of `ext` at `o` (little endian).

@@ -254,6 +254,8 @@ fn conflict(applied: u64, why: &str) -> Reply {
 pub enum Source {
     File(PathBuf),
     Api,
+    /// `--etcd`: the prefix the policy is read from.
+    Etcd(String),
 }
 
 impl Source {
@@ -261,12 +263,14 @@ impl Source {
         match self {
             Source::File(_) => "file",
             Source::Api => "api",
+            Source::Etcd(_) => "etcd",
         }
     }
     pub fn describe(&self) -> String {
         match self {
             Source::File(p) => format!("the policy file {} (API writes get 409)", p.display()),
             Source::Api => "the API".into(),
+            Source::Etcd(p) => format!("etcd {p} (API writes get 409)"),
         }
     }
 }
@@ -295,6 +299,14 @@ impl Shared {
                     "error": format!("policy is managed by the policy file {}", p.display()),
                     "revision": eng.revision(),
                     "source": "file",
+                }),
+            )),
+            Source::Etcd(prefix) => Some((
+                StatusCode::CONFLICT,
+                json!({
+                    "error": format!("policy is managed by etcd {prefix}"),
+                    "revision": eng.revision(),
+                    "source": "etcd",
                 }),
             )),
         }

@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub api: ApiConfig,
     /// None: `--metrics off`.
     pub metrics: Option<String>,
+    /// `--etcd`: the policy source (exclusive with `policy`).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -486,6 +488,14 @@ pub fn run(o: RunOptions) -> Result<()> {
         bail!("keywall run needs at least one --iface");
     }
     o.api.check()?;
+    if o.policy.is_some() && o.etcd.is_some() {
+        bail!("--policy and --etcd are exclusive: a daemon has one policy source");
+    }
+    if let Some(e) = &o.etcd {
+        e.check()?;
+    } else {
+        crate::etcd::forget(&o.state_dir);
+    }
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating state dir {}", o.state_dir.display()))?;
     let dp = Dataplane::load(&o.pin_dir, o.capacity)?;
@@ -543,6 +553,8 @@ pub fn run(o: RunOptions) -> Result<()> {
                 runtime.policy_error.as_deref().unwrap_or("unreadable")
             );
         }
+    } else if eng.applied.is_none() && o.etcd.is_some() {
+        log::warn!("no policy yet: the filter passes everything until etcd's is applied");
     } else if eng.applied.is_none() {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
@@ -605,9 +617,10 @@ pub fn run(o: RunOptions) -> Result<()> {
             Some(format!("{e:#}"))
         }
     };
-    let source = match &o.policy {
-        Some(p) => Source::File(p.clone()),
-        None => Source::Api,
+    let source = match (&o.policy, &o.etcd) {
+        (Some(p), _) => Source::File(p.clone()),
+        (None, Some(e)) => Source::Etcd(e.prefix.clone()),
+        (None, None) => Source::Api,
     };
     metrics.set_sync(
         source.kind(),
@@ -626,6 +639,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     });
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
+    if let Some(e) = o.etcd.clone() {
+        crate::etcd::spawn(e, shared.clone())?;
+    }
     if let Some(l) = metrics_listener {
         log::info!(
             "metrics on http://{}/metrics",

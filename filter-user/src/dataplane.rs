@@ -5,6 +5,11 @@
 //! `KW_CONTROL` in one word, then frees what no slot references any more. If a write fails
 //! half way, the live slot is untouched and the mirror still describes the maps exactly, so
 //! the next apply simply continues from there.
+//!
+//! The SYN prefilter (`KW_PREFILTER`, see `prefilter.rs`) follows the same scheme: each slot
+//! owns half of the map, written through a shared memory mapping before the flip. A PATCH
+//! sets the bits of sources it adds and writes only those words; a full apply rebuilds the
+//! half from the policy.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
@@ -34,6 +39,10 @@ use crate::prefilter::{self, Fill, Half, PlenPlan};
 
 /// The compiled XDP object, built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall"));
+/// An object whose only program (`keywall_pass`, section `xdp`) passes every frame: tests put
+/// it on the client end of a veth, which then accepts the frames its peer sends with XDP_TX.
+pub static PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywall-pass"));
 
 const PROG_PIN: &str = "prog";
 
@@ -131,7 +140,10 @@ impl PrefilterMap {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let entries = data.info()?.max_entries() as usize;
         if entries < 2 || !entries.is_power_of_two() {
-            bail!("{} has {entries} entries; want 2 << words_log2", maps::PREFILTER);
+            bail!(
+                "{} has {entries} entries; want 2 << words_log2",
+                maps::PREFILTER
+            );
         }
         let words_log2 = (entries / 2).trailing_zeros() as u8;
         let len = entries * 8;
@@ -176,20 +188,26 @@ impl PrefilterMap {
             .collect()
     }
 
-    /// Writes the words of `slot` that differ from `words`; returns how many it wrote.
-    fn write_half(&mut self, slot: u32, words: &[u64]) -> usize {
+    /// Writes the words of `slot` that differ from `words`, looking only at `dirty` ones
+    /// when given; returns how many it wrote.
+    fn write_half(&mut self, slot: u32, words: &[u64], dirty: Option<&[u32]>) -> usize {
         let range = self.half_range(slot);
         assert_eq!(words.len(), range.len(), "prefilter half size");
         let mut written = 0;
-        for (i, w) in range.zip(words) {
-            // SAFETY: i is within the mapping, and only this loader writes it.
+        let mut put = |j: usize| {
+            // SAFETY: j < half size, so the index is within the mapping, and only this
+            // loader writes it.
             unsafe {
-                let p = self.ptr.add(i);
-                if std::ptr::read_volatile(p) != *w {
-                    std::ptr::write_volatile(p, *w);
+                let p = self.ptr.add(range.start + j);
+                if std::ptr::read_volatile(p) != words[j] {
+                    std::ptr::write_volatile(p, words[j]);
                     written += 1;
                 }
             }
+        };
+        match dirty {
+            Some(d) => d.iter().for_each(|&j| put(j as usize % words.len())),
+            None => (0..words.len()).for_each(put),
         }
         // The flip that makes these words live comes after them.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -442,7 +460,7 @@ impl Mirror {
             for s in 0..2usize {
                 let mut h = Half::default();
                 for e in mi.keys.values() {
-                    h.add_record(&e.slot[s], &mi.sets);
+                    h.record_changed(&KeyRecord::default(), &e.slot[s], &mi.sets);
                 }
                 let st = mi.slots[s].settings;
                 let plan = PlenPlan {
@@ -614,7 +632,12 @@ impl Mirror {
             if c.listeners.len() > MAX_LISTENERS as usize {
                 bail!("more than {MAX_LISTENERS} listeners");
             }
+            // Until every write is done the mirror holds no listeners for this slot (so a
+            // failed write is redone in full), and so no references to their sets.
             let old = std::mem::take(&mut self.slots[ti].listeners);
+            for l in old.values().filter(|l| l.proxy_set != 0) {
+                self.release_set(l.proxy_set);
+            }
             for port in old.keys() {
                 if !c.listeners.contains_key(port) {
                     m.listener_index.set(
@@ -642,48 +665,27 @@ impl Mirror {
             for l in want.values().filter(|l| l.proxy_set != 0) {
                 *self.set_refs.entry(l.proxy_set).or_default() += 1;
             }
-            for l in old.values().filter(|l| l.proxy_set != 0) {
-                self.release_set(l.proxy_set);
-            }
             self.slots[ti].listeners = want;
         }
 
-        // 3. Keys: only entries whose target record changes are written.
+        // 3. Keys: only entries whose target record changes are written. A full apply builds
+        //    the prefilter half from the policy itself meanwhile, on another thread (it walks
+        //    every allow entry; the key writes wait on syscalls).
         let old_lag = self.lag.take();
-        for p in &candidates {
-            let new = match c.keys.get(p) {
-                Some(k) => self.record_for(m, p, k, &ipset_ids, key_cap, &mut rep.sets_created)?,
-                None => KeyRecord::default(),
+        let pf_log2 = m.prefilter.as_ref().map(|p| p.words_log2);
+        let built = std::thread::scope(|scope| -> Result<Option<(PlenPlan, Vec<u64>)>> {
+            let job = match (examined_all, pf_log2) {
+                (true, Some(log2)) => Some(
+                    scope.spawn(move || prefilter::build(|| prefilter::compiled_entries(c), log2)),
+                ),
+                _ => None,
             };
-            let mut e = self.keys.get(p).copied().unwrap_or_default();
-            if e.slot[ti] == new {
-                continue;
+            if examined_all {
+                self.prefilter[ti].expect_rebuild();
             }
-            let old = e.slot[ti];
-            e.slot[ti] = new;
-            // New before old, so a record that keeps its sources (a lock) costs nothing.
-            self.prefilter[ti].add_record(&new, &self.sets);
-            self.prefilter[ti].remove_record(&old, &self.sets);
-            if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
-                if self.keys.contains_key(p) {
-                    m.keys.remove(p)?;
-                }
-                self.keys.remove(p);
-                if let Some(i) = self.stat_idx.remove(p) {
-                    self.free_idx.push(i);
-                }
-            } else {
-                m.keys
-                    .insert(*p, e, 0)
-                    .context("writing a key (KW_KEYS full?)")?;
-                self.keys.insert(*p, e);
-            }
-            self.release(&old);
-            for id in record_sets(&new) {
-                *self.set_refs.entry(*id).or_default() += 1;
-            }
-            rep.keys_written += 1;
-        }
+            self.write_keys(m, c, &candidates, ti, &ipset_ids, key_cap, &mut rep)?;
+            Ok(job.map(|j| j.join().expect("the prefilter build panicked")))
+        })?;
         // Keys that may now differ between the slots: what lagged before, and what changed.
         let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
         lag.extend(candidates.iter().copied());
@@ -694,7 +696,11 @@ impl Mirror {
         for id in ipset_ids.values() {
             *self.set_refs.entry(*id).or_default() += 1;
         }
-        for id in self.ipsets[ti].take().into_iter().flat_map(|m| m.into_values()) {
+        for id in self.ipsets[ti]
+            .take()
+            .into_iter()
+            .flat_map(|m| m.into_values())
+        {
             self.release_set(id);
         }
         self.ipsets[ti] = Some(ipset_ids);
@@ -704,8 +710,12 @@ impl Mirror {
         let mut s = c.settings;
         if let Some(pf) = m.prefilter.as_mut() {
             let half = &mut self.prefilter[ti];
-            rep.prefilter_rebuilt = half.update(&self.sets, pf.words_log2, examined_all);
-            rep.prefilter_words_written = pf.write_half(target, &half.words);
+            let (keys, sets) = (&self.keys, &self.sets);
+            let entries =
+                || prefilter::record_entries(keys.values().map(move |e| &e.slot[ti]), sets);
+            rep.prefilter_rebuilt = half.update(built, entries, pf.words_log2);
+            let dirty = half.take_dirty();
+            rep.prefilter_words_written = pf.write_half(target, &half.words, dirty.as_deref());
             let (n_v4, v4, n_v6, v6) = half.plan.kernel_lists();
             s.pf_words_log2 = pf.words_log2;
             s.pf_n_v4 = n_v4;
@@ -733,6 +743,53 @@ impl Mirror {
         rep.sets_freed = self.gc(m)?;
         rep.elapsed = t0.elapsed();
         Ok(rep)
+    }
+
+    /// Writes the target slot's record of every candidate key whose record changes.
+    #[allow(clippy::too_many_arguments)]
+    fn write_keys(
+        &mut self,
+        m: &mut Maps,
+        c: &Compiled,
+        candidates: &BTreeSet<KeyPrefix>,
+        ti: usize,
+        ipset_ids: &BTreeMap<String, u32>,
+        key_cap: u32,
+        rep: &mut ApplyReport,
+    ) -> Result<()> {
+        for p in candidates {
+            let new = match c.keys.get(p) {
+                Some(k) => self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?,
+                None => KeyRecord::default(),
+            };
+            let mut e = self.keys.get(p).copied().unwrap_or_default();
+            if e.slot[ti] == new {
+                continue;
+            }
+            let old = e.slot[ti];
+            e.slot[ti] = new;
+            self.prefilter[ti].record_changed(&old, &new, &self.sets);
+            if e.slot[1 - ti].flags & KEY_PRESENT == 0 && new.flags & KEY_PRESENT == 0 {
+                if self.keys.contains_key(p) {
+                    m.keys.remove(p)?;
+                }
+                self.keys.remove(p);
+                if let Some(i) = self.stat_idx.remove(p) {
+                    self.free_idx.push(i);
+                }
+            } else {
+                m.keys
+                    .insert(*p, e, 0)
+                    .context("writing a key (KW_KEYS full?)")?;
+                self.keys.insert(*p, e);
+            }
+            self.release(&old);
+            for id in record_sets(&new) {
+                *self.set_refs.entry(*id).or_default() += 1;
+            }
+            rep.keys_written += 1;
+        }
+        Ok(())
     }
 
     /// The record of key `p` for a slot, interning its own address set.
@@ -833,9 +890,28 @@ pub struct PinnedView {
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     pub listeners: Array<MapData, Listener>,
+    /// None when the pinned object has no prefilter.
+    pub prefilter: Option<PrefilterMap>,
 }
 
 impl PinnedView {
+    /// How full the live slot's prefilter is, from the pinned maps (works with the daemon down).
+    pub fn prefilter_fill(&self) -> Result<Option<Fill>> {
+        let Some(pf) = &self.prefilter else {
+            return Ok(None);
+        };
+        let slot = self.control.get(&0, 0)?.active_slot & 1;
+        let st = self.settings.get(&slot, 0)?;
+        if st.pf_words_log2 != pf.words_log2 {
+            return Ok(None); // never written at this size
+        }
+        let plan = PlenPlan {
+            v4: st.pf_v4_plens[..(st.pf_n_v4 as usize).min(MAX_PLENS)].to_vec(),
+            v6: st.pf_v6_plens[..(st.pf_n_v6 as usize).min(MAX_PLENS)].to_vec(),
+        };
+        Ok(Some(prefilter::fill(&pf.read_half(slot), &plan)))
+    }
+
     pub fn open(pin_dir: &Path) -> Result<PinnedView> {
         fn o(dir: &Path, name: &str) -> Result<Map> {
             let p = dir.join(name);
@@ -852,6 +928,10 @@ impl PinnedView {
             keys: o(pin_dir, maps::KEYS)?.try_into()?,
             flows: o(pin_dir, maps::FLOWS)?.try_into()?,
             listeners: o(pin_dir, maps::LISTENERS)?.try_into()?,
+            prefilter: match MapData::from_pin(pin_dir.join(maps::PREFILTER)) {
+                Ok(d) => Some(PrefilterMap::open(d)?),
+                Err(_) => None,
+            },
         })
     }
 }

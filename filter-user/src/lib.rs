@@ -3,6 +3,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod etcd;
 pub mod events;
 pub mod metrics;
 pub mod policy;

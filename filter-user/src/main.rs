@@ -74,10 +74,26 @@ enum Cmd {
         /// Prometheus endpoint HOST:PORT, or `off`.
         #[arg(long, default_value = "127.0.0.1:9478")]
         metrics: String,
-        #[arg(long)]
+        /// Sync the policy from etcd: `URL[,URL…]` (http:// or https://). Exclusive with --policy.
+        #[arg(long, conflicts_with = "policy")]
         etcd: Option<String>,
         #[arg(long, default_value = "/keywall/")]
         etcd_prefix: String,
+        /// CA (PEM) that etcd's server certificate must chain to.
+        #[arg(long, requires = "etcd")]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate (PEM) presented to etcd.
+        #[arg(long, requires_all = ["etcd", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// Client certificate's private key (PEM).
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        /// etcd user (with --etcd-password-file).
+        #[arg(long, requires = "etcd")]
+        etcd_user: Option<String>,
+        /// File holding the etcd user's password.
+        #[arg(long, requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -216,7 +232,12 @@ fn real_main() -> Result<ExitCode> {
             api_max_body,
             metrics,
             etcd,
-            etcd_prefix: _,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
             state_dir,
             pin_dir,
             audit,
@@ -225,9 +246,20 @@ fn real_main() -> Result<ExitCode> {
             max_flows,
             poll_ms,
         } => {
-            if etcd.is_some() {
-                anyhow::bail!("--etcd is not yet supported by this build");
-            }
+            let etcd = etcd
+                .map(|urls| {
+                    keywall::etcd::EtcdConfig::new(&urls, &etcd_prefix).map(|c| {
+                        keywall::etcd::EtcdConfig {
+                            ca: etcd_ca,
+                            cert: etcd_cert,
+                            key: etcd_key,
+                            user: etcd_user,
+                            password_file: etcd_password_file,
+                            ..c
+                        }
+                    })
+                })
+                .transpose()?;
             let api = api::ApiConfig {
                 addr: api.parse()?,
                 token: token_file
@@ -259,6 +291,7 @@ fn real_main() -> Result<ExitCode> {
                 poll: Duration::from_millis(poll_ms.max(10)),
                 api,
                 metrics: (metrics != "off").then_some(metrics),
+                etcd,
             })?;
             Ok(ExitCode::SUCCESS)
         }

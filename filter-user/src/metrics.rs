@@ -36,6 +36,7 @@ pub struct Metrics {
     pub keys: Gauge,
     pub locked_keys: Gauge,
     pub sync_up: Family<Labels, Gauge>,
+    pub sync_errors: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -74,6 +75,12 @@ impl Metrics {
             "1 when the policy source is healthy (the file parses and applies; the API listens)",
             sync_up.clone(),
         );
+        let sync_errors = Family::<Labels, Gauge>::default();
+        registry.register(
+            "sync_entries_in_error",
+            "Entries of the policy source whose latest value was refused (they keep their last good value)",
+            sync_errors.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector { pin_dir }));
         Metrics {
             registry,
@@ -83,6 +90,7 @@ impl Metrics {
             keys,
             locked_keys,
             sync_up,
+            sync_errors,
         }
     }
 
@@ -99,6 +107,12 @@ impl Metrics {
         self.sync_up
             .get_or_create(&vec![("source".into(), source.into())])
             .set(i64::from(up));
+    }
+
+    pub fn set_sync_errors(&self, source: &str, n: usize) {
+        self.sync_errors
+            .get_or_create(&vec![("source".into(), source.into())])
+            .set(n as i64);
     }
 
     /// Records the applied policy's figures.

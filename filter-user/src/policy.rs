@@ -850,10 +850,7 @@ fn compile_listeners(
             k.flags |= kernel::LISTENER_PROXY_PROTOCOL;
         } else if !l.trusted_proxies.is_empty() {
             // Listed proxies would be trusted with nothing: say so rather than ignore them.
-            err(
-                "trusted_proxies",
-                "only with proxy_protocol = true".into(),
-            );
+            err("trusted_proxies", "only with proxy_protocol = true".into());
         }
         let mut trusted = Vec::new();
         for (p, s) in l.trusted_proxies.iter().enumerate() {
@@ -1616,7 +1613,11 @@ sni_suffix = ".x.com"
 
         let sni = &c.listeners[&443];
         assert_eq!((sni.locator, sni.n_headers), (kernel::LOCATOR_TLS_SNI, 0));
-        assert_eq!(sni.header_len, [0; kernel::MAX_HEADERS], "no header slots used");
+        assert_eq!(
+            sni.header_len,
+            [0; kernel::MAX_HEADERS],
+            "no header slots used"
+        );
         assert_eq!(sni.sni_suffix_len, 16);
         assert_eq!(&sni.sni_suffix[..17], b".api.example.com\0");
         assert_eq!(sni.label_prefix_len, 2);
@@ -1647,7 +1648,10 @@ sni_suffix = ".x.com"
         p.listener[0].label_prefix = Some("Key-".into());
         let c = p.compile().unwrap();
         let l = &c.listeners[&443];
-        assert_eq!(&l.sni_suffix[..l.sni_suffix_len as usize], b".api.example.com");
+        assert_eq!(
+            &l.sni_suffix[..l.sni_suffix_len as usize],
+            b".api.example.com"
+        );
         assert_eq!(&l.label_prefix[..l.label_prefix_len as usize], b"key-");
 
         // An empty label prefix is fine: the whole label is the key.
@@ -1664,14 +1668,23 @@ sni_suffix = ".x.com"
         let e = p.validate().unwrap_err();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].at, "listener[0].sni_suffix");
-        assert!(e[0].message.ends_with("is 65 bytes; at most 64"), "{}", e[0]);
+        assert!(
+            e[0].message.ends_with("is 65 bytes; at most 64"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]
     fn trusted_proxies_need_proxy_protocol_and_few_prefix_lengths() {
         let mut p = spec();
         p.listener[1].trusted_proxies = vec!["10.0.0.0/8".into()];
-        let e: Vec<String> = p.validate().unwrap_err().iter().map(ToString::to_string).collect();
+        let e: Vec<String> = p
+            .validate()
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             e,
             ["listener[1].trusted_proxies: only with proxy_protocol = true"]

@@ -18,12 +18,11 @@
 //! Everything here is pure; `dataplane` writes the words into `KW_PREFILTER`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
-use filter_common::{
-    FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe,
-};
+use filter_common::{FAMILY_V4, KEY_PRESENT, KeyRecord, MAX_PLENS, mask_addr, prefilter_probe};
 
-use crate::policy::{Cidr, SetContent};
+use crate::policy::{Cidr, Compiled, SetContent};
 
 /// The prefix lengths one half is probed at, per family, longest first (hosts are the common
 /// case, so the first probe usually decides).
@@ -36,17 +35,30 @@ pub struct PlenPlan {
 impl PlenPlan {
     /// Chooses at most `MAX_PLENS` lengths per family for these entries: the rarest lengths
     /// are merged into the next shorter one present until the rest fit.
-    pub fn for_entries<'a>(entries: impl IntoIterator<Item = &'a Cidr>) -> PlenPlan {
-        let mut counts: [BTreeMap<u8, usize>; 2] = Default::default();
+    pub fn for_entries(entries: impl IntoIterator<Item = Cidr>) -> PlenPlan {
+        // Plain arrays: this runs over millions of entries on a full apply.
+        let mut counts = [[0usize; 129]; 2];
         for (family, plen, _) in entries {
-            *counts[fam_idx(*family)].entry(*plen).or_default() += 1;
+            counts[fam_idx(family)][(plen as usize).min(128)] += 1;
         }
-        let [v4, v6] = counts.map(coarsen);
+        let [v4, v6] = counts.map(|c| {
+            coarsen(
+                c.iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(p, n)| (p as u8, *n))
+                    .collect(),
+            )
+        });
         PlenPlan { v4, v6 }
     }
 
     pub fn list(&self, family: u8) -> &[u8] {
-        if family == FAMILY_V4 { &self.v4 } else { &self.v6 }
+        if family == FAMILY_V4 {
+            &self.v4
+        } else {
+            &self.v6
+        }
     }
 
     fn list_mut(&mut self, family: u8) -> &mut Vec<u8> {
@@ -60,7 +72,11 @@ impl PlenPlan {
     /// The length an entry of length `plen` is stored at: the longest listed one not longer
     /// than it (masking to it only widens the entry). None if every listed one is longer.
     pub fn effective(&self, family: u8, plen: u8) -> Option<u8> {
-        self.list(family).iter().copied().filter(|&q| q <= plen).max()
+        self.list(family)
+            .iter()
+            .copied()
+            .filter(|&q| q <= plen)
+            .max()
     }
 
     /// Like `effective`, but adds `plen` to the list when it is missing and there is room.
@@ -145,15 +161,16 @@ fn insert(words: &mut [u64], plan: &PlenPlan, c: &Cidr, words_log2: u8) -> bool 
     true
 }
 
-/// A whole half: the plan for `entries` and the words with all of them set.
-pub fn build<'a>(
-    entries: impl IntoIterator<Item = &'a Cidr> + Clone,
+/// A whole half: the plan for the entries and the words with all of them set. The entries
+/// are walked twice (lengths first), never collected: a million keys hold millions.
+pub fn build<I: Iterator<Item = Cidr>>(
+    entries: impl Fn() -> I,
     words_log2: u8,
 ) -> (PlenPlan, Vec<u64>) {
-    let plan = PlenPlan::for_entries(entries.clone());
+    let plan = PlenPlan::for_entries(entries());
     let mut words = vec![0u64; 1usize << words_log2];
-    for c in entries {
-        let placed = insert(&mut words, &plan, c, words_log2);
+    for c in entries() {
+        let placed = insert(&mut words, &plan, &c, words_log2);
         debug_assert!(placed, "the plan keeps the shortest length of each family");
     }
     (plan, words)
@@ -208,22 +225,52 @@ pub fn fill(words: &[u64], plan: &PlenPlan) -> Fill {
     }
 }
 
-/// One slot's half of `KW_PREFILTER` as the loader maintains it: which sources the slot's key
-/// records contribute (reference counted, so shared ipsets count once) and the words written.
+/// The union of a compiled policy: every key's inline hosts and own set, then every ipset some
+/// key binds (once). Locked keys included (see the module docs).
+pub fn compiled_entries(c: &Compiled) -> impl Iterator<Item = Cidr> + '_ {
+    let bound: BTreeSet<&str> = c
+        .keys
+        .values()
+        .flat_map(|k| k.ipsets.iter().map(String::as_str))
+        .collect();
+    let keys = c.keys.values().flat_map(|k| {
+        k.inline_v4
+            .iter()
+            .map(|h| host_cidr(*h))
+            .chain(k.own_set.iter().flat_map(|s| s.iter().copied()))
+    });
+    let ipsets = bound
+        .into_iter()
+        .filter_map(|n| c.ipsets.get(n))
+        .flat_map(|s| s.iter().copied());
+    keys.chain(ipsets)
+}
+
+/// One slot's half of `KW_PREFILTER` as the loader maintains it: what changed since the map
+/// got its words, and the words.
+///
+/// Changes come as record pairs (old, new) of one key. What the new record adds is set in
+/// place; what the old one loses stays set (stale: it only lets a few more SYNs reach the key
+/// check) until a rebuild. Address sets are reference counted, so a shared ipset is added
+/// once and goes stale only when its last key lets go; inline hosts are compared per record,
+/// which keeps a million keys' hosts out of any map.
 #[derive(Clone, Debug, Default)]
 pub struct Half {
-    /// Inline IPv4 hosts of the slot's records (`u32::from_ne_bytes(octets)`), with counts.
-    hosts: HashMap<u32, u32>,
     /// Address sets the slot's records reference, with counts.
-    sets: HashMap<u32, u32>,
+    sets: HashMap<u32, u32, BuildHasherDefault<U32Hasher>>,
     /// Entries the contributions add up to (overlaps counted twice; only a size estimate).
     size: usize,
     /// Entries whose last contribution went away since the last rebuild; their bits linger.
     stale: usize,
     /// Entries that became present and still need their bits set.
     pending: Vec<Cidr>,
+    /// A rebuild is coming (a full apply): new sources need not be listed in `pending`.
+    rebuild_next: bool,
     /// False until the words match the plan (a fresh map, or another words_log2).
     valid: bool,
+    /// Words changed since the map last got them (`dirty_all`: every word may have).
+    dirty: Vec<u32>,
+    dirty_all: bool,
     pub plan: PlenPlan,
     pub words: Vec<u64>,
 }
@@ -231,100 +278,143 @@ pub struct Half {
 /// Rebuild once this share of the union is stale.
 const STALE_REBUILD_PERCENT: usize = 10;
 
+fn record_hosts(r: &KeyRecord) -> &[u32] {
+    if r.flags & KEY_PRESENT == 0 {
+        return &[];
+    }
+    &r.inline_v4[..(r.n_inline_v4 as usize).min(r.inline_v4.len())]
+}
+
+fn record_sets(r: &KeyRecord) -> &[u32] {
+    if r.flags & KEY_PRESENT == 0 {
+        return &[];
+    }
+    &r.sets[..(r.n_sets as usize).min(r.sets.len())]
+}
+
+/// Every entry some records contribute (an entry two contributions share comes twice).
+pub fn record_entries<'a>(
+    records: impl Iterator<Item = &'a KeyRecord> + Clone + 'a,
+    sets: &'a HashMap<u32, SetContent>,
+) -> impl Iterator<Item = Cidr> + 'a {
+    let ids: BTreeSet<u32> = records
+        .clone()
+        .flat_map(|r| record_sets(r).iter().copied())
+        .collect();
+    records
+        .flat_map(|r| record_hosts(r).iter().map(|h| host_cidr(*h)))
+        .chain(
+            ids.into_iter()
+                .filter_map(|id| sets.get(&id))
+                .flat_map(|c| c.iter().copied()),
+        )
+}
+
 impl Half {
-    /// After the slot's records were counted (`add_record`): takes the words read back from
-    /// the map (after a restart) and the lengths they were built for, instead of setting
-    /// every source's bits again. `valid` false makes the next update rebuild.
+    /// After the slot's records were counted (`record_changed` from empty records): takes
+    /// the words read back from the map (after a restart) and the lengths they were built
+    /// for, instead of setting every source's bits again. `valid` false makes the next
+    /// update rebuild.
     pub fn restore(&mut self, words: Vec<u64>, plan: PlenPlan, valid: bool) {
         self.words = words;
         self.plan = plan;
         self.valid = valid;
         self.pending.clear();
         self.stale = 0;
+        self.dirty.clear();
+        self.dirty_all = false;
+        self.rebuild_next = false;
     }
 
-    /// Counts what one record (of this slot) contributes. Add the new record before removing
-    /// the old one, so a record that keeps its sources (a lock) changes nothing here.
-    pub fn add_record(&mut self, r: &KeyRecord, sets: &HashMap<u32, SetContent>) {
-        if r.flags & KEY_PRESENT == 0 {
-            return;
+    /// The words to write to the map since the last call: None means all of them. Keeps a
+    /// PATCH (a lock above all) from comparing the whole half.
+    pub fn take_dirty(&mut self) -> Option<Vec<u32>> {
+        if std::mem::take(&mut self.dirty_all) {
+            self.dirty.clear();
+            None
+        } else {
+            Some(std::mem::take(&mut self.dirty))
         }
-        for &h in &r.inline_v4[..(r.n_inline_v4 as usize).min(r.inline_v4.len())] {
-            let n = self.hosts.entry(h).or_default();
-            *n += 1;
-            if *n == 1 {
-                self.size += 1;
-                self.pending.push(host_cidr(h));
+    }
+
+    /// Announces a full apply: the next `update` rebuilds, so what records add need not be
+    /// remembered one by one.
+    pub fn expect_rebuild(&mut self) {
+        self.rebuild_next = true;
+        self.pending = Vec::new();
+    }
+
+    /// Notes that one key's record in this slot goes from `old` to `new`. A record that keeps
+    /// its sources (a lock) changes nothing here.
+    pub fn record_changed(
+        &mut self,
+        old: &KeyRecord,
+        new: &KeyRecord,
+        sets: &HashMap<u32, SetContent>,
+    ) {
+        let (oh, nh) = (record_hosts(old), record_hosts(new));
+        for h in nh.iter().filter(|h| !oh.contains(h)) {
+            self.size += 1;
+            if !self.rebuild_next {
+                self.pending.push(host_cidr(*h));
             }
         }
-        for id in record_sets(r) {
+        for _ in oh.iter().filter(|h| !nh.contains(h)) {
+            self.size = self.size.saturating_sub(1);
+            self.stale += 1;
+        }
+        let (os, ns) = (record_sets(old), record_sets(new));
+        for id in ns.iter().filter(|id| !os.contains(id)) {
             let n = self.sets.entry(*id).or_default();
             *n += 1;
             if *n == 1 {
                 let content = sets.get(id).map_or(0, |c| {
-                    self.pending.extend(c.iter().copied());
+                    if !self.rebuild_next {
+                        self.pending.extend(c.iter().copied());
+                    }
                     c.len()
                 });
                 self.size += content;
             }
         }
-    }
-
-    pub fn remove_record(&mut self, r: &KeyRecord, sets: &HashMap<u32, SetContent>) {
-        if r.flags & KEY_PRESENT == 0 {
-            return;
-        }
-        for &h in &r.inline_v4[..(r.n_inline_v4 as usize).min(r.inline_v4.len())] {
-            if let Some(n) = self.hosts.get_mut(&h) {
-                *n -= 1;
-                if *n == 0 {
-                    self.hosts.remove(&h);
-                    self.size -= 1;
-                    self.stale += 1;
-                }
-            }
-        }
-        for id in record_sets(r) {
+        for id in os.iter().filter(|id| !ns.contains(id)) {
             if let Some(n) = self.sets.get_mut(id) {
                 *n -= 1;
                 if *n == 0 {
                     self.sets.remove(id);
                     let len = sets.get(id).map_or(0, SetContent::len);
-                    self.size -= len.min(self.size);
+                    self.size = self.size.saturating_sub(len);
                     self.stale += len;
                 }
             }
         }
     }
 
-    /// Every entry of the union (overlaps collapse).
-    pub fn union(&self, sets: &HashMap<u32, SetContent>) -> BTreeSet<Cidr> {
-        let mut u: BTreeSet<Cidr> = self.hosts.keys().map(|h| host_cidr(*h)).collect();
-        for id in self.sets.keys() {
-            if let Some(c) = sets.get(id) {
-                u.extend(c.iter().copied());
-            }
-        }
-        u
-    }
-
-    /// Brings the words up to date with the counted records: sets the bits of what became
-    /// present, or rebuilds from scratch when `full` is asked for, the words are not valid,
-    /// a new entry needs a prefix length the plan cannot take, or too much is stale.
-    /// Returns whether it rebuilt.
-    pub fn update(&mut self, sets: &HashMap<u32, SetContent>, words_log2: u8, full: bool) -> bool {
+    /// Brings the words up to date. `built`: a whole new half, made from the full policy
+    /// (a full apply). Otherwise sets the bits of what became present, or rebuilds from
+    /// `entries` when the words are not valid, a new entry needs a prefix length the plan
+    /// cannot take, or too much is stale. Returns whether it rebuilt.
+    pub fn update<I: Iterator<Item = Cidr>>(
+        &mut self,
+        built: Option<(PlenPlan, Vec<u64>)>,
+        entries: impl Fn() -> I,
+        words_log2: u8,
+    ) -> bool {
         let len = 1usize << words_log2;
-        let mut rebuild = full
+        let mut rebuild = std::mem::take(&mut self.rebuild_next)
             || !self.valid
             || self.words.len() != len
             || self.stale * 100 > self.size * STALE_REBUILD_PERCENT;
-        if !rebuild {
+        if built.is_none() && !rebuild {
             for c in std::mem::take(&mut self.pending) {
                 let (family, plen, addr) = c;
                 match self.plan.place(family, plen) {
                     Some(q) => {
                         let (w, bits) = entry_probe(family, q, &addr, words_log2);
-                        self.words[w as usize] |= bits;
+                        if self.words[w as usize] & bits != bits {
+                            self.words[w as usize] |= bits;
+                            self.dirty.push(w);
+                        }
                     }
                     None => {
                         rebuild = true;
@@ -333,16 +423,22 @@ impl Half {
                 }
             }
         }
-        if rebuild {
-            let union = self.union(sets);
-            let (plan, words) = build(&union, words_log2);
+        let fresh = match built {
+            Some(b) => Some(b),
+            None if rebuild => Some(build(entries, words_log2)),
+            None => None,
+        };
+        let rebuilt = fresh.is_some();
+        if let Some((plan, words)) = fresh {
             self.plan = plan;
             self.words = words;
             self.stale = 0;
             self.valid = true;
+            self.dirty_all = true;
         }
         self.pending.clear();
-        rebuild
+        self.rebuild_next = false;
+        rebuilt
     }
 
     pub fn stale(&self) -> usize {
@@ -355,14 +451,29 @@ impl Half {
     }
 }
 
+/// Hashes the u32 ids `Half` counts: one multiply instead of SipHash.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct U32Hasher(u64);
+
+impl Hasher for U32Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 ^= self.0 >> 29;
+    }
+}
+
 fn host_cidr(h: u32) -> Cidr {
     let mut a = [0u8; 16];
     a[..4].copy_from_slice(&h.to_ne_bytes());
     (FAMILY_V4, 32, a)
-}
-
-fn record_sets(r: &KeyRecord) -> &[u32] {
-    &r.sets[..(r.n_sets as usize).min(r.sets.len())]
 }
 
 #[cfg(test)]
@@ -398,7 +509,7 @@ mod tests {
 
     #[test]
     fn plan_keeps_up_to_eight_lengths_longest_first() {
-        let p = PlenPlan::for_entries(&cidrs(&[
+        let p = PlenPlan::for_entries(cidrs(&[
             "192.0.2.1",
             "10.0.0.0/8",
             "198.51.100.0/24",
@@ -421,9 +532,13 @@ mod tests {
         }
         let refs: Vec<&str> = list.iter().map(String::as_str).collect();
         let entries = cidrs(&refs);
-        let p = PlenPlan::for_entries(&entries);
+        let p = PlenPlan::for_entries(entries.iter().copied());
         assert_eq!(p.v4.len(), MAX_PLENS);
-        assert!(p.v4.contains(&32), "the common length stays exact: {:?}", p.v4);
+        assert!(
+            p.v4.contains(&32),
+            "the common length stays exact: {:?}",
+            p.v4
+        );
         assert!(p.v4.contains(&8), "the shortest always stays: {:?}", p.v4);
         // Every entry has a length to go to, never a longer one.
         for (f, plen, _) in &entries {
@@ -441,7 +556,7 @@ mod tests {
             "2001:db8::/48",
             "2001:db8:aa::1",
         ]);
-        let (plan, words) = build(&entries, LOG2);
+        let (plan, words) = build(|| entries.iter().copied(), LOG2);
         for s in [
             "198.51.100.7",
             "203.0.113.99",
@@ -452,27 +567,42 @@ mod tests {
             let (f, a) = addr(s);
             assert!(passes(&words, &plan, f, &a, LOG2), "{s} must pass");
         }
-        for s in ["198.51.100.8", "203.0.114.1", "11.0.0.1", "2001:db9::1", "2001:db8:aa::2"] {
+        for s in [
+            "198.51.100.8",
+            "203.0.114.1",
+            "11.0.0.1",
+            "2001:db9::1",
+            "2001:db8:aa::2",
+        ] {
             let (f, a) = addr(s);
             assert!(!passes(&words, &plan, f, &a, LOG2), "{s} must not pass");
         }
         let fl = fill(&words, &plan);
         assert_eq!(fl.words, 1 << LOG2);
-        assert!(fl.bits_set >= 5 * 1 && fl.bits_set <= 15, "{fl:?}");
+        // 5 entries, 3 bits each, some shared.
+        assert!((5..=15).contains(&fl.bits_set), "{fl:?}");
         assert!(fl.fp_v4 > 0.0 && fl.fp_v4 < 1e-6, "{fl:?}");
     }
 
     #[test]
     fn random_unions_never_block_an_allowed_source() {
         let mut rng = Rng(0x5eed_1234_abcd_0001);
-        for round in 0..16 {
+        for round in 0..10 {
             let n = 1 + rng.below(400) as usize;
             let mut entries = Vec::new();
             for _ in 0..n {
                 let v6 = rng.below(3) == 0;
-                let (family, max) = if v6 { (FAMILY_V6, 128) } else { (FAMILY_V4, 32) };
+                let (family, max) = if v6 {
+                    (FAMILY_V6, 128)
+                } else {
+                    (FAMILY_V4, 32)
+                };
                 // Many lengths, so coarsening happens in most rounds.
-                let plen = if rng.below(2) == 0 { max } else { (rng.below(max as u64 - 7) + 8) as u8 };
+                let plen = if rng.below(2) == 0 {
+                    max
+                } else {
+                    (rng.below(max as u64 - 7) + 8) as u8
+                };
                 let mut a = [0u8; 16];
                 let bytes = if v6 { 16 } else { 4 };
                 for b in a.iter_mut().take(bytes) {
@@ -484,7 +614,7 @@ mod tests {
                 a[8..].copy_from_slice(&lo.to_be_bytes());
                 entries.push((family, plen, a));
             }
-            let (plan, words) = build(&entries, LOG2);
+            let (plan, words) = build(|| entries.iter().copied(), LOG2);
             assert!(plan.v4.len() <= MAX_PLENS && plan.v6.len() <= MAX_PLENS);
             // Every entry, and a random address inside it, passes.
             for (family, plen, a) in &entries {
@@ -495,8 +625,14 @@ mod tests {
                         inside[bit / 8] |= 0x80 >> (bit % 8);
                     }
                 }
-                assert!(passes(&words, &plan, *family, a, LOG2), "round {round}: {a:?}/{plen}");
-                assert!(passes(&words, &plan, *family, &inside, LOG2), "round {round}");
+                assert!(
+                    passes(&words, &plan, *family, a, LOG2),
+                    "round {round}: {a:?}/{plen}"
+                );
+                assert!(
+                    passes(&words, &plan, *family, &inside, LOG2),
+                    "round {round}"
+                );
             }
             // Random sources outside every entry (as widened by the plan) mostly fail.
             let fl = fill(&words, &plan);
@@ -547,62 +683,134 @@ mod tests {
     #[test]
     fn half_counts_shared_sets_once_and_lock_changes_nothing() {
         let mut sets = HashMap::new();
-        sets.insert(7, SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])));
+        sets.insert(
+            7,
+            SetContent::from_iter(cidrs(&["203.0.113.0/24", "2001:db8::/48"])),
+        );
         let host = u32::from_ne_bytes([198, 51, 100, 7]);
+        let none = KeyRecord::default();
         let a = record(&[host], &[7]);
         let b = record(&[], &[7]);
         let mut h = Half::default();
-        h.add_record(&a, &sets);
-        h.add_record(&b, &sets);
+        h.record_changed(&none, &a, &sets);
+        h.record_changed(&none, &b, &sets);
         assert_eq!(h.size(), 3);
-        assert!(h.update(&sets, LOG2, false), "first update builds");
+        let mut records = vec![a, b];
+        let entries = |r: &Vec<KeyRecord>| record_entries(r.iter(), &sets).collect::<Vec<_>>();
+        let now = entries(&records);
+        assert!(
+            h.update(None, || now.iter().copied(), LOG2),
+            "first update builds"
+        );
+        assert_eq!(h.take_dirty(), None);
         let built = h.words.clone();
 
-        // A lock: the record changes flags only. Added first, then removed: nothing moves.
+        // A lock: the record changes flags only.
         let locked = KeyRecord {
             flags: a.flags | filter_common::KEY_LOCKED,
             ..a
         };
-        h.add_record(&locked, &sets);
-        h.remove_record(&a, &sets);
+        h.record_changed(&a, &locked, &sets);
+        records[0] = locked;
         assert_eq!((h.size(), h.stale()), (3, 0));
-        assert!(!h.update(&sets, LOG2, false));
+        let now = entries(&records);
+        assert!(!h.update(None, || now.iter().copied(), LOG2));
         assert_eq!(h.words, built);
+        assert_eq!(h.take_dirty(), Some(vec![]));
 
         // Dropping one user of the shared set keeps it; dropping the last makes it stale.
-        h.remove_record(&b, &sets);
+        h.record_changed(&b, &none, &sets);
+        records.pop();
         assert_eq!(h.stale(), 0);
         let c = record(&[u32::from_ne_bytes([192, 0, 2, 9])], &[]);
-        h.add_record(&c, &sets);
-        assert!(!h.update(&sets, LOG2, false), "one new host is set in place");
+        h.record_changed(&none, &c, &sets);
+        records.push(c);
+        let now = entries(&records);
+        assert!(
+            !h.update(None, || now.iter().copied(), LOG2),
+            "one new host is set in place"
+        );
         let (f, x) = addr("192.0.2.9");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
-        h.remove_record(&locked, &sets);
+        h.record_changed(&locked, &none, &sets);
+        records.remove(0);
         assert_eq!(h.stale(), 3);
-        assert!(h.update(&sets, LOG2, false), "3 stale of 1 is over 10%: rebuilt");
+        let now = entries(&records);
+        assert_eq!(now.len(), 1);
+        assert!(
+            h.update(None, || now.iter().copied(), LOG2),
+            "3 stale of 1 is over 10%: rebuilt"
+        );
         let (f, x) = addr("203.0.113.5");
         assert!(!passes(&h.words, &h.plan, f, &x, LOG2));
-        assert_eq!(h.union(&sets).len(), 1);
     }
 
     #[test]
     fn half_adds_new_lengths_in_place_until_the_plan_is_full() {
+        let none = KeyRecord::default();
         let sets = HashMap::new();
         let mut h = Half::default();
-        h.add_record(&record(&[u32::from_ne_bytes([192, 0, 2, 1])], &[]), &sets);
-        h.update(&sets, LOG2, true);
+        let first = record(&[u32::from_ne_bytes([192, 0, 2, 1])], &[]);
+        h.record_changed(&none, &first, &sets);
+        let all = record_entries([first].iter(), &sets).collect::<Vec<_>>();
+        h.update(None, || all.iter().copied(), LOG2);
+        assert_eq!(h.take_dirty(), None, "a rebuild writes every word");
+        assert_eq!(h.take_dirty(), Some(vec![]));
         let mut sets = HashMap::new();
         sets.insert(1, SetContent::from_iter(cidrs(&["10.0.0.0/8"])));
-        h.add_record(&record(&[], &[1]), &sets);
-        assert!(!h.update(&sets, LOG2, false));
+        h.record_changed(&none, &record(&[], &[1]), &sets);
+        let no_rebuild = || -> std::iter::Empty<Cidr> { panic!("no rebuild expected") };
+        assert!(!h.update(None, no_rebuild, LOG2));
         assert_eq!(h.plan.v4, [32, 8]);
+        let (f, x) = addr("10.0.0.0");
+        let (w, _) = entry_probe(f, 8, &x, LOG2);
+        assert_eq!(h.take_dirty(), Some(vec![w]), "only the new entry's word");
         let (f, x) = addr("10.9.9.9");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
         // A /4 when the plan has room takes a new length; its bits are set in place.
         sets.insert(2, SetContent::from_iter(cidrs(&["240.0.0.0/4"])));
-        h.add_record(&record(&[], &[2]), &sets);
-        assert!(!h.update(&sets, LOG2, false));
+        h.record_changed(&none, &record(&[], &[2]), &sets);
+        assert!(!h.update(None, no_rebuild, LOG2));
         let (f, x) = addr("241.1.1.1");
         assert!(passes(&h.words, &h.plan, f, &x, LOG2));
+        // A full apply hands over a whole new half.
+        let fresh = build(|| cidrs(&["198.51.100.0/24"]).into_iter(), LOG2);
+        h.expect_rebuild();
+        assert!(h.update(Some(fresh), no_rebuild, LOG2));
+        assert!(!passes(&h.words, &h.plan, f, &x, LOG2));
+        assert_eq!(h.take_dirty(), None);
+    }
+
+    #[test]
+    fn compiled_entries_are_the_union_of_keys_and_bound_ipsets() {
+        let p = crate::policy::Policy::from_toml_str(
+            r#"
+[ipsets]
+used = ["203.0.113.0/24"]
+unused = ["100.64.0.0/10"]
+[[key]]
+prefix = "aaaaaaaa"
+allow = ["198.51.100.7", "2001:db8::/48"]
+ipsets = ["used"]
+[[key]]
+prefix = "bbbbbbbb"
+allow = ["192.0.2.0/24"]
+ipsets = ["used"]
+locked = true
+"#,
+        )
+        .unwrap();
+        let c = p.compile().unwrap();
+        let got: BTreeSet<Cidr> = compiled_entries(&c).collect();
+        let want: BTreeSet<Cidr> = cidrs(&[
+            "198.51.100.7",
+            "2001:db8::/48",
+            "192.0.2.0/24",
+            "203.0.113.0/24",
+        ])
+        .into_iter()
+        .collect();
+        assert_eq!(got, want);
+        assert_eq!(compiled_entries(&c).count(), 4, "a shared ipset comes once");
     }
 }

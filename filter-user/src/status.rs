@@ -81,6 +81,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
             "flows": {"entries": flows, "capacity": capacity(pin_dir, filter_common::maps::FLOWS)},
         },
         "policy_error": runtime.as_ref().and_then(|r| r.policy_error.clone()),
+        "etcd": crate::etcd::status_value(state_dir),
     }))
 }
 
@@ -137,6 +138,7 @@ pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
         "key map:    {} / {}",
         v["maps"]["keys"]["entries"], v["maps"]["keys"]["capacity"]
     );
+    crate::etcd::print_status(&v["etcd"]);
     if let Some(e) = v["policy_error"].as_str() {
         println!("last error: {e}");
     }

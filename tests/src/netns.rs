@@ -28,7 +28,7 @@ use std::{
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Mutex, Once,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -229,6 +229,10 @@ open(ready, "w").close()
 srv.serve_forever()
 "#;
 
+/// Client programs (tests/scripts/clients.py) and the FIX acceptor, written into each sandbox.
+const CLIENTS_PY: &str = include_str!("../scripts/clients.py");
+const FIX_ACCEPTOR_PY: &str = include_str!("../scripts/fix_acceptor.py");
+
 /// A process started in a sandbox namespace: derefs to [`Child`], and is killed (SIGKILL) and
 /// reaped when dropped, unless it already exited or [`Proc::into_child`] took it out.
 pub struct Proc {
@@ -303,7 +307,10 @@ pub struct Sandbox {
     /// Next host numbers for [`Sandbox::add_client_v4`] / [`Sandbox::add_client_v6`].
     next_v4: AtomicU32,
     next_v6: AtomicU32,
-    cleaned: AtomicBool,
+    /// Whether [`Sandbox::cleanup`] ran. A mutex, not a flag: a second caller (the main thread
+    /// while a Ctrl-C handler cleans up) must wait until the first one has finished, or the
+    /// process could exit with the namespaces half removed.
+    cleaned: Mutex<bool>,
 }
 
 impl Sandbox {
@@ -321,7 +328,7 @@ impl Sandbox {
             names,
             next_v4: AtomicU32::new(3),
             next_v6: AtomicU32::new(3),
-            cleaned: AtomicBool::new(false),
+            cleaned: Mutex::new(false),
         };
         // On error `sb` drops here, and its cleanup removes whatever was made.
         sb.build()
@@ -393,8 +400,6 @@ impl Sandbox {
         for (ns, ifname) in [(e, ei), (c, ci)] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", ifname, "up"])?;
-            // A veth accepts XDP_TX/redirected frames from its peer only with GRO on (or an XDP
-            // program attached): needed for `action = "reset"` RSTs sent back with XDP_TX.
             let out = ns_command(ns, "ethtool")
                 .args(["-K", ifname, "gro", "on"])
                 .output();
@@ -409,6 +414,26 @@ impl Sandbox {
                 ),
             }
         }
+        // A veth delivers frames its peer sends with XDP_TX (the RSTs of `action = "reset"`)
+        // only when it has an XDP program itself; GRO alone does not do it on this kernel
+        // (seen on 6.18). Give the client side one that passes everything.
+        let pass = self.tmp_dir().join("keywall-pass.o");
+        std::fs::write(&pass, keywall::dataplane::PASS_OBJECT)
+            .context("writing the pass object")?;
+        ip(&[
+            "-n",
+            c,
+            "link",
+            "set",
+            "dev",
+            ci,
+            "xdpdrv",
+            "obj",
+            pass.to_str().expect("utf-8 path"),
+            "sec",
+            "xdp",
+        ])
+        .context("attaching a pass-all XDP program to the client veth")?;
         Ok(())
     }
 
@@ -635,6 +660,8 @@ impl Sandbox {
     }
 
     /// A self-signed certificate and key in the temp dir (made once): (cert.pem, key.pem).
+    /// It names `*.api.test` (the TLS-SNI listeners' hostnames), `api.test` and
+    /// `keywall-test`, so clients can verify it with `--cacert cert.pem`.
     pub fn tls_cert(&self) -> Result<(PathBuf, PathBuf)> {
         let cert = self.tmp_dir.join("cert.pem");
         let key = self.tmp_dir.join("key.pem");
@@ -649,6 +676,8 @@ impl Sandbox {
                         "2",
                         "-subj",
                         "/CN=keywall-test",
+                        "-addext",
+                        "subjectAltName=DNS:*.api.test,DNS:api.test,DNS:keywall-test",
                         "-keyout",
                     ])
                     .arg(&key)
@@ -658,6 +687,118 @@ impl Sandbox {
             .context("making a test certificate with openssl")?;
         }
         Ok((cert, key))
+    }
+
+    /// The certificate and key of [`Sandbox::tls_cert`] in one file, as haproxy's `crt` wants.
+    pub fn tls_pem_bundle(&self) -> Result<PathBuf> {
+        let (cert, key) = self.tls_cert()?;
+        let bundle = self.tmp_dir.join("bundle.pem");
+        if !bundle.exists() {
+            let text = fs::read_to_string(&cert)? + &fs::read_to_string(&key)?;
+            fs::write(&bundle, text).context("writing bundle.pem")?;
+        }
+        Ok(bundle)
+    }
+
+    /// Writes one of the scripts under `tests/scripts/` into the temp dir (once); returns its path.
+    pub fn script(&self, name: &str) -> Result<PathBuf> {
+        let text = match name {
+            "clients.py" => CLIENTS_PY,
+            "fix_acceptor.py" => FIX_ACCEPTOR_PY,
+            _ => bail!("no script named {name}"),
+        };
+        let path = self.tmp_dir.join(name);
+        if !path.exists() {
+            fs::write(&path, text).with_context(|| format!("writing {name}"))?;
+        }
+        Ok(path)
+    }
+
+    /// Runs `clients.py ARGS…` (tests/scripts/clients.py: TLS, split ClientHello, FIX, reset
+    /// and SYN-flood clients) in the client namespace; returns its one-line answer.
+    pub fn client_tool<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let script = self.script("clients.py")?;
+        let out = run_ok(self.client_cmd("python3").arg(script).args(args))?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// A FIX acceptor (tests/scripts/fix_acceptor.py, on simplefix) in the edge namespace on
+    /// `[::]:port`: every Logon is answered with a Logon. Returns once it listens.
+    pub fn spawn_fix_acceptor_edge(&self, port: u16) -> Result<Proc> {
+        let script = self.script("fix_acceptor.py")?;
+        let ready = self.tmp_dir.join(format!("fix-{port}.ready"));
+        let log_path = self.tmp_dir.join(format!("fix-{port}.log"));
+        let _ = fs::remove_file(&ready);
+        let log = fs::File::create(&log_path).context("creating the FIX acceptor log")?;
+        let mut cmd = self.edge_cmd("python3");
+        cmd.arg(&script)
+            .arg(port.to_string())
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = spawn(&mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "FIX acceptor on port {port} exited ({status}): {} \
+                     (is simplefix installed? `cargo xtask setup`)",
+                    fs::read_to_string(&log_path).unwrap_or_default().trim()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("FIX acceptor on port {port} did not start listening within 10 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    /// Starts haproxy (Debian's) in namespace `ns` on the configuration `config` (written to
+    /// `<tmp>/<name>.cfg`), in the foreground, logging to `<tmp>/<name>.log`. Returns once every
+    /// TCP port in `ports` listens in that namespace.
+    pub fn spawn_haproxy(&self, ns: &str, name: &str, config: &str, ports: &[u16]) -> Result<Proc> {
+        let cfg = self.tmp_dir.join(format!("{name}.cfg"));
+        fs::write(&cfg, config).with_context(|| format!("writing {}", cfg.display()))?;
+        let log_path = self.tmp_dir.join(format!("{name}.log"));
+        let log = fs::File::create(&log_path).context("creating the haproxy log")?;
+        let mut cmd = ns_command(ns, "haproxy");
+        cmd.arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = spawn(&mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "haproxy {name} exited ({status}): {}",
+                    fs::read_to_string(&log_path).unwrap_or_default().trim()
+                );
+            }
+            let listening = run_ok(ns_command(ns, "ss").args(["-Hltn"]))?;
+            let all = ports.iter().all(|p| {
+                listening.lines().any(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .is_some_and(|local| local.ends_with(&format!(":{p}")))
+                })
+            });
+            if all {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                bail!("haproxy {name} did not listen on {ports:?} within 10 s");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs `curl -sS --max-time 3 ARGS…` in the client namespace; returns (exit code, stdout).
@@ -699,9 +840,11 @@ impl Sandbox {
     /// Kills everything in the namespaces, deletes them, the pin dir and the temp dir.
     /// Idempotent; [`Drop`] calls it. Safe to call from another thread (a Ctrl-C handler).
     pub fn cleanup(&self) {
-        if self.cleaned.swap(true, Ordering::SeqCst) {
+        let mut cleaned = self.cleaned.lock().unwrap_or_else(|e| e.into_inner());
+        if *cleaned {
             return;
         }
+        *cleaned = true;
         if std::env::var_os("KEYWALL_SANDBOX_KEEP").is_some_and(|v| v == "1") {
             eprintln!(
                 "netns: KEYWALL_SANDBOX_KEEP=1: keeping {} / {}, {} and {}",

@@ -9,6 +9,12 @@
 //! let req = pad_request_to(req, MAX_FRAME_LEN - pkt.payload_offset());
 //! let frame = pkt.payload(&req).build(); // exactly 1514 bytes, key header at the end
 //! ```
+//!
+//! Payloads for the other locators: [`ClientHello`] (TLS, with GREASE, padding, tickets, a
+//! post-quantum key share past 1500 bytes, shuffled extensions), [`fix_logon`] and
+//! [`fix_message`] (FIX with correct BodyLength and CheckSum), [`proxy_v1`] and [`proxy_v2`]
+//! (PROXY headers). [`Pkt::segments`] cuts a payload into segments with consecutive
+//! sequence numbers.
 
 /// Default Ethernet addresses: locally administered, so they never collide with real NICs.
 pub const ETH_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -402,7 +408,8 @@ impl Pkt {
         let mut bounds = vec![0];
         bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < payload.len()));
         bounds.push(payload.len());
-        bounds.windows(2)
+        bounds
+            .windows(2)
             .map(|w| {
                 self.clone()
                     .seq(self.seq.wrapping_add(w[0] as u32))
@@ -839,7 +846,12 @@ impl ClientHello {
         exts.push((EXT_EC_POINT_FORMATS, vec![1, 0]));
         exts.push((
             EXT_SIGNATURE_ALGORITHMS,
-            u16_list(&[0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601], 2),
+            u16_list(
+                &[
+                    0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601,
+                ],
+                2,
+            ),
         ));
         exts.push((EXT_ALPN, {
             let mut protos = Vec::new();
@@ -850,7 +862,10 @@ impl ClientHello {
             with_len(&protos, 2)
         }));
         if let Some(n) = self.session_ticket {
-            exts.push((EXT_SESSION_TICKET, (0..n).map(|i| (i * 7 + 3) as u8).collect()));
+            exts.push((
+                EXT_SESSION_TICKET,
+                (0..n).map(|i| (i * 7 + 3) as u8).collect(),
+            ));
         }
         let mut versions = Vec::new();
         if self.grease {
@@ -914,7 +929,9 @@ impl ClientHello {
         if self.grease {
             suites.push(grease(7));
         }
-        suites.extend([0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9]);
+        suites.extend([
+            0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9,
+        ]);
         body.extend_from_slice(&u16_list(&suites, 2));
         body.extend_from_slice(&[1, 0]); // compression: null
         let mut exts = Vec::new();
@@ -947,7 +964,9 @@ impl ClientHello {
         let mut needle = vec![0, 0];
         needle.extend_from_slice(&(ext.len() as u16).to_be_bytes());
         needle.extend_from_slice(&ext);
-        let at = rec.windows(needle.len()).position(|w| w == needle.as_slice())?;
+        let at = rec
+            .windows(needle.len())
+            .position(|w| w == needle.as_slice())?;
         Some(at + 4 + 5)
     }
 }
@@ -963,7 +982,11 @@ fn with_len(data: &[u8], width: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(width + data.len());
     match width {
         1 => v.push(u8::try_from(data.len()).expect("fits a byte")),
-        _ => v.extend_from_slice(&u16::try_from(data.len()).expect("fits 16 bits").to_be_bytes()),
+        _ => v.extend_from_slice(
+            &u16::try_from(data.len())
+                .expect("fits 16 bits")
+                .to_be_bytes(),
+        ),
     }
     v.extend_from_slice(data);
     v
@@ -1040,7 +1063,11 @@ pub fn proxy_v1(conn: Option<ProxiedConn>) -> Vec<u8> {
         None => b"PROXY UNKNOWN\r\n".to_vec(),
         Some(c) => {
             let fam = if c.src.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!("PROXY {fam} {} {} {} {}\r\n", c.src, c.dst, c.sport, c.dport).into_bytes()
+            format!(
+                "PROXY {fam} {} {} {} {}\r\n",
+                c.src, c.dst, c.sport, c.dport
+            )
+            .into_bytes()
         }
     }
 }
@@ -1617,10 +1644,23 @@ mod tests {
             .collect();
         assert!(orders.len() > 1);
         // sni_last puts the name past the big key share, beyond the first full segment.
-        let late = ClientHello { sni_last: true, ..c };
+        let late = ClientHello {
+            sni_last: true,
+            ..c
+        };
         assert!(late.sni_offset().unwrap() > 1460);
-        assert_eq!(parse_hello(&late.record()).0.as_deref(), Some("k-37c541a1.api.example.com"));
-        assert_eq!(ClientHello { sni: None, ..ClientHello::new("x") }.sni_offset(), None);
+        assert_eq!(
+            parse_hello(&late.record()).0.as_deref(),
+            Some("k-37c541a1.api.example.com")
+        );
+        assert_eq!(
+            ClientHello {
+                sni: None,
+                ..ClientHello::new("x")
+            }
+            .sni_offset(),
+            None
+        );
     }
 
     #[test]
@@ -1636,7 +1676,10 @@ mod tests {
         assert_eq!(seq(&segs[2]), 0xffff_fff0u32.wrapping_add(70));
         assert_eq!(&segs[1][lay.payload..], &data[30..70]);
         for f in &segs {
-            let lay = Layout { ip_end: f.len(), ..lay };
+            let lay = Layout {
+                ip_end: f.len(),
+                ..lay
+            };
             assert!(l4_checksum_ok(f, lay, IPPROTO_TCP));
         }
         let f = Pkt::tcp4(A4, B4, 1, 2).ack(0x1234_5678).build();
@@ -1662,7 +1705,10 @@ mod tests {
             assert_eq!(fields.last().unwrap(), &format!("10={sum:03}"));
         }
         // A known message: the bytes of "8=FIX.4.2|9=5|35=0|" sum to 929, and 929 % 256 = 161.
-        assert_eq!(fix_message("FIX.4.2", "0", &[]), b"8=FIX.4.2\x019=5\x0135=0\x0110=161\x01");
+        assert_eq!(
+            fix_message("FIX.4.2", "0", &[]),
+            b"8=FIX.4.2\x019=5\x0135=0\x0110=161\x01"
+        );
     }
 
     #[test]
@@ -1673,13 +1719,19 @@ mod tests {
             sport: 40000,
             dport: 8080,
         };
-        assert_eq!(proxy_v1(Some(c)), b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 8080\r\n");
+        assert_eq!(
+            proxy_v1(Some(c)),
+            b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 8080\r\n"
+        );
         let c6 = ProxiedConn {
             src: "2001:db8::9".parse().unwrap(),
             dst: "2001:db8::1".parse().unwrap(),
             ..c
         };
-        assert_eq!(proxy_v1(Some(c6)), b"PROXY TCP6 2001:db8::9 2001:db8::1 40000 8080\r\n");
+        assert_eq!(
+            proxy_v1(Some(c6)),
+            b"PROXY TCP6 2001:db8::9 2001:db8::1 40000 8080\r\n"
+        );
         let v2 = proxy_v2(Some(c), &[(PP2_TYPE_AUTHORITY, b"api.example".to_vec())]);
         assert_eq!(&v2[..12], &PROXY_V2_SIG);
         assert_eq!((v2[12], v2[13]), (0x21, 0x11));

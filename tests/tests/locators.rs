@@ -221,8 +221,15 @@ fn sni_allowed_disallowed_locked_unknown_and_none() {
     let f = tls4(OTHER4, 30_102).payload(&no_sni.record()).build();
     expect(&mut l, &f, PassNoKey, "no server_name extension");
     // A refused connection stays refused.
-    let f = tls4(OTHER4, 30_001).payload(b"\x17\x03\x03\x00\x05hello").build();
-    expect(&mut l, &f, DropFlow, "later segment of a refused connection");
+    let f = tls4(OTHER4, 30_001)
+        .payload(b"\x17\x03\x03\x00\x05hello")
+        .build();
+    expect(
+        &mut l,
+        &f,
+        DropFlow,
+        "later segment of a refused connection",
+    );
     // With no_key = "drop", a hello without a key is refused.
     l.apply(&POLICY.replace("no_key = \"pass\"", "no_key = \"drop\""))
         .unwrap();
@@ -316,7 +323,10 @@ fn sni_in_the_second_segment() {
             let got = run_all(&mut l, &segs);
             assert!(got.contains(&want), "cut {cut} (SNI at {sni_at}): {got:?}");
             if want == DropNotAllowed {
-                assert!(!got.iter().any(|r| passes_on_a_key(*r)), "cut {cut}: {got:?}");
+                assert!(
+                    !got.iter().any(|r| passes_on_a_key(*r)),
+                    "cut {cut}: {got:?}"
+                );
             } else {
                 assert!(!got.iter().any(|r| r.is_drop()), "cut {cut}: {got:?}");
             }
@@ -396,9 +406,13 @@ fn fix_logon_allowed_disallowed_locked_unknown() {
     }
     // IPv6.
     let m = fix_logon("FIX.4.4", "S", Some("37c541a1deadbeef"));
-    let f = Pkt::tcp6(ALLOWED6, EDGE6, 34_500, FIX_553).payload(&m).build();
+    let f = Pkt::tcp6(ALLOWED6, EDGE6, 34_500, FIX_553)
+        .payload(&m)
+        .build();
     expect(&mut l, &f, PassAllowed, "v6");
-    let f = Pkt::tcp6(OTHER6, EDGE6, 34_501, FIX_553).payload(&m).build();
+    let f = Pkt::tcp6(OTHER6, EDGE6, 34_501, FIX_553)
+        .payload(&m)
+        .build();
     expect(&mut l, &f, DropNotAllowed, "v6 other");
 }
 
@@ -409,7 +423,12 @@ fn fix_tag_only_counts_at_field_starts() {
     let m = fix_message(
         "FIX.4.4",
         "A",
-        &[(49, "S"), (58, "553=37c541a1"), (1553, "37c541a1"), (98, "0")],
+        &[
+            (49, "S"),
+            (58, "553=37c541a1"),
+            (1553, "37c541a1"),
+            (98, "0"),
+        ],
     );
     let f = fix4(OTHER4, 35_000, FIX_553).payload(&m).build();
     expect(&mut l, &f, PassNoKey, "553= only inside values");
@@ -449,7 +468,9 @@ fn fix_truncations_and_mutations_never_pass_a_disallowed_source() {
         truncations_fail_closed(&mut l, |sp| fix4(OTHER4, sp, FIX_553), &m, at + 2, begin);
         // Everything after the key field is decided the same way.
         // A connection of its own: a judged FIX session is not scanned again.
-        let f = fix4(OTHER4, 36_000 + n as u16, FIX_553).payload(&m[..end]).build();
+        let f = fix4(OTHER4, 36_000 + n as u16, FIX_553)
+            .payload(&m[..end])
+            .build();
         expect(&mut l, &f, DropNotAllowed, "up to the key's SOH");
         mutations_fail_closed(&mut l, |sp| fix4(OTHER4, sp, FIX_553), &m, 0xf1f1, begin);
     }
@@ -538,7 +559,12 @@ fn proxy_headers_carry_the_client_that_is_judged() {
                 expect(&mut l, &f, PassAllowed, &what);
                 sport += 1;
                 let f = pkt(sport).payload(&with(h_bad.clone(), &key)).build();
-                expect(&mut l, &f, DropNotAllowed, &format!("{what} (other client)"));
+                expect(
+                    &mut l,
+                    &f,
+                    DropNotAllowed,
+                    &format!("{what} (other client)"),
+                );
                 sport += 1;
                 let f = pkt(sport)
                     .payload(&with(h_ok.clone(), &request(Some("lockedk1xxxx"))))
@@ -550,7 +576,9 @@ fn proxy_headers_carry_the_client_that_is_judged() {
                     .build();
                 expect(&mut l, &f, DropUnknownKey, &format!("{what} unknown"));
                 sport += 1;
-                let f = pkt(sport).payload(&with(h_bad.clone(), &request(None))).build();
+                let f = pkt(sport)
+                    .payload(&with(h_bad.clone(), &request(None)))
+                    .build();
                 expect(&mut l, &f, PassNoKey, &format!("{what} no key"));
             }
         }
@@ -568,11 +596,21 @@ fn proxy_local_and_unknown_judge_the_proxy_itself() {
         let f = via4(PROXY4, sport)
             .payload(&with(h.clone(), &request(Some("proxyloc"))))
             .build();
-        expect(&mut l, &f, PassAllowed, &format!("LOCAL {i}, the proxy's key"));
+        expect(
+            &mut l,
+            &f,
+            PassAllowed,
+            &format!("LOCAL {i}, the proxy's key"),
+        );
         let f = via4(PROXY4, sport + 1)
             .payload(&with(h.clone(), &request(Some("37c541a1deadbeef"))))
             .build();
-        expect(&mut l, &f, DropNotAllowed, &format!("LOCAL {i}, a client's key"));
+        expect(
+            &mut l,
+            &f,
+            DropNotAllowed,
+            &format!("LOCAL {i}, a client's key"),
+        );
     }
 }
 
@@ -581,7 +619,10 @@ fn proxy_headers_only_from_trusted_proxies() {
     let mut l = Loaded::new(POLICY).unwrap();
     let c = conn("198.51.100.7".parse().unwrap());
     let key = request(Some("37c541a1deadbeef"));
-    for (i, h) in [proxy_v1(Some(c)), proxy_v2(Some(c), &[])].into_iter().enumerate() {
+    for (i, h) in [proxy_v1(Some(c)), proxy_v2(Some(c), &[])]
+        .into_iter()
+        .enumerate()
+    {
         // The allowed client itself, and an address next to the proxies, are not proxies.
         let f = via4(ALLOWED4, 39_000 + i as u16)
             .payload(&with(h.clone(), &key))
@@ -594,7 +635,12 @@ fn proxy_headers_only_from_trusted_proxies() {
         let f = via6(ALLOWED6, 39_020 + i as u16)
             .payload(&with(h.clone(), &key))
             .build();
-        expect(&mut l, &f, DropMalformed, "PROXY from an untrusted IPv6 source");
+        expect(
+            &mut l,
+            &f,
+            DropMalformed,
+            "PROXY from an untrusted IPv6 source",
+        );
     }
     // Without a header the connection cannot be judged: from anyone.
     let f = via4(ALLOWED4, 39_100).payload(&key).build();
@@ -608,7 +654,10 @@ fn proxy_header_alone_then_the_request() {
     let mut l = Loaded::new(POLICY).unwrap();
     let key = request(Some("37c541a1deadbeef"));
     let mut sport = 40_000;
-    for (client, want) in [("198.51.100.7", PassAllowed), ("203.0.113.45", DropNotAllowed)] {
+    for (client, want) in [
+        ("198.51.100.7", PassAllowed),
+        ("203.0.113.45", DropNotAllowed),
+    ] {
         for (what, h) in headers(client) {
             sport += 1;
             let all = with(h.clone(), &key);
@@ -621,7 +670,11 @@ fn proxy_header_alone_then_the_request() {
                 .payload(&key)
                 .build();
             let (_, r, _) = l.run(&next);
-            let follow = if want == PassAllowed { [PassAllowed, PassFlow] } else { [DropNotAllowed, DropFlow] };
+            let follow = if want == PassAllowed {
+                [PassAllowed, PassFlow]
+            } else {
+                [DropNotAllowed, DropFlow]
+            };
             assert!(follow.contains(&r), "{what}: next request got {r:?}");
         }
     }
@@ -634,7 +687,12 @@ fn proxy_truncations_and_mutations_never_pass_a_disallowed_client() {
     for (what, h) in headers("203.0.113.45") {
         let all = with(h.clone(), &key);
         let key_line = all.windows(13).position(|w| w == b"X-MBX-APIKEY:").unwrap();
-        let decided = all[key_line..].windows(2).position(|w| w == b"\r\n").unwrap() + key_line + 2;
+        let decided = all[key_line..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .unwrap()
+            + key_line
+            + 2;
         truncations_fail_closed(&mut l, |sp| via4(PROXY4, sp), &all, decided, &what);
         mutations_fail_closed(&mut l, |sp| via4(PROXY4, sp), &all, 0x9e0c, &what);
     }
@@ -668,7 +726,11 @@ fn be32(f: &[u8], at: usize) -> u32 {
 
 fn check_rst(out: &[u8], sent: &Sent, what: &str) {
     use tests::packet::{ETH_DST, ETH_SRC};
-    assert_eq!(&out[..6], &ETH_SRC, "{what}: Ethernet destination is the sender");
+    assert_eq!(
+        &out[..6],
+        &ETH_SRC,
+        "{what}: Ethernet destination is the sender"
+    );
     assert_eq!(&out[6..12], &ETH_DST, "{what}: Ethernet source is the edge");
     let mut at = 12;
     for (tpid, vid) in &sent.vlans {
@@ -681,24 +743,48 @@ fn check_rst(out: &[u8], sent: &Sent, what: &str) {
         assert_eq!(be16(out, at), 0x86dd, "{what}");
         assert_eq!(out[l3] >> 4, 6, "{what}");
         assert_eq!(be16(out, l3 + 4), 20, "{what}: IPv6 payload length");
-        assert_eq!(&out[l3 + 8..l3 + 24], &sent.dst[..], "{what}: source is the edge");
-        assert_eq!(&out[l3 + 24..l3 + 40], &sent.src[..], "{what}: destination is the client");
+        assert_eq!(
+            &out[l3 + 8..l3 + 24],
+            &sent.dst[..],
+            "{what}: source is the edge"
+        );
+        assert_eq!(
+            &out[l3 + 24..l3 + 40],
+            &sent.src[..],
+            "{what}: destination is the client"
+        );
         (l3 + 40, out[l3 + 6] == 6)
     } else {
         assert_eq!(be16(out, at), 0x0800, "{what}");
         assert_eq!(out[l3], 0x45, "{what}: IPv4 without options");
         assert_eq!(be16(out, l3 + 2), 40, "{what}: IPv4 total length");
-        assert_eq!(checksum(&out[l3..l3 + 20]), 0, "{what}: IPv4 header checksum");
+        assert_eq!(
+            checksum(&out[l3..l3 + 20]),
+            0,
+            "{what}: IPv4 header checksum"
+        );
         assert!(out[l3 + 8] > 0, "{what}: TTL");
-        assert_eq!(&out[l3 + 12..l3 + 16], &sent.dst[..], "{what}: source is the edge");
-        assert_eq!(&out[l3 + 16..l3 + 20], &sent.src[..], "{what}: destination is the client");
+        assert_eq!(
+            &out[l3 + 12..l3 + 16],
+            &sent.dst[..],
+            "{what}: source is the edge"
+        );
+        assert_eq!(
+            &out[l3 + 16..l3 + 20],
+            &sent.src[..],
+            "{what}: destination is the client"
+        );
         (l3 + 20, out[l3 + 9] == 6)
     };
     assert!(proto_ok, "{what}: TCP");
     assert_eq!(out.len(), l4 + 20, "{what}: no options, no payload");
     assert_eq!(be16(out, l4), sent.dport, "{what}: source port");
     assert_eq!(be16(out, l4 + 2), sent.sport, "{what}: destination port");
-    assert_eq!(be32(out, l4 + 4), sent.ack, "{what}: seq = the segment's ack");
+    assert_eq!(
+        be32(out, l4 + 4),
+        sent.ack,
+        "{what}: seq = the segment's ack"
+    );
     assert_eq!(
         be32(out, l4 + 8),
         sent.seq.wrapping_add(sent.consumed),
@@ -707,7 +793,11 @@ fn check_rst(out: &[u8], sent: &Sent, what: &str) {
     assert_eq!(out[l4 + 12] >> 4, 5, "{what}: data offset");
     let flags = out[l4 + 13];
     assert_ne!(flags & TCP_RST, 0, "{what}: RST");
-    assert_eq!(flags & (TCP_SYN | TCP_FIN | TCP_PSH), 0, "{what}: flags {flags:#x}");
+    assert_eq!(
+        flags & (TCP_SYN | TCP_FIN | TCP_PSH),
+        0,
+        "{what}: flags {flags:#x}"
+    );
     // The TCP checksum over the pseudo-header comes out as zero.
     let mut pseudo = Vec::new();
     if sent.v6 {
@@ -728,9 +818,19 @@ fn keyed(v6: bool, src_ok: bool, sport: u16, key: &str, vlans: &[(u16, u16)]) ->
     let payload = request(Some(key));
     let (seq, ack) = (0xfedc_b000u32, 0x1234_5678u32);
     let mut p = if v6 {
-        Pkt::tcp6(if src_ok { ALLOWED6 } else { OTHER6 }, EDGE6, sport, HTTP_PORT)
+        Pkt::tcp6(
+            if src_ok { ALLOWED6 } else { OTHER6 },
+            EDGE6,
+            sport,
+            HTTP_PORT,
+        )
     } else {
-        Pkt::tcp4(if src_ok { ALLOWED4 } else { OTHER4 }, EDGE4, sport, HTTP_PORT)
+        Pkt::tcp4(
+            if src_ok { ALLOWED4 } else { OTHER4 },
+            EDGE4,
+            sport,
+            HTTP_PORT,
+        )
     };
     for (tpid, vid) in vlans {
         p = p.vlan(*tpid, *vid);
@@ -771,7 +871,11 @@ fn reset_answers_refused_keys_with_a_valid_rst() {
     let mut l = Loaded::new(&reset_policy()).unwrap();
     let mut sport = 41_000;
     for v6 in [false, true] {
-        for vlans in [vec![], vec![(0x8100, 7)], vec![(0x88a8, 100), (0x8100, 200)]] {
+        for vlans in [
+            vec![],
+            vec![(0x8100, 7)],
+            vec![(0x88a8, 100), (0x8100, 200)],
+        ] {
             for (key, src_ok, reason) in [
                 ("37c541a1deadbeef", false, DropNotAllowed),
                 ("lockedk1xxxx", true, DropLocked),
@@ -784,9 +888,19 @@ fn reset_answers_refused_keys_with_a_valid_rst() {
                 // The connection stays refused: its next data segment is reset too.
                 let more = b"more body bytes";
                 let mut p = if v6 {
-                    Pkt::tcp6(if src_ok { ALLOWED6 } else { OTHER6 }, EDGE6, sport, HTTP_PORT)
+                    Pkt::tcp6(
+                        if src_ok { ALLOWED6 } else { OTHER6 },
+                        EDGE6,
+                        sport,
+                        HTTP_PORT,
+                    )
                 } else {
-                    Pkt::tcp4(if src_ok { ALLOWED4 } else { OTHER4 }, EDGE4, sport, HTTP_PORT)
+                    Pkt::tcp4(
+                        if src_ok { ALLOWED4 } else { OTHER4 },
+                        EDGE4,
+                        sport,
+                        HTTP_PORT,
+                    )
                 };
                 for (tpid, vid) in &vlans {
                     p = p.vlan(*tpid, *vid);
@@ -798,7 +912,13 @@ fn reset_answers_refused_keys_with_a_valid_rst() {
                     consumed: more.len() as u32,
                     ..sent
                 };
-                expect_rst(&mut l, &f, &sent, DropFlow, &format!("{what}, next segment"));
+                expect_rst(
+                    &mut l,
+                    &f,
+                    &sent,
+                    DropFlow,
+                    &format!("{what}, next segment"),
+                );
             }
             // An allowed key passes untouched.
             sport += 1;
@@ -836,7 +956,9 @@ fn reset_acks_a_fin_and_leaves_other_drops_alone() {
     // Malformed segments are dropped, not answered.
     let cut = request(Some("37c5"));
     let cut = &cut[..cut.windows(4).position(|w| w == b"37c5").unwrap() + 4];
-    let f = Pkt::tcp4(OTHER4, EDGE4, 42_001, HTTP_PORT).payload(cut).build();
+    let f = Pkt::tcp4(OTHER4, EDGE4, 42_001, HTTP_PORT)
+        .payload(cut)
+        .build();
     expect(&mut l, &f, DropMalformed, "malformed");
     // no_key = drop is answered too.
     l.apply(&reset_policy().replace("no_key = \"pass\"", "no_key = \"drop\""))
@@ -895,4 +1017,93 @@ fn reset_leaves_segments_without_payload_alone() {
         .unwrap();
     let f = Pkt::tcp4(OTHER4, EDGE4, 43_001, HTTP_PORT).syn().build();
     expect(&mut l, &f, DropPrefilter, "prefiltered SYN");
+}
+
+#[test]
+fn split_hello_truncations_retransmissions_and_bad_sequence_numbers_fail_closed() {
+    let mut l = Loaded::new(POLICY).unwrap();
+    let host = "k-37c541a1.api.example.com";
+    let h = ClientHello {
+        sni_last: true,
+        ..ClientHello::chrome_like(host, 5)
+    };
+    let rec = h.record();
+    let cut = 1448;
+    let sni_end = h.sni_offset().unwrap() + host.len();
+    assert!(h.sni_offset().unwrap() > cut);
+    let base = 0x7fff_fff0u32;
+
+    // Every truncation of the second (key-bearing) segment.
+    for len in 1..=rec.len() - cut {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        let r1 = l.run(&first).1;
+        assert!(
+            !r1.is_drop() && !passes_on_a_key(r1),
+            "first segment: {r1:?}"
+        );
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32))
+            .payload(&rec[cut..cut + len])
+            .build();
+        let (action, r, _) = l.run(&second);
+        assert!(!passes_on_a_key(r), "second segment cut at {len}: {r:?}");
+        if cut + len >= sni_end {
+            assert!(r.is_drop() && action == XDP_DROP, "cut at {len}: {r:?}");
+        }
+    }
+
+    // Mutations of the second segment.
+    let mut rng = Rng(0x2222);
+    for i in 0..200 {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        l.run(&first);
+        let mut m = rec[cut..].to_vec();
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(m.len());
+            m[at] = rng.next() as u8;
+        }
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32))
+            .payload(&m)
+            .build();
+        let r = l.run(&second).1;
+        assert!(!passes_on_a_key(r), "mutation {i}: {r:?}");
+    }
+
+    for (src, want) in [(ALLOWED4, PassAllowed), (OTHER4, DropNotAllowed)] {
+        // A retransmitted first segment changes nothing.
+        let sport = fresh_port();
+        let segs = tls4(src, sport).seq(base).segments(&rec, &[cut]);
+        let got = run_all(&mut l, &[segs[0].clone(), segs[0].clone(), segs[1].clone()]);
+        assert_eq!(got[2], want, "retransmitted first segment: {got:?}");
+        assert!(
+            !got[..2].iter().any(|r| r.is_drop() || passes_on_a_key(*r)),
+            "{got:?}"
+        );
+    }
+    // The second segment first (reordered), or at a sequence number that does not follow:
+    // a disallowed source is never passed on its key.
+    let sport = fresh_port();
+    let segs = tls4(OTHER4, sport).seq(base).segments(&rec, &[cut]);
+    let got = run_all(&mut l, &[segs[1].clone(), segs[0].clone()]);
+    assert!(
+        !got.iter().any(|r| passes_on_a_key(*r)),
+        "reordered: {got:?}"
+    );
+    for shift in [-1i32, 1, 7, -300] {
+        let sport = fresh_port();
+        let first = tls4(OTHER4, sport).seq(base).payload(&rec[..cut]).build();
+        l.run(&first);
+        let second = tls4(OTHER4, sport)
+            .seq(base.wrapping_add(cut as u32).wrapping_add(shift as u32))
+            .payload(&rec[cut..])
+            .build();
+        let r = l.run(&second).1;
+        assert!(
+            !passes_on_a_key(r),
+            "second segment shifted by {shift}: {r:?}"
+        );
+    }
 }

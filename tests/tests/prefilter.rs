@@ -138,13 +138,23 @@ fn syns_from_allowed_sources_pass_and_others_are_dropped() {
         .vlan(0x8100, 8)
         .syn()
         .build();
-    expect(&mut l, &tagged, PassHandshake, "QinQ SYN from an allowed source");
+    expect(
+        &mut l,
+        &tagged,
+        PassHandshake,
+        "QinQ SYN from an allowed source",
+    );
 }
 
 #[test]
 fn proxy_protocol_listeners_prefilter_against_trusted_proxies() {
     let mut l = Loaded::new(POLICY).unwrap();
-    expect(&mut l, &syn4(v4("10.9.0.5"), 8443), PassHandshake, "trusted proxy");
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8443),
+        PassHandshake,
+        "trusted proxy",
+    );
     expect(
         &mut l,
         &syn6(v6("2001:db8:ffff::5"), 8443),
@@ -158,7 +168,12 @@ fn proxy_protocol_listeners_prefilter_against_trusted_proxies() {
         DropPrefilter,
         "allowed client, not a proxy",
     );
-    expect(&mut l, &syn4(v4("10.10.0.5"), 8443), DropPrefilter, "untrusted");
+    expect(
+        &mut l,
+        &syn4(v4("10.10.0.5"), 8443),
+        DropPrefilter,
+        "untrusted",
+    );
     expect(
         &mut l,
         &syn6(v6("2001:db8::9"), 8443),
@@ -172,20 +187,40 @@ fn prefilter_is_off_while_a_key_passes_from_anywhere() {
     let other = v4("198.51.100.8");
     let open = format!("{POLICY}\n[[key]]\nprefix = \"unboundk\"\n");
     let mut l = Loaded::new(&open).unwrap();
-    expect(&mut l, &syn4(other, 8080), PassHandshake, "unbound key passes");
+    expect(
+        &mut l,
+        &syn4(other, 8080),
+        PassHandshake,
+        "unbound key passes",
+    );
     // A locked unbound key passes nobody, and with unbound_keys = "drop" none does.
     l.apply(&open.replace(
         "prefix = \"unboundk\"",
         "prefix = \"unboundk\"\nlocked = true",
     ))
     .unwrap();
-    expect(&mut l, &syn4(other, 8080), DropPrefilter, "locked unbound key");
+    expect(
+        &mut l,
+        &syn4(other, 8080),
+        DropPrefilter,
+        "locked unbound key",
+    );
     l.apply(&open.replace("unbound_keys = \"pass\"", "unbound_keys = \"drop\""))
         .unwrap();
-    expect(&mut l, &syn4(other, 8080), DropPrefilter, "unbound_keys = drop");
+    expect(
+        &mut l,
+        &syn4(other, 8080),
+        DropPrefilter,
+        "unbound_keys = drop",
+    );
     l.apply(&POLICY.replace("prefilter = true", "prefilter = false"))
         .unwrap();
-    expect(&mut l, &syn4(other, 8080), PassHandshake, "prefilter = false");
+    expect(
+        &mut l,
+        &syn4(other, 8080),
+        PassHandshake,
+        "prefilter = false",
+    );
     // Audit mode counts what the prefilter would drop and passes it.
     l.apply(&POLICY.replace("[settings]", "[settings]\nenforce = false"))
         .unwrap();
@@ -272,7 +307,11 @@ fn random_entry(rng: &mut Rng, v6: bool) -> (String, Vec<u8>) {
     } else {
         let plen = [32u8, 32, 32, 24, 20, 16, 28, 30][rng.below(8) as usize];
         let a = rng.next() as u32 | 0x0100_0000;
-        let net = if plen == 32 { a } else { a & (u32::MAX << (32 - plen)) };
+        let net = if plen == 32 {
+            a
+        } else {
+            a & (u32::MAX << (32 - plen))
+        };
         let host = if plen == 32 {
             net
         } else {
@@ -304,8 +343,10 @@ fn random_policies_never_drop_an_allowed_source() {
                     random_entry(&mut rng, v6)
                 })
                 .collect();
-            p.ipsets
-                .insert(format!("set{i}"), entries.iter().map(|e| e.0.clone()).collect());
+            p.ipsets.insert(
+                format!("set{i}"),
+                entries.iter().map(|e| e.0.clone()).collect(),
+            );
             nets.extend(entries.iter().cloned());
             ipset_inside.push(entries.into_iter().map(|e| e.1).collect::<Vec<_>>());
         }
@@ -355,9 +396,7 @@ fn random_policies_never_drop_an_allowed_source() {
                 let (fam, plen, net) = keywall::policy::parse_cidr(n).unwrap();
                 let len = if fam == 4 { 4 } else { 16 };
                 a.len() == len
-                    && (0..plen as usize).all(|b| {
-                        (a[b / 8] ^ net[b / 8]) & (0x80 >> (b % 8)) == 0
-                    })
+                    && (0..plen as usize).all(|b| (a[b / 8] ^ net[b / 8]) & (0x80 >> (b % 8)) == 0)
             })
         };
         let (mut tried, mut dropped) = (0, 0);
@@ -383,7 +422,10 @@ fn random_policies_never_drop_an_allowed_source() {
             }
         }
         // Coarsening and Bloom false positives let a few through; most must be dropped.
-        assert!(dropped >= 135, "round {round}: only {dropped}/{tried} dropped");
+        assert!(
+            dropped >= 135,
+            "round {round}: only {dropped}/{tried} dropped"
+        );
     }
 }
 
@@ -430,7 +472,12 @@ fn patches_add_sources_in_place_and_locks_leave_the_filter_alone() {
             .apply_changes(&mut l.dp.maps, &c, Some(&changed), cap)
             .unwrap();
         assert!(!rep.prefilter_rebuilt);
-        expect(&mut l, &syn4(newcomer, 8080), PassHandshake, "locked or not");
+        expect(
+            &mut l,
+            &syn4(newcomer, 8080),
+            PassHandshake,
+            "locked or not",
+        );
         if locked {
             // Each slot has seen the key by now: nothing left to write.
             assert!(rep.keys_written <= 1);
@@ -438,14 +485,24 @@ fn patches_add_sources_in_place_and_locks_leave_the_filter_alone() {
     }
     let rep = l
         .mirror
-        .apply_changes(&mut l.dp.maps, &p.compile().unwrap(), Some(&BTreeSet::new()), cap)
+        .apply_changes(
+            &mut l.dp.maps,
+            &p.compile().unwrap(),
+            Some(&BTreeSet::new()),
+            cap,
+        )
         .unwrap();
     assert_eq!(rep.prefilter_words_written, 0, "{rep:?}");
 
     // A full apply rebuilds: the removed key's sources are dropped again.
     p.key.pop();
     l.apply_policy(&p).unwrap();
-    expect(&mut l, &syn4(newcomer, 8080), DropPrefilter, "after removal");
+    expect(
+        &mut l,
+        &syn4(newcomer, 8080),
+        DropPrefilter,
+        "after removal",
+    );
     let fill = l.mirror.prefilter_fill().unwrap();
     assert!(fill.bits_set > 0 && fill.fp_v4 < 1e-6, "{fill:?}");
 }
@@ -460,12 +517,101 @@ fn a_restarted_loader_reads_the_filter_back() {
     let (w2, p2) = again.prefilter_half();
     assert_eq!(p2, &plan);
     assert!(w2 == words.as_slice(), "words read back differ");
+    // Operators read the same fill from the pins, with no loader around.
+    let view = keywall::dataplane::PinnedView::open(&l.pin_dir).unwrap();
+    let fill = view.prefilter_fill().unwrap().expect("written");
+    assert_eq!(Some(fill), l.mirror.prefilter_fill());
+    assert!(fill.bits_set >= 3 && fill.fp_v4 < 1e-6, "{fill:?}");
+    drop(view);
     // The pure model agrees with the kernel words.
     let a = v6("2001:db8:aa::1");
     assert!(prefilter::passes(&words, &plan, 6, &a, 12));
     // And applying through the restored mirror keeps verdicts.
     l.mirror = again;
     l.apply(POLICY).unwrap();
-    expect(&mut l, &syn4(v4("203.0.113.5"), 8080), PassHandshake, "after restart");
-    expect(&mut l, &syn4(v4("203.0.114.5"), 8080), DropPrefilter, "after restart");
+    expect(
+        &mut l,
+        &syn4(v4("203.0.113.5"), 8080),
+        PassHandshake,
+        "after restart",
+    );
+    expect(
+        &mut l,
+        &syn4(v4("203.0.114.5"), 8080),
+        DropPrefilter,
+        "after restart",
+    );
+}
+
+#[test]
+fn trusted_proxy_sets_are_shared_between_listeners_and_freed_when_unused() {
+    let two = format!(
+        "{POLICY}\n[[listener]]\nport = 8444\nlocator = \"http-header\"\nheaders = [\"X-MBX-APIKEY\"]\n\
+         proxy_protocol = true\ntrusted_proxies = [\"10.9.0.0/16\", \"2001:db8:ffff::/48\"]\n"
+    );
+    let mut l = Loaded::new(&two).unwrap();
+    let proxy_sets = |l: &Loaded| -> Vec<(u16, u32)> {
+        let slot = l.mirror.active_slot();
+        (1..=filter_common::MAX_LISTENERS as u16)
+            .map(|n| {
+                l.dp.maps
+                    .listeners
+                    .get(&filter_common::listener_slot(slot, n), 0)
+                    .unwrap()
+            })
+            .filter(|x| x.locator != 0 && x.proxy_set != 0)
+            .map(|x| (x.port, x.proxy_set))
+            .collect()
+    };
+    let sets = proxy_sets(&l);
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    assert_eq!(
+        sets[0].1, sets[1].1,
+        "identical trusted proxies share one set"
+    );
+    let id = sets[0].1;
+    assert!(l.dp.maps.sets.get(&id, 0).is_ok());
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8444),
+        PassHandshake,
+        "trusted",
+    );
+
+    // Other proxies for one listener: a new set; the old one stays while 8443 uses it.
+    l.apply(&two.replacen("10.9.0.0/16", "10.8.0.0/16", 2).replacen(
+        "10.8.0.0/16",
+        "10.9.0.0/16",
+        1,
+    ))
+    .unwrap();
+    let sets = proxy_sets(&l);
+    assert_ne!(sets[0].1, sets[1].1, "{sets:?}");
+    expect(
+        &mut l,
+        &syn4(v4("10.8.0.5"), 8444),
+        PassHandshake,
+        "new proxy",
+    );
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8444),
+        DropPrefilter,
+        "old proxy",
+    );
+    expect(
+        &mut l,
+        &syn4(v4("10.9.0.5"), 8443),
+        PassHandshake,
+        "8443 kept its set",
+    );
+    // Once neither slot's listeners reference a set, it is gone.
+    let no_proxies = POLICY.replace(
+        "proxy_protocol = true\ntrusted_proxies = [\"10.9.0.0/16\", \"2001:db8:ffff::/48\"]\n",
+        "",
+    );
+    l.apply(&no_proxies).unwrap();
+    l.apply(&no_proxies).unwrap();
+    assert!(proxy_sets(&l).is_empty());
+    assert!(l.dp.maps.sets.get(&id, 0).is_err(), "set {id} freed");
 }

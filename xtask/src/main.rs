@@ -29,13 +29,21 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "bpftool",
     "xdp-tools",
+    // xdp-filter's compiled programs (xdpfilt_*.o), which the bench loads as its peer.
+    "libxdp1",
     "nftables",
     "haproxy",
     "etcd-server",
     "etcd-client",
+    // protoc: the etcd client crate compiles etcd's gRPC protocol at build time.
+    "protobuf-compiler",
     "socat",
     "openssl",
 ];
+
+/// PyPI packages the end-to-end tests and the demo run (the FIX client and acceptor), as
+/// (import name, pip requirement).
+const PIP_PACKAGES: &[(&str, &str)] = &[("simplefix", "simplefix==1.0.17")];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -67,11 +75,17 @@ enum Cmd {
     },
     /// Setup, build, and run the namespace demo against real clients and a real server.
     Demo,
-    /// Setup, and run the benchmarks.
+    /// Setup, and run the benchmarks (per-packet beside XDP_PASS, drop-all and xdp-filter;
+    /// flood on veth beside drop-all, xdp-filter, nftables and no filter; control plane).
+    /// The full run rewrites BENCHMARKS.md.
     Bench {
-        /// A short run (seconds, not minutes).
+        /// A short run (seconds, not minutes) that checks every row is produced.
         #[arg(long)]
         quick: bool,
+        /// Extra arguments for keywall-bench (`-- --help` lists them: --no-flood,
+        /// --require-all, --no-doc, --doc FILE).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Setup, and build the release `keywall` binary.
     Build,
@@ -101,7 +115,7 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             test(&ctx, &args)?;
             if quick_bench || RUN_QUICK_BENCH_AFTER_TESTS {
-                bench(&ctx, true)?;
+                bench(&ctx, true, &[])?;
             }
             step("test: all passed");
             Ok(())
@@ -110,9 +124,9 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             demo(&ctx)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, args } => {
             setup(&mut ctx)?;
-            bench(&ctx, quick)
+            bench(&ctx, quick, &args)
         }
     }
 }
@@ -251,6 +265,7 @@ fn setup(ctx: &mut Ctx) -> Result<()> {
         );
     }
     setup_apt(ctx)?;
+    setup_python(ctx)?;
     setup_rust(ctx)?;
     setup_bpf_linker(ctx)?;
     setup_bpffs(ctx)?;
@@ -283,6 +298,67 @@ fn setup_apt(ctx: &Ctx) -> Result<()> {
     if !still.is_empty() {
         bail!(
             "apt packages still missing after install: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs the PIP_PACKAGES that `python3` (the one on PATH, which the tests run) cannot
+/// import. pip comes from apt if missing; a Debian python that refuses pip installs
+/// (externally managed) gets `--break-system-packages`.
+fn setup_python(ctx: &Ctx) -> Result<()> {
+    let missing = |ctx: &Ctx| -> Vec<&'static str> {
+        PIP_PACKAGES
+            .iter()
+            .filter(|(module, _)| {
+                ctx.output("python3", &["-c", &format!("import {module}")])
+                    .is_none()
+            })
+            .map(|(_, req)| *req)
+            .collect()
+    };
+    let todo = missing(ctx);
+    if todo.is_empty() {
+        println!("ok: python packages ({} present)", PIP_PACKAGES.len());
+        return Ok(());
+    }
+    if ctx.output("python3", &["-m", "pip", "--version"]).is_none() {
+        let mut install = privileged(ctx, "apt-get");
+        install
+            .args(["install", "-y", "--no-install-recommends", "python3-pip"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        ctx.run(install)?;
+    }
+    println!("setup: installing python packages: {}", todo.join(" "));
+    let mut pip = ctx.command("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+    ])
+    .args(&todo);
+    if ctx.run(pip).is_err() {
+        let mut pip = ctx.command("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .arg("--break-system-packages")
+        .args(&todo);
+        ctx.run(pip)?;
+    }
+    let still = missing(ctx);
+    if !still.is_empty() {
+        bail!(
+            "python packages still missing after install: {}",
             still.join(" ")
         );
     }
@@ -468,7 +544,7 @@ fn demo(ctx: &Ctx) -> Result<()> {
     ctx.run(c)
 }
 
-fn bench(ctx: &Ctx, quick: bool) -> Result<()> {
+fn bench(ctx: &Ctx, quick: bool, extra: &[String]) -> Result<()> {
     step(&format!("bench{}", if quick { " --quick" } else { "" }));
     let mut args = vec![
         "run",
@@ -482,5 +558,6 @@ fn bench(ctx: &Ctx, quick: bool) -> Result<()> {
     if quick {
         args.push("--quick");
     }
+    args.extend(extra.iter().map(String::as_str));
     ctx.cargo(&args)
 }

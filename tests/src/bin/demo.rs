@@ -1,9 +1,11 @@
-//! `keywall-demo`: keywall on a throw-away pair of network namespaces, with real clients and a
-//! real HTTP server. `cargo xtask demo` builds and runs it.
+//! `keywall-demo`: keywall on a throw-away pair of network namespaces, with real clients and
+//! real servers. `cargo xtask demo` builds and runs it.
 //!
-//! It attaches `keywall run` to the edge veth, sends allowed and blocked requests from the
-//! client namespace, prints a table of what passed and what was dropped and why, then
-//! `keywall stats`. Everything is removed at the end, on errors and on Ctrl-C.
+//! It attaches `keywall run` to the edge veth, sends allowed and blocked clients over three
+//! listeners (HTTP header, TLS SNI, FIX Logon) from the client namespace, prints a table of what
+//! passed and what was dropped and why, switches the policy to `action = "reset"` and shows a
+//! refused client getting a reset at once, then prints `keywall stats`. Everything is removed
+//! at the end, on errors and on Ctrl-C.
 
 use std::{
     fmt::Write as _,
@@ -18,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use tests::netns::{Proc, Sandbox};
+use tests::netns::{Proc, Sandbox, ServerKind};
 
 #[derive(Parser)]
 #[command(
@@ -29,18 +31,22 @@ struct Args {
     /// The `keywall` binary.
     #[arg(long)]
     keywall: PathBuf,
-    /// The HTTP API port the filter guards.
+    /// The HTTP API port the filter guards (TLS-SNI is on 8443, FIX on 9878).
     #[arg(long, default_value_t = 8080)]
     port: u16,
 }
 
-/// Full API keys: the filter looks at the first 8 bytes (`key_prefix_len`).
-const DEMO_KEY: &str = "demoKey1Qz7vXw0aJt3RkLmN";
-const LOCK_KEY: &str = "lockKey1p9Hc2FsYdE5uBnVa";
-const OTHR_KEY: &str = "othrKey1T4gWq8ZxCe6LrPoS";
-const UNKNOWN_KEY: &str = "unkn0wnKa1B2c3D4e5F6g7H8";
+const TLS_PORT: u16 = 8443;
+const FIX_PORT: u16 = 9878;
 
-/// How long a blocked request waits before curl gives up (a drop is silent).
+/// Full API keys: the filter looks at the first 8 bytes (`key_prefix_len`). Lower case, as
+/// they also travel in DNS names (k-<key>.api.test), which are case-insensitive.
+const DEMO_KEY: &str = "demokey1qz7vxw0ajt3rklmn";
+const LOCK_KEY: &str = "lockkey1p9hc2fsyde5ubnva";
+const OTHR_KEY: &str = "othrkey1t4gwq8zxce6lrpos";
+const UNKNOWN_KEY: &str = "unkn0wnka1b2c3d4e5f6g7h8";
+
+/// How long a blocked request waits before the client gives up (a drop is silent).
 const DROP_WAIT_SECS: &str = "2";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,10 +55,21 @@ enum Outcome {
     Drop,
 }
 
+/// How a client carries its key.
+#[derive(Clone, Copy)]
+enum Via {
+    /// curl, with the key in this HTTP header.
+    Http(&'static str),
+    /// curl over TLS to `k-<key>.api.test` (the key in the SNI).
+    TlsSni,
+    /// A simplefix Logon with the key in tag 553 (Username).
+    Fix,
+}
+
 struct Case {
     client: &'static str,
     src: IpAddr,
-    header: &'static str,
+    via: Via,
     key: Option<&'static str>,
     expect: Outcome,
     /// The reason keywall should count it under.
@@ -110,9 +127,13 @@ fn run(args: &Args) -> Result<bool> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let second_v4 = sb.add_client_v4()?;
-    let second_v6 = sb.add_client_v6()?;
-    let stranger_v4 = sb.add_client_v4()?;
+    let clients = Clients {
+        v4: sb.client_v4().into(),
+        v6: sb.client_v6().into(),
+        second_v4: sb.add_client_v4()?.into(),
+        second_v6: sb.add_client_v6()?.into(),
+        stranger_v4: sb.add_client_v4()?.into(),
+    };
     println!(
         "edge {} ({}, {}, XDP on {}) <-veth-> client {} ({}, {}; also {}, {}, {})",
         sb.edge_ns(),
@@ -120,15 +141,15 @@ fn run(args: &Args) -> Result<bool> {
         sb.edge_v6(),
         sb.edge_if(),
         sb.client_ns(),
-        sb.client_v4(),
-        sb.client_v6(),
-        second_v4,
-        second_v6,
-        stranger_v4
+        clients.v4,
+        clients.v6,
+        clients.second_v4,
+        clients.second_v6,
+        clients.stranger_v4
     );
 
-    let policy = policy_toml(&sb, port, second_v4.into(), second_v6.into());
     let policy_path = sb.tmp_dir().join("policy.toml");
+    let policy = policy_toml(&clients, port, "drop");
     fs::write(&policy_path, &policy)?;
     println!(
         "\n==> policy ({})\n{}",
@@ -136,20 +157,21 @@ fn run(args: &Args) -> Result<bool> {
         policy.trim_end()
     );
 
-    println!("\n==> starting the HTTP server in the edge namespace on port {port}");
-    let _server = sb.spawn_http_server_edge(port)?;
+    println!(
+        "\n==> starting servers in the edge namespace: HTTP on {port}, HTTPS (*.api.test) on \
+         {TLS_PORT}, a FIX acceptor on {FIX_PORT}"
+    );
+    let _http = sb.spawn_http_server_edge(port)?;
+    let _https = sb.spawn_server_edge(TLS_PORT, ServerKind::Https)?;
+    let _fix = sb.spawn_fix_acceptor_edge(FIX_PORT)?;
 
     println!("\n==> starting keywall run on {}", sb.edge_if());
     let mut daemon = start_daemon(&sb, &keywall, &policy_path)?;
     let result = wait_attached(&sb, &mut daemon).and_then(|()| {
-        exercise(
-            &sb,
-            &keywall,
-            port,
-            second_v4.into(),
-            second_v6.into(),
-            stranger_v4.into(),
-        )
+        let mut ok = exercise(&sb, port, &clients)?;
+        ok &= show_reset(&sb, &keywall, port, &clients, &policy_path)?;
+        ok &= show_stats(&sb, &keywall, &clients)?;
+        Ok(ok)
     });
 
     println!("\n==> stopping keywall");
@@ -162,7 +184,17 @@ fn run(args: &Args) -> Result<bool> {
     result
 }
 
-fn policy_toml(sb: &Sandbox, port: u16, second_v4: IpAddr, second_v6: IpAddr) -> String {
+/// The client namespace's source addresses.
+struct Clients {
+    v4: IpAddr,
+    v6: IpAddr,
+    second_v4: IpAddr,
+    second_v6: IpAddr,
+    /// An address no key allows: the prefilter drops its handshakes.
+    stranger_v4: IpAddr,
+}
+
+fn policy_toml(c: &Clients, port: u16, action: &str) -> String {
     let mut p = String::new();
     let _ = write!(
         p,
@@ -174,12 +206,23 @@ unknown_key = "drop"
 no_key = "pass"        # keyless (public) requests pass, from sources some key allows
 unbound_keys = "drop"
 prefilter = true       # handshakes from sources that no key allows are dropped
-action = "drop"
+action = "{action}"       # drop | reset (drop, and answer the client with a TCP RST)
 
 [[listener]]
 port = {port}
 locator = "http-header"
 headers = ["X-MBX-APIKEY", "OK-ACCESS-KEY"]
+
+[[listener]]
+port = {TLS_PORT}
+locator = "tls-sni"    # the key is in the hostname: k-<key>.api.test
+sni_suffix = ".api.test"
+label_prefix = "k-"
+
+[[listener]]
+port = {FIX_PORT}
+locator = "fix"        # the key is the Logon's Username (tag 553)
+fix_tag = 553
 
 [[key]]
 prefix = "{demo}"
@@ -192,13 +235,15 @@ locked = true
 
 [[key]]
 prefix = "{othr}"
-allow = ["{second_v4}", "{second_v6}"]
+allow = ["{sv4}", "{sv6}"]
 "#,
         demo = &DEMO_KEY[..8],
         lock = &LOCK_KEY[..8],
         othr = &OTHR_KEY[..8],
-        cv4 = sb.client_v4(),
-        cv6 = sb.client_v6(),
+        cv4 = c.v4,
+        cv6 = c.v6,
+        sv4 = c.second_v4,
+        sv6 = c.second_v6,
     );
     p
 }
@@ -260,18 +305,48 @@ fn wait_attached(sb: &Sandbox, daemon: &mut Proc) -> Result<()> {
     Ok(())
 }
 
-fn url(ip: IpAddr, port: u16) -> String {
+fn edge_for(sb: &Sandbox, src: IpAddr) -> IpAddr {
+    match src {
+        IpAddr::V4(_) => sb.edge_v4().into(),
+        IpAddr::V6(_) => sb.edge_v6().into(),
+    }
+}
+
+fn host_port(ip: IpAddr, port: u16) -> String {
     match ip {
-        IpAddr::V4(a) => format!("http://{a}:{port}/api/v3/account"),
-        IpAddr::V6(a) => format!("http://[{a}]:{port}/api/v3/account"),
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
     }
 }
 
 fn request(sb: &Sandbox, case: &Case, port: u16) -> Result<Got> {
-    let dst: IpAddr = match case.src {
-        IpAddr::V4(_) => sb.edge_v4().into(),
-        IpAddr::V6(_) => sb.edge_v6().into(),
-    };
+    let edge = edge_for(sb, case.src);
+    if let Via::Fix = case.via {
+        let line = sb.client_tool([
+            "fix".to_string(),
+            case.src.to_string(),
+            edge.to_string(),
+            FIX_PORT.to_string(),
+            "FIX.4.4".into(),
+            "553".into(),
+            case.key.unwrap_or("").into(),
+            DROP_WAIT_SECS.into(),
+        ])?;
+        return Ok(match line.split_whitespace().next() {
+            Some("LOGON") => Got {
+                outcome: Some(Outcome::Pass),
+                text: "passed (Logon answered)".into(),
+            },
+            Some("TIMEOUT") => Got {
+                outcome: Some(Outcome::Drop),
+                text: "dropped (no answer)".into(),
+            },
+            _ => Got {
+                outcome: None,
+                text: line,
+            },
+        });
+    }
     let mut args = vec![
         "--max-time".to_string(),
         DROP_WAIT_SECS.into(),
@@ -282,11 +357,31 @@ fn request(sb: &Sandbox, case: &Case, port: u16) -> Result<Got> {
         "-w".into(),
         "%{http_code}".into(),
     ];
-    if let Some(k) = case.key {
-        args.push("-H".into());
-        args.push(format!("{}: {k}", case.header));
+    match (case.via, case.key) {
+        (Via::Http(header), key) => {
+            if let Some(k) = key {
+                args.push("-H".into());
+                args.push(format!("{header}: {k}"));
+            }
+            args.push(format!("http://{}/api/v3/account", host_port(edge, port)));
+        }
+        (Via::TlsSni, Some(k)) => {
+            // A verified TLS connection to k-<key>.api.test, resolved to the edge.
+            let host = format!("k-{k}.api.test");
+            let (cert, _) = sb.tls_cert()?;
+            args.push("--cacert".into());
+            args.push(cert.display().to_string());
+            args.push("--resolve".into());
+            args.push(host_port_resolve(&host, edge));
+            args.push(format!("https://{host}:{TLS_PORT}/"));
+        }
+        (Via::TlsSni, None) => {
+            // To the address: curl sends no SNI.
+            args.push("-k".into());
+            args.push(format!("https://{}/", host_port(edge, TLS_PORT)));
+        }
+        (Via::Fix, _) => unreachable!("handled above"),
     }
-    args.push(url(dst, port));
     let (rc, out) = sb.curl_from_client(&args)?;
     Ok(match (rc, out.trim()) {
         (0, "200") => Got {
@@ -304,111 +399,156 @@ fn request(sb: &Sandbox, case: &Case, port: u16) -> Result<Got> {
     })
 }
 
-fn exercise(
-    sb: &Sandbox,
-    keywall: &Path,
-    port: u16,
-    second_v4: IpAddr,
-    second_v6: IpAddr,
-    stranger_v4: IpAddr,
-) -> Result<bool> {
-    let (cv4, cv6): (IpAddr, IpAddr) = (sb.client_v4().into(), sb.client_v6().into());
+/// `HOST:PORT:ADDR` for curl's `--resolve` (IPv6 addresses in brackets).
+fn host_port_resolve(host: &str, edge: IpAddr) -> String {
+    match edge {
+        IpAddr::V4(a) => format!("{host}:{TLS_PORT}:{a}"),
+        IpAddr::V6(a) => format!("{host}:{TLS_PORT}:[{a}]"),
+    }
+}
+
+fn cases(c: &Clients) -> Vec<Case> {
     use Outcome::*;
-    let cases = vec![
-        Case {
-            client: "client",
-            src: cv4,
-            header: "X-MBX-APIKEY",
-            key: Some(DEMO_KEY),
-            expect: Pass,
-            reason: "pass_allowed",
-        },
-        Case {
-            client: "client",
-            src: cv6,
-            header: "OK-ACCESS-KEY",
-            key: Some(DEMO_KEY),
-            expect: Pass,
-            reason: "pass_allowed",
-        },
-        Case {
-            client: "second",
-            src: second_v4,
-            header: "X-MBX-APIKEY",
-            key: Some(DEMO_KEY),
-            expect: Drop,
-            reason: "drop_not_allowed",
-        },
-        Case {
-            client: "second",
-            src: second_v6,
-            header: "X-MBX-APIKEY",
-            key: Some(DEMO_KEY),
-            expect: Drop,
-            reason: "drop_not_allowed",
-        },
-        Case {
-            client: "second",
-            src: second_v4,
-            header: "OK-ACCESS-KEY",
-            key: Some(OTHR_KEY),
-            expect: Pass,
-            reason: "pass_allowed",
-        },
-        Case {
-            client: "client",
-            src: cv4,
-            header: "OK-ACCESS-KEY",
-            key: Some(OTHR_KEY),
-            expect: Drop,
-            reason: "drop_not_allowed",
-        },
-        Case {
-            client: "client",
-            src: cv4,
-            header: "X-MBX-APIKEY",
-            key: Some(LOCK_KEY),
-            expect: Drop,
-            reason: "drop_locked",
-        },
-        Case {
-            client: "client",
-            src: cv4,
-            header: "X-MBX-APIKEY",
-            key: Some(UNKNOWN_KEY),
-            expect: Drop,
-            reason: "drop_unknown_key",
-        },
-        Case {
-            client: "client",
-            src: cv4,
-            header: "",
-            key: None,
-            expect: Pass,
-            reason: "pass_no_key",
-        },
-        // The SYN prefilter (drop_prefilter) comes with the TLS-SNI/FIX locators (issue 3);
-        // until then a keyless stranger is judged by no_key, which this policy passes.
-        Case {
-            client: "stranger",
-            src: stranger_v4,
-            header: "",
-            key: None,
-            expect: Pass,
-            reason: "pass_no_key",
-        },
-    ];
+    let case = |client, src, via, key, expect, reason| Case {
+        client,
+        src,
+        via,
+        key,
+        expect,
+        reason,
+    };
+    let x = Via::Http("X-MBX-APIKEY");
+    let ok = Via::Http("OK-ACCESS-KEY");
+    vec![
+        // HTTP header
+        case("client", c.v4, x, Some(DEMO_KEY), Pass, "pass_allowed"),
+        case("client", c.v6, ok, Some(DEMO_KEY), Pass, "pass_allowed"),
+        case(
+            "second",
+            c.second_v4,
+            x,
+            Some(DEMO_KEY),
+            Drop,
+            "drop_not_allowed",
+        ),
+        case(
+            "second",
+            c.second_v6,
+            x,
+            Some(DEMO_KEY),
+            Drop,
+            "drop_not_allowed",
+        ),
+        case(
+            "second",
+            c.second_v4,
+            ok,
+            Some(OTHR_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case("client", c.v4, x, Some(LOCK_KEY), Drop, "drop_locked"),
+        case(
+            "client",
+            c.v4,
+            x,
+            Some(UNKNOWN_KEY),
+            Drop,
+            "drop_unknown_key",
+        ),
+        case("client", c.v4, x, None, Pass, "pass_no_key"),
+        case("stranger", c.stranger_v4, x, None, Drop, "drop_prefilter"),
+        // TLS SNI
+        case(
+            "client",
+            c.v4,
+            Via::TlsSni,
+            Some(DEMO_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case(
+            "client",
+            c.v6,
+            Via::TlsSni,
+            Some(DEMO_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case(
+            "second",
+            c.second_v4,
+            Via::TlsSni,
+            Some(DEMO_KEY),
+            Drop,
+            "drop_not_allowed",
+        ),
+        case(
+            "second",
+            c.second_v6,
+            Via::TlsSni,
+            Some(OTHR_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case(
+            "client",
+            c.v6,
+            Via::TlsSni,
+            Some(LOCK_KEY),
+            Drop,
+            "drop_locked",
+        ),
+        case("client", c.v4, Via::TlsSni, None, Pass, "pass_no_key"),
+        // FIX Logon
+        case(
+            "client",
+            c.v4,
+            Via::Fix,
+            Some(DEMO_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case(
+            "second",
+            c.second_v6,
+            Via::Fix,
+            Some(DEMO_KEY),
+            Drop,
+            "drop_not_allowed",
+        ),
+        case(
+            "second",
+            c.second_v4,
+            Via::Fix,
+            Some(OTHR_KEY),
+            Pass,
+            "pass_allowed",
+        ),
+        case(
+            "client",
+            c.v6,
+            Via::Fix,
+            Some(UNKNOWN_KEY),
+            Drop,
+            "drop_unknown_key",
+        ),
+    ]
+}
+
+fn exercise(sb: &Sandbox, port: u16, clients: &Clients) -> Result<bool> {
+    let cases = cases(clients);
 
     // The daemon may attach a moment before the policy is in: wait for the first allowed pass.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while request(sb, &cases[0], port)?.outcome != Some(Pass) {
+    while request(sb, &cases[0], port)?.outcome != Some(Outcome::Pass) {
         if Instant::now() > deadline {
             bail!("the allowed request never passed within 10 s of attaching");
         }
         thread::sleep(Duration::from_millis(200));
     }
 
-    println!("\n==> requests from the client namespace (blocked ones wait {DROP_WAIT_SECS} s)");
+    println!("\n==> clients in the client namespace (blocked ones wait {DROP_WAIT_SECS} s)");
     let got: Vec<Result<Got>> = thread::scope(|s| {
         let handles: Vec<_> = cases
             .iter()
@@ -422,23 +562,29 @@ fn exercise(
 
     let mut ok = true;
     println!(
-        "\n{:<9} {:<26} {:<34} {:<28} {:<22}",
-        "client", "source", "key (header)", "expected", "got"
+        "\n{:<14} {:<9} {:<26} {:<28} {:<26} {:<24}",
+        "listener", "client", "source", "key (carried in)", "expected", "got"
     );
     for (c, g) in cases.iter().zip(got) {
         let g = g?;
         let good = g.outcome == Some(c.expect);
         ok &= good;
+        let (listener, carrier) = match c.via {
+            Via::Http(h) => (format!("http {port}"), h),
+            Via::TlsSni => (format!("tls-sni {TLS_PORT}"), "SNI"),
+            Via::Fix => (format!("fix {FIX_PORT}"), "tag 553"),
+        };
         let key = match c.key {
-            Some(k) => format!("{}… ({})", &k[..8], c.header),
+            Some(k) => format!("{}… ({carrier})", &k[..8]),
             None => "(none)".into(),
         };
         let expected = match c.expect {
-            Pass => format!("pass ({})", c.reason),
-            Drop => format!("drop ({})", c.reason),
+            Outcome::Pass => format!("pass ({})", c.reason),
+            Outcome::Drop => format!("drop ({})", c.reason),
         };
         println!(
-            "{:<9} {:<26} {:<34} {:<28} {:<22} {}",
+            "{:<14} {:<9} {:<26} {:<28} {:<26} {:<24} {}",
+            listener,
             c.client,
             c.src.to_string(),
             key,
@@ -447,7 +593,78 @@ fn exercise(
             if good { "ok" } else { "UNEXPECTED" }
         );
     }
+    Ok(ok)
+}
 
+/// `keywall status --json`'s policy generation (bumped by every applied policy).
+fn generation(sb: &Sandbox, keywall: &Path) -> Option<u64> {
+    let out = sb
+        .edge_cmd(keywall)
+        .arg("status")
+        .arg("--pin-dir")
+        .arg(sb.pin_dir())
+        .arg("--state-dir")
+        .arg(sb.state_dir())
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["generation"].as_u64()
+}
+
+/// Switches the policy to `action = "reset"` and shows a refused client getting a TCP RST.
+fn show_reset(
+    sb: &Sandbox,
+    keywall: &Path,
+    port: u16,
+    clients: &Clients,
+    policy_path: &Path,
+) -> Result<bool> {
+    println!("\n==> the same policy with action = \"reset\" (the daemon reloads the file)");
+    let before = generation(sb, keywall).context("reading the policy generation")?;
+    fs::write(policy_path, policy_toml(clients, port, "reset"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while generation(sb, keywall).is_none_or(|g| g <= before) {
+        if Instant::now() > deadline {
+            bail!("keywall did not apply the reset policy within 10 s");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let src = clients.second_v4;
+    let line = sb.client_tool([
+        "reset".to_string(),
+        src.to_string(),
+        edge_for(sb, src).to_string(),
+        port.to_string(),
+        "X-MBX-APIKEY".into(),
+        DEMO_KEY.into(),
+        DROP_WAIT_SECS.into(),
+    ])?;
+    let mut words = line.split_whitespace();
+    let (got, ok) = match (words.next(), words.next()) {
+        (Some("RESET"), Some(ms)) => (format!("reset after {ms} ms"), true),
+        _ => (line.clone(), false),
+    };
+    println!(
+        "\n{:<14} {:<9} {:<26} {:<28} {:<26} {:<24}",
+        "listener", "client", "source", "key (carried in)", "expected", "got"
+    );
+    println!(
+        "{:<14} {:<9} {:<26} {:<28} {:<26} {:<24} {}",
+        format!("http {port}"),
+        "second",
+        src.to_string(),
+        format!("{}… (X-MBX-APIKEY)", &DEMO_KEY[..8]),
+        "reset (drop_not_allowed)",
+        got,
+        if ok { "ok" } else { "UNEXPECTED" }
+    );
+    Ok(ok)
+}
+
+fn show_stats(sb: &Sandbox, keywall: &Path, clients: &Clients) -> Result<bool> {
+    let mut ok = true;
     println!("\n==> keywall stats --pin-dir {}", sb.pin_dir().display());
     let out = std::process::Command::new(keywall)
         .arg("stats")
@@ -472,14 +689,14 @@ fn exercise(
         .context("running keywall stats --json")?;
     match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
         Ok(v) => {
-            let mut reasons: Vec<&str> = cases.iter().map(|c| c.reason).collect();
+            let mut reasons: Vec<&str> = cases(clients).iter().map(|c| c.reason).collect();
             reasons.sort();
             reasons.dedup();
             for r in reasons {
                 let n = v["reasons"][r]["packets"].as_u64().unwrap_or(0);
                 if n == 0 {
                     println!(
-                        "keywall stats --json: {r} counted nothing, but a request above expected it"
+                        "keywall stats --json: {r} counted nothing, but a client above expected it"
                     );
                     ok = false;
                 }
@@ -491,7 +708,7 @@ fn exercise(
         }
     }
     if ok {
-        println!("\ndemo: every request got its expected outcome");
+        println!("\ndemo: every client got its expected outcome");
     }
     Ok(ok)
 }
