@@ -996,16 +996,23 @@ impl Sync {
                 keys = out.keys_changed.iter().map(|k| key_prefix(k)).collect();
                 Some(&keys)
             };
-            eng.apply_compiled(policy, compiled, only, rev, "etcd")
-                .map(|r| Some((r, eng.applied.as_ref().map(|a| a.policy.clone()))))
+            let r = eng.apply_compiled(
+                policy,
+                compiled,
+                only,
+                rev,
+                "etcd",
+                crate::daemon::Persist::Snapshot,
+            );
+            if r.is_ok() {
+                m.set_policy(&eng);
+            }
+            r.map(Some)
         });
         match result {
-            Ok(Some((rep, applied))) => {
+            Ok(Some(rep)) => {
                 m.update("etcd", "applied");
                 m.apply_seconds.observe(t0.elapsed().as_secs_f64());
-                if let Some(p) = &applied {
-                    m.set_policy(p, rev);
-                }
                 log::info!(
                     "etcd: applied revision {rev} ({} keys written, {:?})",
                     rep.keys_written,
