@@ -355,6 +355,7 @@ impl Shared {
             Ok(c) => c,
             Err(errs) => return reject(bad_input(&errs)),
         };
+        log::debug!("PUT {rev}: parsed and validated in {:?}", t0.elapsed());
         let mut eng = self.engine.lock().unwrap();
         if let Some(r) = self.not_ours(&eng) {
             self.metrics.update("api", "conflict");
@@ -467,9 +468,13 @@ impl Shared {
         }
     }
 
-    /// Writes a snapshot when the PATCH journal has grown long (called after answering).
-    pub fn compact_if_due(&self) {
+    /// After answering a write: settles the inactive slot after a whole-policy apply, and
+    /// writes a snapshot when the PATCH journal has grown long.
+    pub fn after_write(&self) {
         let mut eng = self.engine.lock().unwrap();
+        if let Err(e) = eng.settle() {
+            log::error!("settling the inactive slot: {e:#}");
+        }
         if eng.wants_compaction()
             && let Err(e) = eng.compact()
         {
@@ -813,9 +818,9 @@ async fn handle(
                 }
             })
             .await;
-            // The journal is folded into a snapshot off the answer's path.
+            // Housekeeping off the answer's path.
             let sh3 = sh.clone();
-            tokio::task::spawn_blocking(move || sh3.compact_if_due());
+            tokio::task::spawn_blocking(move || sh3.after_write());
             match r {
                 Ok((st, v)) => json_response(st, &v),
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

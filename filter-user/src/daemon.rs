@@ -71,6 +71,8 @@ pub struct Engine {
     pub open_keys: usize,
     /// Locked keys in the applied policy (for metrics, without a walk over every key).
     pub locked_keys: usize,
+    /// A whole-policy apply left the inactive slot behind on (possibly) every key.
+    pub unsettled: bool,
 }
 
 /// Why a PATCH was not applied.
@@ -168,12 +170,13 @@ impl Engine {
         let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
         let mut errs = Vec::new();
         for (n, op) in patch.ops.iter().enumerate() {
-            let current = |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| {
-                match after.get(p) {
+            let current =
+                |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| match after
+                    .get(p)
+                {
                     Some(v) => v.as_ref().map(|(k, _)| k.clone()),
                     None => self.index.get(p).map(|&i| base.key[i].clone()),
-                }
-            };
+                };
             let missing = |prefix: &str| {
                 PolicyError::new(
                     format!("ops[{n}].prefix"),
@@ -310,8 +313,9 @@ impl Engine {
 
         // The maps enforce it: change the applied policy in place, as apply_patch would.
         let a = self.applied.as_mut().expect("checked");
-        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops)
-            .map_err(|m| PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}")))?;
+        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops).map_err(|m| {
+            PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}"))
+        })?;
         self.open_keys = open_after;
         self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
         a.revision = patch.revision;
@@ -340,6 +344,31 @@ impl Engine {
             .context("the maps enforce it, but saving it to the state dir failed")
             .map_err(PatchFailure::Apply)?;
         Ok(rep)
+    }
+
+    /// Brings the inactive slot up to the live policy after a whole-policy apply (same
+    /// content, one more flip). Without it the next PATCH would pay for every key the
+    /// inactive slot lags on (seconds at 1M keys); with it a lock costs its one key.
+    pub fn settle(&mut self) -> Result<()> {
+        if !self.unsettled {
+            return Ok(());
+        }
+        let Some(c) = &self.compiled else {
+            return Ok(());
+        };
+        let rep = self.mirror.apply_changes(
+            &mut self.dp.maps,
+            c,
+            Some(&BTreeSet::new()),
+            self.key_cap,
+        )?;
+        self.unsettled = false;
+        log::debug!(
+            "settled the inactive slot: {} keys written in {:?}",
+            rep.keys_written,
+            rep.elapsed
+        );
+        Ok(())
     }
 
     /// True when the journal is long enough to fold into a snapshot.
@@ -403,6 +432,7 @@ impl Engine {
         self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
         self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
         self.compiled = Some(compiled);
+        self.unsettled = changed.is_none();
         let t_save = Instant::now();
         let saved = match persist {
             Persist::Snapshot => {
@@ -483,6 +513,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         index: HashMap::new(),
         open_keys: 0,
         locked_keys: 0,
+        unsettled: false,
     };
     let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
 
@@ -528,6 +559,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
     metrics.set_policy(&eng);
+    if let Err(e) = eng.settle() {
+        log::error!("settling the inactive slot: {e:#}");
+    }
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -634,6 +668,9 @@ pub fn run(o: RunOptions) -> Result<()> {
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, &mut runtime, &metrics);
+                if let Err(e) = eng.settle() {
+                    log::error!("settling the inactive slot: {e:#}");
+                }
                 metrics.set_sync("file", runtime.policy_error.is_none());
                 state::save_runtime(&o.state_dir, &runtime)?;
             }
