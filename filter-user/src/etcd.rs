@@ -1025,6 +1025,11 @@ impl Sync {
                 {
                     log::error!("etcd: writing a policy snapshot: {e:#}");
                 }
+                // After a whole-policy apply, bring the other slot up to date now, so the next
+                // watched lock writes its one key instead of every key that slot lags on.
+                if let Err(e) = eng.settle() {
+                    log::error!("etcd: settling the inactive slot: {e:#}");
+                }
             }
             r.map(Some)
         });
