@@ -549,6 +549,12 @@ fn bench(ctx: &Ctx, quick: bool, extra: &[String]) -> Result<()> {
     step(&format!("bench{}", if quick { " --quick" } else { "" }));
     // The smoke run checks that the bench works, not how fast the host code is: it reuses the
     // test build instead of compiling everything again in release mode.
+    // The control-plane rows run the `keywall` daemon, found next to the bench binary.
+    let mut build = vec!["build", "-p", "filter-user", "--bin", "keywall"];
+    if !quick {
+        build.push("--release");
+    }
+    ctx.cargo(&build)?;
     let mut args = vec!["run"];
     if !quick {
         args.push("--release");
