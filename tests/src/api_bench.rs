@@ -39,6 +39,15 @@ pub fn keywall_bin() -> Result<PathBuf> {
     )
 }
 
+/// Runs a keywall operator verb in the edge namespace, as an operator on the host would.
+pub fn kw(sb: &Sandbox, args: &[&str]) -> std::process::Output {
+    sb.edge_cmd(keywall_bin().expect("the keywall binary"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running keywall")
+}
+
 // ---------------------------------------------------------------------------------------------
 // A tiny HTTP/1.1 client for the unix socket
 

@@ -11,7 +11,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::IpAddr,
     path::Path,
-    process::{Output, Stdio},
+    process::Stdio,
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -19,7 +19,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, call, http_unix, keywall_bin},
+    api_bench::{ApiDaemon, call, http_unix, keywall_bin, kw},
     netns::{Proc, Sandbox},
 };
 
@@ -29,14 +29,6 @@ const LOCKED: &str = "lockkey1-0d9e8c7b-secret-part";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-fn kw(sb: &Sandbox, args: &[&str]) -> Output {
-    sb.edge_cmd(keywall_bin().unwrap())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running keywall")
-}
 
 fn api_arg(d: &ApiDaemon) -> String {
     format!("unix:{}", d.sock.display())

@@ -9,7 +9,7 @@ use std::{
     io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Stdio,
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +19,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::netns::{Proc, Sandbox};
+use tests::{
+    api_bench::{keywall_bin, kw},
+    netns::{Proc, Sandbox},
+};
 
 const PORT: u16 = 8080;
 /// curl's `--max-time` for probes: a dropped request times out (exit 28) after this.
@@ -30,31 +33,6 @@ const UNKNOWN: &str = "nosuchk1-aaaaaaaa-secret-part";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// `<target>/debug/keywall`, next to the `deps` directory this test binary lives in.
-fn keywall_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent() // deps
-        .and_then(Path::parent) // debug (or release)
-        .expect("test binary lives in <target>/<profile>/deps");
-    let bin = dir.join("keywall");
-    assert!(
-        bin.is_file(),
-        "keywall binary not found at {} — build it first: `cargo build -p filter-user`",
-        bin.display()
-    );
-    bin
-}
-
-/// Runs a keywall operator verb in the edge namespace (as an operator on the host would).
-fn kw(sb: &Sandbox, args: &[&str]) -> Output {
-    sb.edge_cmd(keywall_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running keywall")
-}
 
 fn kw_json(sb: &Sandbox, args: &[&str]) -> Value {
     let out = kw(sb, args);
@@ -168,7 +146,7 @@ impl<'a> Daemon<'a> {
         let log = sb.tmp_dir().join(format!("keywall-{n}.log"));
         let f = fs::File::create(&log).expect("daemon log");
         let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
-        let mut cmd = sb.edge_cmd(keywall_bin());
+        let mut cmd = sb.edge_cmd(keywall_bin().expect("the keywall binary"));
         cmd.arg("run").args(["--iface", sb.edge_if()]);
         if let Some(policy) = policy {
             cmd.arg("--policy").arg(policy);

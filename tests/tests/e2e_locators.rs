@@ -28,7 +28,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::netns::{Proc, Sandbox, ServerKind};
+use tests::{
+    api_bench::{keywall_bin, kw},
+    netns::{Proc, Sandbox, ServerKind},
+};
 
 /// Seconds a client waits for an answer: a drop looks like silence until then.
 const PROBE_SECS: &str = "2";
@@ -38,30 +41,6 @@ const UNKNOWN: &str = "nosuchk1";
 
 // ---------------------------------------------------------------------------------------------
 // the daemon and its counters
-
-/// `<target>/debug/keywall`, next to the `deps` directory this test binary lives in.
-fn keywall_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent() // deps
-        .and_then(Path::parent) // debug (or release)
-        .expect("test binary lives in <target>/<profile>/deps");
-    let bin = dir.join("keywall");
-    assert!(
-        bin.is_file(),
-        "keywall binary not found at {} — build it first: `cargo build -p filter-user`",
-        bin.display()
-    );
-    bin
-}
-
-fn kw(sb: &Sandbox, args: &[&str]) -> Output {
-    sb.edge_cmd(keywall_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running keywall")
-}
 
 fn kw_json(sb: &Sandbox, args: &[&str]) -> Option<Value> {
     let out = kw(sb, args);
@@ -144,7 +123,7 @@ impl<'a> Daemon<'a> {
         let f = fs::File::create(&log).expect("daemon log");
         let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
         let child = sb
-            .edge_cmd(keywall_bin())
+            .edge_cmd(keywall_bin().expect("the keywall binary"))
             .arg("run")
             .args(["--iface", sb.edge_if()])
             .arg("--policy")

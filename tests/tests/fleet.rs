@@ -8,14 +8,14 @@
 
 use std::{
     net::IpAddr,
-    process::{Output, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, http_unix, keywall_bin},
+    api_bench::{ApiDaemon, http_unix, kw},
     etcd::{ETCD_TLS_URL, ETCD_URL, EtcdServer},
     netns::{Proc, Sandbox},
 };
@@ -168,14 +168,6 @@ fn verdicts(f: &Fleet) -> Vec<(Got, Got)> {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-fn kw(sb: &Sandbox, args: &[&str]) -> Output {
-    sb.edge_cmd(keywall_bin().unwrap())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running keywall")
 }
 
 fn status_json(sb: &Sandbox) -> Value {

@@ -1500,7 +1500,11 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
         "- **Lock over the API to the next packet dropped** ({locks} locks, 1k keys loaded; the PATCH round trip on the unix socket plus polling the connection's next packet through the daemon's pinned program): p50 {:.2} ms, p99 {:.2} ms (target p99 < 10 ms: {}).",
         ms(p50),
         ms(p99),
-        if p99 < Duration::from_millis(10) { "met" } else { "missed" }
+        if p99 < Duration::from_millis(10) {
+            "met"
+        } else {
+            "missed"
+        }
     )?;
     println!("  API: PUT of {} keys", keys_label(put_keys));
     let put = tests::api_bench::put_snapshot(put_keys)?;
