@@ -48,6 +48,42 @@ pub fn kw(sb: &Sandbox, args: &[&str]) -> std::process::Output {
         .expect("running keywall")
 }
 
+/// Packets counted under `reason` in `keywall stats --json` output.
+pub fn reason_packets(stats: &Value, reason: &str) -> u64 {
+    stats["reasons"][reason]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats has no reasons.{reason}.packets: {stats}"))
+}
+
+/// A keep-alive HTTP client (`python3 - HOST PORT SRC KEY`): one request every 100 ms on one
+/// connection, reconnecting after an error, one line per request:
+/// `ok|err SENT DONE LOCAL_PORT STATUS|ERROR`.
+pub const KEEPALIVE_CLIENT_PY: &str = r#"
+import http.client, sys, time
+host, port, src, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+conn = None
+while True:
+    t0 = time.time()
+    lport = 0
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=1.0, source_address=(src, 0))
+            conn.connect()
+        lport = conn.sock.getsockname()[1]
+        conn.request("GET", "/api/v3/account", headers={"X-MBX-APIKEY": key})
+        r = conn.getresponse()
+        r.read()
+        print("ok %.3f %.3f %d %d" % (t0, time.time(), lport, r.status), flush=True)
+    except Exception as e:
+        print("err %.3f %.3f %d %s" % (t0, time.time(), lport, type(e).__name__), flush=True)
+        try:
+            conn.close()
+        except Exception:
+            pass
+        conn = None
+    time.sleep(0.1)
+"#;
+
 // ---------------------------------------------------------------------------------------------
 // A tiny HTTP/1.1 client for the unix socket
 

@@ -19,7 +19,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, call, http_unix, keywall_bin, kw},
+    api_bench::{ApiDaemon, KEEPALIVE_CLIENT_PY, call, http_unix, keywall_bin, kw, reason_packets},
     netns::{Proc, Sandbox},
 };
 
@@ -131,12 +131,6 @@ fn stats(d: &ApiDaemon) -> Value {
     v
 }
 
-fn reason_packets(s: &Value, reason: &str) -> u64 {
-    s["reasons"][reason]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no reasons.{reason}.packets in {s}"))
-}
-
 fn now_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -157,32 +151,6 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         thread::sleep(Duration::from_millis(100));
     }
 }
-
-const CLIENT_PY: &str = r#"
-import http.client, sys, time
-host, port, src, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-conn = None
-while True:
-    t0 = time.time()
-    lport = 0
-    try:
-        if conn is None:
-            conn = http.client.HTTPConnection(host, port, timeout=1.0, source_address=(src, 0))
-            conn.connect()
-        lport = conn.sock.getsockname()[1]
-        conn.request("GET", "/api/v3/account", headers={"X-MBX-APIKEY": key})
-        r = conn.getresponse()
-        r.read()
-        print("ok %.3f %.3f %d %d" % (t0, time.time(), lport, r.status), flush=True)
-    except Exception as e:
-        print("err %.3f %.3f %d %s" % (t0, time.time(), lport, type(e).__name__), flush=True)
-        try:
-            conn.close()
-        except Exception:
-            pass
-        conn = None
-    time.sleep(0.1)
-"#;
 
 /// (ok, sent, done, local port) per client line.
 fn client_lines(path: &Path) -> Vec<(bool, f64, f64, u32)> {
@@ -257,7 +225,7 @@ fn api_lock_cuts_keepalive_connection() {
     });
 
     let script = sb.tmp_dir().join("client.py");
-    fs::write(&script, CLIENT_PY).unwrap();
+    fs::write(&script, KEEPALIVE_CLIENT_PY).unwrap();
     let out_path = sb.tmp_dir().join("client.out");
     let client = sb
         .client_cmd("python3")

@@ -20,7 +20,7 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    api_bench::{keywall_bin, kw},
+    api_bench::{KEEPALIVE_CLIENT_PY, keywall_bin, kw, reason_packets},
     netns::{Proc, Sandbox},
 };
 
@@ -62,12 +62,6 @@ fn status(sb: &Sandbox) -> Value {
         sb,
         &["status", "--pin-dir", &pin, "--state-dir", &state, "--json"],
     )
-}
-
-fn reason_packets(stats: &Value, reason: &str) -> u64 {
-    stats["reasons"][reason]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats has no reasons.{reason}.packets: {stats}"))
 }
 
 fn key_stats<'a>(stats: &'a Value, prefix: &str) -> &'a Value {
@@ -474,32 +468,6 @@ fn allowed_blocked_locked_unknown_nokey() {
     );
 }
 
-const CLIENT_PY: &str = r#"
-import http.client, sys, time
-host, port, src, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-conn = None
-while True:
-    t0 = time.time()
-    lport = 0
-    try:
-        if conn is None:
-            conn = http.client.HTTPConnection(host, port, timeout=1.0, source_address=(src, 0))
-            conn.connect()
-        lport = conn.sock.getsockname()[1]
-        conn.request("GET", "/api/v3/account", headers={"X-MBX-APIKEY": key})
-        r = conn.getresponse()
-        r.read()
-        print("ok %.3f %.3f %d %d" % (t0, time.time(), lport, r.status), flush=True)
-    except Exception as e:
-        print("err %.3f %.3f %d %s" % (t0, time.time(), lport, type(e).__name__), flush=True)
-        try:
-            conn.close()
-        except Exception:
-            pass
-        conn = None
-    time.sleep(0.1)
-"#;
-
 #[derive(Debug, Clone)]
 struct Line {
     ok: bool,
@@ -567,7 +535,7 @@ fn lock_in_policy_file_cuts_keepalive() {
     d.wait_enforcing();
 
     let script = sb.tmp_dir().join("client.py");
-    fs::write(&script, CLIENT_PY).unwrap();
+    fs::write(&script, KEEPALIVE_CLIENT_PY).unwrap();
     let out_path = sb.tmp_dir().join("client.out");
     let out = fs::File::create(&out_path).unwrap();
     let client = sb

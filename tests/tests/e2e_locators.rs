@@ -29,7 +29,7 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    api_bench::{keywall_bin, kw},
+    api_bench::{keywall_bin, kw, reason_packets},
     netns::{Proc, Sandbox, ServerKind},
 };
 
@@ -62,12 +62,6 @@ fn status(sb: &Sandbox) -> Option<Value> {
         sb,
         &["status", "--pin-dir", &pin, "--state-dir", &state, "--json"],
     )
-}
-
-fn reason_packets(stats: &Value, reason: &str) -> u64 {
-    stats["reasons"][reason]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats has no reasons.{reason}.packets: {stats}"))
 }
 
 fn key_counter(stats: &Value, prefix: &str, field: &str) -> u64 {

@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, http_unix, kw},
+    api_bench::{ApiDaemon, http_unix, kw, reason_packets},
     etcd::{ETCD_TLS_URL, ETCD_URL, EtcdServer},
     netns::{Proc, Sandbox},
 };
@@ -253,12 +253,6 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         );
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn reason_packets(s: &Value, reason: &str) -> u64 {
-    s["reasons"][reason]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no reasons.{reason}.packets in {s}"))
 }
 
 /// Waits until every daemon enforces the fleet policy (both keys present).
