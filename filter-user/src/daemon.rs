@@ -668,11 +668,13 @@ pub fn run(o: RunOptions) -> Result<()> {
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, &mut runtime, &metrics);
+                // Report the outcome as soon as the maps enforce it; settling the inactive
+                // slot afterwards changes no verdict.
+                metrics.set_sync("file", runtime.policy_error.is_none());
+                state::save_runtime(&o.state_dir, &runtime)?;
                 if let Err(e) = eng.settle() {
                     log::error!("settling the inactive slot: {e:#}");
                 }
-                metrics.set_sync("file", runtime.policy_error.is_none());
-                state::save_runtime(&o.state_dir, &runtime)?;
             }
         }
     }
