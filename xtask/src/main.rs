@@ -35,8 +35,11 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "etcd-server",
     "etcd-client",
-    // protoc: the etcd client crate compiles etcd's gRPC protocol at build time.
+    // protoc: the etcd client crate compiles etcd's gRPC protocol at build time. Its well-known
+    // includes (google/protobuf/*.proto) are in libprotobuf-dev, only a Recommends of
+    // protobuf-compiler, and setup installs with --no-install-recommends.
     "protobuf-compiler",
+    "libprotobuf-dev",
     "socat",
     "openssl",
 ];
