@@ -4,9 +4,10 @@
 use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix, TlsPending};
 
 use crate::{
+    Located,
     parse::Segment,
     proxy::{ProxyIo, V1State},
-    tls::{EXT_BUF, TlsIo, TlsWalk},
+    tls::{EXT_BUF, TlsIo, TlsRec, TlsWalk},
 };
 
 /// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
@@ -22,8 +23,15 @@ pub struct ScanIo {
     pub plen: u64,
     /// Index of the listener in `KW_LISTENERS`.
     pub listener: u64,
-    /// The line separator: b'\n' for HTTP headers, SOH (1) for FIX fields.
+    /// The line separators: b'\n' and b'\r' for HTTP headers, SOH (1) twice for FIX fields.
     pub sep: u64,
+    pub sep2: u64,
+    /// 1 for FIX (fields, `8=FIX` at the stream start), 0 for HTTP.
+    pub fix: u64,
+    /// In: the stream starts here (a request line, or `8=FIX`, must come first).
+    pub first: u64,
+    /// In: the segment starts a true line (field); out: the segment ends with a separator.
+    pub at_line: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }
@@ -39,6 +47,8 @@ pub struct LineState {
     pub found: u64,
     pub malformed: u64,
     pub prefix: [u64; 2],
+    pub fix: u64,
+    pub at_line: u64,
 }
 
 /// Per-CPU scratch of the program (more than the 512-byte BPF stack holds).
@@ -70,6 +80,9 @@ pub struct Scratch {
     pub v1: V1State,
     pub tls: TlsIo,
     pub walk: TlsWalk,
+    pub rec: TlsRec,
+    /// What the locator made of each range of a segment (a retransmission has two).
+    pub loc: [Located; 2],
     pub pending: TlsPending,
     /// A server_name extension, assembled from the packet (and a previous segment's carry).
     pub ext: [u8; EXT_BUF],
