@@ -347,10 +347,7 @@ fn judge_segment(
         if seq == f.next_seq {
             at = AT_NEXT;
             ctx_a = f.ctx_next;
-        } else if seq == f.last_seq
-            && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31
-            && f.ctx_next.flags & CTX_HELLO == 0
-        {
+        } else if seq == f.last_seq && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31 {
             // A retransmission of the last segment (maybe longer): its first `k` bytes are
             // judged from where that segment began, the rest from where it ended.
             at = AT_RETRANS;
@@ -389,6 +386,7 @@ fn judge_segment(
         if a.result == http::SCAN_MALFORMED
             || a.ctx != f.ctx_next
             || (a.proxied != 0 && (a.family != f.family || a.client != f.client))
+            || (a.ctx.flags & CTX_HELLO != 0 && !same_pending(sc))
         {
             return Verdict::of(Reason::DropMalformed);
         }
@@ -558,6 +556,30 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         let _ = TLS_PENDING.insert(fk, &*t, 0);
     }
     verdict
+}
+
+/// Whether the ClientHello walk a retransmission left in scratch is the one recorded for
+/// the connection (same position, same carried bytes).
+#[inline(always)]
+fn same_pending(sc: ScratchPtr) -> bool {
+    let Some(t) = (unsafe { TLS_PENDING.get(flow_key_ref(sc)) }) else {
+        return false;
+    };
+    let io = unsafe { &(*sc).tls };
+    if t.tls_seq as u64 != io.tls_seq & 0xffff_ffff
+        || t.tls_left as u64 != io.tls_left
+        || t.carry_len as u64 != io.carry_len
+    {
+        return false;
+    }
+    let mut diff = 0u64;
+    for i in 0..TLS_CARRY / 8 {
+        unsafe {
+            diff |= *(t.carry.as_ptr() as *const u64).add(i)
+                ^ *(io.carry.as_ptr() as *const u64).add(i);
+        }
+    }
+    diff == 0
 }
 
 /// `loc[0]` then `loc[1]`: two ranges of one segment (a retransmission and what it adds),

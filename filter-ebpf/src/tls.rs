@@ -628,6 +628,10 @@ fn walk(
             io.tls_seq = seq.wrapping_add((o - start) as u32) as u64;
             io.tls_left = w.left;
             io.carry_len = 0;
+            // Zeroed whole: a retransmission's walk is compared with this one byte for byte.
+            for i in 0..TLS_CARRY / 8 {
+                unsafe { *(io.carry.as_mut_ptr() as *mut u64).add(i) = 0 };
+            }
             if o < end {
                 // An extension header, or the server_name, runs past the segment: carry its
                 // first bytes to the next one.
