@@ -24,6 +24,7 @@ fn differential_campaign() {
         duration: Some(Duration::from_secs(secs)),
         print: 12,
         index: None,
+        minimize: 150,
     })
     .expect("campaign");
     println!("{}", rep.summary());

@@ -11,7 +11,10 @@ use clap::Parser;
 use tests::fuzz::run::{Campaign, campaign};
 
 #[derive(Parser)]
-#[command(name = "keywall-fuzz", about = "differential fuzzer: XDP program vs server model")]
+#[command(
+    name = "keywall-fuzz",
+    about = "differential fuzzer: XDP program vs server model"
+)]
 struct Args {
     /// Sequences to run (default 1,000,000 unless --seconds is given).
     #[arg(long)]
@@ -28,6 +31,9 @@ struct Args {
     /// Print at most this many reproducers (the first of each class).
     #[arg(long, default_value_t = 40)]
     print: usize,
+    /// Minimize at most this many failures to classify them.
+    #[arg(long, default_value_t = 400)]
+    minimize: usize,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
         duration: a.seconds.map(Duration::from_secs),
         print: a.print,
         index: a.index,
+        minimize: a.minimize,
     };
     match campaign(&cfg) {
         Ok(rep) => {

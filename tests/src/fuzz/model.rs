@@ -54,9 +54,16 @@ impl PolicyModel {
 #[derive(Clone, Debug)]
 pub enum Locator {
     /// Header names (any case; `-` and `_` alike).
-    Http { headers: Vec<String> },
-    Tls { suffix: String, label_prefix: String },
-    Fix { tag: u32 },
+    Http {
+        headers: Vec<String>,
+    },
+    Tls {
+        suffix: String,
+        label_prefix: String,
+    },
+    Fix {
+        tag: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -135,7 +142,8 @@ impl Stream {
                         *b = Some(data[(o - s) as usize]);
                     }
                 }
-                while (self.nxt as usize) < self.bytes.len() && self.bytes[self.nxt as usize].is_some()
+                while (self.nxt as usize) < self.bytes.len()
+                    && self.bytes[self.nxt as usize].is_some()
                 {
                     self.nxt += 1;
                 }
@@ -362,10 +370,9 @@ pub fn server_reads(l: &ListenerModel, plen: usize, src: [u8; 4], segs: &[&Seg])
                     client,
                     view: view.clone(),
                 };
-                if !reads
-                    .iter()
-                    .any(|o: &Read| o.conn == r.conn && o.prefix == r.prefix && o.client == r.client)
-                {
+                if !reads.iter().any(|o: &Read| {
+                    o.conn == r.conn && o.prefix == r.prefix && o.client == r.client
+                }) {
                     reads.push(r);
                 }
             }
@@ -733,7 +740,11 @@ mod tests {
             &http(),
             &[
                 seg(100, SYN, b""),
-                seg(101, D, b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abcdefgh123\r\n\r\n"),
+                seg(
+                    101,
+                    D,
+                    b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abcdefgh123\r\n\r\n",
+                ),
             ],
         );
         assert_eq!(r, vec!["abcdefgh"]);
@@ -851,11 +862,23 @@ mod tests {
                 .map(|v| String::from_utf8(v).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(k(b"GET / HTTP/1.1\r\nx_mbx_apikey : abcdefgh\r\n"), ["abcdefgh"]);
+        assert_eq!(
+            k(b"GET / HTTP/1.1\r\nx_mbx_apikey : abcdefgh\r\n"),
+            ["abcdefgh"]
+        );
         assert_eq!(k(b"GET / HTTP/1.1\rX-Mbx-ApiKey:abcdefgh\r"), ["abcdefgh"]);
-        assert_eq!(k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY:\r\n abcdefgh\r\n"), ["abcdefgh"]);
-        assert_eq!(k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abcd\r\n\tefgh\r\n"), ["abcdefgh"]);
-        assert_eq!(k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abc\r\n"), Vec::<String>::new());
+        assert_eq!(
+            k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY:\r\n abcdefgh\r\n"),
+            ["abcdefgh"]
+        );
+        assert_eq!(
+            k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abcd\r\n\tefgh\r\n"),
+            ["abcdefgh"]
+        );
+        assert_eq!(
+            k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY: abc\r\n"),
+            Vec::<String>::new()
+        );
         assert_eq!(
             k(b"GET / HTTP/1.1\r\nX-MBX-APIKEY: aaaaaaaa\r\n\r\nGET / HTTP/1.1\nX-MBX-APIKEY: bbbbbbbb\n"),
             ["aaaaaaaa", "bbbbbbbb"]
@@ -866,7 +889,10 @@ mod tests {
     fn tls_and_fix_and_proxy() {
         use crate::packet::{ClientHello, ProxiedConn, fix_logon, proxy_v1, proxy_v2};
         let ch = ClientHello::chrome_like("K-ABCDEFGH123.Api.Example.com.", 7).record();
-        assert_eq!(tls_keys(&ch, ".api.example.com", "k-", 8), vec![b"abcdefgh".to_vec()]);
+        assert_eq!(
+            tls_keys(&ch, ".api.example.com", "k-", 8),
+            vec![b"abcdefgh".to_vec()]
+        );
         // The handshake message split over two records, then a second hello.
         let hs = ClientHello::new("k-zzzzzzzz.api.example.com").handshake();
         let mut two = Vec::new();
@@ -893,10 +919,16 @@ mod tests {
             dport: 2,
         };
         let v2 = proxy_v2(Some(c), &[]);
-        assert_eq!(proxy_header(&v2), ProxyHdr::Client([198, 51, 100, 7], v2.len()));
+        assert_eq!(
+            proxy_header(&v2),
+            ProxyHdr::Client([198, 51, 100, 7], v2.len())
+        );
         assert_eq!(proxy_header(&v2[..20]), ProxyHdr::Incomplete);
         let v1 = proxy_v1(Some(c));
-        assert_eq!(proxy_header(&v1), ProxyHdr::Client([198, 51, 100, 7], v1.len()));
+        assert_eq!(
+            proxy_header(&v1),
+            ProxyHdr::Client([198, 51, 100, 7], v1.len())
+        );
         assert_eq!(proxy_header(b"GET / HTTP/1.1\r\n"), ProxyHdr::None);
     }
 }

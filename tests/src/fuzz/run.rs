@@ -127,7 +127,10 @@ impl Runner {
         self.next_tuple += 1;
         let port = 1024 + (n % 64000) as u16;
         let h = n / 64000;
-        ([10, 200 + (h >> 16) as u8 % 50, (h >> 8) as u8, h as u8], port)
+        (
+            [10, 200 + (h >> 16) as u8 % 50, (h >> 8) as u8, h as u8],
+            port,
+        )
     }
 
     fn xdp(l: &mut Loaded, frame: &[u8]) -> u32 {
@@ -151,8 +154,8 @@ impl Runner {
                     .build()
             } else {
                 // Half a ClientHello: a TLS follow-up entry as well as a flow.
-                let hello = crate::packet::ClientHello::new("k-a7c0ffee1234abcd.api.example.com")
-                    .record();
+                let hello =
+                    crate::packet::ClientHello::new("k-a7c0ffee1234abcd.api.example.com").record();
                 Pkt::tcp4(ATTACKER, dst, sport, Kind::Tls.port())
                     .seq(7)
                     .payload(&hello[..60])
@@ -237,8 +240,11 @@ impl Runner {
         out
     }
 
-    /// The smallest sub-sequence (by removing steps one at a time) that still fails.
+    /// The smallest sub-sequence (by removing steps one at a time) that still fails, then
+    /// each segment made plainer where that keeps it failing (URG cleared, checksum fixed,
+    /// ACK set, data off the SYN, pressure steps shorter).
     pub fn minimize(&mut self, case: &Case) -> Case {
+        use super::{ACK, RST, SYN};
         let mut best = case.clone();
         let mut budget = 400;
         let mut changed = true;
@@ -253,6 +259,48 @@ impl Runner {
                 if self.run(&c, None).failed() {
                     best = c;
                     changed = true;
+                }
+            }
+        }
+        for i in 0..best.steps.len() {
+            for simplify in 0..5 {
+                if budget == 0 {
+                    break;
+                }
+                let mut c = best.clone();
+                let ok = match &mut c.steps[i] {
+                    Step::Seg(g) => match simplify {
+                        0 if g.flags & URG != 0 => {
+                            g.flags &= !URG;
+                            g.urg = 0;
+                            true
+                        }
+                        1 if g.bad_csum => {
+                            g.bad_csum = false;
+                            true
+                        }
+                        2 if g.flags & (ACK | SYN | RST) == 0 => {
+                            g.flags |= ACK;
+                            true
+                        }
+                        3 if g.flags & SYN != 0 && !g.payload.is_empty() => {
+                            g.payload.clear();
+                            true
+                        }
+                        _ => false,
+                    },
+                    Step::Evict(n) if simplify == 4 && *n > 1 => {
+                        *n /= 2;
+                        true
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    continue;
+                }
+                budget -= 1;
+                if self.run(&c, None).failed() {
+                    best = c;
                 }
             }
         }
@@ -391,7 +439,9 @@ impl Report {
             self.false_drops,
             self.classes.len()
         );
-        for (name, c) in &self.classes {
+        let mut v: Vec<(&String, &Class)> = self.classes.iter().collect();
+        v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        for (name, c) in v {
             let _ = writeln!(
                 s,
                 "  {:>7}x {name}  (first: --seed {:#x} --index {})",
@@ -402,31 +452,114 @@ impl Report {
     }
 }
 
-/// The class a failing case falls in: listener, what the server read, and the mutations
-/// (sorted, without duplicates).
+/// What a (minimized) failing sequence uses, judged from its segments alone.
+fn features(case: &Case, o: &Outcome) -> Vec<&'static str> {
+    use super::{ACK, RST, SYN};
+    let mut f = Vec::new();
+    let segs: Vec<&Seg> = case
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Seg(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    let syns = segs.iter().filter(|g| g.flags & SYN != 0).count();
+    let mut add = |c: bool, n: &'static str| {
+        if c {
+            f.push(n);
+        }
+    };
+    add(
+        case.steps.iter().any(|s| matches!(s, Step::Evict(_))),
+        "flow-table pressure",
+    );
+    add(syns >= 2, "second SYN on the tuple");
+    add(
+        segs.iter()
+            .any(|g| g.flags & SYN != 0 && !g.payload.is_empty()),
+        "data on SYN",
+    );
+    add(segs.iter().any(|g| g.flags & URG != 0), "URG");
+    add(segs.iter().any(|g| g.bad_csum), "bad checksum");
+    add(
+        segs.iter()
+            .any(|g| g.flags & (SYN | ACK | RST) == 0 && !g.payload.is_empty()),
+        "data without ACK",
+    );
+    add(segs.iter().any(|g| g.flags & RST != 0), "RST");
+    // Order: a gap (ahead of what was sent so far) or an overlap (behind it).
+    let (mut gap, mut overlap) = (false, false);
+    let mut next: Option<u32> = None;
+    for g in &segs {
+        if g.flags & SYN != 0 {
+            next = Some(g.seq.wrapping_add(1));
+            continue;
+        }
+        if g.payload.is_empty() || g.bad_csum || g.flags & ACK == 0 {
+            continue;
+        }
+        if let Some(n) = next {
+            let d = g.seq.wrapping_sub(n) as i32;
+            if d > 0 {
+                gap = true;
+            } else if d < 0 {
+                overlap = true;
+            }
+            let e = g.seq.wrapping_add(g.payload.len() as u32);
+            if (e.wrapping_sub(n) as i32) > 0 {
+                next = Some(e);
+            }
+        }
+    }
+    add(gap, "out of order");
+    add(overlap, "overlap/retransmission");
+    // The key's prefix whole inside one passed segment, or split over several.
+    let whole = o.bypasses.iter().all(|(r, _)| {
+        segs.iter()
+            .zip(
+                case.steps
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| matches!(s, Step::Seg(_)).then_some(o.passed[i])),
+            )
+            .any(|(g, p)| {
+                p && g
+                    .payload
+                    .to_ascii_lowercase()
+                    .windows(r.prefix.len())
+                    .any(|w| w == r.prefix.to_ascii_lowercase())
+            })
+    });
+    add(!whole, "key split over segments");
+    add(
+        o.bypasses.iter().any(|(r, _)| r.view.contains("urgent")),
+        "urgent byte removed",
+    );
+    f
+}
+
+/// The class a failing case falls in: the listener, why the key is refused, and what the
+/// minimized sequence uses (or, in order and whole, the session it came from).
 fn class_of(case: &Case, o: &Outcome) -> String {
     if case.legit {
         return format!("false drop: {:?}: {}", case.kind, case.base);
     }
-    let mut tags: Vec<&str> = case.tags.clone();
-    tags.sort_unstable();
-    tags.dedup();
-    let why: Vec<&str> = {
-        let mut w: Vec<&str> = o.bypasses.iter().map(|(_, w)| *w).collect();
-        w.sort_unstable();
-        w.dedup();
-        w
+    let mut why: Vec<&str> = o.bypasses.iter().map(|(_, w)| *w).collect();
+    why.sort_unstable();
+    why.dedup();
+    let f = features(case, o);
+    let what = if f.is_empty() {
+        // In order, the key whole in one segment: the parse or the flow logic differs.
+        let base = case
+            .base
+            .rsplit_once(", key")
+            .map_or(&case.base[..], |b| b.0);
+        format!("in order, key whole: {base}")
+    } else {
+        f.join(", ")
     };
-    format!(
-        "bypass: {:?} key {} [{}]",
-        case.kind,
-        why.join("/"),
-        if tags.is_empty() {
-            "no mutation".to_owned()
-        } else {
-            tags.join(", ")
-        }
-    )
+    format!("bypass: {:?} key {}: {what}", case.kind, why.join("/"))
 }
 
 pub struct Campaign {
@@ -439,6 +572,9 @@ pub struct Campaign {
     pub print: usize,
     /// Only this sequence (replay).
     pub index: Option<u64>,
+    /// At most this many failures are minimized to classify them (the first of each
+    /// listener and mutation set).
+    pub minimize: usize,
 }
 
 pub fn campaign(cfg: &Campaign) -> Result<Report> {
@@ -446,6 +582,8 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
     let mut rep = Report::default();
     let start = Instant::now();
     let mut printed = 0;
+    let mut minimized = 0;
+    let mut buckets: std::collections::HashMap<String, String> = Default::default();
     let mut index = cfg.index.unwrap_or(0);
     loop {
         if cfg.index.is_some() && rep.sequences == 1 {
@@ -465,7 +603,34 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
             } else {
                 rep.bypasses += 1;
             }
-            let class = class_of(&case, &o);
+            // Minimizing costs hundreds of runs: done for the first failure of each coarse
+            // bucket (listener, mutations), and the class found is reused for the bucket.
+            let mut tags = case.tags.clone();
+            tags.sort_unstable();
+            tags.dedup();
+            let bucket = format!(
+                "{:?} {} {:?} {}",
+                case.kind,
+                case.legit,
+                tags,
+                o.bypasses.len()
+            );
+            let (class, small) = match buckets.get(&bucket) {
+                Some(c) => (c.clone(), None),
+                None if minimized < cfg.minimize => {
+                    minimized += 1;
+                    let small = runner.minimize(&case);
+                    let so = runner.run(&small, None);
+                    let c = if so.failed() {
+                        class_of(&small, &so)
+                    } else {
+                        class_of(&case, &o)
+                    };
+                    buckets.insert(bucket, c.clone());
+                    (c, Some(small))
+                }
+                None => (class_of(&case, &o), None),
+            };
             let new = !rep.classes.contains_key(&class);
             let e = rep.classes.entry(class).or_insert(Class {
                 count: 0,
@@ -476,7 +641,7 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
             e.count += 1;
             if new && (printed < cfg.print || cfg.index.is_some()) {
                 printed += 1;
-                let small = runner.minimize(&case);
+                let small = small.unwrap_or_else(|| runner.minimize(&case));
                 e.example = runner.describe(&small, cfg.seed, index);
                 println!("{}", e.example);
             }

@@ -139,7 +139,10 @@ fn http_req(key: &str, style: usize, path: &str) -> Vec<u8> {
         4 => ("\r\n", format!("X-MBX-APIKEY:\r\n {key}")),
         5 => ("\r", format!("X-MBX-APIKEY: {key}")),
         6 => ("\n", format!("X-Mbx-ApiKey:\t{key}")),
-        7 => ("\r\n", format!("X-MBX-APIKEY: {}\r\n\t{}", &key[..4], &key[4..])),
+        7 => (
+            "\r\n",
+            format!("X-MBX-APIKEY: {}\r\n\t{}", &key[..4], &key[4..]),
+        ),
         8 => ("\r\n", format!("Accept: */*\rX-MBX-APIKEY: {key}")),
         _ => ("\r\n", format!("X-MBX-APIKEY \t: {key}")),
     };
@@ -729,7 +732,9 @@ fn mutate(rng: &mut Rng, p: &mut Plan, v: &mut Vec<A>, allow_evict: bool) -> Opt
             // Insert a byte the server removes as urgent (before segmenting again).
             let c = &mut p.conns[last];
             let at = match c.hot.first() {
-                Some(&h) if rng.chance(3, 4) => (h + rng.below(KEY_PREFIX_LEN + 4)).saturating_sub(2),
+                Some(&h) if rng.chance(3, 4) => {
+                    (h + rng.below(KEY_PREFIX_LEN + 4)).saturating_sub(2)
+                }
                 _ => rng.below(c.real.len()),
             }
             .min(c.real.len());
@@ -1046,7 +1051,15 @@ pub fn generate(seed: u64, index: u64) -> Case {
 fn legit(rng: &mut Rng, kind: Kind) -> Case {
     let (mut stream, base) = legit_session(rng, kind);
     let src = if kind == Kind::HttpProxy {
-        stream = [if rng.chance(1, 2) { v2(ATTACKER) } else { v1(ATTACKER) }, stream].concat();
+        stream = [
+            if rng.chance(1, 2) {
+                v2(ATTACKER)
+            } else {
+                v1(ATTACKER)
+            },
+            stream,
+        ]
+        .concat();
         PROXY
     } else {
         ATTACKER
