@@ -2,7 +2,7 @@
 
 Usage:
   evasion_servers.py http PORT READY LOG [proxy]
-  evasion_servers.py tls PORT READY LOG CERT KEY
+  evasion_servers.py tls PORT READY LOG CERT KEY [hrr]
   evasion_servers.py fix PORT READY LOG
 
 Each listens dual-stack on [::]:PORT, creates READY once it listens, and appends one line to
@@ -21,7 +21,9 @@ bare CR; header names are compared case-insensitively with `_` and `-` the same 
 before the colon ignored; obs-fold continuation lines extend the previous header; a connection
 that opens with the HTTP/2 preface is read as h2c (prior knowledge) and its HEADERS frames
 decoded (HPACK literals; Huffman-coded strings are not decoded). The listener takes data on
-SYN (TCP Fast Open) when the namespace's net.ipv4.tcp_fastopen allows it.
+SYN (TCP Fast Open) when the namespace's net.ipv4.tcp_fastopen allows it. `hrr`: the TLS
+server offers P-256 alone, so a client whose first key share is X25519 (curl's default) gets
+a HelloRetryRequest and sends a second ClientHello.
 """
 
 import ipaddress
@@ -341,6 +343,8 @@ def main():
             log("SNI", peer, "-" if name is None else name)
 
         tls.sni_callback = on_sni
+        if len(sys.argv) > 7 and sys.argv[7] == "hrr":
+            tls.set_ecdh_curve("prime256v1")
     proxied = len(sys.argv) > 5 and sys.argv[5] == "proxy"
 
     class Handler(socketserver.BaseRequestHandler):

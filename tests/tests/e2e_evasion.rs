@@ -66,6 +66,9 @@ enum Srv {
     Proxy,
     /// `tls-sni` listener: `k-<key>.api.test`.
     Tls,
+    /// The same on another port, the server offering P-256 alone (curl gets a
+    /// HelloRetryRequest).
+    TlsHrr,
     /// `fix` listener, tag 553.
     Fix,
 }
@@ -76,6 +79,7 @@ impl Srv {
             Srv::Http => 8080,
             Srv::Proxy => 8081,
             Srv::Tls => 8443,
+            Srv::TlsHrr => 8444,
             Srv::Fix => 9878,
         }
     }
@@ -84,6 +88,7 @@ impl Srv {
             Srv::Http => "http",
             Srv::Proxy => "proxy",
             Srv::Tls => "tls",
+            Srv::TlsHrr => "tlshrr",
             Srv::Fix => "fix",
         }
     }
@@ -162,7 +167,7 @@ impl Lab {
         cmd.arg(self.script("evasion_servers.py"));
         let mode = match srv {
             Srv::Http | Srv::Proxy => "http",
-            Srv::Tls => "tls",
+            Srv::Tls | Srv::TlsHrr => "tls",
             Srv::Fix => "fix",
         };
         cmd.arg(mode)
@@ -173,9 +178,12 @@ impl Lab {
             Srv::Proxy => {
                 cmd.arg("proxy");
             }
-            Srv::Tls => {
+            Srv::Tls | Srv::TlsHrr => {
                 let (cert, key) = self.sb.tls_cert().expect("a certificate (openssl)");
                 cmd.arg(cert).arg(key);
+                if srv == Srv::TlsHrr {
+                    cmd.arg("hrr");
+                }
             }
             _ => {}
         }
@@ -302,6 +310,12 @@ sni_suffix = ".api.test"
 label_prefix = "k-"
 
 [[listener]]
+port = {tls_hrr}
+locator = "tls-sni"
+sni_suffix = ".api.test"
+label_prefix = "k-"
+
+[[listener]]
 port = {fix}
 locator = "fix"
 fix_tag = 553
@@ -317,6 +331,7 @@ allow = ["{VICTIM}/32"]
             http = Srv::Http.port(),
             proxy = Srv::Proxy.port(),
             tls = Srv::Tls.port(),
+            tls_hrr = Srv::TlsHrr.port(),
             fix = Srv::Fix.port(),
             attacker = self.attacker,
             v6 = self.sb.client_v6(),
@@ -1128,6 +1143,86 @@ fn legit_curl_tls12_and_tls13() {
     assert!(
         d.iter().any(|(r, n)| r == "pass_allowed" && *n >= 2),
         "{d:?}"
+    );
+}
+
+/// curl over TLS 1.3 to a server that offers P-256 alone: a HelloRetryRequest, then a second
+/// ClientHello with the same name on the same connection (judged again, and allowed).
+#[test]
+fn legit_tls13_hello_retry_request() {
+    let lab = Lab::new("evtlshrr", &[Srv::TlsHrr]);
+    let me = lab.attacker.to_string();
+    let _d = lab.start_daemon(&[]);
+    let (cert, _) = lab.sb.tls_cert().unwrap();
+    let host = format!("{A_LABEL}.api.test");
+    let port = Srv::TlsHrr.port();
+    let before = lab.stats();
+    let out = lab
+        .sb
+        .client_cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["--interface", &me, "--tlsv1.3", "--curves", "X25519:P-256"])
+        .arg("--cacert")
+        .arg(&cert)
+        .args(["--resolve", &format!("{host}:{port}:{}", lab.sb.edge_v4())])
+        .arg(format!("https://{host}:{port}/"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snis = lab.read_from(Srv::TlsHrr, &me, 0);
+    assert_eq!(
+        snis,
+        vec![host.clone(), host.clone()],
+        "no HelloRetryRequest happened (the server saw one ClientHello): {:?}",
+        lab.lines(Srv::TlsHrr)
+    );
+    assert_no_drops(
+        "a TLS 1.3 handshake with a HelloRetryRequest",
+        &deltas(&before, &lab.stats()),
+    );
+}
+
+/// A post-quantum-sized ClientHello (1,216-byte key share, 1,700 bytes) in one write: TCP
+/// cuts it at the MSS, before server_name.
+#[test]
+fn legit_post_quantum_sized_hello() {
+    let lab = Lab::new("evtlspq", &[Srv::Tls]);
+    let me = lab.attacker.to_string();
+    let _d = lab.start_daemon(&[]);
+    let before = lab.stats();
+    let host = format!("{A_LABEL}.api.test");
+    let line = lab
+        .sb
+        .client_tool([
+            "split-hello",
+            &me,
+            &lab.sb.edge_v4().to_string(),
+            &Srv::Tls.port().to_string(),
+            &host,
+            "0",
+            "50",
+            "3",
+        ])
+        .expect("clients.py split-hello");
+    assert!(line.starts_with("SERVERHELLO"), "{line}");
+    assert_eq!(lab.read_from(Srv::Tls, &me, 0), vec![host]);
+    assert_no_drops(
+        "a ClientHello over two segments",
+        &deltas(&before, &lab.stats()),
     );
 }
 
