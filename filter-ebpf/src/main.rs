@@ -324,9 +324,10 @@ fn judge_segment(
             None => Verdict::of(Reason::PassHandshake),
         };
     }
-    if tcp & TCP_SYN != 0 {
+    if tcp & (TCP_SYN | TCP_ACK) != TCP_ACK {
         // Data on a SYN: a server without a Fast Open cookie drops it, one with a cookie
-        // takes it; which one is not knowable here.
+        // takes it; which one is not knowable here. Data without ACK: the server throws it
+        // away, so it must not move what the filter believes the server holds.
         return Verdict::of(Reason::DropMalformed);
     }
     let len = (seg.payload_end - seg.payload_off) as u32;
@@ -353,8 +354,14 @@ fn judge_segment(
             at = AT_RETRANS;
             ctx_a = f.ctx_last;
             k = f.next_seq.wrapping_sub(seq);
-        } else if f.flags & FLOW_SYN != 0 && seq == f.syn_isn.wrapping_add(1) {
-            // A new connection on this 5-tuple: judged like one the filter never saw.
+        } else if f.flags & FLOW_SYN != 0
+            && seq == f.syn_isn.wrapping_add(1)
+            && far(seq, f.next_seq)
+            && far(seq, f.last_seq)
+        {
+            // A new connection on this 5-tuple: judged like one the filter never saw. Only
+            // where the old connection, if the server still has it, cannot take these bytes
+            // (outside any receive window); else they could land inside its stream.
             known = None;
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -556,6 +563,16 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         let _ = TLS_PENDING.insert(fk, &*t, 0);
     }
     verdict
+}
+
+/// Receive windows stay below this (Linux caps them by tcp_rmem, 6 MiB by default).
+const MAX_WINDOW: u32 = 1 << 26;
+
+/// Whether sequence numbers `a` and `b` are further apart than any receive window.
+#[inline(always)]
+fn far(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d > MAX_WINDOW && d.wrapping_neg() > MAX_WINDOW
 }
 
 /// Whether the ClientHello walk a retransmission left in scratch is the one recorded for
