@@ -25,7 +25,7 @@ use filter_common::{Listener, MAX_HEADERS};
 
 use crate::{
     LISTENERS, SCRATCH, ScratchPtr, forget_in, ld64,
-    scratch::{LineState, ScanIo, WINDOW_WORDS},
+    scratch::{ScanIo, WINDOW_WORDS},
     swar::{HIGH, LOW7, ONES, low_bytes},
 };
 
@@ -97,9 +97,11 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn step(w: u64, seps: u64, seps2: u64) -> (usize, usize) {
-    // The first separator of either kind: the lowest set bit of the union is exact.
-    let m = newline_mask(w, seps) | newline_mask(w, seps2);
+fn step(w: u64, seps: u64, fold: u64) -> (usize, usize) {
+    // `fold` ORs away the bits in which separators differ: for HTTP, 0x08..=0x0f all end a
+    // line (LF and CR, and with them TAB, VT, FF: more line starts than a server sees is
+    // safe, fewer is not). One comparison, so the loop keeps its registers.
+    let m = newline_mask(w | fold, seps);
     let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
     // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
     let m = m | (1 << 63);
@@ -142,7 +144,7 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     let start = (io.start & 0x3fff) as usize;
     let end = (io.end & 0x3fff) as usize;
     let seps = ONES * (io.sep & 0xff);
-    let seps2 = ONES * (io.sep2 & 0xff);
+    let seps2 = ONES * (io.sep_fold & 0xff);
     let fix = io.fix != 0;
     if io.first != 0 && !stream_start_ok(&xctx, start, end, fix) {
         return 0;
@@ -150,6 +152,7 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     unsafe {
         (*sc).line.fix = fix as u64;
         (*sc).line.at_line = io.at_line;
+        (*sc).line.logon = 0;
     }
     match scan(
         &xctx,
@@ -169,6 +172,7 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
         }
     }
     io.at_line = unsafe { (*sc).line.at_line };
+    io.logon = unsafe { (*sc).line.logon };
     0
 }
 
@@ -281,19 +285,15 @@ fn scan(
     // Pass 2: check each line start, in a bpf_loop so the verifier checks the body once
     // rather than once per line.
     unsafe {
-        let fix = (*sc).line.fix;
-        let at_line = (*sc).line.at_line;
-        (*sc).line = LineState {
-            start: start as u64,
-            end: end as u64,
-            plen: plen as u64,
-            n: n as u64,
-            found: 0,
-            malformed: 0,
-            prefix: [0; 2],
-            fix,
-            at_line,
-        };
+        // Field by field: a struct literal would be built on the (shared) stack first.
+        let acc = &mut (*sc).line;
+        acc.start = start as u64;
+        acc.end = end as u64;
+        acc.plen = plen as u64;
+        acc.n = n as u64;
+        acc.found = 0;
+        acc.malformed = 0;
+        acc.prefix = [0; 2];
     }
     let mut lc = LineLoop {
         ctx: ctx.ctx,
@@ -392,6 +392,9 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
         if true_start && w0 & 0xff == b'0' as u64 {
             acc.malformed = 1;
             return;
+        }
+        if have >= 5 && w0 & low_bytes(5) == u64::from_le_bytes(*b"35=A\x01\0\0\0") {
+            acc.logon = 1;
         }
     } else if have == 8 && w0 == u64::from_le_bytes(*b"PRI * HT") {
         // The HTTP/2 preface: what follows is binary frames whose headers are compressed.

@@ -263,6 +263,56 @@ fn flow_key_in(sc: ScratchPtr, seg: &Segment) -> &'static FlowKey {
 const AT_FRESH: u8 = 0;
 const AT_NEXT: u8 = 1;
 const AT_RETRANS: u8 = 2;
+/// Out of position on a connection that was refused, or on one that was not.
+const AT_REFUSED: u8 = 3;
+const AT_UNKNOWN: u8 = 4;
+
+/// Where the data segment in scratch sits in the stream of `f` (null: no flow): `AT_*` in
+/// the low byte, the bytes to judge from the first context in bits 8..24, and that context
+/// in `tmp[2]`.
+#[inline(never)]
+fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
+    let seg = unsafe { &(*sc).seg };
+    let len = (seg.payload_end - seg.payload_off) as u32 & 0xffff;
+    let seq = seg.seq;
+    let fresh = StreamCtx {
+        flags: CTX_START | CTX_LINE | if proxied != 0 { CTX_PROXY } else { 0 },
+        hdr_len: 0,
+        rec_left: 0,
+        hdr: [0; 4],
+    };
+    let (at, k, c) = if f.is_null() {
+        (AT_FRESH, len, fresh)
+    } else {
+        let f = unsafe { &*f };
+        if seq == f.next_seq {
+            (AT_NEXT, len, f.ctx_next)
+        } else if seq == f.last_seq && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31 {
+            // A retransmission of the last segment (maybe longer): its first `k` bytes are
+            // judged from where that segment began, the rest from where it ended.
+            (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
+        } else if f.flags & FLOW_SYN != 0
+            && seq == f.syn_isn.wrapping_add(1)
+            && far(seq, f.next_seq)
+            && far(seq, f.last_seq)
+        {
+            // A new connection on this 5-tuple: judged like one the filter never saw. Only
+            // where the old connection, if the server still has it, cannot take these bytes
+            // (outside any receive window); else they could land inside its stream.
+            (AT_FRESH, len, fresh)
+        } else {
+            // Ahead of what was judged, behind it, or overlapping part of it: where the
+            // server puts these bytes is not knowable here.
+            let refused = match Reason::from_u8(f.reason) {
+                Some(r) => r.is_drop(),
+                None => true,
+            };
+            (if refused { AT_REFUSED } else { AT_UNKNOWN }, 0, fresh)
+        }
+    };
+    unsafe { core::ptr::write_volatile(&mut (*sc).tmp[2], ctx_to_u64(c)) };
+    at as u64 | (k as u64 & 0xffff) << 8
+}
 
 /// What the locator made of a range of the payload (in scratch: the stack is small).
 #[repr(C)]
@@ -331,47 +381,22 @@ fn judge_segment(
         return Verdict::of(Reason::DropMalformed);
     }
     let len = (seg.payload_end - seg.payload_off) as u32;
-    let seq = seg.seq;
     let proxied = l.flags & LISTENER_PROXY_PROTOCOL != 0;
-    let fresh_ctx = StreamCtx {
-        flags: CTX_START | CTX_LINE | if proxied { CTX_PROXY } else { 0 },
-        hdr_len: 0,
-        rec_left: 0,
-        hdr: [0; 4],
-    };
     let mut known = FLOWS.get_ptr_mut(fk);
-    let mut at = AT_FRESH;
-    let mut ctx_a = fresh_ctx;
-    let mut k = len;
-    if let Some(f) = known {
-        let f = unsafe { &*f };
-        if seq == f.next_seq {
-            at = AT_NEXT;
-            ctx_a = f.ctx_next;
-        } else if seq == f.last_seq && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31 {
-            // A retransmission of the last segment (maybe longer): its first `k` bytes are
-            // judged from where that segment began, the rest from where it ended.
-            at = AT_RETRANS;
-            ctx_a = f.ctx_last;
-            k = f.next_seq.wrapping_sub(seq);
-        } else if f.flags & FLOW_SYN != 0
-            && seq == f.syn_isn.wrapping_add(1)
-            && far(seq, f.next_seq)
-            && far(seq, f.last_seq)
-        {
-            // A new connection on this 5-tuple: judged like one the filter never saw. Only
-            // where the old connection, if the server still has it, cannot take these bytes
-            // (outside any receive window); else they could land inside its stream.
-            known = None;
-        } else {
-            // Ahead of what was judged, behind it, or overlapping part of it: where the
-            // server puts these bytes is not knowable here.
-            return match Reason::from_u8(f.reason) {
-                Some(r) if !r.is_drop() => Verdict::of(Reason::DropMalformed),
-                _ => Verdict::of(Reason::DropFlow),
-            };
-        }
+    // Where the segment sits: decided in a function of its own, off the locators' chain.
+    let pos = position(sc, known.unwrap_or(core::ptr::null_mut()), proxied as u64);
+    let at = (pos & 0xff) as u8;
+    if at == AT_REFUSED {
+        return Verdict::of(Reason::DropFlow);
     }
+    if at == AT_UNKNOWN {
+        return Verdict::of(Reason::DropMalformed);
+    }
+    if at == AT_FRESH {
+        known = None;
+    }
+    let k = ((pos >> 8) & 0xffff) as u32;
+    let ctx_a = unsafe { core::ptr::read_volatile(&(*sc).tmp[2]) };
     let plen = (settings.key_prefix_len as u64) & 0x1f;
     let args = |i: u64, from: u32, to: u32| {
         i | (l_idx as u64 & 0x1ff) << 1
@@ -381,7 +406,7 @@ fn judge_segment(
     };
     // The whole segment is judged into loc[1]; a retransmission's old part into loc[0].
     let first = if at == AT_RETRANS && k < len { 0 } else { 1 };
-    locate(ctx, sc, l, args(first, 0, k), ctx_to_u64(ctx_a));
+    locate(ctx, sc, l, args(first, 0, k), ctx_a);
     let a = unsafe { &(*sc).loc[first as usize] };
     if at == AT_RETRANS {
         let Some(f) = known else {
@@ -391,8 +416,8 @@ fn judge_segment(
         // Both copies of the bytes before the old end must leave the stream in the same
         // place, and name the same client: the server may hold either.
         if a.result == http::SCAN_MALFORMED
-            || a.ctx != f.ctx_next
-            || (a.proxied != 0 && (a.family != f.family || a.client != f.client))
+            || ctx_to_u64(a.ctx) != ctx_to_u64(f.ctx_next)
+            || (a.proxied != 0 && (a.family != f.family || !same16(&a.client, &f.client)))
             || (a.ctx.flags & CTX_HELLO != 0 && !same_pending(sc))
         {
             return Verdict::of(Reason::DropMalformed);
@@ -400,6 +425,16 @@ fn judge_segment(
         if k < len {
             locate(ctx, sc, l, args(1, k, len), ctx_to_u64(f.ctx_next));
             combine(sc);
+        }
+    }
+    if at == AT_FRESH && l.locator == LOCATOR_FIX {
+        // A FIX session names its key in the Logon only (tag 553): a message without it on
+        // a connection the filter does not know may belong to a session logged on before
+        // the flow was evicted (or before the program), whose key was never judged here.
+        // A Logon (35=A) starts a session: one without the tag names no key.
+        let out = unsafe { &mut (*sc).loc[1] };
+        if out.result != http::SCAN_KEY && unsafe { (*sc).io.logon } == 0 {
+            out.result = http::SCAN_MALFORMED;
         }
     }
     // The verdict and the flow's new state, in a function of its own: its frame is not on
@@ -462,8 +497,8 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
                 Some(f) => unsafe {
                     (*f).flags & FLOW_HAS_KEY != 0
                         && (*f).generation == settings.generation
-                        && (*f).prefix == fl.prefix
-                        && (*f).client == fl.client
+                        && same16(&(*f).prefix.bytes, &fl.prefix.bytes)
+                        && same16(&(*f).client, &fl.client)
                 },
                 None => false,
             };
@@ -714,11 +749,12 @@ fn locate(ctx: &XdpContext, sc: ScratchPtr, l: &Listener, args: u64, c: u64) {
             io.end = end as u64;
             io.plen = plen as u64;
             io.listener = l_idx as u64;
-            io.sep = if fix { 1 } else { b'\n' as u64 };
-            io.sep2 = if fix { 1 } else { b'\r' as u64 };
+            io.sep = if fix { 1 } else { 0x0f };
+            io.sep_fold = if fix { 0 } else { 0x07 };
             io.fix = fix as u64;
             io.first = (flags & CTX_START != 0) as u64;
             io.at_line = (flags & (CTX_START | CTX_LINE) != 0) as u64;
+            io.logon = 0;
             io.result = http::SCAN_MALFORMED;
             http::keywall_http_scan(ctx.ctx, io);
             out.result = io.result;
@@ -761,6 +797,13 @@ fn locate(ctx: &XdpContext, sc: ScratchPtr, l: &Listener, args: u64, c: u64) {
         // Locators this build does not know fail closed.
         _ => {}
     }
+}
+
+/// Two 16-byte values compared as two words (no memcmp call, no stack).
+#[inline(always)]
+fn same16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
+    unsafe { ld64(a) == ld64(b) && ld64(a.add(1)) == ld64(b.add(1)) }
 }
 
 #[inline(always)]

@@ -23,15 +23,18 @@ pub struct ScanIo {
     pub plen: u64,
     /// Index of the listener in `KW_LISTENERS`.
     pub listener: u64,
-    /// The line separators: b'\n' and b'\r' for HTTP headers, SOH (1) twice for FIX fields.
+    /// The line separator, after OR-ing `sep_fold` into each byte: 0x0f with 0x07 for HTTP
+    /// (LF and CR alike), SOH (1) with 0 for FIX fields.
     pub sep: u64,
-    pub sep2: u64,
+    pub sep_fold: u64,
     /// 1 for FIX (fields, `8=FIX` at the stream start), 0 for HTTP.
     pub fix: u64,
     /// In: the stream starts here (a request line, or `8=FIX`, must come first).
     pub first: u64,
     /// In: the segment starts a true line (field); out: the segment ends with a separator.
     pub at_line: u64,
+    /// Out (FIX): a Logon's `35=A` field was seen at a field start.
+    pub logon: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }
@@ -49,6 +52,7 @@ pub struct LineState {
     pub prefix: [u64; 2],
     pub fix: u64,
     pub at_line: u64,
+    pub logon: u64,
 }
 
 /// Per-CPU scratch of the program (more than the 512-byte BPF stack holds).

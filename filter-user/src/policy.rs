@@ -671,10 +671,31 @@ impl Policy {
         let plen_ok = KEY_PREFIX_LENS.contains(&plen);
         let mut seen: HashMap<&str, usize> = HashMap::with_capacity(self.key.len());
         let mut out = BTreeMap::new();
+        // A tls-sni listener reads the key from a DNS name, which is case-insensitive: a
+        // server may map `k-ABCD1234` to either case of a prefix, so prefixes must be lower
+        // case (two that differ only in case would be one key to it).
+        let sni_port = self
+            .listener
+            .iter()
+            .find(|l| l.locator == Locator::TlsSni)
+            .map(|l| l.port);
         for (j, key) in self.key.iter().enumerate() {
             let at = format!("key[{j}]");
             let bytes = key.prefix.as_bytes();
             let mut prefix_ok = true;
+            if let Some(port) = sni_port
+                && bytes.iter().any(u8::is_ascii_uppercase)
+            {
+                errs.push(PolicyError::new(
+                    format!("{at}.prefix"),
+                    format!(
+                        "{:?} has upper-case letters: the tls-sni listener on port {port} reads \
+                         keys from DNS names, which ignore case; use lower case",
+                        key.prefix
+                    ),
+                ));
+                prefix_ok = false;
+            }
             // Without a valid key_prefix_len the length check would only add noise.
             if plen_ok && bytes.len() != plen as usize {
                 errs.push(PolicyError::new(
