@@ -230,8 +230,17 @@ impl RawProg {
         put64(&mut attr, 16, frame.as_ptr() as u64);
         put32(&mut attr, 32, repeat);
         put32(&mut attr, 64, flags);
-        bpf(BPF_PROG_TEST_RUN, &mut attr)
-            .with_context(|| format!("BPF_PROG_TEST_RUN ({})", self.name))?;
+        // A long run is interruptible: a pending signal ends it with EINTR. Run it again.
+        let mut tries = 0;
+        loop {
+            match bpf(BPF_PROG_TEST_RUN, &mut attr) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && tries < 20 => tries += 1,
+                r => {
+                    r.with_context(|| format!("BPF_PROG_TEST_RUN ({})", self.name))?;
+                    break;
+                }
+            }
+        }
         Ok(RunResult {
             retval: get32(&attr, 4),
             per_run: Duration::from_nanos(u64::from(get32(&attr, 36))),
