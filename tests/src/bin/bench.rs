@@ -1437,13 +1437,15 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
             // Where each port's connection stands: ports wrap around, and the filter places
             // every segment in its connection's stream, so a reused port sends the next
             // segment where the last one that passed ended.
-            let mut next_seq: Vec<Option<u32>> = vec![None; 65536];
+            let mut next_seq: std::collections::HashMap<([u8; 4], u16), u32> =
+                std::collections::HashMap::new();
             while !stop.load(Ordering::Relaxed) {
                 for (f, want, what) in &probes {
                     sport = if sport >= 60000 { 2000 } else { sport + 1 };
                     let mut fr = with_sport(f, sport);
-                    let seq = match next_seq[sport as usize] {
-                        Some(s) => {
+                    let conn = ([fr[26], fr[27], fr[28], fr[29]], sport);
+                    let seq = match next_seq.get(&conn) {
+                        Some(&s) => {
                             fr[38..42].copy_from_slice(&s.to_be_bytes());
                             s
                         }
@@ -1456,11 +1458,12 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
                     })?;
                     runs.fetch_add(1, Ordering::Relaxed);
                     started.store(true, Ordering::Relaxed);
-                    next_seq[sport as usize] = Some(if r.return_value == XDP_PASS {
-                        seq.wrapping_add(tcp4_payload_len(&fr) as u32)
+                    let moved = if r.return_value == XDP_PASS {
+                        tcp4_payload_len(&fr) as u32
                     } else {
-                        seq
-                    });
+                        0
+                    };
+                    next_seq.insert(conn, seq.wrapping_add(moved));
                     if r.return_value != *want {
                         wrong += 1;
                         if examples.len() < 5 {
