@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod etcd;
 pub mod events;
+pub mod host;
 pub mod metrics;
 pub mod policy;
 pub mod prefilter;
