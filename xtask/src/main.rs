@@ -13,6 +13,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fresh;
+mod package;
+
 /// `cargo xtask test` (and therefore `.ci/run`) also runs `bench --quick` after the tests: a
 /// smoke run of `keywall-bench` (tests/src/bin/bench.rs) that checks the bench works, never
 /// how fast anything is, and leaves BENCHMARKS.md alone.
@@ -42,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "socat",
     "openssl",
+    // systemd-analyze, for the package check's `systemd-analyze verify keywall.service`.
+    "systemd",
 ];
 
 /// PyPI packages the end-to-end tests and the demo run (the FIX client and acceptor), as
@@ -92,6 +97,25 @@ enum Cmd {
     },
     /// Setup, and build the release `keywall` binary.
     Build,
+    /// Setup, build the release binary and package it: target/debian/keywall_<version>_amd64.deb.
+    Package {
+        /// Then install it into a throw-away bookworm root and check it (`cargo xtask test`
+        /// runs this check on the debug build).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Prove a fresh Debian 12 machine works: a clean clone in a throw-away bookworm root
+    /// (mmdebstrap, cached under target/fresh) that has none of the build dependencies, only
+    /// the host's rustup toolchains; inside it `cargo xtask test` (or, with --build-only,
+    /// setup, the build and the unit tests).
+    Fresh {
+        /// setup + build + unit tests instead of the whole test command.
+        #[arg(long)]
+        build_only: bool,
+        /// Keep the root (target/fresh/root) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() {
@@ -117,6 +141,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { quick_bench, args } => {
             setup(&mut ctx)?;
             test(&ctx, &args)?;
+            if args.is_empty() {
+                // The .deb around the binary the tests just ran, installed into a
+                // throw-away Debian root.
+                package::check(&ctx, &ctx.target_dir()?.join("debug/keywall"))?;
+            }
             if quick_bench || RUN_QUICK_BENCH_AFTER_TESTS {
                 // Every locator's rows must be produced: a regression fails CI.
                 bench(&ctx, true, &["--require-all".to_owned()])?;
@@ -132,6 +161,16 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             bench(&ctx, quick, &args)
         }
+        Cmd::Package { check } => {
+            setup(&mut ctx)?;
+            let deb = package::build(&ctx)?;
+            println!("built {}", deb.display());
+            if check {
+                package::check(&ctx, &ctx.target_dir()?.join("release/keywall"))?;
+            }
+            Ok(())
+        }
+        Cmd::Fresh { build_only, keep } => fresh::run(&ctx, build_only, keep),
     }
 }
 
@@ -140,9 +179,9 @@ fn step(title: &str) {
 }
 
 /// The workspace root, the cargo to use, and the environment every child process gets.
-struct Ctx {
-    root: PathBuf,
-    cargo: OsString,
+pub(crate) struct Ctx {
+    pub(crate) root: PathBuf,
+    pub(crate) cargo: OsString,
     env: BTreeMap<String, OsString>,
 }
 

@@ -1,0 +1,167 @@
+//! `cargo xtask fresh`: the fresh-machine check.
+//!
+//! A Debian 12 root made by mmdebstrap (`minbase`, plus git and ca-certificates to clone),
+//! cached as a tarball under target/fresh, is unpacked afresh each run. It gets a clean clone
+//! of this repository's HEAD, a copy of ~/.cargo (the cargo binaries and the registry cache)
+//! and the host's ~/.rustup bind-mounted read-only, because rustup's own servers are not
+//! reachable from every build host. Nothing else of the host: not its apt packages (protoc,
+//! LLVM, bpftool, …), not its pip packages, not bpf-linker's library. Inside, in a mount
+//! namespace of its own (so every mount goes away with it), `cargo xtask test` must install
+//! what is missing and pass.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{Ctx, step};
+
+const SUITE: &str = "bookworm";
+const MIRRORS: &[&str] = &[
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+];
+
+pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
+    if !super::is_root() {
+        bail!("xtask fresh needs root (mmdebstrap, chroot, mounts)");
+    }
+    let t0 = Instant::now();
+    let base = ctx.target_dir()?.join("fresh");
+    std::fs::create_dir_all(&base)?;
+    let tarball = base.join(format!("{SUITE}-minbase.tar"));
+    if !tarball.exists() {
+        make_tarball(ctx, &tarball)?;
+    } else {
+        println!("ok: cached {}", tarball.display());
+    }
+    let root = base.join("root");
+    remove_root(&root)?;
+    std::fs::create_dir_all(&root)?;
+    step("fresh: unpacking the root");
+    let mut tar = ctx.command("tar");
+    tar.arg("-C").arg(&root).arg("-xf").arg(&tarball);
+    ctx.run(tar)?;
+
+    step("fresh: a clean clone of HEAD, and the host's Rust toolchains");
+    let mut clone = ctx.command("git");
+    clone
+        .args(["clone", "--quiet", "--no-hardlinks"])
+        .arg(&ctx.root)
+        .arg(root.join("src/keywall"));
+    ctx.run(clone)?;
+    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
+    // The package check inside unpacks the same bookworm root for its dpkg -i: hand it the
+    // cached tarball rather than a second mmdebstrap.
+    let inner_cache = root.join("src/keywall/target/fresh");
+    std::fs::create_dir_all(&inner_cache)?;
+    std::fs::copy(&tarball, inner_cache.join(tarball.file_name().unwrap()))?;
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    let (cargo_home, rustup_home) = (
+        super::cargo_home(),
+        std::env::var_os("RUSTUP_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(&home).join(".rustup")),
+    );
+    let mut cp = ctx.command("cp");
+    cp.arg("-a").arg(&cargo_home).arg(root.join("root/.cargo"));
+    ctx.run(cp)?;
+    std::fs::create_dir_all(root.join("root/.rustup"))?;
+
+    let inner = if build_only {
+        "cargo xtask setup && cargo build --workspace --exclude filter-ebpf \
+         && cargo test --workspace --exclude filter-ebpf --lib --bins"
+    } else {
+        "cargo xtask test"
+    };
+    let script = format!(
+        r#"set -e
+R={root}
+mount --rbind /dev "$R/dev" && mount --make-rslave "$R/dev"
+mount -t proc proc "$R/proc"
+mount --rbind /sys "$R/sys" && mount --make-rslave "$R/sys"
+mount -t tmpfs tmpfs "$R/run"
+mount -t tmpfs tmpfs "$R/tmp"
+mount --bind {rustup} "$R/root/.rustup" && mount -o remount,bind,ro "$R/root/.rustup"
+exec chroot "$R" /usr/bin/env -i HOME=/root TERM=dumb \
+  PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  /bin/sh -c 'cd /src/keywall && {inner}'
+"#,
+        root = root.display(),
+        rustup = rustup_home.display(),
+    );
+    step(&format!("fresh: inside the root: {inner}"));
+    let t_in = Instant::now();
+    let mut c = ctx.command("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(&script);
+    let res = ctx.run(c);
+    let inside = t_in.elapsed();
+    if !keep {
+        remove_root(&root)?;
+    }
+    res?;
+    step(&format!(
+        "fresh: passed: {inner} took {:.1} min inside the root ({:.1} min in all)",
+        inside.as_secs_f64() / 60.0,
+        t0.elapsed().as_secs_f64() / 60.0
+    ));
+    Ok(())
+}
+
+pub(super) fn make_tarball(ctx: &Ctx, tarball: &Path) -> Result<()> {
+    if ctx.output("mmdebstrap", &["--version"]).is_none() {
+        step("fresh: installing mmdebstrap");
+        let mut c = super::privileged(ctx, "apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends", "mmdebstrap"]);
+        ctx.run(c)?;
+    }
+    step(&format!(
+        "fresh: making a {SUITE} minbase root (cached in {})",
+        tarball.display()
+    ));
+    let part = tarball.with_extension("tar.part");
+    let mut c = ctx.command("mmdebstrap");
+    c.args([
+        "--variant=minbase",
+        "--include=ca-certificates,git",
+        "--format=tar",
+        SUITE,
+    ])
+    .arg(&part)
+    .args(MIRRORS);
+    ctx.run(c)?;
+    std::fs::rename(&part, tarball)?;
+    Ok(())
+}
+
+/// Removes a previous root, after making sure nothing is still mounted inside it (the mounts
+/// live in a namespace that ends with the run, but a root kept with --keep and entered by
+/// hand could still hold some).
+pub(super) fn remove_root(root: &Path) -> Result<()> {
+    if !root.exists() {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    let prefix = root.to_string_lossy().into_owned();
+    if let Some(m) = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .find(|m| m.starts_with(&prefix))
+    {
+        bail!("{m} is still mounted: unmount it before {prefix} can be removed");
+    }
+    let st = Command::new("rm")
+        .args(["-rf", "--one-file-system"])
+        .arg(root)
+        .status()?;
+    if !st.success() {
+        bail!("removing {}", root.display());
+    }
+    Ok(())
+}
