@@ -683,9 +683,16 @@ pub fn run(o: RunOptions) -> Result<()> {
         o.ifaces.join(", "),
         shared.source.describe()
     ));
+    let mut next_poll = Instant::now() + o.poll;
     while !STOP.load(Ordering::SeqCst) {
-        std::thread::sleep(o.poll);
+        // Short naps: a signal does not cut a sleep short, and SIGHUP/SIGTERM should not
+        // wait for a long --poll-ms.
+        std::thread::sleep(o.poll.min(Duration::from_millis(50)));
         let reload = RELOAD.swap(false, Ordering::SeqCst);
+        if !reload && Instant::now() < next_poll {
+            continue;
+        }
+        next_poll = Instant::now() + o.poll;
         if reload && o.policy.is_none() {
             log::info!(
                 "SIGHUP: nothing to reload, the policy source is {}",

@@ -117,8 +117,12 @@ pub(super) fn make_tarball(ctx: &Ctx, tarball: &Path) -> Result<()> {
     if ctx.output("mmdebstrap", &["--version"]).is_none() {
         step("fresh: installing mmdebstrap");
         let mut c = super::privileged(ctx, "apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends", "mmdebstrap"]);
+        c.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "mmdebstrap",
+        ]);
         ctx.run(c)?;
     }
     step(&format!(

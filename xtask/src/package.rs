@@ -390,7 +390,9 @@ fn check_in(ctx: &Ctx, deb: &Path, root: &Path) -> Result<()> {
     v.arg("verify")
         .arg(format!("--root={}", root.display()))
         .arg("/lib/systemd/system/keywall.service");
-    let out = v.output().context("systemd-analyze (apt package systemd)")?;
+    let out = v
+        .output()
+        .context("systemd-analyze (apt package systemd)")?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
