@@ -34,11 +34,11 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
     let base = ctx.target_dir()?.join("fresh");
     std::fs::create_dir_all(&base)?;
     let tarball = base.join(format!("{SUITE}-minbase.tar"));
-    if !tarball.exists() {
-        make_tarball(ctx, &tarball)?;
-    } else {
-        println!("ok: cached {}", tarball.display());
-    }
+    make_tarball(ctx, &tarball, &["ca-certificates", "git"])?;
+    // The package check (run by `cargo xtask test`) installs the .deb into a root that has
+    // systemd, for `systemd-analyze verify`.
+    let systemd_tarball = base.join(format!("{SUITE}-systemd.tar"));
+    make_tarball(ctx, &systemd_tarball, &["systemd"])?;
     let root = base.join("root");
     remove_root(&root)?;
     std::fs::create_dir_all(&root)?;
@@ -59,7 +59,10 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
     // cached tarball rather than a second mmdebstrap.
     let inner_cache = root.join("src/keywall/target/fresh");
     std::fs::create_dir_all(&inner_cache)?;
-    std::fs::copy(&tarball, inner_cache.join(tarball.file_name().unwrap()))?;
+    std::fs::copy(
+        &systemd_tarball,
+        inner_cache.join(systemd_tarball.file_name().unwrap()),
+    )?;
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     let (cargo_home, rustup_home) = (
         super::cargo_home(),
@@ -113,7 +116,12 @@ exec chroot "$R" /usr/bin/env -i HOME=/root TERM=dumb \
     Ok(())
 }
 
-pub(super) fn make_tarball(ctx: &Ctx, tarball: &Path) -> Result<()> {
+/// A `minbase` root with `include` added, cached as `tarball` (made only when missing).
+pub(super) fn make_tarball(ctx: &Ctx, tarball: &Path, include: &[&str]) -> Result<()> {
+    if tarball.exists() {
+        println!("ok: cached {}", tarball.display());
+        return Ok(());
+    }
     if ctx.output("mmdebstrap", &["--version"]).is_none() {
         step("fresh: installing mmdebstrap");
         let mut c = super::privileged(ctx, "apt-get");
@@ -133,7 +141,7 @@ pub(super) fn make_tarball(ctx: &Ctx, tarball: &Path) -> Result<()> {
     let mut c = ctx.command("mmdebstrap");
     c.args([
         "--variant=minbase",
-        "--include=ca-certificates,git",
+        &format!("--include={}", include.join(",")),
         "--format=tar",
         SUITE,
     ])

@@ -29,7 +29,7 @@ EnvironmentFile=-/etc/default/keywall
 ExecStartPre=+/usr/sbin/keywall prepare --pin-dir /sys/fs/bpf/keywall --owner keywall
 ExecStart=/usr/sbin/keywall run --pin-dir /sys/fs/bpf/keywall --state-dir /var/lib/keywall --api unix:/run/keywall/api.sock $KEYWALL_OPTS
 # SIGHUP reads the policy file again at once (it is also re-read when it changes).
-ExecReload=/bin/kill -HUP $MAINPID
+ExecReload=/bin/sh -c "kill -HUP ${MAINPID}"
 # Stopping leaves the XDP program attached and enforcing; the next start takes it over.
 Restart=on-failure
 RestartSec=2s
@@ -293,7 +293,7 @@ fn dir_size(p: &Path) -> Result<u64> {
 }
 
 /// The package check: builds the .deb around `bin`, installs it with dpkg into a throw-away
-/// bookworm root (the one `xtask fresh` caches), and checks the files, the conffiles, the
+/// bookworm root with systemd (cached under target/fresh, as `xtask fresh` does), and checks the files, the conffiles, the
 /// keywall user, the unit (`systemd-analyze verify`), that the installed binary runs, and
 /// that a purge removes it.
 pub fn check(ctx: &Ctx, bin: &Path) -> Result<()> {
@@ -301,10 +301,8 @@ pub fn check(ctx: &Ctx, bin: &Path) -> Result<()> {
     let deb = build_from(ctx, bin)?;
     let base = ctx.target_dir()?.join("fresh");
     fs::create_dir_all(&base)?;
-    let tarball = base.join("bookworm-minbase.tar");
-    if !tarball.exists() {
-        super::fresh::make_tarball(ctx, &tarball)?;
-    }
+    let tarball = base.join("bookworm-systemd.tar");
+    super::fresh::make_tarball(ctx, &tarball, &["systemd"])?;
     let root = ctx.target_dir()?.join("debian/check-root");
     super::fresh::remove_root(&root)?;
     fs::create_dir_all(&root)?;
@@ -387,7 +385,9 @@ fn check_in(ctx: &Ctx, deb: &Path, root: &Path) -> Result<()> {
     }
     step("package check: systemd-analyze verify");
     let mut v = ctx.command("systemd-analyze");
+    // --man=no: the throw-away root has no man-db; the pages are checked below with man -l.
     v.arg("verify")
+        .arg("--man=no")
         .arg(format!("--root={}", root.display()))
         .arg("/lib/systemd/system/keywall.service");
     let out = v
@@ -401,6 +401,14 @@ fn check_in(ctx: &Ctx, deb: &Path, root: &Path) -> Result<()> {
     print!("{text}");
     if !out.status.success() || text.contains("keywall.service:") {
         bail!("systemd-analyze verify keywall.service failed");
+    }
+    for page in ["keywall.8.gz", "keywall-run.8.gz"] {
+        let mut m = ctx.command("man");
+        m.env("MANWIDTH", "80")
+            .arg("-l")
+            .arg(root.join("usr/share/man/man8").join(page))
+            .stdout(std::process::Stdio::null());
+        ctx.run(m)?;
     }
     step("package check: dpkg --purge");
     print!("{}", chroot(&["dpkg", "--purge", "keywall"])?);
