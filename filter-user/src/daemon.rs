@@ -537,7 +537,14 @@ pub fn run(o: RunOptions) -> Result<()> {
     // 1. Restore the last applied policy before anything is attached or taken over.
     match state::load_applied(&o.state_dir) {
         Ok(Some(a)) => {
-            let rep = eng.apply(a.policy.clone(), a.revision, &a.source)?;
+            let pb = crate::progress::spinner(format!(
+                "restoring revision {} ({} keys)",
+                a.revision,
+                a.policy.key.len()
+            ));
+            let rep = eng.apply(a.policy.clone(), a.revision, &a.source);
+            crate::progress::done(pb);
+            let rep = rep?;
             log::info!(
                 "restored revision {} ({}) from {}: generation {}",
                 a.revision,
@@ -560,7 +567,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     };
     if let Some(p) = &o.policy {
         last_stamp = file_stamp(p);
+        let pb = crate::progress::spinner(format!("applying {}", p.display()));
         apply_file(&mut eng, p, &mut runtime, &metrics);
+        crate::progress::done(pb);
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
             // filter that passes everything.

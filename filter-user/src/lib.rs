@@ -9,6 +9,7 @@ pub mod host;
 pub mod metrics;
 pub mod policy;
 pub mod prefilter;
+pub mod progress;
 pub mod state;
 pub mod stats;
 pub mod status;
