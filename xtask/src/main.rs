@@ -103,6 +103,9 @@ enum Cmd {
         /// runs this check on the debug build).
         #[arg(long)]
         check: bool,
+        /// Package the debug build instead (quick; for checking the packaging itself).
+        #[arg(long)]
+        debug: bool,
     },
     /// Prove a fresh Debian 12 machine works: a clean clone in a throw-away bookworm root
     /// (mmdebstrap, cached under target/fresh) that has none of the build dependencies, only
@@ -161,12 +164,20 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             bench(&ctx, quick, &args)
         }
-        Cmd::Package { check } => {
+        Cmd::Package { check, debug } => {
             setup(&mut ctx)?;
-            let deb = package::build(&ctx)?;
-            println!("built {}", deb.display());
+            let bin = if debug {
+                ctx.cargo(&["build", "-p", "filter-user"])?;
+                ctx.target_dir()?.join("debug/keywall")
+            } else {
+                package::build(&ctx)?;
+                ctx.target_dir()?.join("release/keywall")
+            };
             if check {
-                package::check(&ctx, &ctx.target_dir()?.join("release/keywall"))?;
+                package::check(&ctx, &bin)?;
+            } else {
+                let deb = package::build_from(&ctx, &bin)?;
+                println!("built {}", deb.display());
             }
             Ok(())
         }

@@ -166,12 +166,10 @@ pub const FILES: &[&str] = &[
     "usr/share/man/man8/keywall-run.8.gz",
 ];
 
-/// Builds the .deb from the release binary.
-pub fn build(ctx: &Ctx) -> Result<PathBuf> {
+/// Builds the release binary.
+pub fn build(ctx: &Ctx) -> Result<()> {
     step("package: cargo build --release -p filter-user");
-    ctx.cargo(&["build", "--release", "-p", "filter-user"])?;
-    let bin = ctx.target_dir()?.join("release/keywall");
-    build_from(ctx, &bin)
+    ctx.cargo(&["build", "--release", "-p", "filter-user"])
 }
 
 /// Builds the .deb around `bin` (the test check packages the debug build it already has).
