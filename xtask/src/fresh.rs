@@ -1,6 +1,7 @@
 //! `cargo xtask fresh`: the fresh-machine check.
 //!
-//! A Debian 12 root made by mmdebstrap (`minbase`, plus git and ca-certificates to clone),
+//! A Debian 12 root made by mmdebstrap (`minbase`, plus git and ca-certificates to clone, and
+//! gcc and libc6-dev, the C linker every Rust install needs),
 //! cached as a tarball under target/fresh, is unpacked afresh each run. It gets a clean clone
 //! of this repository's HEAD, a copy of ~/.cargo (the cargo binaries and the registry cache)
 //! and the host's ~/.rustup bind-mounted read-only, because rustup's own servers are not
@@ -33,8 +34,10 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
     let t0 = Instant::now();
     let base = ctx.target_dir()?.join("fresh");
     std::fs::create_dir_all(&base)?;
-    let tarball = base.join(format!("{SUITE}-minbase.tar"));
-    make_tarball(ctx, &tarball, &["ca-certificates", "git"])?;
+    // What a Rust user's machine has before keywall: git to clone, and the C linker and libc
+    // headers that rustup requires (`cargo xtask` itself cannot be compiled without them).
+    let tarball = base.join(format!("{SUITE}-rustbase.tar"));
+    make_tarball(ctx, &tarball, &["ca-certificates", "git", "gcc", "libc6-dev"])?;
     // The package check (run by `cargo xtask test`) installs the .deb into a root that has
     // systemd, for `systemd-analyze verify`.
     let systemd_tarball = base.join(format!("{SUITE}-systemd.tar"));
