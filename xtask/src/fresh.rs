@@ -37,7 +37,11 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
     // What a Rust user's machine has before keywall: git to clone, and the C linker and libc
     // headers that rustup requires (`cargo xtask` itself cannot be compiled without them).
     let tarball = base.join(format!("{SUITE}-rustbase.tar"));
-    make_tarball(ctx, &tarball, &["ca-certificates", "git", "gcc", "libc6-dev"])?;
+    make_tarball(
+        ctx,
+        &tarball,
+        &["ca-certificates", "git", "gcc", "libc6-dev"],
+    )?;
     // The package check (run by `cargo xtask test`) installs the .deb into a root that has
     // systemd, for `systemd-analyze verify`.
     let systemd_tarball = base.join(format!("{SUITE}-systemd.tar"));
