@@ -16,9 +16,8 @@ const CAP_BPF: u32 = 39;
 /// The capabilities `keywall run` needs, and why:
 /// - CAP_BPF: load the program, create and pin its maps, read them back;
 /// - CAP_NET_ADMIN: attach XDP to an interface (and XDP programs are networking programs);
-/// - CAP_PERFMON: the verifier treats the program as trusted (pointer comparisons, no
-///   Spectre-v1 sanitising that would reject the packet walks) and the ring buffer of drop
-///   events is readable.
+/// - CAP_PERFMON: without it the verifier applies its rules for untrusted loaders (Spectre
+///   v1/v4 sanitising, no pointer comparisons), which the program was not written for.
 pub const REQUIRED_CAPS: [(&str, u32); 3] = [
     ("CAP_BPF", CAP_BPF),
     ("CAP_NET_ADMIN", CAP_NET_ADMIN),

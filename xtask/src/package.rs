@@ -40,8 +40,8 @@ User=keywall
 Group=keywall
 # CAP_BPF: load the program and its maps, pin them, read them back.
 # CAP_NET_ADMIN: attach XDP to the interfaces.
-# CAP_PERFMON: the verifier must treat the program as trusted (pointer comparisons in the
-# packet walks, no Spectre-v1 sanitising), as it does for root.
+# CAP_PERFMON: without it the verifier applies its rules for untrusted loaders (Spectre
+# sanitising, no pointer comparisons), which the program was not written for.
 AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 NoNewPrivileges=yes
