@@ -1,5 +1,6 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
 pub mod api;
+pub mod chain;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;

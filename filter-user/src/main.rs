@@ -157,6 +157,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Run another XDP program after keywall on this interface's packets that keywall passes
+    /// (the chaining slot), or empty the slot.
+    Chain {
+        /// A pinned XDP program (e.g. xdp-filter's, under /sys/fs/bpf/xdp-filter/programs/).
+        #[arg(long, conflicts_with_all = ["prog_id", "clear"])]
+        prog: Option<PathBuf>,
+        /// A loaded XDP program's id (`bpftool prog`).
+        #[arg(long, conflicts_with = "clear")]
+        prog_id: Option<u32>,
+        /// Empty the slot.
+        #[arg(long)]
+        clear: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// For the service unit's privileged ExecStartPre: mount bpffs if it is missing and make
     /// the pin dir, owned by the daemon's user.
     #[command(hide = true)]
@@ -374,6 +389,31 @@ fn real_main() -> Result<ExitCode> {
             KeyCmd::Unlock { prefix, api } => client::key_lock(&api.client()?, &prefix, false)?,
         })),
         Cmd::Events { json, api } => Ok(ExitCode::from(client::events(&api.client()?, json)?)),
+        Cmd::Chain {
+            prog,
+            prog_id,
+            clear,
+            pin_dir,
+        } => {
+            use keywall::chain;
+            let target = match (&prog, prog_id) {
+                (Some(p), _) => Some(chain::Target::Pin(p)),
+                (None, Some(id)) => Some(chain::Target::Id(id)),
+                (None, None) => None,
+            };
+            match target {
+                Some(t) => {
+                    let (name, id) = chain::set(&pin_dir, t)?;
+                    println!("chained {name} (prog id {id}) after keywall");
+                }
+                None if clear => {
+                    chain::clear(&pin_dir)?;
+                    println!("chaining slot empty: keywall's pass verdicts are final");
+                }
+                None => anyhow::bail!("say --prog PINNED_PROGRAM, --prog-id ID or --clear"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Prepare { pin_dir, owner } => {
             dataplane::ensure_bpffs(&pin_dir)?;
             if let Some(user) = owner {

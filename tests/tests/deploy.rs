@@ -461,3 +461,136 @@ fn native_and_generic_xdp_cannot_share_an_interface() -> Result<()> {
     );
     Ok(())
 }
+
+/// One HTTP GET from the client namespace: Some(status) or None when it got no answer.
+fn get(sb: &Sandbox, port: u16, key: Option<&str>) -> Option<u16> {
+    let mut c = sb.client_cmd("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]);
+    if let Some(k) = key {
+        c.args(["-H", &format!("X-MBX-APIKEY: {k}")]);
+    }
+    let out = c
+        .arg(format!("http://{}:{port}/", sb.edge_v4()))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&s| s != 0)
+}
+
+/// keywall and xdp-filter (xdp-tools) on one interface: keywall is attached, xdp-filter's
+/// program sits in keywall's chaining slot and judges what keywall passes. Each one's
+/// verdicts take effect: keywall drops the unknown key, xdp-filter the port it denies.
+#[test]
+fn keywall_and_xdp_filter_share_an_interface_through_the_chaining_slot() -> Result<()> {
+    let sb = Sandbox::new("chain")?;
+    let file = sb.tmp_dir().join("policy.toml");
+    fs::write(
+        &file,
+        format!(
+            r#"[settings]
+key_prefix_len = 8
+unknown_key = "drop"
+prefilter = false
+
+[[listener]]
+port = {PORT}
+locator = "http-header"
+headers = ["X-MBX-APIKEY"]
+
+[[key]]
+prefix = "goodkey1"
+allow = ["{}/32"]
+"#,
+            sb.client_v4()
+        ),
+    )?;
+    let _d = tests::api_bench::ApiDaemon::start(&sb, 0, &["--policy", file.to_str().unwrap()])?;
+    let _web = sb.spawn_http_server_edge(PORT)?;
+    let _other = sb.spawn_http_server_edge(7777)?;
+    thread::sleep(Duration::from_millis(300));
+    let pins = sb.pin_dir().to_str().unwrap().to_owned();
+    let kwc = |args: &[&str]| {
+        let out = sb
+            .edge_cmd(keywall_bin().unwrap())
+            .arg("chain")
+            .args(args)
+            .args(["--pin-dir", &pins])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keywall chain {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // xdp-filter, loaded by its own tool onto a spare device (its program and maps pinned
+    // under /sys/fs/bpf/xdp-filter), denying TCP port 7777.
+    let dummy = format!(
+        "kwd{}",
+        &sb.edge_if()[sb.edge_if().len().saturating_sub(8)..]
+    );
+    let sh = |args: &[&str]| {
+        let out = sb.exec_edge(args[0], &args[1..]).unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // (This kernel has no dummy driver: a veth pair inside the edge namespace does.)
+    let peer = format!("kwp{}", &dummy[3..]);
+    sh(&[
+        "ip", "link", "add", &dummy, "type", "veth", "peer", "name", &peer,
+    ]);
+    sh(&["xdp-filter", "load", "-m", "skb", &dummy]);
+    let result = (|| -> Result<()> {
+        sh(&["xdp-filter", "port", "-p", "tcp", "7777"]);
+        let progs = Path::new("/sys/fs/bpf/xdp-filter/programs").join(&dummy);
+        let prog = fs::read_dir(&progs)?
+            .next()
+            .context("xdp-filter pinned no program")??
+            .path();
+
+        // Before chaining, only keywall judges: 7777 answers.
+        assert_eq!(get(&sb, 7777, None), Some(200));
+        let said = kwc(&["--prog", prog.to_str().unwrap()]);
+        assert!(said.contains("chained xdpfilt_"), "{said}");
+
+        // Both take effect.
+        assert_eq!(
+            get(&sb, PORT, Some("goodkey1-secret")),
+            Some(200),
+            "both pass it"
+        );
+        assert_eq!(
+            get(&sb, PORT, Some("unknown1-secret")),
+            None,
+            "keywall drops it"
+        );
+        assert_eq!(get(&sb, 7777, None), None, "xdp-filter drops it");
+        let stats = tests::api_bench::kw(&sb, &["stats", "--json", "--pin-dir", &pins]);
+        let stats: Value = serde_json::from_slice(&stats.stdout)?;
+        assert!(reason_packets(&stats, "drop_unknown_key") > 0, "{stats}");
+
+        // Emptied, keywall's pass is final again.
+        kwc(&["--clear"]);
+        assert_eq!(get(&sb, 7777, None), Some(200));
+        Ok(())
+    })();
+    let _ = sb.exec_edge("xdp-filter", ["unload", dummy.as_str()]);
+    result
+}
