@@ -21,6 +21,22 @@ use anyhow::{Context as _, Result, bail};
 use super::{Ctx, step};
 
 const SUITE: &str = "bookworm";
+
+/// Network settings passed into the root when the host has them (proxies, CA bundles).
+const PASS_ENV: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+];
 const MIRRORS: &[&str] = &[
     "deb http://deb.debian.org/debian bookworm main",
     "deb http://deb.debian.org/debian bookworm-updates main",
@@ -62,6 +78,21 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
         .arg(root.join("src/keywall"));
     ctx.run(clone)?;
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).ok();
+    // The host's network, not its build dependencies: locally added CA certificates (a TLS
+    // proxy in front of the registries) and pip's configuration. The root trusts them once
+    // update-ca-certificates ran inside.
+    if let Ok(dir) = std::fs::read_dir("/usr/local/share/ca-certificates") {
+        let dst = root.join("usr/local/share/ca-certificates");
+        std::fs::create_dir_all(&dst)?;
+        for e in dir.flatten() {
+            std::fs::copy(e.path(), dst.join(e.file_name()))?;
+        }
+    }
+    std::fs::copy("/etc/pip.conf", root.join("etc/pip.conf")).ok();
+    let passed: String = PASS_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!(" {k}='{v}'")))
+        .collect();
     // The package check inside unpacks the same bookworm root for its dpkg -i: hand it the
     // cached tarball rather than a second mmdebstrap.
     let inner_cache = root.join("src/keywall/target/fresh");
@@ -97,7 +128,8 @@ mount --rbind /sys "$R/sys" && mount --make-rslave "$R/sys"
 mount -t tmpfs tmpfs "$R/run"
 mount -t tmpfs tmpfs "$R/tmp"
 mount --bind {rustup} "$R/root/.rustup" && mount -o remount,bind,ro "$R/root/.rustup"
-exec chroot "$R" /usr/bin/env -i HOME=/root TERM=dumb \
+chroot "$R" update-ca-certificates >/dev/null
+exec chroot "$R" /usr/bin/env -i HOME=/root TERM=dumb{passed} \
   PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   /bin/sh -c 'cd /src/keywall && {inner}'
 "#,
