@@ -16,8 +16,9 @@ const CAP_BPF: u32 = 39;
 /// The capabilities `keywall run` needs, and why:
 /// - CAP_BPF: load the program, create and pin its maps, read them back;
 /// - CAP_NET_ADMIN: attach XDP to an interface (and XDP programs are networking programs);
-/// - CAP_PERFMON: without it the verifier applies its rules for untrusted loaders (Spectre
-///   v1/v4 sanitising, no pointer comparisons), which the program was not written for.
+/// - CAP_PERFMON: without it the verifier applies its rules for untrusted loaders and refuses
+///   the program (`R2 pointer -= pointer prohibited`: the packet walks subtract packet
+///   pointers), as seen on 6.18.
 pub const REQUIRED_CAPS: [(&str, u32); 3] = [
     ("CAP_BPF", CAP_BPF),
     ("CAP_NET_ADMIN", CAP_NET_ADMIN),

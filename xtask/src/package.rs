@@ -40,8 +40,8 @@ User=keywall
 Group=keywall
 # CAP_BPF: load the program and its maps, pin them, read them back.
 # CAP_NET_ADMIN: attach XDP to the interfaces.
-# CAP_PERFMON: without it the verifier applies its rules for untrusted loaders (Spectre
-# sanitising, no pointer comparisons), which the program was not written for.
+# CAP_PERFMON: without it the verifier applies its rules for untrusted loaders and refuses
+# the program ("pointer -= pointer prohibited": the packet walks subtract packet pointers).
 AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 NoNewPrivileges=yes
