@@ -61,7 +61,9 @@ pub fn check_caps() -> Result<()> {
     Ok(())
 }
 
-/// Gives `path` to `user` (and that user's group), for the unit's privileged ExecStartPre.
+/// Gives `path` and what is pinned in it to `user` (and that user's group), for the unit's
+/// privileged ExecStartPre: pins left by a daemon that ran as root (mode 0600) become the
+/// user's, so the unit takes them over.
 pub fn chown_to_user(path: &std::path::Path, user: &str) -> Result<()> {
     let name = CString::new(user)?;
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
@@ -71,6 +73,10 @@ pub fn chown_to_user(path: &std::path::Path, user: &str) -> Result<()> {
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .with_context(|| format!("chown {user} {}", path.display()))?;
+    for e in std::fs::read_dir(path)?.flatten() {
+        std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))
+            .with_context(|| format!("chown {user} {}", e.path().display()))?;
+    }
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     Ok(())
 }

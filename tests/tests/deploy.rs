@@ -594,3 +594,31 @@ allow = ["{}/32"]
     let _ = sb.exec_edge("xdp-filter", ["unload", dummy.as_str()]);
     result
 }
+
+/// Moving a host from a daemon run as root to the unit: the unit's `keywall prepare` gives
+/// the root-owned pins to the daemon's user, and the unprivileged daemon takes the pinned link
+/// over without a gap.
+#[test]
+fn the_unprivileged_daemon_takes_over_from_a_root_run_one() -> Result<()> {
+    let sb = Sandbox::new("upg")?;
+    let mut root_run = tests::api_bench::ApiDaemon::start(&sb, 0, &[])?;
+    root_run.stop()?;
+    let out = sb
+        .edge_cmd(keywall_bin()?)
+        .arg("prepare")
+        .arg("--pin-dir")
+        .arg(sb.pin_dir())
+        .args(["--owner", "nobody"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::remove_file(sb.tmp_dir().join("api-0.sock")).ok();
+    let mut d = start(&sb, ALL, &[], None)?;
+    d.wait_api()?;
+    let log = fs::read_to_string(&d.log)?;
+    assert!(log.contains("took over the pinned link"), "{log}");
+    Ok(())
+}
