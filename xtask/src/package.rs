@@ -14,7 +14,10 @@ use super::{Ctx, step};
 pub const UNIT: &str = r#"[Unit]
 Description=keywall: per-API-key source allowlists and locks, enforced in XDP
 Documentation=man:keywall(8) man:keywall-run(8)
-# Up before the network is configured, so API traffic is never unfiltered at boot.
+# Up before the network is configured, so API traffic is never unfiltered at boot. An
+# interface that appears later (a bond, a VLAN) needs a drop-in with
+# After=sys-subsystem-net-devices-IFNAME.device and BindsTo= the same; until then a start
+# that finds no interface fails and is retried (Restart=).
 Wants=network-pre.target
 Before=network-pre.target
 
