@@ -122,6 +122,9 @@ pub fn run(ctx: &Ctx, build_only: bool, keep: bool) -> Result<()> {
     let script = format!(
         r#"set -e
 R={root}
+# The root must be a mount point: `ip -n NS` makes / a slave mount, which fails on a plain
+# directory.
+mount --bind "$R" "$R"
 mount --rbind /dev "$R/dev" && mount --make-rslave "$R/dev"
 mount -t proc proc "$R/proc"
 mount --rbind /sys "$R/sys" && mount --make-rslave "$R/sys"
