@@ -333,12 +333,38 @@ pub struct FlowKey {
 pub const FLOW_HAS_KEY: u8 = 1 << 0;
 /// `client` came from a PROXY header (the connection's source is a trusted proxy).
 pub const FLOW_PROXIED: u8 = 1 << 1;
-/// A ClientHello is being followed across segments (its state is in `KW_TLS_PENDING`).
-pub const FLOW_TLS_PENDING: u8 = 1 << 2;
+/// A SYN was seen on this 5-tuple after the flow began: `syn_isn` holds its sequence number,
+/// and data at `syn_isn + 1` starts a new connection (judged from its stream start).
+pub const FLOW_SYN: u8 = 1 << 2;
 /// Bytes of a split extension carried from one segment to the next.
 pub const TLS_CARRY: usize = 96;
 
-/// `KW_FLOWS` value: the connection's verdict and what it was judged on.
+/// The stream starts here: an HTTP request line, `8=FIX`, or a TLS ClientHello record.
+pub const CTX_START: u8 = 1 << 0;
+/// A PROXY header is expected here (a `proxy_protocol` listener's stream start).
+pub const CTX_PROXY: u8 = 1 << 1;
+/// The previous byte was a line (field) separator: a true line start, not a segment cut.
+pub const CTX_LINE: u8 = 1 << 2;
+/// TLS: inside a ClientHello that goes on here (its walk is in `KW_TLS_PENDING`).
+pub const CTX_HELLO: u8 = 1 << 3;
+/// TLS: the first body byte of a handshake record comes here.
+pub const CTX_PEEK: u8 = 1 << 4;
+
+/// A locator's parse context at one position of a connection's byte stream: what the bytes
+/// from there mean (see docs/DATAPATH.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCtx {
+    pub flags: u8,
+    /// TLS: bytes of a record header cut by the previous segment's end (in `hdr`).
+    pub hdr_len: u8,
+    /// TLS: record body bytes left before the next record header.
+    pub rec_left: u16,
+    pub hdr: [u8; 4],
+}
+
+/// `KW_FLOWS` value: the connection's verdict, what it was judged on, and where the filter
+/// stands in its byte stream.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
@@ -350,10 +376,18 @@ pub struct Flow {
     pub family: u8,
     pub _pad: u8,
     pub stat_idx: u32,
-    pub _pad2: u32,
+    /// Sequence number just past the last byte passed.
+    pub next_seq: u32,
     pub prefix: KeyPrefix,
     /// The address the allowlist is checked against (the PROXY header's, when there was one).
     pub client: [u8; 16],
+    /// Where the last passed data segment began (a retransmission may start here).
+    pub last_seq: u32,
+    /// The sequence number of a SYN seen on the tuple after the flow began (`FLOW_SYN`).
+    pub syn_isn: u32,
+    /// The parse context at `next_seq` and at `last_seq`.
+    pub ctx_next: StreamCtx,
+    pub ctx_last: StreamCtx,
 }
 
 impl Default for Flow {
@@ -365,12 +399,30 @@ impl Default for Flow {
             family: 0,
             _pad: 0,
             stat_idx: 0,
-            _pad2: 0,
+            next_seq: 0,
             prefix: KeyPrefix { bytes: [0; 16] },
             client: [0; 16],
+            last_seq: 0,
+            syn_isn: 0,
+            ctx_next: StreamCtx {
+                flags: 0,
+                hdr_len: 0,
+                rec_left: 0,
+                hdr: [0; 4],
+            },
+            ctx_last: StreamCtx {
+                flags: 0,
+                hdr_len: 0,
+                rec_left: 0,
+                hdr: [0; 4],
+            },
         }
     }
 }
+
+// The kernel and the loader share these layouts byte for byte.
+const _: () = assert!(core::mem::size_of::<StreamCtx>() == 8);
+const _: () = assert!(core::mem::size_of::<Flow>() == 72);
 
 /// `KW_TLS_PENDING` value: where a ClientHello that outgrew its first segment goes on. Kept
 /// apart from `Flow` so the common flow entry stays small.

@@ -9,6 +9,11 @@
 //! begins the segment: a keep-alive connection can pipeline a second request with another key,
 //! and a later segment can carry one. All keys found in one segment must agree. A key line
 //! cut by the end of the segment fails closed (malformed), so no split hides a key.
+//!
+//! What servers tolerate is judged, not assumed away (docs/DATAPATH.md): a bare CR ends a
+//! line too, `-` and `_` in a name are one character, a blank before the colon, a value
+//! shorter than a key prefix (obs-fold) and the HTTP/2 preface are "cannot judge", and a
+//! FIX tag with a leading zero is too.
 
 use aya_ebpf::{
     bindings::xdp_md,
@@ -20,7 +25,7 @@ use filter_common::{Listener, MAX_HEADERS};
 
 use crate::{
     LISTENERS, SCRATCH, ScratchPtr, forget_in, ld64,
-    scratch::{LineState, ScanIo, WINDOW_WORDS},
+    scratch::{ScanIo, WINDOW_WORDS},
     swar::{HIGH, LOW7, ONES, low_bytes},
 };
 
@@ -77,18 +82,26 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
         return 0;
     }
     let ctx = XdpContext::new(lc.ctx);
+    // The segment's first byte starts a line only if the stream or a separator says so;
+    // otherwise it is just where the segment was cut (still checked for a key: over-detecting
+    // a line start is safe).
+    let true_start = i > 0 || acc.at_line != 0;
     check_line(
         &ctx,
         ((start + off) & 0x3fff) as usize,
         unsafe { &*lc.listener },
         lc.sc,
+        true_start,
     );
     0
 }
 
 #[inline(always)]
-fn step(w: u64, seps: u64) -> (usize, usize) {
-    let m = newline_mask(w, seps);
+fn step(w: u64, seps: u64, fold: u64) -> (usize, usize) {
+    // `fold` ORs away the bits in which separators differ: for HTTP, 0x08..=0x0f all end a
+    // line (LF and CR, and with them TAB, VT, FF: more line starts than a server sees is
+    // safe, fewer is not). One comparison, so the loop keeps its registers.
+    let m = newline_mask(w | fold, seps);
     let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
     // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
     let m = m | (1 << 63);
@@ -131,7 +144,26 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     let start = (io.start & 0x3fff) as usize;
     let end = (io.end & 0x3fff) as usize;
     let seps = ONES * (io.sep & 0xff);
-    match scan(&xctx, sc, start, end, l, (io.plen & 0x1f) as usize, seps) {
+    let seps2 = ONES * (io.sep_fold & 0xff);
+    let fix = io.fix != 0;
+    if io.first != 0 && !stream_start_ok(&xctx, start, end, fix) {
+        return 0;
+    }
+    unsafe {
+        (*sc).line.fix = fix as u64;
+        (*sc).line.at_line = io.at_line;
+        (*sc).line.logon = 0;
+    }
+    match scan(
+        &xctx,
+        sc,
+        start,
+        end,
+        l,
+        (io.plen & 0x1f) as usize,
+        seps,
+        seps2,
+    ) {
         Found::None => io.result = SCAN_NONE,
         Found::Malformed => io.result = SCAN_MALFORMED,
         Found::Key(p) => {
@@ -139,11 +171,39 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
             io.prefix = p;
         }
     }
+    io.at_line = unsafe { (*sc).line.at_line };
+    io.logon = unsafe { (*sc).line.logon };
     0
+}
+
+/// The first bytes of a stream: an HTTP/1.x request line (an upper-case method of 1 to 7
+/// letters, then a space), or a FIX message (`8=FIX`). Anything else (TLS, the HTTP/2
+/// preface's binary frames, garbage) is not judged.
+#[inline(always)]
+fn stream_start_ok(ctx: &XdpContext, start: usize, end: usize, fix: bool) -> bool {
+    let p = ctx.data() + start;
+    if start + 8 > end || p + 8 > ctx.data_end() {
+        return false;
+    }
+    let w = ld64(p as *const u64);
+    if fix {
+        return w & low_bytes(5) == u64::from_le_bytes(*b"8=FIX\0\0\0");
+    }
+    let sp = eq_mask(w, b' ');
+    let k = leading_bytes(sp);
+    if k == 0 || k >= 8 {
+        return false;
+    }
+    // A-Z: 0x41..=0x5a.
+    let ge_a = ((w & LOW7) + ONES * (0x80 - 0x41)) & HIGH;
+    let gt_z = ((w & LOW7) + ONES * (0x80 - 0x5b)) & HIGH;
+    let upper = ge_a & !gt_z & !w & HIGH;
+    upper & low_bytes(k) == HIGH & low_bytes(k)
 }
 
 /// Scans the payload `[start, end)` (offsets from the frame start).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn scan(
     ctx: &XdpContext,
     sc: ScratchPtr,
@@ -152,6 +212,7 @@ fn scan(
     l: &Listener,
     plen: usize,
     seps: u64,
+    seps2: u64,
 ) -> Found {
     let data = ctx.data();
     let data_end = ctx.data_end();
@@ -174,7 +235,7 @@ fn scan(
             break;
         }
         let w = ld64(p as *const u64);
-        let (adv, is_nl) = step(w, seps);
+        let (adv, is_nl) = step(w, seps, seps2);
         pos += adv;
         // Branch-free append: the slot is overwritten unless this step found a newline.
         lines[n & 127] = pos as u16;
@@ -203,7 +264,7 @@ fn scan(
             if pos >= len {
                 break;
             }
-            let (adv, is_nl) = step(tail, seps);
+            let (adv, is_nl) = step(tail, seps, seps2);
             // Shift the consumed bytes out; a shift by 64 would be undefined, so go in two.
             tail = (tail >> (8 * (adv as u64 - 1))) >> 8;
             pos += adv;
@@ -217,19 +278,22 @@ fn scan(
     if n > MAX_LINES {
         return Found::Malformed;
     }
+    // Does the segment end with a separator (the next one then starts a true line)?
+    let last = lines[(n.wrapping_sub(1)) & 127] as usize;
+    let ends_at_line = n > 1 && last == len;
 
     // Pass 2: check each line start, in a bpf_loop so the verifier checks the body once
     // rather than once per line.
     unsafe {
-        (*sc).line = LineState {
-            start: start as u64,
-            end: end as u64,
-            plen: plen as u64,
-            n: n as u64,
-            found: 0,
-            malformed: 0,
-            prefix: [0; 2],
-        };
+        // Field by field: a struct literal would be built on the (shared) stack first.
+        let acc = &mut (*sc).line;
+        acc.start = start as u64;
+        acc.end = end as u64;
+        acc.plen = plen as u64;
+        acc.n = n as u64;
+        acc.found = 0;
+        acc.malformed = 0;
+        acc.prefix = [0; 2];
     }
     let mut lc = LineLoop {
         ctx: ctx.ctx,
@@ -245,6 +309,7 @@ fn scan(
         )
     };
     let acc = unsafe { (*sc).line };
+    unsafe { (*sc).line.at_line = ends_at_line as u64 };
     if done < 0 || acc.malformed != 0 {
         return Found::Malformed;
     }
@@ -298,7 +363,7 @@ fn avail_mask(avail: usize, word_idx: usize) -> u64 {
 /// Checks one line start (`off`, from the frame start) against the listener's header names.
 /// Branch-light on purpose: the verifier walks it once per recorded line.
 #[inline(always)]
-fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
+fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_start: bool) {
     let acc = unsafe { &mut (*sc).line };
     let end = (acc.end & 0x3fff) as usize;
     let plen = acc.plen & 0x1f;
@@ -322,6 +387,20 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
             }
         }
     };
+    if acc.fix != 0 {
+        // A tag number with a leading zero (`0553=`) is the same tag to lenient engines.
+        if true_start && w0 & 0xff == b'0' as u64 {
+            acc.malformed = 1;
+            return;
+        }
+        if have >= 5 && w0 & low_bytes(5) == u64::from_le_bytes(*b"35=A\x01\0\0\0") {
+            acc.logon = 1;
+        }
+    } else if have == 8 && w0 == u64::from_le_bytes(*b"PRI * HT") {
+        // The HTTP/2 preface: what follows is binary frames whose headers are compressed.
+        acc.malformed = 1;
+        return;
+    }
     {
         // Most lines (Host, User-Agent, the blank line ending the headers) differ from every
         // key header in their first bytes: reject them before building the window.
@@ -336,7 +415,10 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
                 ld64(l.header_fold[h].as_ptr() as *const u64),
                 ld64(l.header_mask[h].as_ptr() as *const u64),
             );
-            if ((w0 | fold) ^ name) & mask & have_mask == 0 {
+            // The colon (`=` for FIX) is left out here: a blank before it is checked below.
+            let hl1 = (l.header_len[h] as u64).wrapping_sub(1) & 31;
+            let colon = if hl1 < 8 { 0xffu64 << (8 * hl1) } else { 0 };
+            if ((w0 | fold) ^ name) & mask & !colon & have_mask == 0 {
                 any = true;
                 break;
             }
@@ -384,11 +466,14 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
         avail_mask(avail, 2),
     ];
     let mut hit = MAX_HEADERS;
+    let mut blank_colon = false;
     for h in 0..MAX_HEADERS {
         if h >= l.n_headers as usize {
             break;
         }
+        let hl1 = (l.header_len[h] as u64).wrapping_sub(1) & 31;
         let mut diff = 0u64;
+        let mut diff_nc = 0u64;
         for j in 0..3 {
             let (name, fold, mask) = unsafe {
                 (
@@ -400,12 +485,31 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
             // Only the bytes the segment has are compared: a name cut by the segment end
             // still matches, and is then failed closed below.
             let mask = mask & am[j];
-            diff |= ((buf[j] | fold) ^ name) & mask;
+            let d = ((buf[j] | fold) ^ name) & mask;
+            diff |= d;
+            let colon = if hl1 >> 3 == j as u64 {
+                0xffu64 << (8 * (hl1 & 7))
+            } else {
+                0
+            };
+            diff_nc |= d & !colon;
         }
         if diff == 0 {
             hit = h;
             break;
         }
+        if diff_nc == 0 {
+            // The name, then something else where the colon should be: a blank there
+            // (`X-MBX-APIKEY : k`) is a header to lenient servers.
+            let c = load8(buf, hl1) & 0xff;
+            if c == b' ' as u64 || c == b'\t' as u64 {
+                blank_colon = true;
+            }
+        }
+    }
+    if blank_colon {
+        acc.malformed = 1;
+        return;
     }
     if hit >= MAX_HEADERS {
         return;
@@ -424,15 +528,14 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr) {
     let n0 = leading_bytes(!key_byte_mask(v0) & HIGH);
     let n1 = leading_bytes(!key_byte_mask(v1) & HIGH);
     let vlen = n0 + (n0 >> 3) * n1;
-    if vlen < plen && v + vlen >= avail as u64 {
-        // The value runs into the end of the segment: the key is split.
+    if vlen < plen {
+        // Cut by the end of the segment, empty (an obs-fold continuation may follow), or
+        // broken by a blank: not a key this filter can judge.
         acc.malformed = 1;
         return;
     }
-    // A value shorter than the prefix length stays short and matches no key.
-    let take = if vlen < plen { vlen } else { plen };
-    let p0 = v0 & low_bytes(take);
-    let p1 = v1 & low_bytes(take.saturating_sub(8));
+    let p0 = v0 & low_bytes(plen);
+    let p1 = v1 & low_bytes(plen.saturating_sub(8));
     if acc.found != 0 && (acc.prefix[0] != p0 || acc.prefix[1] != p1) {
         acc.malformed = 1;
         return;

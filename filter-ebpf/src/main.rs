@@ -29,18 +29,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use filter_common::{
-    AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, Control, Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS, DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES,
-    FLOW_HAS_KEY, FLOW_PROXIED, FLOW_TLS_PENDING, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats,
-    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
-    MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
-    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, TLS_CARRY, TlsPending,
+    AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, CTX_HELLO, CTX_LINE, CTX_PROXY, CTX_START, Control,
+    Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS,
+    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_PROXIED, FLOW_SYN, Flow,
+    FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL, LOCATOR_FIX,
+    LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener, MAX_LISTENERS, Reason, SETTING_ACTION_RESET,
+    SETTING_ENFORCE, SETTING_LOADED, SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
+    StreamCtx, TLS_CARRY, TlsPending,
 };
 
 use crate::{
-    parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN},
-    proxy::ProxyIo,
-    scratch::{ScanIo, Scratch},
+    parse::{Parsed, Segment, TCP_ACK, TCP_RST, TCP_SYN, TCP_URG},
+    scratch::Scratch,
 };
 
 // Maps are pinned by name under the loader's pin directory, so they outlive the daemon.
@@ -278,6 +278,75 @@ fn flow_key_in(sc: ScratchPtr, seg: &Segment) -> &'static FlowKey {
     fk
 }
 
+/// Where a data segment sits in its connection's byte stream (docs/DATAPATH.md).
+const AT_FRESH: u8 = 0;
+const AT_NEXT: u8 = 1;
+const AT_RETRANS: u8 = 2;
+/// Out of position on a connection that was refused, or on one that was not.
+const AT_REFUSED: u8 = 3;
+const AT_UNKNOWN: u8 = 4;
+
+/// Where the data segment in scratch sits in the stream of `f` (null: no flow): `AT_*` in
+/// the low byte, the bytes to judge from the first context in bits 8..24, and that context
+/// in `tmp[2]`.
+#[inline(never)]
+fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
+    let seg = unsafe { &(*sc).seg };
+    let len = (seg.payload_end - seg.payload_off) as u32 & 0xffff;
+    let seq = seg.seq;
+    let fresh = StreamCtx {
+        flags: CTX_START | CTX_LINE | if proxied != 0 { CTX_PROXY } else { 0 },
+        hdr_len: 0,
+        rec_left: 0,
+        hdr: [0; 4],
+    };
+    let (at, k, c) = if f.is_null() {
+        (AT_FRESH, len, fresh)
+    } else {
+        let f = unsafe { &*f };
+        if seq == f.next_seq {
+            (AT_NEXT, len, f.ctx_next)
+        } else if seq == f.last_seq && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31 {
+            // A retransmission of the last segment (maybe longer): its first `k` bytes are
+            // judged from where that segment began, the rest from where it ended.
+            (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
+        } else if f.flags & FLOW_SYN != 0
+            && seq == f.syn_isn.wrapping_add(1)
+            && far(seq, f.next_seq)
+            && far(seq, f.last_seq)
+        {
+            // A new connection on this 5-tuple: judged like one the filter never saw. Only
+            // where the old connection, if the server still has it, cannot take these bytes
+            // (outside any receive window); else they could land inside its stream.
+            (AT_FRESH, len, fresh)
+        } else {
+            // Ahead of what was judged, behind it, or overlapping part of it: where the
+            // server puts these bytes is not knowable here.
+            let refused = match Reason::from_u8(f.reason) {
+                Some(r) => r.is_drop(),
+                None => true,
+            };
+            (if refused { AT_REFUSED } else { AT_UNKNOWN }, 0, fresh)
+        }
+    };
+    unsafe { core::ptr::write_volatile(&mut (*sc).tmp[2], ctx_to_u64(c)) };
+    at as u64 | (k as u64 & 0xffff) << 8
+}
+
+/// What the locator made of a range of the payload (in scratch: the stack is small).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Located {
+    pub result: u64,
+    pub prefix: [u64; 2],
+    pub ctx: StreamCtx,
+    /// Set when this range began with a PROXY header: the client address it named.
+    pub proxied: u8,
+    pub family: u8,
+    pub _pad: [u8; 6],
+    pub client: [u8; 16],
+}
+
 #[inline(always)]
 fn judge_segment(
     ctx: &XdpContext,
@@ -288,272 +357,503 @@ fn judge_segment(
     l_idx: u32,
     seg: &Segment,
 ) -> Verdict {
-    if seg.payload_off >= seg.payload_end {
-        // No payload: handshakes and bare ACKs carry no key. RSTs always pass so a server can
-        // tear down; other packets of a known connection follow its verdict.
-        if seg.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
-            if seg.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    let tcp = seg.tcp_flags;
+    if tcp & TCP_URG != 0 {
+        // The server would take the urgent byte out of the stream (and an urgent pointer on
+        // a bare ACK points into data still to come): nothing here can be judged as sent.
+        return Verdict::of(Reason::DropMalformed);
+    }
+    let fk = flow_key_in(sc, seg);
+    if seg.payload_off >= seg.payload_end || tcp & TCP_RST != 0 {
+        // No payload (a RST's payload never reaches the application): handshakes and bare
+        // ACKs carry no key. RSTs always pass so a server can tear down; other packets of a
+        // known connection follow its verdict.
+        if tcp & (TCP_SYN | TCP_RST) != 0 {
+            if tcp & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
                 && settings.flags & SETTING_PREFILTER != 0
                 && !prefilter::source_may_connect(slot, settings, l, seg)
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
-            if seg.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && l.locator != LOCATOR_HTTP_HEADER {
-                // A new connection on this 5-tuple: what was judged on an old one is void, as
-                // a judged TLS or FIX connection is not scanned again. (HTTP segments are
-                // always scanned, so those entries need no such care.)
-                let _ = FLOWS.remove(flow_key_in(sc, seg));
+            if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // A SYN on a known 5-tuple voids nothing: the kernel answers it with a
+                // challenge ACK while the old connection lives. Data at its ISN + 1 starts
+                // a connection of its own, judged from its stream start.
+                if let Some(f) = FLOWS.get_ptr_mut(fk) {
+                    unsafe {
+                        (*f).flags |= FLOW_SYN;
+                        (*f).syn_isn = seg.seq;
+                    }
+                }
             }
             return Verdict::of(Reason::PassHandshake);
         }
-        return match FLOWS.get_ptr_mut(flow_key_in(sc, seg)) {
+        return match FLOWS.get_ptr_mut(fk) {
             Some(f) => follow(sc, slot, settings, unsafe { &mut *f }),
             None => Verdict::of(Reason::PassHandshake),
         };
     }
-    let fk = flow_key_in(sc, seg);
-    let plen = (settings.key_prefix_len as usize) & 0x1f;
-    let mut start = seg.payload_off;
-    let mut client = seg.src;
-    let mut family = seg.family;
-    let mut known = FLOWS.get_ptr_mut(fk);
+    if tcp & (TCP_SYN | TCP_ACK) != TCP_ACK {
+        // Data on a SYN: a server without a Fast Open cookie drops it, one with a cookie
+        // takes it; which one is not knowable here. Data without ACK: the server throws it
+        // away, so it must not move what the filter believes the server holds.
+        return Verdict::of(Reason::DropMalformed);
+    }
+    let len = (seg.payload_end - seg.payload_off) as u32;
     let proxied = l.flags & LISTENER_PROXY_PROTOCOL != 0;
-    let extra = if proxied { FLOW_PROXIED } else { 0 };
-    if proxied {
+    let mut known = FLOWS.get_ptr_mut(fk);
+    // Where the segment sits: decided in a function of its own, off the locators' chain.
+    let pos = position(sc, known.unwrap_or(core::ptr::null_mut()), proxied as u64);
+    let at = (pos & 0xff) as u8;
+    if at == AT_REFUSED {
+        return Verdict::of(Reason::DropFlow);
+    }
+    if at == AT_UNKNOWN {
+        return Verdict::of(Reason::DropMalformed);
+    }
+    if at == AT_FRESH {
+        known = None;
+    }
+    let k = ((pos >> 8) & 0xffff) as u32;
+    let ctx_a = unsafe { core::ptr::read_volatile(&(*sc).tmp[2]) };
+    let plen = (settings.key_prefix_len as u64) & 0x1f;
+    let args = |i: u64, from: u32, to: u32| {
+        i | (l_idx as u64 & 0x1ff) << 1
+            | (from as u64 & 0x7ff) << 10
+            | (to as u64 & 0x7ff) << 21
+            | plen << 32
+    };
+    // The whole segment is judged into loc[1]; a retransmission's old part into loc[0].
+    let first = if at == AT_RETRANS && k < len { 0 } else { 1 };
+    locate(ctx, sc, l, args(first, 0, k), ctx_a);
+    let a = unsafe { &(*sc).loc[first as usize] };
+    if at == AT_RETRANS {
+        let Some(f) = known else {
+            return Verdict::of(Reason::DropMalformed);
+        };
+        let f = unsafe { &*f };
+        // Both copies of the bytes before the old end must leave the stream in the same
+        // place, and name the same client: the server may hold either.
+        if a.result == http::SCAN_MALFORMED
+            || ctx_to_u64(a.ctx) != ctx_to_u64(f.ctx_next)
+            || (a.proxied != 0 && (a.family != f.family || !same16(&a.client, &f.client)))
+            || (a.ctx.flags & CTX_HELLO != 0 && !same_pending(sc))
+        {
+            return Verdict::of(Reason::DropMalformed);
+        }
+        if k < len {
+            locate(ctx, sc, l, args(1, k, len), ctx_to_u64(f.ctx_next));
+            combine(sc);
+        }
+    }
+    if at == AT_FRESH && l.locator == LOCATOR_FIX {
+        // A FIX session names its key in the Logon only (tag 553): a message without it on
+        // a connection the filter does not know may belong to a session logged on before
+        // the flow was evicted (or before the program), whose key was never judged here.
+        // A Logon (35=A) starts a session: one without the tag names no key.
+        let out = unsafe { &mut (*sc).loc[1] };
+        if out.result != http::SCAN_KEY && unsafe { (*sc).io.logon } == 0 {
+            out.result = http::SCAN_MALFORMED;
+        }
+    }
+    // The verdict and the flow's new state, in a function of its own: its frame is not on
+    // the locators' call chain, which shares the 512-byte stack.
+    let packed = slot as u64
+        | (at as u64) << 8
+        | (proxied as u64) << 10
+        | (k as u64 & 0xffff) << 16
+        | (len as u64 & 0xffff) << 32;
+    settle(sc, settings, known.unwrap_or(core::ptr::null_mut()), packed)
+}
+
+/// Turns what the locator found into the verdict, and records the flow.
+#[inline(never)]
+fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) -> Verdict {
+    let slot = (packed & 0xff) as u32;
+    let at = ((packed >> 8) & 3) as u8;
+    let proxied = (packed >> 10) & 1 != 0;
+    let k = ((packed >> 16) & 0xffff) as u32;
+    let len = ((packed >> 32) & 0xffff) as u32;
+    let known = if known.is_null() { None } else { Some(known) };
+    let seg = unsafe { &(*sc).seg };
+    let seq = seg.seq;
+    let fk = flow_key_ref(sc);
+    let fresh_ctx = StreamCtx {
+        flags: CTX_START | CTX_LINE | if proxied { CTX_PROXY } else { 0 },
+        hdr_len: 0,
+        rec_left: 0,
+        hdr: [0; 4],
+    };
+    let out = unsafe { &(*sc).loc[1] };
+    // The flow being built, in scratch; the client is the PROXY header's when there is one.
+    let fl = unsafe { &mut (*sc).flow };
+    if out.proxied != 0 {
+        fl.family = out.family;
+        fl.client = out.client;
+    } else {
         match known {
             Some(f) if unsafe { (*f).flags } & FLOW_PROXIED != 0 => unsafe {
-                client = (*f).client;
-                family = (*f).family;
+                fl.family = (*f).family;
+                fl.client = (*f).client;
             },
             _ => {
-                // A connection's first payload must be a PROXY header from a trusted proxy.
-                if l.proxy_set == 0 || !policy::in_set(l.proxy_set, seg.family, &seg.src) {
-                    return Verdict::of(Reason::DropMalformed);
-                }
-                let io = unsafe { &mut (*sc).proxy };
-                *io = ProxyIo {
-                    start: seg.payload_off as u64,
-                    end: seg.payload_end as u64,
-                    ..Default::default()
-                };
-                proxy::keywall_proxy(ctx.ctx, io);
-                match io.result {
-                    proxy::PROXY_CLIENT => {
-                        client = io.addr;
-                        family = io.family as u8;
+                fl.family = seg.family;
+                fl.client = seg.src;
+            }
+        }
+    }
+    let extra = if proxied { FLOW_PROXIED } else { 0 };
+    let verdict = match out.result {
+        http::SCAN_KEY => {
+            unsafe {
+                let p = fl.prefix.bytes.as_mut_ptr() as *mut u64;
+                core::ptr::write_unaligned(p, out.prefix[0]);
+                core::ptr::write_unaligned(p.add(1), out.prefix[1]);
+            }
+            // Keep-alive clients send the key with every request: the same key on a
+            // connection judged under the live generation has the same verdict.
+            let cached = match known {
+                Some(f) => unsafe {
+                    (*f).flags & FLOW_HAS_KEY != 0
+                        && (*f).generation == settings.generation
+                        && same16(&(*f).prefix.bytes, &fl.prefix.bytes)
+                        && same16(&(*f).client, &fl.client)
+                },
+                None => false,
+            };
+            let (reason, stat_idx) = match known {
+                Some(f) if cached => unsafe {
+                    (
+                        Reason::from_u8((*f).reason).unwrap_or(Reason::DropMalformed),
+                        (*f).stat_idx,
+                    )
+                },
+                _ => policy::judge_key(slot, settings, &fl.prefix, fl.family, &fl.client),
+            };
+            if reason.is_drop() {
+                note_key(sc, &fl.prefix, &fl.client);
+            }
+            fl.reason = reason as u8;
+            fl.flags = FLOW_HAS_KEY | extra;
+            fl.stat_idx = stat_idx;
+            Verdict { reason, stat_idx }
+        }
+        tls::SCAN_NOKEY => no_key_verdict(sc, settings, extra),
+        http::SCAN_NONE | tls::SCAN_PENDING => match known {
+            Some(f) => {
+                let f = unsafe { &mut *f };
+                if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
+                    if out.result == tls::SCAN_PENDING {
+                        keep_verdict(sc, f);
+                        Verdict::of(Reason::PassHandshake)
+                    } else {
+                        // The first request after a PROXY header carried no key.
+                        no_key_verdict(sc, settings, extra)
                     }
-                    proxy::PROXY_LOCAL => {}
-                    _ => return Verdict::of(Reason::DropMalformed),
+                } else {
+                    let v = follow(sc, slot, settings, f);
+                    keep_verdict(sc, f);
+                    v
                 }
-                start += (io.len & 0x7ff) as usize;
-                // Known from now on as proxied, with no key yet (pending).
-                remember_pending(sc, fk, known, settings, FLOW_PROXIED, family, client);
-                if start >= seg.payload_end {
-                    return Verdict::of(Reason::PassHandshake);
+            }
+            None => {
+                if out.result == tls::SCAN_PENDING {
+                    let fl = unsafe { &mut (*sc).flow };
+                    fl.reason = Reason::PassHandshake as u8;
+                    fl.flags = extra;
+                    fl.stat_idx = NO_STAT;
+                    fl.prefix = KeyPrefix { bytes: [0; 16] };
+                    Verdict::of(Reason::PassHandshake)
+                } else {
+                    no_key_verdict(sc, settings, extra)
                 }
-                known = FLOWS.get_ptr_mut(fk);
+            }
+        },
+        _ => return Verdict::of(Reason::DropMalformed),
+    };
+    // Record the verdict; the stream position moves only with bytes the server may get.
+    let passes = !verdict.reason.is_drop() || settings.flags & SETTING_ENFORCE == 0;
+    let fl = unsafe { &mut (*sc).flow };
+    fl.generation = settings.generation;
+    fl._pad = 0;
+    fl.syn_isn = 0;
+    match known {
+        Some(f) => {
+            let f = unsafe { &*f };
+            fl.flags |= f.flags & FLOW_SYN;
+            fl.syn_isn = f.syn_isn;
+            (fl.next_seq, fl.last_seq, fl.ctx_next, fl.ctx_last) =
+                (f.next_seq, f.last_seq, f.ctx_next, f.ctx_last);
+            if passes && (at == AT_NEXT || k < len) {
+                (fl.last_seq, fl.ctx_last) = (f.next_seq, f.ctx_next);
+                (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
+            }
+        }
+        None => {
+            (fl.last_seq, fl.ctx_last) = (seq, fresh_ctx);
+            if passes {
+                (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
+            } else {
+                (fl.next_seq, fl.ctx_next) = (seq, fresh_ctx);
             }
         }
     }
-    if l.locator != LOCATOR_HTTP_HEADER {
-        // After a ClientHello everything is encrypted, and a FIX session logs on once: a
-        // judged connection of those can carry no other key, so it just follows its verdict.
-        if let Some(f) = known {
-            let f = unsafe { &mut *f };
-            if f.flags & FLOW_HAS_KEY != 0 {
-                return follow(sc, slot, settings, f);
-            }
+    let pending_next = fl.ctx_next.flags & CTX_HELLO != 0;
+    match known {
+        // Rewritten in place: replacing an LRU element costs a node swap.
+        Some(f) => unsafe { *f = *fl },
+        None => {
+            let _ = FLOWS.insert(fk, &*fl, 0);
         }
     }
-    // The locator reports a key, none, or a segment it cannot judge safely.
-    let (result, prefix) = match l.locator {
+    if pending_next && passes {
+        // Where the ClientHello's walk goes on in the next segment.
+        let io = unsafe { &(*sc).tls };
+        let t = unsafe { &mut (*sc).pending };
+        t.tls_seq = io.tls_seq as u32;
+        t.tls_left = io.tls_left as u32;
+        t.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
+        t.carry = io.carry;
+        let _ = TLS_PENDING.insert(fk, &*t, 0);
+    }
+    verdict
+}
+
+/// Receive windows stay below this (Linux caps them by tcp_rmem, 6 MiB by default).
+const MAX_WINDOW: u32 = 1 << 26;
+
+/// Whether sequence numbers `a` and `b` are further apart than any receive window.
+#[inline(always)]
+fn far(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d > MAX_WINDOW && d.wrapping_neg() > MAX_WINDOW
+}
+
+/// Whether the ClientHello walk a retransmission left in scratch is the one recorded for
+/// the connection (same position, same carried bytes).
+#[inline(always)]
+fn same_pending(sc: ScratchPtr) -> bool {
+    let Some(t) = (unsafe { TLS_PENDING.get(flow_key_ref(sc)) }) else {
+        return false;
+    };
+    let io = unsafe { &(*sc).tls };
+    if t.tls_seq as u64 != io.tls_seq & 0xffff_ffff
+        || t.tls_left as u64 != io.tls_left
+        || t.carry_len as u64 != io.carry_len
+    {
+        return false;
+    }
+    let mut diff = 0u64;
+    for i in 0..TLS_CARRY / 8 {
+        unsafe {
+            diff |= *(t.carry.as_ptr() as *const u64).add(i)
+                ^ *(io.carry.as_ptr() as *const u64).add(i);
+        }
+    }
+    diff == 0
+}
+
+/// `loc[0]` then `loc[1]`: two ranges of one segment (a retransmission and what it adds),
+/// combined into `loc[1]`. Keys must agree; anything unjudgeable in either is unjudgeable.
+#[inline(always)]
+fn combine(sc: ScratchPtr) {
+    let a = unsafe { &(*sc).loc[0] };
+    let out = unsafe { &mut (*sc).loc[1] };
+    let b_result = out.result;
+    if a.result == http::SCAN_MALFORMED || b_result == http::SCAN_MALFORMED {
+        out.result = http::SCAN_MALFORMED;
+        return;
+    }
+    if a.result == http::SCAN_KEY {
+        if b_result == http::SCAN_KEY
+            && (out.prefix[0] != a.prefix[0] || out.prefix[1] != a.prefix[1])
+        {
+            out.result = http::SCAN_MALFORMED;
+        } else if b_result != http::SCAN_KEY {
+            out.result = http::SCAN_KEY;
+            out.prefix = a.prefix;
+        }
+    } else if a.result == tls::SCAN_NOKEY && b_result == http::SCAN_NONE {
+        out.result = tls::SCAN_NOKEY;
+    }
+    if a.proxied != 0 {
+        out.proxied = 1;
+        out.family = a.family;
+        out.client = a.client;
+    }
+}
+
+/// Keeps a known connection's verdict fields in the flow being built.
+#[inline(always)]
+fn keep_verdict(sc: ScratchPtr, f: &Flow) {
+    let fl = unsafe { &mut (*sc).flow };
+    fl.reason = f.reason;
+    fl.flags = f.flags & (FLOW_HAS_KEY | FLOW_PROXIED);
+    fl.stat_idx = f.stat_idx;
+    fl.prefix = f.prefix;
+}
+
+/// A message that positively carries no key: the `no_key` rule decides.
+#[inline(always)]
+fn no_key_verdict(sc: ScratchPtr, settings: &Settings, extra: u8) -> Verdict {
+    let reason = no_key_reason(settings);
+    let fl = unsafe { &mut (*sc).flow };
+    fl.reason = reason as u8;
+    fl.flags = extra;
+    fl.stat_idx = NO_STAT;
+    fl.prefix = KeyPrefix { bytes: [0; 16] };
+    Verdict::of(reason)
+}
+
+/// Runs the listener's locator over payload bytes `[from, to)` (offsets into the payload),
+/// from the stream context `c`, into `loc[i]`.
+#[inline(always)]
+fn locate(ctx: &XdpContext, sc: ScratchPtr, l: &Listener, args: u64, c: u64) {
+    // BPF calls take five arguments: the small ones travel packed.
+    let (i, l_idx, from, to, plen) = (
+        (args & 1) as usize,
+        ((args >> 1) & 0x1ff) as u32,
+        ((args >> 10) & 0x7ff) as u32,
+        ((args >> 21) & 0x7ff) as u32,
+        ((args >> 32) & 0x1f) as usize,
+    );
+    let c = ctx_from_u64(c);
+    let seg = unsafe { &(*sc).seg };
+    let out = unsafe { &mut (*sc).loc[i & 1] };
+    out.result = http::SCAN_MALFORMED;
+    out.prefix = [0; 2];
+    out.ctx = c;
+    out.proxied = 0;
+    let base = seg.payload_off;
+    let mut start = base + (from as usize & 0x7ff);
+    let end = base + (to as usize & 0x7ff);
+    let mut flags = c.flags;
+    if flags & CTX_PROXY != 0 {
+        // A connection's first bytes must be a PROXY header from a trusted proxy.
+        if l.proxy_set == 0 || !policy::in_set(l.proxy_set, seg.family, &seg.src) {
+            return;
+        }
+        let io = unsafe { &mut (*sc).proxy };
+        io.start = start as u64;
+        io.end = end as u64;
+        io.result = 0;
+        io.len = 0;
+        proxy::keywall_proxy(ctx.ctx, io);
+        match io.result {
+            proxy::PROXY_CLIENT => {
+                out.client = io.addr;
+                out.family = io.family as u8;
+            }
+            proxy::PROXY_LOCAL => {
+                out.client = seg.src;
+                out.family = seg.family;
+            }
+            _ => return,
+        }
+        out.proxied = 1;
+        start += (io.len & 0x7ff) as usize;
+        flags &= !CTX_PROXY;
+        out.ctx.flags = flags;
+        if start >= end {
+            out.result = tls::SCAN_PENDING;
+            return;
+        }
+    }
+    match l.locator {
         LOCATOR_HTTP_HEADER | LOCATOR_FIX => {
+            let fix = l.locator == LOCATOR_FIX;
             // The arguments travel in per-CPU scratch: the BPF stack is shared by both frames.
             let io = unsafe { &mut (*sc).io };
-            *io = ScanIo {
-                start: start as u64,
-                end: seg.payload_end as u64,
-                plen: plen as u64,
-                listener: l_idx as u64,
-                sep: if l.locator == LOCATOR_FIX {
-                    1
-                } else {
-                    b'\n' as u64
-                },
-                result: http::SCAN_MALFORMED,
-                prefix: [0; 2],
-            };
+            io.start = start as u64;
+            io.end = end as u64;
+            io.plen = plen as u64;
+            io.listener = l_idx as u64;
+            io.sep = if fix { 1 } else { 0x0f };
+            io.sep_fold = if fix { 0 } else { 0x07 };
+            io.fix = fix as u64;
+            io.first = (flags & CTX_START != 0) as u64;
+            io.at_line = (flags & (CTX_START | CTX_LINE) != 0) as u64;
+            io.logon = 0;
+            io.result = http::SCAN_MALFORMED;
             http::keywall_http_scan(ctx.ctx, io);
-            (io.result, io.prefix)
+            out.result = io.result;
+            out.prefix = io.prefix;
+            out.ctx.flags = if io.at_line != 0 { CTX_LINE } else { 0 };
         }
         LOCATOR_TLS_SNI => {
             let io = unsafe { &mut (*sc).tls };
             io.start = start as u64;
-            io.end = seg.payload_end as u64;
+            io.end = end as u64;
             io.listener = l_idx as u64;
             io.plen = plen as u64;
-            io.seq = seg.seq as u64;
-            io.pending = 0;
-            if let Some(f) = known {
-                if unsafe { (*f).flags } & FLOW_TLS_PENDING != 0 {
-                    if let Some(t) = unsafe { TLS_PENDING.get(fk) } {
-                        io.pending = 1;
+            io.seq = seg.seq.wrapping_add((start - base) as u32) as u64;
+            io.ctx_flags = flags as u64;
+            io.rec_left = c.rec_left as u64;
+            io.hdr_len = c.hdr_len as u64;
+            io.hdr = u32::from_le_bytes(c.hdr) as u64;
+            if flags & CTX_HELLO != 0 {
+                match unsafe { TLS_PENDING.get(flow_key_ref(sc)) } {
+                    Some(t) => {
                         io.tls_seq = t.tls_seq as u64;
                         io.tls_left = t.tls_left as u64;
                         io.carry_len = t.carry_len as u64;
                         io.carry = t.carry;
                     }
+                    // The walk's state was evicted: cannot judge.
+                    None => return,
                 }
             }
             tls::keywall_tls_scan(ctx.ctx, io);
-            if io.result == tls::SCAN_PENDING {
-                // The ClientHello goes on in the next segment: this part passes, and the
-                // connection keeps where the walk stopped.
-                remember_pending(sc, fk, known, settings, FLOW_TLS_PENDING, family, client);
-                let t = unsafe { &mut (*sc).pending };
-                t.tls_seq = io.tls_seq as u32;
-                t.tls_left = io.tls_left as u32;
-                t.carry_len = (io.carry_len as usize).min(TLS_CARRY) as u8;
-                t.carry = io.carry;
-                let _ = TLS_PENDING.insert(fk, &*t, 0);
-                return Verdict::of(Reason::PassHandshake);
-            }
-            (io.result, io.prefix)
+            out.result = io.result;
+            out.prefix = io.prefix;
+            out.ctx = StreamCtx {
+                flags: io.ctx_flags as u8,
+                hdr_len: io.hdr_len as u8,
+                rec_left: io.rec_left as u16,
+                hdr: (io.hdr as u32).to_le_bytes(),
+            };
         }
         // Locators this build does not know fail closed.
-        _ => (http::SCAN_MALFORMED, [0; 2]),
-    };
-    match result {
-        http::SCAN_KEY => {
-            let mut bytes = [0u8; 16];
-            bytes[..8].copy_from_slice(&prefix[0].to_le_bytes());
-            bytes[8..].copy_from_slice(&prefix[1].to_le_bytes());
-            let prefix = KeyPrefix { bytes };
-            if let Some(f) = known {
-                let f = unsafe { &mut *f };
-                // Keep-alive clients send the key with every request: the same key on a
-                // connection judged under the live generation has the same verdict.
-                if f.flags & FLOW_HAS_KEY != 0
-                    && f.generation == settings.generation
-                    && f.prefix == prefix
-                {
-                    let reason = Reason::from_u8(f.reason).unwrap_or(Reason::DropMalformed);
-                    if reason.is_drop() {
-                        note_key(sc, &prefix, &client);
-                    }
-                    return Verdict {
-                        reason,
-                        stat_idx: f.stat_idx,
-                    };
-                }
-            }
-            let (reason, stat_idx) = policy::judge_key(slot, settings, &prefix, family, &client);
-            if reason.is_drop() {
-                note_key(sc, &prefix, &client);
-            }
-            remember(
-                sc,
-                fk,
-                known,
-                settings,
-                reason,
-                FLOW_HAS_KEY | extra,
-                stat_idx,
-                prefix,
-                family,
-                client,
-            );
-            Verdict { reason, stat_idx }
-        }
-        http::SCAN_NONE => match known {
-            Some(f) => {
-                let f = unsafe { &mut *f };
-                if f.flags & FLOW_HAS_KEY == 0 && f.reason == Reason::PassHandshake as u8 {
-                    // The first request after a PROXY header, or the rest of a ClientHello,
-                    // carried no key.
-                    let reason = no_key_reason(settings);
-                    f.reason = reason as u8;
-                    f.flags &= !FLOW_TLS_PENDING;
-                    f.generation = settings.generation;
-                    Verdict::of(reason)
-                } else {
-                    follow(sc, slot, settings, f)
-                }
-            }
-            None => {
-                let reason = no_key_reason(settings);
-                let none = KeyPrefix { bytes: [0; 16] };
-                remember(
-                    sc, fk, None, settings, reason, extra, NO_STAT, none, family, client,
-                );
-                Verdict::of(reason)
-            }
-        },
-        _ => Verdict::of(Reason::DropMalformed),
+        _ => {}
     }
 }
 
-/// Records a connection that has no key yet but is expected to show one (after a PROXY
-/// header, or in the rest of a ClientHello): `pass_handshake` until then.
+/// Two 16-byte values compared as two words (no memcmp call, no stack).
 #[inline(always)]
-fn remember_pending(
-    sc: ScratchPtr,
-    fk: &FlowKey,
-    known: Option<*mut Flow>,
-    settings: &Settings,
-    flags: u8,
-    family: u8,
-    client: [u8; 16],
-) {
-    let none = KeyPrefix { bytes: [0; 16] };
-    remember(
-        sc,
-        fk,
-        known,
-        settings,
-        Reason::PassHandshake,
-        flags,
-        NO_STAT,
-        none,
-        family,
-        client,
-    );
+fn same16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr() as *const u64, b.as_ptr() as *const u64);
+    unsafe { ld64(a) == ld64(b) && ld64(a.add(1)) == ld64(b.add(1)) }
 }
 
-/// Records a connection's verdict: rewritten in place when the connection is known (replacing
-/// an LRU element costs a node swap), inserted otherwise. Built in scratch, not on the stack.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn remember(
-    sc: ScratchPtr,
-    fk: &FlowKey,
-    known: Option<*mut Flow>,
-    settings: &Settings,
-    reason: Reason,
-    flags: u8,
-    stat_idx: u32,
-    prefix: KeyPrefix,
-    family: u8,
-    client: [u8; 16],
-) {
-    let flow = unsafe { &mut (*sc).flow };
-    *flow = Flow {
-        generation: settings.generation,
-        reason: reason as u8,
-        flags,
-        family,
-        _pad: 0,
-        stat_idx,
-        _pad2: 0,
-        prefix,
-        client,
-    };
-    match known {
-        Some(f) => unsafe { *f = *flow },
-        None => {
-            let _ = FLOWS.insert(fk, &*flow, 0);
-        }
+fn ctx_to_u64(c: StreamCtx) -> u64 {
+    u64::from_le_bytes([
+        c.flags,
+        c.hdr_len,
+        c.rec_left as u8,
+        (c.rec_left >> 8) as u8,
+        c.hdr[0],
+        c.hdr[1],
+        c.hdr[2],
+        c.hdr[3],
+    ])
+}
+
+#[inline(always)]
+fn ctx_from_u64(v: u64) -> StreamCtx {
+    let b = v.to_le_bytes();
+    StreamCtx {
+        flags: b[0],
+        hdr_len: b[1],
+        rec_left: u16::from_le_bytes([b[2], b[3]]),
+        hdr: [b[4], b[5], b[6], b[7]],
     }
+}
+
+/// The flow key `flow_key_in` built for this packet.
+#[inline(always)]
+fn flow_key_ref(sc: ScratchPtr) -> &'static FlowKey {
+    unsafe { &(*sc).flow_key }
 }
 
 /// Keeps a refused packet's key and client for its drop event.

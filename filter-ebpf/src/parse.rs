@@ -19,6 +19,7 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
 
 /// A TCP segment as far as the filter cares.
 #[repr(C)]

@@ -4,9 +4,10 @@
 use filter_common::{DropEvent, Flow, FlowKey, KeyPrefix, TlsPending};
 
 use crate::{
+    Located,
     parse::Segment,
     proxy::{ProxyIo, V1State},
-    tls::{EXT_BUF, TlsIo, TlsWalk},
+    tls::{EXT_BUF, TlsIo, TlsRec, TlsWalk},
 };
 
 /// Words in the HTTP locator's line window: the 64 bytes it may fill plus room for offsets the
@@ -22,8 +23,18 @@ pub struct ScanIo {
     pub plen: u64,
     /// Index of the listener in `KW_LISTENERS`.
     pub listener: u64,
-    /// The line separator: b'\n' for HTTP headers, SOH (1) for FIX fields.
+    /// The line separator, after OR-ing `sep_fold` into each byte: 0x0f with 0x07 for HTTP
+    /// (LF and CR alike), SOH (1) with 0 for FIX fields.
     pub sep: u64,
+    pub sep_fold: u64,
+    /// 1 for FIX (fields, `8=FIX` at the stream start), 0 for HTTP.
+    pub fix: u64,
+    /// In: the stream starts here (a request line, or `8=FIX`, must come first).
+    pub first: u64,
+    /// In: the segment starts a true line (field); out: the segment ends with a separator.
+    pub at_line: u64,
+    /// Out (FIX): a Logon's `35=A` field was seen at a field start.
+    pub logon: u64,
     pub result: u64,
     pub prefix: [u64; 2],
 }
@@ -39,6 +50,9 @@ pub struct LineState {
     pub found: u64,
     pub malformed: u64,
     pub prefix: [u64; 2],
+    pub fix: u64,
+    pub at_line: u64,
+    pub logon: u64,
 }
 
 /// Per-CPU scratch of the program (more than the 512-byte BPF stack holds).
@@ -70,6 +84,9 @@ pub struct Scratch {
     pub v1: V1State,
     pub tls: TlsIo,
     pub walk: TlsWalk,
+    pub rec: TlsRec,
+    /// What the locator made of each range of a segment (a retransmission has two).
+    pub loc: [Located; 2],
     pub pending: TlsPending,
     /// A server_name extension, assembled from the packet (and a previous segment's carry).
     pub ext: [u8; EXT_BUF],

@@ -204,6 +204,8 @@ impl Engine {
                             .map(|(n, c)| (n.clone(), c.clone()))
                             .collect(),
                         key: vec![key.clone()],
+                        // Listeners decide some key rules (lower-case prefixes for tls-sni).
+                        listener: base.listener.clone(),
                         ..Default::default()
                     };
                     match mini.compile() {

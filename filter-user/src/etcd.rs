@@ -485,6 +485,7 @@ impl Reconciler {
                         .map(|(n, v)| (n.clone(), v.clone()))
                         .collect(),
                     key: vec![k.clone()],
+                    listener: self.settings.listener.clone(),
                     ..Default::default()
                 };
                 compile_msg(&p, |at| strip(at, "key[0]"))

@@ -671,10 +671,31 @@ impl Policy {
         let plen_ok = KEY_PREFIX_LENS.contains(&plen);
         let mut seen: HashMap<&str, usize> = HashMap::with_capacity(self.key.len());
         let mut out = BTreeMap::new();
+        // A tls-sni listener reads the key from a DNS name, which is case-insensitive: a
+        // server may map `k-ABCD1234` to either case of a prefix, so prefixes must be lower
+        // case (two that differ only in case would be one key to it).
+        let sni_port = self
+            .listener
+            .iter()
+            .find(|l| l.locator == Locator::TlsSni)
+            .map(|l| l.port);
         for (j, key) in self.key.iter().enumerate() {
             let at = format!("key[{j}]");
             let bytes = key.prefix.as_bytes();
             let mut prefix_ok = true;
+            if let Some(port) = sni_port
+                && bytes.iter().any(u8::is_ascii_uppercase)
+            {
+                errs.push(PolicyError::new(
+                    format!("{at}.prefix"),
+                    format!(
+                        "{:?} has upper-case letters: the tls-sni listener on port {port} reads \
+                         keys from DNS names, which ignore case; use lower case",
+                        key.prefix
+                    ),
+                ));
+                prefix_ok = false;
+            }
             // Without a valid key_prefix_len the length check would only add noise.
             if plen_ok && bytes.len() != plen as usize {
                 errs.push(PolicyError::new(
@@ -951,17 +972,23 @@ fn compile_listeners(
 }
 
 /// Writes one name into header slot `slot`: lower-cased bytes, a 0x20 fold bit where the
-/// name has a letter (so `byte | fold == name` matches either case), a 0xff length mask,
-/// and its length.
+/// name has a letter (so `byte | fold == name` matches either case), a 0xff mask, and its
+/// length. `-` and `_` are one character (CGI-style servers map both to `_`): the mask
+/// there keeps only the bits the two share (0x8d), so either matches.
 fn encode_name(l: &mut kernel::Listener, slot: usize, bytes: &[u8]) {
     let bytes = &bytes[..bytes.len().min(kernel::MAX_HEADER_NAME)];
     for (j, &b) in bytes.iter().enumerate() {
-        l.header_names[slot][j] = b.to_ascii_lowercase();
+        let dash = b == b'-' || b == b'_';
+        let mask = if dash { DASH_MASK } else { 0xff };
+        l.header_names[slot][j] = b.to_ascii_lowercase() & mask;
         l.header_fold[slot][j] = if b.is_ascii_alphabetic() { 0x20 } else { 0 };
-        l.header_mask[slot][j] = 0xff;
+        l.header_mask[slot][j] = mask;
     }
     l.header_len[slot] = bytes.len() as u8;
 }
+
+/// The bits `-` (0x2d) and `_` (0x5f) have in common.
+const DASH_MASK: u8 = !(b'-' ^ b'_');
 
 /// RFC 9110 token characters.
 fn is_tchar(b: u8) -> bool {
@@ -1597,7 +1624,7 @@ sni_suffix = ".x.com"
         assert_eq!(http.locator, kernel::LOCATOR_HTTP_HEADER);
         assert_eq!(http.n_headers, 4);
         assert_eq!(http.flags, 0);
-        let name = b"x-mbx-apikey:";
+        let name = b"x\x0dmbx\x0dapikey:";
         assert_eq!(&http.header_names[1][..name.len()], name);
         assert!(http.header_names[1][name.len()..].iter().all(|&b| b == 0));
         let mut fold = [0u8; kernel::MAX_HEADER_NAME];
@@ -1607,8 +1634,10 @@ sni_suffix = ".x.com"
         assert_eq!(http.header_fold[1], fold);
         let mut mask = [0u8; kernel::MAX_HEADER_NAME];
         mask[..13].fill(0xff);
+        mask[1] = DASH_MASK;
+        mask[5] = DASH_MASK;
         assert_eq!(http.header_mask[1], mask);
-        assert_eq!(&http.header_names[3][..8], b"api-key:");
+        assert_eq!(&http.header_names[3][..8], b"api\x0dkey:");
         assert_eq!(http.header_len, [14, 13, 14, 8]);
 
         let sni = &c.listeners[&443];

@@ -125,6 +125,29 @@ pub struct Layout {
     pub ip_end: usize,
 }
 
+thread_local! {
+    static NEXT_SEQ: std::cell::RefCell<std::collections::HashMap<String, u32>> =
+        Default::default();
+}
+
+/// The sequence number for the next segment of `conn` (1000 for its first), moving the
+/// position on by `used` (payload bytes, plus one for SYN and FIN).
+fn next_seq(conn: String, used: u32) -> u32 {
+    NEXT_SEQ.with(|m| {
+        let mut m = m.borrow_mut();
+        let s = m.entry(conn).or_insert(1000);
+        let seq = *s;
+        *s = s.wrapping_add(used);
+        seq
+    })
+}
+
+/// Forgets the sequence numbers of every connection built in this thread (a test that
+/// reuses 5-tuples as new connections starts again at 1000).
+pub fn reset_seqs() {
+    NEXT_SEQ.with(|m| m.borrow_mut().clear());
+}
+
 /// A TCP or UDP packet over IPv4 or IPv6, built up by chained calls and rendered by
 /// [`Pkt::build`].
 #[derive(Clone, Debug)]
@@ -139,6 +162,9 @@ pub struct Pkt {
     sport: u16,
     dport: u16,
     seq: u32,
+    /// No `seq` was given: `build` numbers the segment like a sender would, after the
+    /// previous segment built on this 5-tuple in this thread (see `next_seq`).
+    auto_seq: bool,
     /// The acknowledgment number; `None`: 1 when ACK is set, else 0.
     ack: Option<u32>,
     /// `None` means "whatever a data-carrying peer would send", decided at build time.
@@ -160,6 +186,7 @@ impl Pkt {
             sport,
             dport,
             seq: 1000,
+            auto_seq: true,
             ack: None,
             flags: None,
             tcp_options: Vec::new(),
@@ -380,6 +407,7 @@ impl Pkt {
     pub fn seq(mut self, n: u32) -> Pkt {
         self.tcp_only("seq");
         self.seq = n;
+        self.auto_seq = false;
         self
     }
 
@@ -576,9 +604,32 @@ impl Pkt {
         (f, layout)
     }
 
-    /// The complete Ethernet frame (no FCS).
+    /// The complete Ethernet frame (no FCS). A TCP segment without an explicit `seq` gets
+    /// the next sequence number of its 5-tuple (starting at 1000), so consecutive frames
+    /// built for one connection sit one after the other in its byte stream, as the filter
+    /// expects of a real sender. Building the same `Pkt` value twice numbers it twice; to
+    /// resend a segment, run the same built frame again.
     pub fn build(&self) -> Vec<u8> {
+        if self.auto_seq && self.transport == Transport::Tcp && !self.ip.is_later_fragment() {
+            let mut p = self.clone();
+            let flags = self.tcp_flags();
+            let used = self.payload.len() as u32
+                + u32::from(flags & TCP_SYN != 0)
+                + u32::from(flags & TCP_FIN != 0);
+            p.seq = next_seq(
+                format!("{:?}/{}/{}", self.ip_pair(), self.sport, self.dport),
+                used,
+            );
+            return p.assemble().0;
+        }
         self.assemble().0
+    }
+
+    fn ip_pair(&self) -> String {
+        match &self.ip {
+            Ip::V4 { src, dst, .. } => format!("{src:?}>{dst:?}"),
+            Ip::V6 { src, dst, .. } => format!("{src:?}>{dst:?}"),
+        }
     }
 
     pub fn layout(&self) -> Layout {

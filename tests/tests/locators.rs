@@ -198,9 +198,11 @@ fn sni_allowed_disallowed_locked_unknown_and_none() {
         ("k-37c541a1deadbeef.api.example.com", ALLOWED4, PassAllowed),
         ("k-lockedk1.api.example.com", ALLOWED4, DropLocked),
         ("k-nosuchk1.api.example.com", ALLOWED4, DropUnknownKey),
-        ("k-abc.api.example.com", ALLOWED4, DropUnknownKey),
+        // A label shorter than a key prefix, and a key-like name under another suffix:
+        // not judged.
+        ("k-abc.api.example.com", ALLOWED4, DropMalformed),
         ("www.example.com", OTHER4, PassNoKey),
-        ("k-37c541a1.api.example.org", OTHER4, PassNoKey),
+        ("k-37c541a1.api.example.org", OTHER4, DropMalformed),
     ];
     for (i, (host, src, want)) in cases.into_iter().enumerate() {
         let f = tls4(src, 30_000 + i as u16).payload(&hello(host)).build();
@@ -372,7 +374,8 @@ fn fix_logon_allowed_disallowed_locked_unknown() {
             ("37c541a1deadbeef", OTHER4, DropNotAllowed),
             ("lockedk1xyz", ALLOWED4, DropLocked),
             ("nosuchk1xyz", ALLOWED4, DropUnknownKey),
-            ("abc", ALLOWED4, DropUnknownKey),
+            // Shorter than a key prefix: not a key this filter can judge.
+            ("abc", ALLOWED4, DropMalformed),
         ] {
             sport += 1;
             let m = fix_logon(begin, "SENDER1", Some(user));
@@ -432,7 +435,12 @@ fn fix_tag_only_counts_at_field_starts() {
     );
     let f = fix4(OTHER4, 35_000, FIX_553).payload(&m).build();
     expect(&mut l, &f, PassNoKey, "553= only inside values");
-    // The tag as the very first field of the segment (a message continued from before).
+    // The tag as the very first field of a segment (a message continued from the one
+    // before, which ended with SOH).
+    let head = fix4(ALLOWED4, 35_001, FIX_553)
+        .payload(b"8=FIX.4.4\x019=70\x0135=A\x0149=S\x01")
+        .build();
+    expect(&mut l, &head, PassNoKey, "message head");
     let f = fix4(ALLOWED4, 35_001, FIX_553)
         .payload(b"553=37c541a1deadbeef\x01554=pw\x01")
         .build();

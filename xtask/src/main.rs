@@ -97,6 +97,26 @@ enum Cmd {
     },
     /// Setup, and build the release `keywall` binary.
     Build,
+    /// Setup, and run the differential fuzzer's long campaign (release build, root): sequences of segments
+    /// through the compiled program and a model of a real server; prints the sequences run
+    /// and the bypasses found, with a minimized reproducer for the first of each class.
+    Fuzz {
+        /// Sequences to run (default 1,000,000; with --seconds, no count limit).
+        #[arg(long)]
+        sequences: Option<u64>,
+        /// Campaign seed (decimal or 0x-hex): sequence i is a function of (seed, i).
+        #[arg(long)]
+        seed: Option<String>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Replay one sequence of the campaign (minimized, each segment's reason shown).
+        #[arg(long)]
+        index: Option<u64>,
+        /// Extra arguments for keywall-fuzz (`-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Setup, build the release binary and package it: target/debian/keywall_<version>_amd64.deb.
     Package {
         /// Then install it into a throw-away bookworm root and check it (`cargo xtask test`
@@ -140,6 +160,28 @@ fn run(cli: Cli) -> Result<()> {
             let bin = ctx.target_dir()?.join("release/keywall");
             println!("built {}", bin.display());
             Ok(())
+        }
+        Cmd::Fuzz {
+            sequences,
+            seed,
+            seconds,
+            index,
+            args,
+        } => {
+            let mut a: Vec<String> = Vec::new();
+            let mut opt = |name: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    a.push(format!("--{name}"));
+                    a.push(v);
+                }
+            };
+            opt("sequences", sequences.map(|n| n.to_string()));
+            opt("seed", seed);
+            opt("seconds", seconds.map(|n| n.to_string()));
+            opt("index", index.map(|n| n.to_string()));
+            a.extend(args);
+            setup(&mut ctx)?;
+            fuzz(&ctx, &a)
         }
         Cmd::Test { quick_bench, args } => {
             setup(&mut ctx)?;
@@ -582,6 +624,21 @@ fn test(ctx: &Ctx, extra: &[String]) -> Result<()> {
     }
     t.args(bin_args);
     ctx.run(t)
+}
+
+fn fuzz(ctx: &Ctx, extra: &[String]) -> Result<()> {
+    step("fuzz: cargo run --release -p tests --bin keywall-fuzz");
+    let mut args = vec![
+        "run",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "keywall-fuzz",
+        "--",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    ctx.cargo(&args)
 }
 
 fn demo(ctx: &Ctx) -> Result<()> {
