@@ -47,6 +47,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // systemd-analyze, for the package check's `systemd-analyze verify keywall.service`.
     "systemd",
+    // sysctl (the evasion suite turns on TCP Fast Open in its namespaces); a minimal Debian
+    // root has no procps, as `cargo xtask fresh` found.
+    "procps",
 ];
 
 /// PyPI packages the end-to-end tests and the demo run (the FIX client and acceptor), as
