@@ -470,7 +470,7 @@ fn write_assets(dir: &std::path::Path) -> Result<()> {
     }
     for (name, c) in pages {
         let mut out = Vec::new();
-        clap_mangen::Man::new(c).render(&mut out)?;
+        clap_mangen::Man::new(c).section("8").render(&mut out)?;
         std::fs::write(man.join(format!("{name}.8")), out)?;
     }
     Ok(())
