@@ -271,8 +271,16 @@ pub fn build_from(ctx: &Ctx, bin: &Path) -> Result<PathBuf> {
     put("DEBIAN/postrm", POSTRM.as_bytes(), 0o755)?;
 
     let deb = dir.join(format!("{name}.deb"));
+    // xz for what ships; a debug build (160 MB, packaged only to be checked) gets fast gzip.
+    let compress: &[&str] = if bin.components().any(|c| c.as_os_str() == "debug") {
+        &["-Zgzip", "-z1"]
+    } else {
+        &["-Zxz"]
+    };
     let mut c = ctx.command("dpkg-deb");
-    c.args(["--root-owner-group", "-Zxz", "--build"])
+    c.arg("--root-owner-group")
+        .args(compress)
+        .arg("--build")
         .arg(&stage)
         .arg(&deb);
     ctx.run(c)?;
