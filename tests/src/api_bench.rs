@@ -368,8 +368,9 @@ fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<D
             &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
         ))
         .build();
+    // Right after `first` on the same connection; run again and again it is that
+    // connection's last segment retransmitted, which follows the verdict.
     let later = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
-        .seq(5000)
         .payload(b"{\"ping\":1}")
         .build();
     if run_frame(&prog, &first)? != XDP_PASS || run_frame(&prog, &later)? != XDP_PASS {

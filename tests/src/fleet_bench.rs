@@ -84,8 +84,9 @@ pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
             &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
         ))
         .build();
+    // Numbered right after `first`, on the same connection; run again and again it is the
+    // connection's last segment retransmitted, which follows the verdict.
     let later = Pkt::tcp4(CLIENT, SERVER, 40000, PORT)
-        .seq(5000)
         .payload(b"{\"ping\":1}")
         .build();
     // Wait for every edge to enforce the snapshot (before it a daemon has no policy, and the

@@ -520,6 +520,14 @@ fn frames() -> Vec<Frame> {
 
 /// The frame with another TCP source port (IPv4 without options: TCP starts at byte 34). XDP
 /// does not check TCP checksums, so the stale checksum does not matter here.
+/// The TCP payload length of an untagged IPv4 frame.
+fn tcp4_payload_len(f: &[u8]) -> usize {
+    let ihl = (f[14] & 0x0f) as usize * 4;
+    let doff = (f[14 + ihl + 12] >> 4) as usize * 4;
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    total - ihl - doff
+}
+
 fn with_sport(frame: &[u8], sport: u16) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[34..36].copy_from_slice(&sport.to_be_bytes());
@@ -1426,10 +1434,21 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
             let mut wrong = 0u64;
             let mut examples = Vec::new();
             let mut sport = 2000u16;
+            // Where each port's connection stands: ports wrap around, and the filter places
+            // every segment in its connection's stream, so a reused port sends the next
+            // segment where the last one that passed ended.
+            let mut next_seq: Vec<Option<u32>> = vec![None; 65536];
             while !stop.load(Ordering::Relaxed) {
                 for (f, want, what) in &probes {
                     sport = if sport >= 60000 { 2000 } else { sport + 1 };
-                    let fr = with_sport(f, sport);
+                    let mut fr = with_sport(f, sport);
+                    let seq = match next_seq[sport as usize] {
+                        Some(s) => {
+                            fr[38..42].copy_from_slice(&s.to_be_bytes());
+                            s
+                        }
+                        None => u32::from_be_bytes([fr[38], fr[39], fr[40], fr[41]]),
+                    };
                     let r = prog.test_run(TestRunOptions {
                         data_in: Some(&fr),
                         repeat: 1,
@@ -1437,6 +1456,11 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
                     })?;
                     runs.fetch_add(1, Ordering::Relaxed);
                     started.store(true, Ordering::Relaxed);
+                    next_seq[sport as usize] = Some(if r.return_value == XDP_PASS {
+                        seq.wrapping_add(tcp4_payload_len(&fr) as u32)
+                    } else {
+                        seq
+                    });
                     if r.return_value != *want {
                         wrong += 1;
                         if examples.len() < 5 {

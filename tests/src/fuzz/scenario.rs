@@ -177,7 +177,7 @@ impl HelloShape {
     fn draw(rng: &mut Rng) -> HelloShape {
         HelloShape {
             chrome: rng.chance(1, 3),
-            seed: rng.next(),
+            seed: rng.next_u64(),
             padding: rng.chance(1, 3).then(|| rng.range(0, 2500)),
             sni_last: rng.chance(1, 4),
             pq: rng.chance(1, 3),
@@ -318,7 +318,7 @@ impl ConnPlan {
             .chain(find_all(&real, bad.to_ascii_uppercase().as_bytes()))
             .collect();
         ConnPlan {
-            isn: rng.next() as u32,
+            isn: rng.next_u64() as u32,
             real,
             decoy,
             close: Close::Open,
@@ -772,7 +772,7 @@ fn mutate(rng: &mut Rng, p: &mut Plan, v: &mut Vec<A>, allow_evict: bool) -> Opt
             let delta = match rng.below(3) {
                 0 => 0,
                 1 => rng.range(1, 4000) as u32,
-                _ => rng.next() as u32,
+                _ => rng.next_u64() as u32,
             };
             let at = rng.range(i, v.len());
             v.insert(
@@ -875,7 +875,7 @@ fn mutate(rng: &mut Rng, p: &mut Plan, v: &mut Vec<A>, allow_evict: bool) -> Opt
                     conn,
                     off + rng.below(len) as i64,
                     rng.range(1, 64),
-                    Src::Junk(rng.next() as u8),
+                    Src::Junk(rng.next_u64() as u8),
                 ),
             );
             Some("junk overlap")
