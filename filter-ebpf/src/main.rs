@@ -25,7 +25,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::XdpContext,
 };
 use filter_common::{
@@ -148,11 +148,30 @@ pub fn keywall(ctx: XdpContext) -> u32 {
     let (verdict, flags) = decide(&ctx);
     let enforce = flags & SETTING_ENFORCE != 0;
     let action = finish(&verdict, enforce, bytes);
-    if verdict.reason.is_drop() {
-        return on_drop(&ctx, &verdict, flags, action);
+    let action = if verdict.reason.is_drop() {
+        on_drop(&ctx, &verdict, flags, action)
+    } else {
+        action
+    };
+    if action == xdp_action::XDP_PASS {
+        chain(&ctx);
     }
     action
 }
+
+// ---- The chaining slot (deploy branch; README "Beside other XDP programs") ----------------
+// Slot 0 of KW_NEXT holds another XDP program that an operator chained after keywall
+// (`keywall chain`). A packet keywall passes is handed to it with a tail call, and its verdict
+// is final. While the slot is empty the tail call falls through and keywall's pass stands.
+#[map(name = "KW_NEXT")]
+static NEXT: ProgramArray = ProgramArray::pinned(1, 0);
+
+#[inline(always)]
+fn chain(ctx: &XdpContext) {
+    // Returns only when the slot is empty (or the tail-call limit is reached).
+    unsafe { NEXT.tail_call(ctx, 0) };
+}
+// ---- end of the chaining slot -------------------------------------------------------------
 
 /// Drops are rare next to passes: the event and the reset live off the pass path.
 #[inline(never)]

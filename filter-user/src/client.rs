@@ -222,7 +222,14 @@ pub fn policy_apply(c: &Client, file: &Path) -> Result<u8> {
         if given.is_none() {
             p.revision = Some(c.revision()? + 1);
         }
-        let (st, v) = c.call(Method::PUT, "/v1/policy", Some(serde_json::to_vec(&p)?))?;
+        let pb = crate::progress::spinner(format!(
+            "{}: sending {} keys; the daemon answers once the kernel enforces them",
+            file.display(),
+            p.key.len()
+        ));
+        let res = c.call(Method::PUT, "/v1/policy", Some(serde_json::to_vec(&p)?));
+        crate::progress::done(pb);
+        let (st, v) = res?;
         match st {
             200 => {
                 println!(

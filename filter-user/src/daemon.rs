@@ -41,12 +41,22 @@ pub struct RunOptions {
     pub metrics: Option<String>,
     /// `--etcd`: the policy source (exclusive with `policy`).
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// `--replace-foreign`: detach an XDP program that is not this keywall's instead of
+    /// refusing to start.
+    pub replace_foreign: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGHUP: read the policy file again now (systemd's `ExecReload`).
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sighup(_: libc::c_int) {
+    RELOAD.store(true, Ordering::SeqCst);
 }
 
 /// The daemon's policy engine: the applied policy, its mirror in the maps, and persistence.
@@ -498,6 +508,13 @@ pub fn run(o: RunOptions) -> Result<()> {
     } else {
         crate::etcd::forget(&o.state_dir);
     }
+    // One line naming a missing capability beats a verifier or EPERM message later.
+    crate::host::check_caps()?;
+    // Another XDP program on an interface: refuse, or remove it with --replace-foreign,
+    // before anything is loaded or applied.
+    for ifn in &o.ifaces {
+        check_foreign(ifn, &o.pin_dir, o.replace_foreign)?;
+    }
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating state dir {}", o.state_dir.display()))?;
     let dp = Dataplane::load(&o.pin_dir, o.capacity)?;
@@ -522,7 +539,14 @@ pub fn run(o: RunOptions) -> Result<()> {
     // 1. Restore the last applied policy before anything is attached or taken over.
     match state::load_applied(&o.state_dir) {
         Ok(Some(a)) => {
-            let rep = eng.apply(a.policy.clone(), a.revision, &a.source)?;
+            let pb = crate::progress::spinner(format!(
+                "restoring revision {} ({} keys)",
+                a.revision,
+                a.policy.key.len()
+            ));
+            let rep = eng.apply(a.policy.clone(), a.revision, &a.source);
+            crate::progress::done(pb);
+            let rep = rep?;
             log::info!(
                 "restored revision {} ({}) from {}: generation {}",
                 a.revision,
@@ -545,7 +569,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     };
     if let Some(p) = &o.policy {
         last_stamp = file_stamp(p);
+        let pb = crate::progress::spinner(format!("applying {}", p.display()));
         apply_file(&mut eng, p, &mut runtime, &metrics);
+        crate::progress::done(pb);
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
             // filter that passes everything.
@@ -655,17 +681,42 @@ pub fn run(o: RunOptions) -> Result<()> {
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, on_sighup as *const () as libc::sighandler_t);
     }
     log::info!(
         "enforcing; policy generation {}; policy source: {}",
         shared.engine.lock().unwrap().mirror.generation(),
         shared.source.describe()
     );
+    // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
+    crate::host::notify(&format!(
+        "READY=1\nSTATUS=enforcing on {}; policy source: {}",
+        o.ifaces.join(", "),
+        shared.source.describe()
+    ));
+    let mut next_poll = Instant::now() + o.poll;
     while !STOP.load(Ordering::SeqCst) {
-        std::thread::sleep(o.poll);
+        // Short naps: a signal does not cut a sleep short, and SIGHUP/SIGTERM should not
+        // wait for a long --poll-ms.
+        std::thread::sleep(o.poll.min(Duration::from_millis(50)));
+        let reload = RELOAD.swap(false, Ordering::SeqCst);
+        if !reload && Instant::now() < next_poll {
+            continue;
+        }
+        next_poll = Instant::now() + o.poll;
+        if reload && o.policy.is_none() {
+            log::info!(
+                "SIGHUP: nothing to reload, the policy source is {}",
+                shared.source.describe()
+            );
+        }
         if let Some(p) = &o.policy {
             let stamp = file_stamp(p);
-            if stamp.is_some() && stamp != last_stamp {
+            if stamp.is_some() && (reload || stamp != last_stamp) {
+                if reload {
+                    log::info!("SIGHUP: reloading {}", p.display());
+                    crate::host::notify("RELOADING=1");
+                }
                 last_stamp = stamp;
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
@@ -677,13 +728,40 @@ pub fn run(o: RunOptions) -> Result<()> {
                 if let Err(e) = eng.settle() {
                     log::error!("settling the inactive slot: {e:#}");
                 }
+                if reload {
+                    crate::host::notify("READY=1");
+                }
             }
         }
     }
+    crate::host::notify("STOPPING=1");
     rt.shutdown_background();
     api::remove_socket(&o.api);
     // The links stay pinned: the program keeps enforcing after the daemon exits.
     log::info!("stopping; XDP stays attached and enforcing (keywall detach removes it)");
+    Ok(())
+}
+
+/// Refuses to attach over an XDP program that is not this keywall's (not reached through a
+/// link pinned under `pin_dir`), or detaches it when `replace` says so.
+fn check_foreign(iface: &str, pin_dir: &Path, replace: bool) -> Result<()> {
+    if crate::dataplane::link_pin_path(pin_dir, iface).exists() {
+        // Ours: the pinned link is taken over without a gap.
+        return Ok(());
+    }
+    let found = crate::host::attached_xdp(iface)?;
+    for a in &found {
+        if !replace {
+            bail!(
+                "{iface} already runs XDP program {a}, which is not this keywall's (no link \
+                 under {}); refusing to replace it: remove it, or pass --replace-foreign",
+                pin_dir.display()
+            );
+        }
+        log::warn!("--replace-foreign: detaching XDP program {a} from {iface}");
+        crate::host::detach_foreign(iface, a)
+            .with_context(|| format!("detaching {a} from {iface}"))?;
+    }
     Ok(())
 }
 

@@ -842,8 +842,14 @@ impl Sync {
             .collect();
         let n = kvs.len();
         let t0 = Instant::now();
+        let pb = crate::progress::spinner(format!(
+            "etcd: applying the snapshot of {} ({n} entries)",
+            self.cfg.prefix
+        ));
         let (out, compiled) = self.rec.snapshot(kvs);
-        self.commit(out, compiled, rev, t0, true)?;
+        let res = self.commit(out, compiled, rev, t0, true);
+        crate::progress::done(pb);
+        res?;
         log::info!(
             "etcd: snapshot of {} at revision {rev}: {n} entries, {} refused",
             self.cfg.prefix,

@@ -113,6 +113,10 @@ enum Cmd {
         /// How often the policy file is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// Replace an XDP program already on an interface that is not this keywall's
+        /// (without it, keywall refuses to start).
+        #[arg(long)]
+        replace_foreign: bool,
     },
     /// Interfaces, attach state, applied revision, mode and map fill.
     Status {
@@ -153,6 +157,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Run another XDP program after keywall on this interface's packets that keywall passes
+    /// (the chaining slot), or empty the slot.
+    Chain {
+        /// A pinned XDP program (e.g. xdp-filter's, under /sys/fs/bpf/xdp-filter/programs/).
+        #[arg(long, conflicts_with_all = ["prog_id", "clear"])]
+        prog: Option<PathBuf>,
+        /// A loaded XDP program's id (`bpftool prog`).
+        #[arg(long, conflicts_with = "clear")]
+        prog_id: Option<u32>,
+        /// Empty the slot.
+        #[arg(long)]
+        clear: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// For the service unit's privileged ExecStartPre: mount bpffs if it is missing and make
+    /// the pin dir, owned by the daemon's user.
+    #[command(hide = true)]
+    Prepare {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The user the daemon runs as.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Writes shell completions (bash, zsh, fish) and man pages into DIR (packaging).
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
     /// Detach from one interface, or from all and remove every pin.
     Detach {
         #[arg(long, conflicts_with = "all")]
@@ -245,6 +277,7 @@ fn real_main() -> Result<ExitCode> {
             max_allow,
             max_flows,
             poll_ms,
+            replace_foreign,
         } => {
             let etcd = etcd
                 .map(|urls| {
@@ -292,6 +325,7 @@ fn real_main() -> Result<ExitCode> {
                 api,
                 metrics: (metrics != "off").then_some(metrics),
                 etcd,
+                replace_foreign,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -355,6 +389,42 @@ fn real_main() -> Result<ExitCode> {
             KeyCmd::Unlock { prefix, api } => client::key_lock(&api.client()?, &prefix, false)?,
         })),
         Cmd::Events { json, api } => Ok(ExitCode::from(client::events(&api.client()?, json)?)),
+        Cmd::Chain {
+            prog,
+            prog_id,
+            clear,
+            pin_dir,
+        } => {
+            use keywall::chain;
+            let target = match (&prog, prog_id) {
+                (Some(p), _) => Some(chain::Target::Pin(p)),
+                (None, Some(id)) => Some(chain::Target::Id(id)),
+                (None, None) => None,
+            };
+            match target {
+                Some(t) => {
+                    let (name, id) = chain::set(&pin_dir, t)?;
+                    println!("chained {name} (prog id {id}) after keywall");
+                }
+                None if clear => {
+                    chain::clear(&pin_dir)?;
+                    println!("chaining slot empty: keywall's pass verdicts are final");
+                }
+                None => anyhow::bail!("say --prog PINNED_PROGRAM, --prog-id ID or --clear"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prepare { pin_dir, owner } => {
+            dataplane::ensure_bpffs(&pin_dir)?;
+            if let Some(user) = owner {
+                keywall::host::chown_to_user(&pin_dir, &user)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Assets { dir } => {
+            write_assets(&dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Detach {
             iface,
             all,
@@ -373,4 +443,35 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Completions for bash, zsh and fish, and a man page for keywall and each verb, into `dir`
+/// (`completions/`, `man/`).
+fn write_assets(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory as _;
+    let comp = dir.join("completions");
+    let man = dir.join("man");
+    std::fs::create_dir_all(&comp)?;
+    std::fs::create_dir_all(&man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "keywall", &comp)?;
+    }
+    let cmd = Cli::command();
+    let mut pages = vec![("keywall".to_owned(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("keywall-{}", sub.get_name());
+        // The page's title is the command's name: `keywall-run`, as man expects.
+        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+        pages.push((name, sub.clone().name(leaked)));
+    }
+    for (name, c) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(c).section("8").render(&mut out)?;
+        std::fs::write(man.join(format!("{name}.8")), out)?;
+    }
+    Ok(())
 }

@@ -13,6 +13,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fresh;
+mod package;
+
 /// `cargo xtask test` (and therefore `.ci/run`) also runs `bench --quick` after the tests: a
 /// smoke run of `keywall-bench` (tests/src/bin/bench.rs) that checks the bench works, never
 /// how fast anything is, and leaves BENCHMARKS.md alone.
@@ -42,6 +45,11 @@ const APT_PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "socat",
     "openssl",
+    // systemd-analyze, for the package check's `systemd-analyze verify keywall.service`.
+    "systemd",
+    // sysctl (the evasion suite turns on TCP Fast Open in its namespaces); a minimal Debian
+    // root has no procps, as `cargo xtask fresh` found.
+    "procps",
 ];
 
 /// PyPI packages the end-to-end tests and the demo run (the FIX client and acceptor), as
@@ -112,6 +120,28 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, build the release binary and package it: target/debian/keywall_<version>_amd64.deb.
+    Package {
+        /// Then install it into a throw-away bookworm root and check it (`cargo xtask test`
+        /// runs this check on the debug build).
+        #[arg(long)]
+        check: bool,
+        /// Package the debug build instead (quick; for checking the packaging itself).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Prove a fresh Debian 12 machine works: a clean clone in a throw-away bookworm root
+    /// (mmdebstrap, cached under target/fresh) that has none of the build dependencies, only
+    /// the host's rustup toolchains; inside it `cargo xtask test` (or, with --build-only,
+    /// setup, the build and the unit tests).
+    Fresh {
+        /// setup + build + unit tests instead of the whole test command.
+        #[arg(long)]
+        build_only: bool,
+        /// Keep the root (target/fresh/root) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() {
@@ -159,6 +189,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { quick_bench, args } => {
             setup(&mut ctx)?;
             test(&ctx, &args)?;
+            if args.is_empty() {
+                // The .deb around the binary the tests just ran, installed into a
+                // throw-away Debian root.
+                package::check(&ctx, &ctx.target_dir()?.join("debug/keywall"))?;
+            }
             if quick_bench || RUN_QUICK_BENCH_AFTER_TESTS {
                 // Every locator's rows must be produced: a regression fails CI.
                 bench(&ctx, true, &["--require-all".to_owned()])?;
@@ -174,6 +209,24 @@ fn run(cli: Cli) -> Result<()> {
             setup(&mut ctx)?;
             bench(&ctx, quick, &args)
         }
+        Cmd::Package { check, debug } => {
+            setup(&mut ctx)?;
+            let bin = if debug {
+                ctx.cargo(&["build", "-p", "filter-user"])?;
+                ctx.target_dir()?.join("debug/keywall")
+            } else {
+                package::build(&ctx)?;
+                ctx.target_dir()?.join("release/keywall")
+            };
+            if check {
+                package::check(&ctx, &bin)?;
+            } else {
+                let deb = package::build_from(&ctx, &bin)?;
+                println!("built {}", deb.display());
+            }
+            Ok(())
+        }
+        Cmd::Fresh { build_only, keep } => fresh::run(&ctx, build_only, keep),
     }
 }
 
@@ -182,9 +235,9 @@ fn step(title: &str) {
 }
 
 /// The workspace root, the cargo to use, and the environment every child process gets.
-struct Ctx {
-    root: PathBuf,
-    cargo: OsString,
+pub(crate) struct Ctx {
+    pub(crate) root: PathBuf,
+    pub(crate) cargo: OsString,
     env: BTreeMap<String, OsString>,
 }
 

@@ -2466,25 +2466,41 @@ fn run(args: &Args) -> Result<()> {
     );
     let mut sets = Vec::new();
     let mut big = None;
+    // On a terminal only: a bar over the key sets, and the set being loaded.
+    let pb = keywall::progress::bar(plan.key_sets.len() as u64, "key sets loaded");
     for &k in &plan.key_sets {
+        if let Some(pb) = &pb {
+            pb.set_message(format!("loading {} keys", keys_label(k)));
+        }
         let (l, b, c) = load_with_keys(k)?;
-        println!(
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+        let line = format!(
             "  {}: compile {:.2} s, apply {:.2} s",
             keys_label(k),
             b.compile.as_secs_f64(),
             b.apply.as_secs_f64()
         );
+        match &pb {
+            Some(pb) => pb.println(line),
+            None => println!("{line}"),
+        }
         if k >= 1_000_000 {
             big = Some((b, c));
         }
         sets.push((k, l));
     }
+    keywall::progress::done(pb);
 
     println!(
         "[3/5] per-packet cost, {} reps of repeat {}",
         plan.reps, plan.repeat
     );
-    let (rows, first_rows) = measure(&mut sets, &mut peers, &plan, args.require_all)?;
+    let pb = keywall::progress::spinner("measuring per-packet cost");
+    let measured = measure(&mut sets, &mut peers, &plan, args.require_all);
+    keywall::progress::done(pb);
+    let (rows, first_rows) = measured?;
 
     let mut programs = Vec::new();
     if let Some((_, l)) = sets.last_mut()
