@@ -39,7 +39,7 @@ use crate::{
     dataplane::PinnedView,
     events::EventRecord,
     metrics::Metrics,
-    policy::{Patch, PatchOp, Policy, PolicyError, key_prefix},
+    policy::{Patch, PatchOp, PatchRequest, Policy, PolicyError, key_prefix},
     state::Runtime,
 };
 
@@ -277,6 +277,8 @@ impl Source {
 
 pub struct Shared {
     pub engine: Mutex<Engine>,
+    /// The engine's published figures (`Engine::published`), readable without its lock.
+    pub published: Arc<Mutex<Option<crate::state::PolicyStatus>>>,
     pub runtime: Mutex<Runtime>,
     pub source: Source,
     pub pin_dir: PathBuf,
@@ -391,7 +393,7 @@ impl Shared {
         let Ok(text) = std::str::from_utf8(body) else {
             return reject(bad_input(&[PolicyError::new("", "body is not UTF-8")]));
         };
-        let patch = match Patch::from_json_str(text) {
+        let req = match PatchRequest::from_json_str(text) {
             Ok(p) => p,
             Err(errs) => return reject(bad_input(&errs)),
         };
@@ -401,6 +403,18 @@ impl Shared {
             return r;
         }
         let applied = eng.revision();
+        let patch = match req.revision {
+            Some(revision) => Patch {
+                revision,
+                ops: req.ops,
+            },
+            // Unconditional: no-op if the ops already hold, else the next revision.
+            None if eng.ops_hold(&req.ops) => return self.applied_reply(&eng, t0, "unchanged"),
+            None => Patch {
+                revision: applied + 1,
+                ops: req.ops,
+            },
+        };
         let decision = decide(applied, patch.revision, || {
             // A retry: the very patch that was applied last, or ops that already hold.
             eng.last_patch.as_ref() == Some(&patch) || eng.ops_hold(&patch.ops)
@@ -829,7 +843,8 @@ async fn handle(
         (&Method::GET, "/v1/status") => {
             let sh2 = sh.clone();
             let r = tokio::task::spawn_blocking(move || {
-                let mut v = crate::status::status_json(&sh2.pin_dir, &sh2.state_dir)?;
+                let live = sh2.published.lock().unwrap().clone();
+                let mut v = crate::status::status_json(&sh2.pin_dir, &sh2.state_dir, live)?;
                 v["policy_source"] = sh2.source.kind().into();
                 v["events"] = match &sh2.events_error {
                     None => "available".into(),

@@ -24,7 +24,7 @@ use crate::{
     dataplane::{Capacity, Dataplane, Mirror},
     metrics::Metrics,
     policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError},
-    state::{self, Applied, Runtime},
+    state::{self, Applied, PolicyStatus, Runtime},
 };
 
 pub struct RunOptions {
@@ -73,6 +73,9 @@ pub struct Engine {
     pub locked_keys: usize,
     /// A whole-policy apply left the inactive slot behind on (possibly) every key.
     pub unsettled: bool,
+    /// The applied policy's figures for readers (status, metrics), updated with every write
+    /// so that reading them never takes the engine lock or walks the policy.
+    pub published: Arc<Mutex<Option<PolicyStatus>>>,
 }
 
 /// Why a PATCH was not applied.
@@ -97,6 +100,24 @@ pub enum Persist<'a> {
 pub const JOURNAL_COMPACT: usize = 1024;
 
 impl Engine {
+    /// Records the applied policy's figures for readers, in memory and in the state dir (for
+    /// `keywall status` while the daemon is down).
+    pub fn publish(&self) {
+        let Some(a) = &self.applied else { return };
+        let st = PolicyStatus {
+            revision: a.revision,
+            source: a.source.clone(),
+            applied_unix: a.applied_unix,
+            keys: self.index.len() as u64,
+            locked_keys: self.locked_keys as u64,
+            fill: self.mirror.fill(),
+        };
+        if let Err(e) = state::save_policy_status(&self.state_dir, &st) {
+            log::warn!("writing the policy status: {e:#}");
+        }
+        *self.published.lock().unwrap() = Some(st);
+    }
+
     /// The applied revision (0 before anything was applied).
     pub fn revision(&self) -> u64 {
         self.applied.as_ref().map_or(0, |a| a.revision)
@@ -342,6 +363,7 @@ impl Engine {
             t_save.elapsed()
         );
         self.last_patch = Some(patch.clone());
+        self.publish();
         saved
             .context("the maps enforce it, but saving it to the state dir failed")
             .map_err(PatchFailure::Apply)?;
@@ -460,6 +482,7 @@ impl Engine {
             t_save.elapsed()
         );
         self.applied = Some(applied);
+        self.publish();
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
     }
@@ -516,8 +539,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         open_keys: 0,
         locked_keys: 0,
         unsettled: false,
+        published: Arc::new(Mutex::new(None)),
     };
-    let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
+    let metrics = Arc::new(Metrics::new(o.pin_dir.clone(), eng.published.clone()));
 
     // 1. Restore the last applied policy before anything is attached or taken over.
     match state::load_applied(&o.state_dir) {
@@ -629,6 +653,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         source.kind() == "api" || runtime.policy_error.is_none(),
     );
     let shared = Arc::new(Shared {
+        published: eng.published.clone(),
         engine: Mutex::new(eng),
         runtime: Mutex::new(runtime),
         source,

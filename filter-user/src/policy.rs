@@ -1025,6 +1025,23 @@ impl Patch {
     }
 }
 
+/// A PATCH as the API receives it. `revision` may be left out: the write is then
+/// unconditional and applied at the applied revision + 1 (ops that already hold answer
+/// "unchanged"), so a client need not read the policy to learn the revision first.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    #[serde(default)]
+    pub revision: Option<u64>,
+    pub ops: Vec<PatchOp>,
+}
+
+impl PatchRequest {
+    pub fn from_json_str(s: &str) -> Result<PatchRequest, Vec<PolicyError>> {
+        parse_json(s)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PatchOp {

@@ -23,6 +23,7 @@ use crate::policy::{PatchOp, Policy};
 const POLICY_FILE: &str = "applied-policy.json";
 const JOURNAL_FILE: &str = "applied-journal.ndjson";
 const RUNTIME_FILE: &str = "runtime.json";
+const STATUS_FILE: &str = "policy-status.json";
 
 /// The applied policy and where it came from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -124,9 +125,13 @@ pub fn load_applied(state_dir: &Path) -> Result<Option<Applied>> {
     Ok(replay_journal(snapshot, &journal))
 }
 
-/// Replays journal lines newer than the snapshot. A line that does not parse (torn by a
-/// crash) or does not apply ends the replay: nothing after it was acknowledged in order.
+/// Replays journal lines newer than the snapshot, in O(lines + keys): the prefix index is
+/// built once, and deletes leave a hole that is closed at the end (instead of shifting every
+/// later key). A line that does not parse (torn by a crash) or does not apply ends the replay:
+/// nothing after it was acknowledged in order.
 pub fn replay_journal(mut applied: Option<Applied>, journal: &[u8]) -> Option<Applied> {
+    let mut replay: Option<Replay> = None;
+    let mut last: Option<(u64, String, u64)> = None;
     for (n, line) in journal.split(|b| *b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
@@ -135,47 +140,117 @@ pub fn replay_journal(mut applied: Option<Applied>, journal: &[u8]) -> Option<Ap
             log::warn!("policy journal line {} is torn; replay stops there", n + 1);
             break;
         };
-        let base = applied.as_ref().map_or(0, |a| a.revision);
-        if applied.is_some() && e.revision <= base {
+        let base = last
+            .as_ref()
+            .map(|l| l.0)
+            .or(applied.as_ref().map(|a| a.revision))
+            .unwrap_or(0);
+        if applied.is_some() && e.revision <= applied.as_ref().map_or(0, |a| a.revision) {
             continue; // already in the snapshot
         }
-        let mut policy = applied.take().map(|a| a.policy).unwrap_or_default();
-        if let Err(msg) = replay_ops(&mut policy, &e.ops) {
+        let r = replay.get_or_insert_with(|| {
+            Replay::new(
+                applied
+                    .as_mut()
+                    .map(|a| std::mem::take(&mut a.policy))
+                    .unwrap_or_default(),
+            )
+        });
+        if let Err(msg) = r.apply(&e.ops) {
             log::error!(
                 "policy journal line {} does not apply ({msg}); replay stops there",
                 n + 1
             );
             // Keep what was replayed so far, at its own revision.
-            policy.revision = Some(base);
-            applied = Some(Applied {
-                revision: base,
-                source: e.source,
-                applied_unix: e.applied_unix,
-                policy,
-            });
+            last = Some((base, e.source, e.applied_unix));
             break;
         }
-        policy.revision = Some(e.revision);
-        applied = Some(Applied {
-            revision: e.revision,
-            source: e.source,
-            applied_unix: e.applied_unix,
-            policy,
-        });
+        last = Some((e.revision, e.source, e.applied_unix));
     }
-    applied
+    let (Some(r), Some((revision, source, applied_unix))) = (replay, last) else {
+        return applied;
+    };
+    let mut policy = r.finish();
+    policy.revision = Some(revision);
+    Some(Applied {
+        revision,
+        source,
+        applied_unix,
+        policy,
+    })
+}
+
+/// A policy being replayed: keys with holes where deletes were, and one prefix index.
+struct Replay {
+    policy: Policy,
+    keys: Vec<Option<crate::policy::Key>>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl Replay {
+    fn new(mut policy: Policy) -> Replay {
+        let keys: Vec<_> = std::mem::take(&mut policy.key)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_ref().expect("just wrapped").prefix.clone(), i))
+            .collect();
+        Replay {
+            policy,
+            keys,
+            index,
+        }
+    }
+
+    fn apply(&mut self, ops: &[PatchOp]) -> Result<(), String> {
+        for op in ops {
+            match op {
+                PatchOp::Upsert { key } => match self.index.get(&key.prefix) {
+                    Some(&i) => self.keys[i] = Some(key.clone()),
+                    None => {
+                        self.index.insert(key.prefix.clone(), self.keys.len());
+                        self.keys.push(Some(key.clone()));
+                    }
+                },
+                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                    match self.index.get(prefix).and_then(|&i| self.keys[i].as_mut()) {
+                        Some(k) => k.locked = matches!(op, PatchOp::Lock { .. }),
+                        None => return Err(format!("no key {prefix:?}")),
+                    }
+                }
+                PatchOp::Delete { prefix } => match self.index.remove(prefix) {
+                    Some(i) => self.keys[i] = None,
+                    None => return Err(format!("no key {prefix:?}")),
+                },
+                PatchOp::SetIpset { name, cidrs } => {
+                    self.policy.ipsets.insert(name.clone(), cidrs.clone());
+                }
+                PatchOp::DeleteIpset { name } => {
+                    if self.policy.ipsets.remove(name).is_none() {
+                        return Err(format!("no ipset {name:?}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Policy {
+        self.policy.key = self.keys.into_iter().flatten().collect();
+        self.policy
+    }
 }
 
 /// Applies already validated PATCH ops in place, without validating again (they were
 /// validated when the daemon accepted them). Same meaning as `Policy::apply_patch`.
 pub fn replay_ops(p: &mut Policy, ops: &[PatchOp]) -> Result<(), String> {
-    let mut index: std::collections::HashMap<String, usize> = p
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.prefix.clone(), i))
-        .collect();
-    replay_ops_indexed(p, &mut index, ops)
+    let mut r = Replay::new(std::mem::take(p));
+    let res = r.apply(ops);
+    *p = r.finish();
+    res
 }
 
 /// `replay_ops` with the caller's prefix index of `p.key`, kept up to date.
@@ -202,10 +277,12 @@ pub fn replay_ops_indexed(
                     return Err(format!("no key {prefix:?}"));
                 };
                 // Remove keeps the order of the rest, as apply_patch does (deletes are rare
-                // next to locks, so moving the tail is fine).
+                // next to locks, so moving the tail is fine; the index is updated in place).
                 p.key.remove(i);
                 for (j, k) in p.key.iter().enumerate().skip(i) {
-                    index.insert(k.prefix.clone(), j);
+                    if let Some(v) = index.get_mut(&k.prefix) {
+                        *v = j;
+                    }
                 }
             }
             PatchOp::SetIpset { name, cidrs } => {
@@ -219,6 +296,67 @@ pub fn replay_ops_indexed(
         }
     }
     Ok(())
+}
+
+/// What `status` and `/metrics` say about the applied policy. The engine keeps it up to date
+/// with every write, so reading it costs the same at 10 keys and at a million.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStatus {
+    pub revision: u64,
+    pub source: String,
+    pub applied_unix: u64,
+    pub keys: u64,
+    pub locked_keys: u64,
+    /// Entries in the policy maps.
+    pub fill: crate::dataplane::MapFill,
+}
+
+/// Writes the policy status for readers while the daemon is down. Not synced: it is a cache
+/// of what the snapshot and journal hold (see `load_policy_status`).
+pub fn save_policy_status(state_dir: &Path, s: &PolicyStatus) -> Result<()> {
+    let path = state_dir.join(STATUS_FILE);
+    let tmp = state_dir.join(format!(".{STATUS_FILE}.tmp"));
+    fs::write(&tmp, serde_json::to_vec(s)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// The applied policy's status without parsing the policy: the status file, with the revision
+/// and source of the journal's last line if that is newer (a crash between the two writes).
+/// None if the state dir holds no status file (then the caller falls back to the policy).
+pub fn load_policy_status(state_dir: &Path) -> Option<PolicyStatus> {
+    let mut s: PolicyStatus =
+        serde_json::from_slice(&fs::read(state_dir.join(STATUS_FILE)).ok()?).ok()?;
+    if let Some(e) = journal_tail(state_dir)
+        && e.revision > s.revision
+    {
+        s.revision = e.revision;
+        s.source = e.source;
+        s.applied_unix = e.applied_unix;
+    }
+    Some(s)
+}
+
+/// The journal's last complete line, read from its end (O(1) in the journal's length).
+fn journal_tail(state_dir: &Path) -> Option<JournalEntry> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = fs::File::open(state_dir.join(JOURNAL_FILE)).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut back = 4096u64;
+    loop {
+        let start = len.saturating_sub(back);
+        f.seek(SeekFrom::Start(start)).ok()?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).ok()?;
+        // Complete lines only: a torn last line (no newline) was never acknowledged.
+        let end = buf.iter().rposition(|b| *b == b'\n')?;
+        let body = &buf[..end];
+        match body.iter().rposition(|b| *b == b'\n') {
+            Some(i) => return serde_json::from_slice(&body[i + 1..]).ok(),
+            None if start == 0 => return serde_json::from_slice(body).ok(),
+            None => back *= 4,
+        }
+    }
 }
 
 pub fn save_runtime(state_dir: &Path, r: &Runtime) -> Result<()> {
