@@ -485,13 +485,19 @@ impl Shared {
     /// After answering a write: settles the inactive slot after a whole-policy apply, and
     /// writes a snapshot when the PATCH journal has grown long.
     pub fn after_write(&self) {
-        let mut eng = self.engine.lock().unwrap();
-        if let Err(e) = eng.settle() {
-            log::error!("settling the inactive slot: {e:#}");
-        }
-        if eng.wants_compaction()
-            && let Err(e) = eng.compact()
-        {
+        let fold = {
+            let mut eng = self.engine.lock().unwrap();
+            if let Err(e) = eng.settle() {
+                log::error!("settling the inactive slot: {e:#}");
+            }
+            if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            }
+        };
+        // The snapshot is written without the engine lock: writers go on meanwhile.
+        if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
             log::error!("writing a policy snapshot: {e:#}");
         }
     }

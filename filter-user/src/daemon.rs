@@ -76,6 +76,8 @@ pub struct Engine {
     /// The applied policy's figures for readers (status, metrics), updated with every write
     /// so that reading them never takes the engine lock or walks the policy.
     pub published: Arc<Mutex<Option<PolicyStatus>>>,
+    /// A fold's snapshot is being written (off the lock).
+    pub fold_busy: Arc<AtomicBool>,
 }
 
 /// Why a PATCH was not applied.
@@ -93,11 +95,36 @@ fn is_open(k: &Key) -> bool {
 /// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
 pub enum Persist<'a> {
     Snapshot,
+    /// Already in the state dir (a restore): nothing to write.
+    Restored,
     Journal(&'a Patch),
 }
 
 /// Journal lines after which the daemon writes a fresh snapshot (after answering).
 pub const JOURNAL_COMPACT: usize = 1024;
+
+/// A fold begun under the engine lock (`Engine::begin_fold`), to be written without it.
+pub struct Fold {
+    bytes: Vec<u8>,
+    lines: usize,
+    state_dir: PathBuf,
+    busy: Arc<AtomicBool>,
+}
+
+impl Fold {
+    pub fn finish(self) -> Result<()> {
+        let t0 = Instant::now();
+        let r = state::finish_fold(&self.state_dir, &self.bytes);
+        self.busy.store(false, Ordering::SeqCst);
+        log::info!(
+            "folded {} journalled PATCHes into a snapshot ({} bytes) in {:?}",
+            self.lines,
+            self.bytes.len(),
+            t0.elapsed()
+        );
+        r
+    }
+}
 
 impl Engine {
     /// Records the applied policy's figures for readers, in memory and in the state dir (for
@@ -140,6 +167,19 @@ impl Engine {
             )
         })?;
         self.apply_compiled(p, compiled, None, revision, source, Persist::Snapshot)
+    }
+
+    /// Writes the policy restored from the state dir (which already holds it).
+    pub fn restore(
+        &mut self,
+        p: Policy,
+        revision: u64,
+        source: &str,
+    ) -> Result<crate::dataplane::ApplyReport> {
+        let compiled = p
+            .compile()
+            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
+        self.apply_compiled(p, compiled, None, revision, source, Persist::Restored)
     }
 
     /// True if `patch` touches keys only and the engine can apply it key by key.
@@ -400,22 +440,46 @@ impl Engine {
         self.journal_len >= JOURNAL_COMPACT
     }
 
-    /// Folds the journal into a fresh snapshot of the applied policy.
+    /// Folds the journal into a fresh snapshot of the applied policy, all at once.
     pub fn compact(&mut self) -> Result<()> {
-        if self.journal_len == 0 {
-            return Ok(());
+        match self.begin_fold()? {
+            Some(f) => f.finish(),
+            None => Ok(()),
         }
-        if let Some(a) = &self.applied {
-            let t0 = Instant::now();
-            state::save_applied(&self.state_dir, a)?;
-            log::info!(
-                "folded {} journalled PATCHes into a snapshot in {:?}",
-                self.journal_len,
-                t0.elapsed()
-            );
+    }
+
+    /// Starts a fold under the engine lock: moves the journal aside and serialises the
+    /// applied policy (the only part that grows with the policy). `Fold::finish` writes it
+    /// without the lock, so writers wait for the serialisation only, not for the disk.
+    pub fn begin_fold(&mut self) -> Result<Option<Fold>> {
+        if self.journal_len == 0 || self.fold_busy.load(Ordering::SeqCst) {
+            return Ok(None);
         }
-        self.journal_len = 0;
-        Ok(())
+        let Some(a) = &self.applied else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        state::rotate_journal(&self.state_dir)?;
+        let bytes = serde_json::to_vec(a)?;
+        let lines = std::mem::take(&mut self.journal_len);
+        self.fold_busy.store(true, Ordering::SeqCst);
+        log::debug!(
+            "fold of {lines} journal lines: serialised in {:?}",
+            t0.elapsed()
+        );
+        Ok(Some(Fold {
+            bytes,
+            lines,
+            state_dir: self.state_dir.clone(),
+            busy: self.fold_busy.clone(),
+        }))
+    }
+
+    /// Waits for a fold being written (a whole snapshot must not be overtaken by an older one).
+    fn wait_fold(&self) {
+        while self.fold_busy.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Writes an already validated policy. `changed` (from a PATCH) names every key that may
@@ -461,7 +525,12 @@ impl Engine {
         let saved = match persist {
             Persist::Snapshot => {
                 self.journal_len = 0;
+                self.wait_fold();
                 state::save_applied(&self.state_dir, &applied)
+            }
+            Persist::Restored => {
+                self.journal_len = state::journal_lines(&self.state_dir);
+                Ok(())
             }
             Persist::Journal(patch) => {
                 self.journal_len += 1;
@@ -540,18 +609,24 @@ pub fn run(o: RunOptions) -> Result<()> {
         locked_keys: 0,
         unsettled: false,
         published: Arc::new(Mutex::new(None)),
+        fold_busy: Arc::new(AtomicBool::new(false)),
     };
     let metrics = Arc::new(Metrics::new(o.pin_dir.clone(), eng.published.clone()));
 
     // 1. Restore the last applied policy before anything is attached or taken over.
+    if let Err(e) = state::repair_journal(&o.state_dir) {
+        log::error!("repairing the policy journal: {e:#}");
+    }
+    let t_restore = Instant::now();
     match state::load_applied(&o.state_dir) {
         Ok(Some(a)) => {
-            let rep = eng.apply(a.policy.clone(), a.revision, &a.source)?;
+            let (revision, source) = (a.revision, a.source.clone());
+            log::info!("read the applied policy in {:?}", t_restore.elapsed());
+            let rep = eng.restore(a.policy, revision, &source)?;
             log::info!(
-                "restored revision {} ({}) from {}: generation {}",
-                a.revision,
-                a.source,
+                "restored revision {revision} ({source}) from {} in {:?}: generation {}",
                 o.state_dir.display(),
+                t_restore.elapsed(),
                 rep.generation
             );
         }

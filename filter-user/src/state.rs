@@ -22,6 +22,9 @@ use crate::policy::{PatchOp, Policy};
 
 const POLICY_FILE: &str = "applied-policy.json";
 const JOURNAL_FILE: &str = "applied-journal.ndjson";
+/// The journal being folded into a new snapshot (renamed out of the way so that PATCHes can
+/// go on appending to a fresh journal meanwhile).
+const FOLDING_FILE: &str = "applied-journal.folding.ndjson";
 const RUNTIME_FILE: &str = "runtime.json";
 const STATUS_FILE: &str = "policy-status.json";
 
@@ -77,18 +80,56 @@ pub struct JournalEntry {
     pub ops: Vec<PatchOp>,
 }
 
-/// Writes the whole applied policy, then drops the journal it supersedes.
+/// Writes the whole applied policy, then drops the journals it supersedes.
 pub fn save_applied(state_dir: &Path, a: &Applied) -> Result<()> {
     // Compact: at 1M keys pretty printing costs more than the write.
     write_atomic(&state_dir.join(POLICY_FILE), &serde_json::to_vec(a)?)?;
     // A crash before this removal leaves entries at or below the snapshot's revision, which
     // loading skips.
-    match fs::remove_file(state_dir.join(JOURNAL_FILE)) {
+    remove_if_present(&state_dir.join(FOLDING_FILE))?;
+    remove_if_present(&state_dir.join(JOURNAL_FILE))
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).context("removing the policy journal")
+            Err(e).with_context(|| format!("removing {}", p.display()))
         }
         _ => Ok(()),
     }
+}
+
+/// First half of a fold (under the engine lock, O(journal)): moves the journal aside, so
+/// later PATCHes start a fresh one. A fold that never finished (a crash) left its journal
+/// aside: this one is added to it.
+pub fn rotate_journal(state_dir: &Path) -> Result<()> {
+    let j = state_dir.join(JOURNAL_FILE);
+    let f = state_dir.join(FOLDING_FILE);
+    if !j.exists() {
+        return Ok(());
+    }
+    if f.exists() {
+        let lines = fs::read(&j).with_context(|| format!("reading {}", j.display()))?;
+        let mut out = fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .with_context(|| format!("opening {}", f.display()))?;
+        out.write_all(&lines).and_then(|_| out.sync_data())?;
+        remove_if_present(&j)
+    } else {
+        fs::rename(&j, &f).with_context(|| format!("renaming {}", j.display()))?;
+        if let Ok(d) = fs::File::open(state_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// Second half of a fold (off the engine lock): writes the snapshot serialised at rotation
+/// time, then drops the journal moved aside (every line of it is in the snapshot).
+pub fn finish_fold(state_dir: &Path, snapshot: &[u8]) -> Result<()> {
+    write_atomic(&state_dir.join(POLICY_FILE), snapshot)?;
+    remove_if_present(&state_dir.join(FOLDING_FILE))
 }
 
 /// Appends one applied PATCH and makes it durable.
@@ -116,13 +157,51 @@ pub fn load_applied(state_dir: &Path) -> Result<Option<Applied>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     };
-    let j = state_dir.join(JOURNAL_FILE);
-    let journal = match fs::read(&j) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(snapshot),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", j.display())),
-    };
+    // The journal being folded (if a fold did not finish), then the current one.
+    let mut journal = Vec::new();
+    for name in [FOLDING_FILE, JOURNAL_FILE] {
+        let j = state_dir.join(name);
+        match fs::read(&j) {
+            Ok(mut b) => {
+                if !b.is_empty() && !b.ends_with(b"\n") {
+                    b.push(b'\n'); // a torn line stays torn (it will not parse)
+                }
+                journal.extend_from_slice(&b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", j.display())),
+        }
+    }
+    if journal.is_empty() {
+        return Ok(snapshot);
+    }
     Ok(replay_journal(snapshot, &journal))
+}
+
+/// Cuts a torn last line (a crash mid-append) off the journals, so that lines appended after
+/// a restart are not glued to it. Called before the daemon appends anything.
+pub fn repair_journal(state_dir: &Path) -> Result<()> {
+    for name in [FOLDING_FILE, JOURNAL_FILE] {
+        let p = state_dir.join(name);
+        let Ok(b) = fs::read(&p) else { continue };
+        let keep = b.iter().rposition(|c| *c == b'\n').map_or(0, |i| i + 1);
+        if keep < b.len() {
+            log::warn!("{}: dropping a torn last line", p.display());
+            let f = fs::OpenOptions::new().write(true).open(&p)?;
+            f.set_len(keep as u64)?;
+            f.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// Lines in the journals (PATCHes since the snapshot, or a little more).
+pub fn journal_lines(state_dir: &Path) -> usize {
+    [FOLDING_FILE, JOURNAL_FILE]
+        .iter()
+        .filter_map(|n| fs::read(state_dir.join(n)).ok())
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .sum()
 }
 
 /// Replays journal lines newer than the snapshot, in O(lines + keys): the prefix index is
@@ -489,6 +568,76 @@ mod tests {
         save_applied(&dir, &got).unwrap();
         assert!(!dir.join(JOURNAL_FILE).exists());
         assert_eq!(load_applied(&dir).unwrap().unwrap(), got);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fold_rotates_and_a_crash_at_any_step_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("kw-fold-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut a = Applied {
+            revision: 3,
+            source: "api".into(),
+            applied_unix: 1,
+            policy: base(),
+        };
+        save_applied(&dir, &a).unwrap();
+        let lock = |rev: u64, prefix: &str| JournalEntry {
+            revision: rev,
+            source: "api".into(),
+            applied_unix: 2,
+            ops: vec![PatchOp::Lock {
+                prefix: prefix.into(),
+            }],
+        };
+        append_journal(&dir, &lock(4, "aaaaaaaa")).unwrap();
+        // The fold begins: the journal goes aside, the snapshot is serialised at revision 4.
+        rotate_journal(&dir).unwrap();
+        a = load_applied(&dir).unwrap().unwrap();
+        assert_eq!(a.revision, 4);
+        let snap = serde_json::to_vec(&a).unwrap();
+        // A PATCH lands while the snapshot is written.
+        append_journal(&dir, &lock(5, "bbbbbbbb")).unwrap();
+        let got = load_applied(&dir).unwrap().unwrap();
+        assert_eq!(
+            got.revision, 5,
+            "both journals are replayed before the fold ends"
+        );
+        // The fold never finished (a crash); the next one rotates again and keeps both.
+        drop(snap);
+        rotate_journal(&dir).unwrap();
+        assert_eq!(load_applied(&dir).unwrap().unwrap(), got);
+        let snap = serde_json::to_vec(&got).unwrap();
+        append_journal(&dir, &lock(6, "cccccccc")).unwrap();
+        finish_fold(&dir, &snap).unwrap();
+        let done = load_applied(&dir).unwrap().unwrap();
+        assert_eq!(done.revision, 6);
+        assert!(done.policy.key.iter().all(|k| k.locked));
+        assert_eq!(journal_lines(&dir), 1);
+        // The status file, and the journal's tail when it is newer.
+        save_policy_status(
+            &dir,
+            &PolicyStatus {
+                revision: 5,
+                source: "api".into(),
+                keys: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let st = load_policy_status(&dir).unwrap();
+        assert_eq!((st.revision, st.keys), (6, 3));
+        // A torn line is cut before anything is appended after it.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(JOURNAL_FILE))
+            .unwrap()
+            .write_all(b"{\"revision\":7,\"so")
+            .unwrap();
+        repair_journal(&dir).unwrap();
+        append_journal(&dir, &lock(7, "aaaaaaaa")).unwrap();
+        assert_eq!(load_applied(&dir).unwrap().unwrap().revision, 7);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -369,7 +369,6 @@ fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<D
         ))
         .build();
     let later = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
-        .seq(5000)
         .payload(b"{\"ping\":1}")
         .build();
     if run_frame(&prog, &first)? != XDP_PASS || run_frame(&prog, &later)? != XDP_PASS {

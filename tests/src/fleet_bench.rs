@@ -85,7 +85,6 @@ pub fn propagation(writes: usize) -> Result<Vec<Vec<Duration>>> {
         ))
         .build();
     let later = Pkt::tcp4(CLIENT, SERVER, 40000, PORT)
-        .seq(5000)
         .payload(b"{\"ping\":1}")
         .build();
     // Wait for every edge to enforce the snapshot (before it a daemon has no policy, and the
