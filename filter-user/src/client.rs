@@ -180,13 +180,7 @@ pub fn error_text(status: u16, v: &Value) -> String {
 pub fn read_policy_file(file: &Path) -> Result<Policy> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let json = file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
-    let parsed = if json {
-        Policy::from_json_str(&text)
-    } else {
-        Policy::from_toml_str(&text)
-    };
-    parsed.map_err(|errs| {
+    Policy::from_file_text(file, &text).map_err(|errs| {
         anyhow!(
             "{}: {}",
             file.display(),

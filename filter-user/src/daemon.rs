@@ -557,15 +557,51 @@ impl Engine {
     }
 }
 
-fn file_stamp(p: &Path) -> Option<(SystemTime, u64, Vec<u8>)> {
-    let m = std::fs::metadata(p).ok()?;
-    let content = std::fs::read(p).ok()?;
-    Some((m.modified().ok()?, m.len(), content))
+/// Watches the policy file at the cost of one `stat` per poll: the file is read (and hashed)
+/// only when its size, mtime, ctime or inode moved, and parsed only when its bytes changed.
+#[derive(Default)]
+struct FileWatch {
+    meta: Option<(SystemTime, i64, i64, u64, u64)>,
+    hash: Option<u64>,
 }
 
-fn load_policy_file(p: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    Policy::from_toml_str(&text).map_err(|errs| {
+impl FileWatch {
+    /// The file's text if it changed since the last call (None: unchanged or unreadable).
+    fn changed(&mut self, p: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(p).ok()?;
+        let meta = (
+            m.modified().ok()?,
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino(),
+            m.len(),
+        );
+        if self.meta == Some(meta) {
+            return None;
+        }
+        let bytes = std::fs::read(p).ok()?;
+        self.meta = Some(meta);
+        let hash = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        };
+        if self.hash == Some(hash) {
+            return None; // touched, not changed
+        }
+        self.hash = Some(hash);
+        match String::from_utf8(bytes) {
+            Ok(t) => Some(t),
+            // Not UTF-8: let the parser say so.
+            Err(e) => Some(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        }
+    }
+}
+
+fn parse_policy_file(p: &Path, text: &str) -> Result<Policy> {
+    Policy::from_file_text(p, text).map_err(|errs| {
         anyhow::anyhow!(
             "{}: {}",
             p.display(),
@@ -635,7 +671,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
 
     // 2. The policy file, if it differs; a bad file keeps what was restored.
-    let mut last_stamp = None;
+    let mut watch = FileWatch::default();
     let mut runtime = Runtime {
         pid: std::process::id(),
         pin_dir: o.pin_dir.display().to_string(),
@@ -643,8 +679,11 @@ pub fn run(o: RunOptions) -> Result<()> {
         ..Default::default()
     };
     if let Some(p) = &o.policy {
-        last_stamp = file_stamp(p);
-        apply_file(&mut eng, p, &mut runtime, &metrics);
+        let parsed = match watch.changed(p) {
+            Some(text) => parse_policy_file(p, &text),
+            None => Err(anyhow::anyhow!("cannot read {}", p.display())),
+        };
+        apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
             // filter that passes everything.
@@ -764,12 +803,13 @@ pub fn run(o: RunOptions) -> Result<()> {
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(o.poll);
         if let Some(p) = &o.policy {
-            let stamp = file_stamp(p);
-            if stamp.is_some() && stamp != last_stamp {
-                last_stamp = stamp;
+            if let Some(text) = watch.changed(p) {
+                // Parsed before the engine is locked: readers and the API go on meanwhile.
+                let parsed = parse_policy_file(p, &text);
+                drop(text);
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
-                apply_file(&mut eng, p, &mut runtime, &metrics);
+                apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
                 // Report the outcome as soon as the maps enforce it; settling the inactive
                 // slot afterwards changes no verdict.
                 metrics.set_sync("file", runtime.policy_error.is_none());
@@ -792,23 +832,90 @@ pub fn file_revision(file_rev: Option<u64>, applied: u64) -> u64 {
     file_rev.unwrap_or(applied + 1)
 }
 
-fn apply_file(eng: &mut Engine, p: &Path, runtime: &mut Runtime, metrics: &Metrics) {
+/// The ops that turn the applied policy into `pol`, when only keys differ (settings,
+/// listeners and ipsets equal) and few enough of them do: None means a whole apply.
+/// Costs one comparison per key, no compile.
+fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
+    let a = eng.applied.as_ref()?;
+    eng.compiled.as_ref()?;
+    if pol.settings != a.policy.settings
+        || pol.listener != a.policy.listener
+        || pol.ipsets != a.policy.ipsets
+    {
+        return None;
+    }
+    let limit = 64 + pol.key.len() / 8;
+    let mut seen = std::collections::HashSet::with_capacity(pol.key.len());
+    let mut ops = Vec::new();
+    for k in &pol.key {
+        if !seen.insert(k.prefix.as_str()) {
+            return None; // a duplicate: the whole path reports it with its place
+        }
+        match eng.key(&k.prefix) {
+            Some(old) if old == k => {}
+            Some(old)
+                if Key {
+                    locked: k.locked,
+                    ..old.clone()
+                } == *k =>
+            {
+                ops.push(if k.locked {
+                    PatchOp::Lock {
+                        prefix: k.prefix.clone(),
+                    }
+                } else {
+                    PatchOp::Unlock {
+                        prefix: k.prefix.clone(),
+                    }
+                })
+            }
+            _ => ops.push(PatchOp::Upsert { key: k.clone() }),
+        }
+        if ops.len() > limit {
+            return None;
+        }
+    }
+    if eng.index.len() + ops.len() > seen.len() {
+        for k in &a.policy.key {
+            if !seen.contains(k.prefix.as_str()) {
+                ops.push(PatchOp::Delete {
+                    prefix: k.prefix.clone(),
+                });
+                if ops.len() > limit {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(ops)
+}
+
+fn apply_file(
+    eng: &mut Engine,
+    p: &Path,
+    parsed: Result<Policy>,
+    runtime: &mut Runtime,
+    metrics: &Metrics,
+) {
     let source = format!("file:{}", p.display());
     let t0 = Instant::now();
-    let res = load_policy_file(p).and_then(|pol| {
-        // Unchanged: same file source and content (a file without `revision` keeps the one
-        // it was applied at).
-        if let Some(a) = &eng.applied
-            && a.source == source
-            && pol.revision.is_none_or(|r| r == a.revision)
-            && (Policy {
-                revision: a.policy.revision,
-                ..pol.clone()
-            }) == a.policy
-        {
-            return Ok(None);
-        }
+    let res = parsed.and_then(|pol| {
         let rev = file_revision(pol.revision, eng.revision());
+        // Only keys changed: apply them as a PATCH, at the cost of the keys that changed.
+        if let Some(ops) = key_diff(eng, &pol) {
+            let same = pol.revision.is_none_or(|r| r == eng.revision())
+                && eng.applied.as_ref().is_some_and(|a| a.source == source);
+            if ops.is_empty() && same {
+                return Ok(None);
+            }
+            let patch = Patch { revision: rev, ops };
+            match eng.patch_keys(&patch, &source) {
+                Ok(rep) => return Ok(Some((rep, rev))),
+                // Invalid: the whole path below reports every error with its place.
+                Err(PatchFailure::Invalid(_)) => {}
+                Err(PatchFailure::Apply(e)) => return Err(e),
+            }
+        }
         eng.apply(pol, rev, &source).map(|r| Some((r, rev)))
     });
     match res {

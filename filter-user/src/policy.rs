@@ -223,6 +223,18 @@ impl Policy {
     }
 
     /// The key with this prefix, if any.
+    /// A policy file's text: JSON when the path ends in `.json` or the text starts with `{`,
+    /// else TOML.
+    pub fn from_file_text(path: &std::path::Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
+        let json =
+            path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+        if json {
+            Policy::from_json_str(text)
+        } else {
+            Policy::from_toml_str(text)
+        }
+    }
+
     pub fn find_key(&self, prefix: &str) -> Option<&Key> {
         self.key.iter().find(|k| k.prefix == prefix)
     }
