@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::{
     api::Shared,
+    daemon::PatchFailure,
     policy::{
         Compiled, Key, Listener, Patch, PatchOp, Policy, PolicyError, Settings, key_prefix,
         parse_json,
@@ -303,6 +304,50 @@ impl Reconciler {
         let (mut out, compiled) = self.apply(changes);
         out.full = true;
         (out, compiled)
+    }
+
+    /// True if `changes` name keys only, and no settings or ipset entry waits in error: then
+    /// `apply_keys` judges them one by one, at the cost of the batch.
+    pub fn keys_only(&self, changes: &[Change]) -> bool {
+        changes
+            .iter()
+            .all(|c| matches!(Entry::parse(&c.name), Entry::Key(_)))
+            && self.pending.keys().all(|e| matches!(e, Entry::Key(_)))
+    }
+
+    /// Judges a batch of key changes (`keys_only`) one by one, each against the settings
+    /// and the ipsets it binds, without composing the whole policy: a key change costs that
+    /// key, whatever the policy's size. Keys waiting in error are judged again.
+    pub fn apply_keys(&mut self, changes: Vec<Change>) -> Outcome {
+        let mut out = Outcome::default();
+        let mut batch: BTreeMap<Entry, Option<Vec<u8>>> = BTreeMap::new();
+        for c in changes {
+            batch.insert(Entry::parse(&c.name), c.value);
+        }
+        let fresh: BTreeSet<Entry> = batch.keys().cloned().collect();
+        for (e, v) in std::mem::take(&mut self.pending) {
+            batch.entry(e).or_insert(v);
+        }
+        let mut undo = Vec::new();
+        for (e, raw) in batch {
+            let v = match raw.as_deref().map(|b| parse_value(&e, b)).transpose() {
+                Ok(v) => v,
+                Err(msg) => {
+                    self.refuse(&mut out, &fresh, e, raw, msg);
+                    continue;
+                }
+            };
+            match self.check(&e, v.as_ref()) {
+                Ok(()) => self.take(&mut out, &mut undo, &e, v),
+                Err(msg) => self.refuse(&mut out, &fresh, e, raw, msg),
+            }
+        }
+        out
+    }
+
+    /// The good value of a key.
+    pub fn key(&self, prefix: &str) -> Option<&Key> {
+        self.keys.get(prefix)
     }
 
     /// Judges a batch of changes (later ones win) and returns what changed, with the
@@ -700,6 +745,25 @@ pub fn print_status(v: &Value) {
 // The network side
 // ---------------------------------------------------------------------------------------------
 
+/// Entries per page of the snapshot read.
+const SNAPSHOT_PAGE: i64 = 5000;
+/// Largest gRPC message taken from etcd (a snapshot page, or a watch response carrying a big
+/// transaction); tonic's default of 4 MiB is too small for either at scale.
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// The end of the key range with this prefix (the prefix with its last byte below 0xff
+/// incremented, the rest cut).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
+}
+
 /// Backoff between reconnects: doubles from 100 ms up to 5 s.
 pub fn next_backoff(cur: Duration) -> Duration {
     (cur * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
@@ -822,24 +886,13 @@ impl Sync {
     }
 
     async fn session_inner(&mut self, backoff: &mut Duration) -> Result<std::convert::Infallible> {
-        use etcd_client::{EventType, GetOptions, WatchOptions};
-        let mut client = self.connect().await?;
-        let snap = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get(
-                self.cfg.prefix.as_str(),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await
-        .map_err(|_| anyhow!("snapshot timed out"))?
-        .context("reading the snapshot")?;
-        let rev = snap.header().map_or(0, |h| h.revision()) as u64;
-        let kvs: Vec<(String, Vec<u8>)> = snap
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.entry_name(kv.key()).map(|n| (n, kv.value().to_vec())))
-            .collect();
+        use etcd_client::{EventType, WatchOptions};
+        let client = self.connect().await?;
+        let (rev, kvs) =
+            tokio::time::timeout(Duration::from_secs(120), self.read_snapshot(&client))
+                .await
+                .map_err(|_| anyhow!("snapshot timed out"))?
+                .context("reading the snapshot")?;
         let n = kvs.len();
         let t0 = Instant::now();
         let (out, compiled) = self.rec.snapshot(kvs);
@@ -857,6 +910,8 @@ impl Sync {
         *backoff = Duration::from_millis(100);
 
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE)
             .watch(
                 self.cfg.prefix.as_str(),
                 Some(
@@ -918,11 +973,57 @@ impl Sync {
             if changes.is_empty() {
                 continue;
             }
-            let (out, compiled) = self.rec.apply(changes);
-            self.commit(out, compiled, last_rev, t0, false)?;
+            if self.rec.keys_only(&changes) {
+                let out = self.rec.apply_keys(changes);
+                self.commit_keys(out, last_rev, t0)?;
+            } else {
+                let (out, compiled) = self.rec.apply(changes);
+                self.commit(out, compiled, last_rev, t0, false)?;
+            }
             self.status.synced_revision = last_rev;
             self.publish();
         }
+    }
+
+    /// Every entry under the prefix at one revision, read in pages (a policy of a million
+    /// keys is far beyond one gRPC message). Returns that revision and the entries.
+    async fn read_snapshot(
+        &self,
+        client: &etcd_client::Client,
+    ) -> Result<(u64, Vec<(String, Vec<u8>)>)> {
+        use etcd_client::GetOptions;
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let prefix = self.cfg.prefix.as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.clone();
+        let mut rev: i64 = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut o = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SNAPSHOT_PAGE);
+            if rev > 0 {
+                o = o.with_revision(rev); // every page at the first page's revision
+            }
+            let mut page = kv.get(from.clone(), Some(o)).await?;
+            if rev == 0 {
+                rev = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let items = page.take_kvs();
+            let Some(last) = items.last() else { break };
+            from = last.key().to_vec();
+            from.push(0); // the next key after the last one read
+            kvs.extend(
+                items
+                    .iter()
+                    .filter_map(|kv| self.entry_name(kv.key()).map(|n| (n, kv.value().to_vec()))),
+            );
+            if !more {
+                break;
+            }
+        }
+        Ok((rev as u64, kvs))
     }
 
     /// The name under the prefix (None for keys that are not UTF-8, reported in the log).
@@ -934,16 +1035,8 @@ impl Sync {
         k.strip_prefix(self.cfg.prefix.as_str()).map(str::to_owned)
     }
 
-    /// Writes what the reconciler accepted into the maps (through the engine, like every
-    /// source), and records the outcome.
-    fn commit(
-        &mut self,
-        out: Outcome,
-        compiled: Result<Compiled, String>,
-        rev: u64,
-        t0: Instant,
-        snapshot: bool,
-    ) -> Result<()> {
+    /// Records the reconciler's refusals (metrics, status, log).
+    fn record_errors(&mut self, out: &Outcome) {
         let m = &self.shared.metrics;
         for _ in 0..out.rejected {
             m.update("etcd", "rejected");
@@ -958,8 +1051,8 @@ impl Sync {
             })
             .collect();
         m.set_sync_errors("etcd", self.status.errors.len());
-        for e in &self.status.errors {
-            if out.rejected > 0 {
+        if out.rejected > 0 {
+            for e in &self.status.errors {
                 log::warn!(
                     "etcd: {} refused, keeps its last good value: {}",
                     e.key,
@@ -967,6 +1060,102 @@ impl Sync {
                 );
             }
         }
+    }
+
+    /// Writes a batch of key changes through the engine as a PATCH of those keys (the cost
+    /// of the batch, not of the policy); the whole path when the engine has no etcd policy
+    /// to patch yet.
+    fn commit_keys(&mut self, out: Outcome, rev: u64, t0: Instant) -> Result<()> {
+        self.record_errors(&out);
+        let m = self.shared.metrics.clone();
+        if out.keys_changed.is_empty() {
+            m.update("etcd", "unchanged");
+            return Ok(());
+        }
+        let patch = Patch {
+            revision: rev,
+            ops: out
+                .keys_changed
+                .iter()
+                .map(|k| match self.rec.key(k) {
+                    Some(key) => PatchOp::Upsert { key: key.clone() },
+                    None => PatchOp::Delete { prefix: k.clone() },
+                })
+                .collect(),
+        };
+        let shared = self.shared.clone();
+        let result = tokio::task::block_in_place(|| {
+            let mut eng = shared.engine.lock().unwrap();
+            if !(eng.applied.as_ref().is_some_and(|a| a.source == "etcd")
+                && eng.can_patch_keys(&patch))
+            {
+                return None;
+            }
+            let r = eng.patch_keys(&patch, "etcd");
+            if r.is_ok() {
+                m.set_policy(&eng);
+            }
+            let fold = if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            };
+            drop(eng);
+            if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
+                log::error!("etcd: writing a policy snapshot: {e:#}");
+            }
+            Some(r)
+        });
+        match result {
+            None => {
+                // No etcd policy in the engine yet: compose and apply the whole.
+                let compiled = self.rec.compose();
+                // (Refusals were recorded above.)
+                let full = Outcome {
+                    full: true,
+                    rejected: 0,
+                    ..out
+                };
+                self.commit(full, compiled, rev, t0, false)
+            }
+            Some(Ok(rep)) => {
+                m.update("etcd", "applied");
+                m.apply_seconds.observe(t0.elapsed().as_secs_f64());
+                log::info!(
+                    "etcd: applied revision {rev} ({} keys changed, {:?})",
+                    patch.ops.len(),
+                    rep.elapsed
+                );
+                Ok(())
+            }
+            Some(Err(PatchFailure::Invalid(errs))) => {
+                // The reconciler judged each key alone as the engine does: not expected.
+                m.update("etcd", "error");
+                log::error!(
+                    "etcd: revision {rev} refused by the engine: {}",
+                    errs.first().map(|e| e.to_string()).unwrap_or_default()
+                );
+                Ok(())
+            }
+            Some(Err(PatchFailure::Apply(e))) => {
+                m.update("etcd", "error");
+                Err(e.context("applying the policy from etcd"))
+            }
+        }
+    }
+
+    /// Writes what the reconciler accepted into the maps (through the engine, like every
+    /// source), and records the outcome.
+    fn commit(
+        &mut self,
+        out: Outcome,
+        compiled: Result<Compiled, String>,
+        rev: u64,
+        t0: Instant,
+        snapshot: bool,
+    ) -> Result<()> {
+        self.record_errors(&out);
+        let m = &self.shared.metrics;
         let compiled = match compiled {
             Ok(c) => c,
             Err(msg) => {
