@@ -1,4 +1,4 @@
-//! The control-plane API (SPEC "Control-plane API"): HTTP/1.1 and JSON over a unix socket, or
+//! The control-plane API (docs/REFERENCE.md "Control-plane API"): HTTP/1.1 and JSON over a unix socket, or
 //! TCP with a bearer token (and TLS with client certificates beyond loopback).
 //!
 //! Sources: one authoritative source per daemon. With `--policy FILE` the file is the
@@ -181,7 +181,7 @@ pub fn bearer_ok(header: Option<&[u8]>, token: &[u8]) -> bool {
     ct_eq(t.trim_ascii(), token)
 }
 
-/// What a write does under SPEC's revision rules.
+/// What a write does under the revision rules (docs/REFERENCE.md "Control-plane API").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Apply,

@@ -1,4 +1,4 @@
-//! Fleet sync: the policy from etcd (SPEC "etcd layout").
+//! Fleet sync: the policy from etcd (docs/REFERENCE.md "etcd layout").
 //!
 //! Under the prefix, `settings` holds `{"settings": {…}, "listener": […]}`, `keys/<prefix>` one
 //! key, `ipsets/<name>` a JSON array of CIDRs. Each entry is judged on its own: an invalid

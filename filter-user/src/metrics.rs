@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC "Prometheus metrics"), with `prometheus-client`.
+//! Prometheus metrics (docs/REFERENCE.md "Metrics"), with `prometheus-client`.
 //!
 //! Kernel counters (verdicts, map fill, events) are read from the pinned maps at each scrape,
 //! so they never lag and cost nothing between scrapes. What the daemon itself does (policy

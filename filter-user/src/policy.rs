@@ -1,4 +1,4 @@
-//! The policy model (SPEC "Policy"), its parsing, validation, compilation to kernel records,
+//! The policy model (docs/REFERENCE.md "Policy"), its parsing, validation, compilation to kernel records,
 //! and the PATCH operations of the control-plane API.
 //!
 //! Everything here is pure: no maps, no I/O. The same model is read from TOML files, from
@@ -621,7 +621,7 @@ impl Policy {
             ));
         }
         // The prefilter drops handshakes from sources no key allows; while some key passes
-        // from anywhere, every source may be legitimate, so it must stay off (SPEC).
+        // from anywhere, every source may be legitimate, so it must stay off (docs/REFERENCE.md "Policy").
         let open_key = s.unbound_keys == Verdict::Pass
             && self
                 .key

@@ -152,7 +152,7 @@ fn last_seen_unix(last_seen_ns: u64) -> u64 {
         .saturating_sub(monotonic_ns().saturating_sub(last_seen_ns) / 1_000_000_000)
 }
 
-/// SPEC's `stats --json`: every reason present, `keys` by drops, cut at `top`.
+/// `stats --json` (docs/REFERENCE.md): every reason present, `keys` by drops, cut at `top`.
 pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
     let settings_enforce = live_enforce(view);
     let counts = reason_counts(view)?;
