@@ -622,7 +622,7 @@ fn tls_client_certificates_and_etcd_auth_are_passed_through() {
     assert_eq!(metric(sb, "keywall_sync_up{source=\"etcd\"}"), Some(1.0));
 }
 
-/// Writes `keys` keys (`big000000`.. from `start`) under the fleet's prefix, 128 to a
+/// Writes `keys` keys (`b0000000`.. from `start`) under the fleet's prefix, 128 to a
 /// transaction (etcd's default limit of operations per transaction).
 fn put_many(f: &Fleet, start: usize, keys: usize) {
     use etcd_client::{Client, Txn, TxnOp};
@@ -640,7 +640,7 @@ fn put_many(f: &Fleet, start: usize, keys: usize) {
                         .iter()
                         .map(|i| {
                             TxnOp::put(
-                                format!("{}keys/big{i:06}", f.prefix),
+                                format!("{}keys/b{i:07}", f.prefix),
                                 json!({"allow": allow}).to_string(),
                                 None,
                             )
