@@ -21,11 +21,8 @@ use serde_json::Value;
 
 use crate::{
     api::Shared,
-    daemon::PatchFailure,
-    policy::{
-        Compiled, Key, Listener, Patch, PatchOp, Policy, PolicyError, Settings, key_prefix,
-        parse_json,
-    },
+    engine::{self, Refused, Rev, Submitted},
+    policy::{Compiled, Key, Listener, PatchOp, Policy, PolicyError, Settings, parse_json},
 };
 
 /// Where the daemon finds the fleet's policy, and how it proves who it is.
@@ -1062,39 +1059,30 @@ impl Sync {
         }
     }
 
-    /// Writes a batch of key changes through the engine as a PATCH of those keys (the cost
-    /// of the batch, not of the policy); the whole path when the engine has no etcd policy
-    /// to patch yet.
+    /// Writes a batch of key changes through the engine as ops on those keys (the cost of
+    /// the batch, not of the policy); the whole path when the engine has no etcd policy yet.
     fn commit_keys(&mut self, out: Outcome, rev: u64, t0: Instant) -> Result<()> {
         self.record_errors(&out);
-        let m = self.shared.metrics.clone();
         if out.keys_changed.is_empty() {
-            m.update("etcd", "unchanged");
+            self.shared.metrics.update("etcd", "unchanged");
             return Ok(());
         }
-        let patch = Patch {
-            revision: rev,
-            ops: out
-                .keys_changed
-                .iter()
-                .map(|k| match self.rec.key(k) {
-                    Some(key) => PatchOp::Upsert { key: key.clone() },
-                    None => PatchOp::Delete { prefix: k.clone() },
-                })
-                .collect(),
-        };
+        let ops: Vec<PatchOp> = out
+            .keys_changed
+            .iter()
+            .map(|k| match self.rec.key(k) {
+                Some(key) => PatchOp::Upsert { key: key.clone() },
+                None => PatchOp::Delete { prefix: k.clone() },
+            })
+            .collect();
+        let n = ops.len();
         let shared = self.shared.clone();
         let result = tokio::task::block_in_place(|| {
             let mut eng = shared.engine.lock().unwrap();
-            if !(eng.applied.as_ref().is_some_and(|a| a.source == "etcd")
-                && eng.can_patch_keys(&patch))
-            {
+            if eng.applied.as_ref().is_none_or(|a| a.source != "etcd") {
                 return None;
             }
-            let r = eng.patch_keys(&patch, "etcd");
-            if r.is_ok() {
-                m.set_policy(&eng);
-            }
+            let r = eng.submit(engine::Change::Ops(ops), Rev::Set(rev), "etcd");
             let fold = if eng.wants_compaction() {
                 eng.begin_fold()
             } else {
@@ -1118,29 +1106,24 @@ impl Sync {
                 };
                 self.commit(full, compiled, rev, t0, false)
             }
-            Some(Ok(rep)) => {
-                m.update("etcd", "applied");
-                m.apply_seconds.observe(t0.elapsed().as_secs_f64());
+            Some(Ok(Submitted::Applied { report, .. })) => {
                 log::info!(
-                    "etcd: applied revision {rev} ({} keys changed, {:?})",
-                    patch.ops.len(),
-                    rep.elapsed
+                    "etcd: applied revision {rev} ({n} keys changed, {:?})",
+                    report.elapsed
                 );
                 Ok(())
             }
-            Some(Err(PatchFailure::Invalid(errs))) => {
+            Some(Ok(Submitted::Unchanged { .. })) => Ok(()),
+            Some(Err(Refused::Invalid(errs))) => {
                 // The reconciler judged each key alone as the engine does: not expected.
-                m.update("etcd", "error");
                 log::error!(
                     "etcd: revision {rev} refused by the engine: {}",
                     errs.first().map(|e| e.to_string()).unwrap_or_default()
                 );
                 Ok(())
             }
-            Some(Err(PatchFailure::Apply(e))) => {
-                m.update("etcd", "error");
-                Err(e.context("applying the policy from etcd"))
-            }
+            Some(Err(Refused::Conflict { why, .. })) => Err(anyhow!(why)),
+            Some(Err(Refused::Failed(e))) => Err(e.context("applying the policy from etcd")),
         }
     }
 
@@ -1151,7 +1134,7 @@ impl Sync {
         out: Outcome,
         compiled: Result<Compiled, String>,
         rev: u64,
-        t0: Instant,
+        _t0: Instant,
         snapshot: bool,
     ) -> Result<()> {
         self.record_errors(&out);
@@ -1163,86 +1146,85 @@ impl Sync {
                 return Ok(());
             }
         };
-        let policy = self.rec.policy();
         let changed = out.changed();
+        let rec = &self.rec;
         let result = tokio::task::block_in_place(|| {
             let mut eng = self.shared.engine.lock().unwrap();
-            let same = eng.applied.as_ref().is_some_and(|a| {
-                a.source == "etcd"
-                    && Policy {
-                        revision: None,
-                        ..a.policy.clone()
-                    } == policy
-            });
-            if same || (!snapshot && !changed) {
+            let ours = eng.applied.as_ref().is_some_and(|a| a.source == "etcd");
+            if !snapshot && !changed && ours {
                 return Ok(None);
             }
-            let keys: BTreeSet<_>;
-            // Key-only batches are journalled like a PATCH (one line, not the whole policy).
-            let journal: Option<Patch>;
-            let only = if snapshot
-                || out.full
-                || eng.applied.as_ref().is_none_or(|a| a.source != "etcd")
-            {
-                // A snapshot replaces everything (both slots of the double buffer, so no
-                // packet sees a mix); settings and ipsets bear on every key.
-                journal = None;
-                None
+            let r = if !snapshot && !out.full && ours {
+                // Key changes only: their ops (journalled like a PATCH, one line).
+                let ops = out
+                    .keys_changed
+                    .iter()
+                    .map(|k| match rec.key(k) {
+                        Some(key) => PatchOp::Upsert { key: key.clone() },
+                        None => PatchOp::Delete { prefix: k.clone() },
+                    })
+                    .collect();
+                eng.submit(engine::Change::Ops(ops), Rev::Set(rev), "etcd")
             } else {
-                keys = out.keys_changed.iter().map(|k| key_prefix(k)).collect();
-                journal = Some(Patch {
-                    revision: rev,
-                    ops: out
-                        .keys_changed
-                        .iter()
-                        .map(|k| match policy.find_key(k) {
-                            Some(key) => PatchOp::Upsert { key: key.clone() },
-                            None => PatchOp::Delete { prefix: k.clone() },
-                        })
-                        .collect(),
-                });
-                Some(&keys)
-            };
-            let persist = match &journal {
-                Some(p) => crate::daemon::Persist::Journal(p),
-                None => crate::daemon::Persist::Snapshot,
-            };
-            let r = eng.apply_compiled(policy, compiled, only, rev, "etcd", persist);
-            if r.is_ok() {
-                m.set_policy(&eng);
-                if eng.wants_compaction()
-                    && let Err(e) = eng.compact()
-                {
-                    log::error!("etcd: writing a policy snapshot: {e:#}");
+                // A snapshot, settings or ipsets: the whole policy (both slots of the double
+                // buffer, so no packet sees a mix). An unchanged snapshot writes nothing.
+                let policy = rec.policy();
+                let same = ours
+                    && eng.applied.as_ref().is_some_and(|a| {
+                        Policy {
+                            revision: None,
+                            ..a.policy.clone()
+                        } == policy
+                    });
+                if same {
+                    return Ok(None);
                 }
-                // After a whole-policy apply, bring the other slot up to date now, so the next
-                // watched lock writes its one key instead of every key that slot lags on.
-                if let Err(e) = eng.settle() {
-                    log::error!("etcd: settling the inactive slot: {e:#}");
-                }
+                eng.submit(
+                    engine::Change::Policy(Box::new(policy), Box::new(compiled)),
+                    Rev::Set(rev),
+                    "etcd",
+                )
+            };
+            let fold = if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            };
+            // After a whole-policy apply, bring the other slot up to date now, so the next
+            // watched lock writes its one key instead of every key that slot lags on.
+            if let Err(e) = eng.settle() {
+                log::error!("etcd: settling the inactive slot: {e:#}");
+            }
+            drop(eng);
+            if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
+                log::error!("etcd: writing a policy snapshot: {e:#}");
             }
             r.map(Some)
         });
         match result {
-            Ok(Some(rep)) => {
-                m.update("etcd", "applied");
-                m.apply_seconds.observe(t0.elapsed().as_secs_f64());
+            Ok(Some(Submitted::Applied { report, .. })) => {
                 log::info!(
                     "etcd: applied revision {rev} ({} keys written, {:?})",
-                    rep.keys_written,
-                    rep.elapsed
+                    report.keys_written,
+                    report.elapsed
                 );
                 Ok(())
             }
+            Ok(Some(Submitted::Unchanged { .. })) => Ok(()),
             Ok(None) => {
                 m.update("etcd", "unchanged");
                 Ok(())
             }
-            Err(e) => {
-                m.update("etcd", "error");
-                // The maps keep the last applied policy; a fresh snapshot tries again.
-                Err(e.context("applying the policy from etcd"))
+            Err(Refused::Invalid(errs)) => {
+                log::error!(
+                    "etcd: revision {rev} refused: {}",
+                    errs.first().map(|e| e.to_string()).unwrap_or_default()
+                );
+                Ok(())
             }
+            Err(Refused::Conflict { why, .. }) => Err(anyhow!(why)),
+            // The maps keep the last applied policy; a fresh snapshot tries again.
+            Err(Refused::Failed(e)) => Err(e.context("applying the policy from etcd")),
         }
     }
 
@@ -1482,6 +1464,38 @@ mod tests {
         ]);
         assert_eq!(out.rejected, 1);
         assert!(r.policy().find_key("aaaaaaaa").unwrap().locked);
+    }
+
+    #[test]
+    fn key_batches_are_judged_key_by_key() {
+        let mut r = rec_with(&[("keys/aaaaaaaa", "{}")]);
+        let changes = vec![
+            Change::put("keys/bbbbbbbb", r#"{"allow": ["10.0.0.1"]}"#),
+            Change::put("keys/cccccccc", r#"{"allow": ["10.0.0.1/8"]}"#),
+            Change::put("keys/aaaaaaaa", r#"{"locked": true}"#),
+        ];
+        assert!(r.keys_only(&changes));
+        assert!(!r.keys_only(&[Change::put("ipsets/x", "[]")]));
+        let out = r.apply_keys(changes);
+        assert_eq!(out.rejected, 1);
+        assert!(!out.full);
+        assert_eq!(
+            out.keys_changed
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["aaaaaaaa", "bbbbbbbb"]
+        );
+        assert!(r.key("aaaaaaaa").unwrap().locked);
+        assert!(r.key("cccccccc").is_none());
+        assert!(r.errors().contains_key("keys/cccccccc"));
+        // Fixed later: taken, and its error is gone.
+        let out = r.apply_keys(vec![Change::put(
+            "keys/cccccccc",
+            r#"{"allow": ["10.0.0.0/8"]}"#,
+        )]);
+        assert_eq!(out.keys_changed.len(), 1);
+        assert!(r.errors().is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod engine;
 pub mod etcd;
 pub mod events;
 pub mod metrics;
