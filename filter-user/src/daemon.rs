@@ -285,6 +285,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         rt.spawn(api::serve_metrics(l, metrics.clone()));
     }
 
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);

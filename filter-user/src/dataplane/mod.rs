@@ -96,8 +96,10 @@ fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain C data, valid all zeroes.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    // SAFETY: a NUL-terminated path and a statfs buffer we own, both live for the call.
     unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -135,7 +137,8 @@ pub struct PrefilterMap {
     pub words_log2: u8,
 }
 
-// The mapping is owned like the fd it came from; only `&mut self` writes through it.
+// SAFETY: the mapping is owned like the fd it came from (unmapped once, in Drop); only
+// `&mut self` writes through it, and reads are volatile word loads.
 unsafe impl Send for PrefilterMap {}
 unsafe impl Sync for PrefilterMap {}
 
@@ -1014,6 +1017,8 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET reads the pathname pointer (a live CString) from a zeroed attr
+    // larger than the kernel's `obj` member.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -1027,6 +1032,7 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     }
     let mut attr = [0u64; 16];
     attr[0] = fd as u64;
+    // SAFETY: BPF_LINK_DETACH reads the link fd from a zeroed attr.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -1036,6 +1042,7 @@ fn force_detach_link(pin: &Path) -> Result<()> {
         )
     };
     let err = std::io::Error::last_os_error();
+    // SAFETY: the fd BPF_OBJ_GET returned, ours, closed once.
     unsafe { libc::close(fd as i32) };
     if r < 0 {
         return Err(err.into());
