@@ -193,9 +193,6 @@ pub fn run(o: RunOptions) -> Result<()> {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
     metrics.set_policy(&eng);
-    if let Err(e) = eng.settle() {
-        log::error!("settling the inactive slot: {e:#}");
-    }
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -272,6 +269,18 @@ pub fn run(o: RunOptions) -> Result<()> {
         events_error,
         max_body: o.api.max_body,
     });
+    // Settle the inactive slot with the API already up: reads go on meanwhile, and a write
+    // that arrives waits for it (as after a PUT).
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("keywall-settle".into())
+            .spawn(move || {
+                if let Err(e) = sh.engine.lock().unwrap().settle() {
+                    log::error!("settling the inactive slot: {e:#}");
+                }
+            })?;
+    }
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(e) = o.etcd.clone() {

@@ -388,6 +388,12 @@ pub struct PolicyStatus {
     pub locked_keys: u64,
     /// Entries in the policy maps.
     pub fill: crate::dataplane::MapFill,
+    /// The maps' generation when this was written, and whether `--audit` overrode the
+    /// policy: a restart over maps still at this generation need not rewrite them.
+    #[serde(default)]
+    pub generation: u32,
+    #[serde(default)]
+    pub audit: bool,
 }
 
 /// Writes the policy status for readers while the daemon is down. Not synced: it is a cache

@@ -61,7 +61,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>)
                     revision: a.revision,
                     source: a.source,
                     applied_unix: a.applied_unix,
-                    fill: Default::default(),
+                    ..Default::default()
                 })
         });
     let daemon_alive = runtime.as_ref().is_some_and(|r| pid_is_keywall(r.pid));

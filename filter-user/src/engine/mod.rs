@@ -233,12 +233,14 @@ impl Engine {
         source: &str,
     ) -> std::result::Result<Submitted, Refused> {
         let applied = self.revision();
+        // The same content, whatever the revision (field by field: no copy of the policy).
         let same = |eng: &Engine| {
             eng.applied.as_ref().is_some_and(|a| {
-                Policy {
-                    revision: a.policy.revision,
-                    ..p.clone()
-                } == a.policy
+                let q = &a.policy;
+                q.settings == p.settings
+                    && q.listener == p.listener
+                    && q.ipsets == p.ipsets
+                    && q.key == p.key
             })
         };
         let revision = match rev {
@@ -324,6 +326,8 @@ impl Engine {
             keys: self.index.len() as u64,
             locked_keys: self.locked_keys as u64,
             fill: self.mirror.fill(),
+            generation: self.mirror.generation(),
+            audit: self.audit,
         };
         if let Err(e) = state::save_policy_status(&self.state_dir, &st) {
             log::warn!("writing the policy status: {e:#}");
@@ -337,11 +341,32 @@ impl Engine {
     }
 
     /// Writes the policy restored from the state dir (which already holds it).
+    /// When the pinned maps are still at the generation the state dir recorded with this
+    /// revision (a daemon restart over its own pins), they already enforce it: nothing is
+    /// rewritten, and the inactive slot is settled later, off the restart's path.
     pub fn restore(&mut self, p: Policy, revision: u64, source: &str) -> Result<ApplyReport> {
         let compiled = p
             .compile()
             .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
-        self.apply_compiled(p, compiled, None, revision, source, Persist::Restored)
+        let live = self.mirror.generation();
+        let in_maps = state::load_policy_status(&self.state_dir).is_some_and(|st| {
+            st.revision == revision
+                && st.generation != 0
+                && st.generation == live
+                && st.audit == self.audit
+        });
+        if in_maps {
+            log::info!("the pinned maps already enforce revision {revision} (generation {live})");
+        }
+        self.apply_inner(
+            p,
+            compiled,
+            None,
+            revision,
+            source,
+            Persist::Restored,
+            !in_maps,
+        )
     }
 
     /// True if `patch` touches keys only and the engine can apply it key by key.
@@ -589,6 +614,8 @@ impl Engine {
             self.key_cap,
         )?;
         self.unsettled = false;
+        // The generation moved: keep the recorded one current (a restart compares it).
+        self.publish();
         log::debug!(
             "settled the inactive slot: {} keys written in {:?}",
             rep.keys_written,
@@ -649,21 +676,43 @@ impl Engine {
     /// Returns once the kernel enforces it and the state dir holds it.
     pub fn apply_compiled(
         &mut self,
+        p: Policy,
+        compiled: Compiled,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        revision: u64,
+        source: &str,
+        persist: Persist<'_>,
+    ) -> Result<ApplyReport> {
+        self.apply_inner(p, compiled, changed, revision, source, persist, true)
+    }
+
+    /// `apply_compiled`; `write: false` records a policy the maps already enforce.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_inner(
+        &mut self,
         mut p: Policy,
         mut compiled: Compiled,
         changed: Option<&BTreeSet<KeyPrefix>>,
         revision: u64,
         source: &str,
         persist: Persist<'_>,
+        write: bool,
     ) -> Result<ApplyReport> {
         // --audit overrides what the policy says in the kernel only: the stored policy stays
         // as written, so reads and retries see what the writer sent.
         if self.audit {
             compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
         }
-        let rep = self
-            .mirror
-            .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?;
+        let rep = if write {
+            self.mirror
+                .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?
+        } else {
+            ApplyReport {
+                generation: self.mirror.generation(),
+                slot: self.mirror.active_slot(),
+                ..Default::default()
+            }
+        };
         p.revision = Some(revision);
         let applied = Applied {
             revision,
