@@ -423,6 +423,17 @@ impl Default for Flow {
 // The kernel and the loader share these layouts byte for byte.
 const _: () = assert!(core::mem::size_of::<StreamCtx>() == 8);
 const _: () = assert!(core::mem::size_of::<Flow>() == 72);
+// Every struct shared with the kernel has the size both sides were built for: a field added
+// on one side only fails the build here instead of garbling map values at run time.
+const _: () = assert!(core::mem::size_of::<Control>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 28);
+const _: () = assert!(core::mem::size_of::<Listener>() == 392);
+const _: () = assert!(core::mem::size_of::<KeyPrefix>() == 16);
+const _: () = assert!(core::mem::size_of::<KeyRecord>() == 40);
+const _: () = assert!(core::mem::size_of::<KeyEntry>() == 80);
+const _: () = assert!(core::mem::size_of::<SetMeta>() == 20);
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// `KW_TLS_PENDING` value: where a ClientHello that outgrew its first segment goes on. Kept
 /// apart from `Flow` so the common flow entry stays small.
@@ -532,6 +543,10 @@ pub const fn mask_addr(hi: u64, lo: u64, plen: u8) -> (u64, u64) {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: each type is #[repr(C)], Copy, and made of integers and arrays of integers only
+    // (no pointers, no references, no enums), so any bytes the kernel hands back are a valid
+    // value. Their sizes, which the kernel's map definitions must match, are pinned by the
+    // compile-time asserts next to the types.
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Listener {}

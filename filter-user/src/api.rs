@@ -1,4 +1,4 @@
-//! The control-plane API (SPEC "Control-plane API"): HTTP/1.1 and JSON over a unix socket, or
+//! The control-plane API (docs/REFERENCE.md "Control-plane API"): HTTP/1.1 and JSON over a unix socket, or
 //! TCP with a bearer token (and TLS with client certificates beyond loopback).
 //!
 //! Sources: one authoritative source per daemon. With `--policy FILE` the file is the
@@ -6,7 +6,6 @@
 //! mutex and answered only once the kernel maps enforce them and the state dir holds them.
 
 use std::{
-    collections::BTreeSet,
     convert::Infallible,
     fmt,
     net::SocketAddr,
@@ -35,11 +34,11 @@ use tokio::{
 };
 
 use crate::{
-    daemon::{Engine, PatchFailure, Persist},
     dataplane::PinnedView,
+    engine::{Change, Engine, Refused, Rev, Submitted},
     events::EventRecord,
     metrics::Metrics,
-    policy::{Patch, PatchOp, Policy, PolicyError, key_prefix},
+    policy::{PatchRequest, Policy, PolicyError},
     state::Runtime,
 };
 
@@ -181,44 +180,7 @@ pub fn bearer_ok(header: Option<&[u8]>, token: &[u8]) -> bool {
     ct_eq(t.trim_ascii(), token)
 }
 
-/// What a write does under SPEC's revision rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Apply,
-    /// A retry of what is applied: 200, nothing changes.
-    Unchanged,
-    Conflict,
-}
-
-/// `incoming` greater than `applied` applies; equal with the same content is a no-op retry;
-/// anything else conflicts.
-pub fn decide(applied: u64, incoming: u64, same_content: impl FnOnce() -> bool) -> Decision {
-    if incoming > applied {
-        Decision::Apply
-    } else if incoming == applied && same_content() {
-        Decision::Unchanged
-    } else {
-        Decision::Conflict
-    }
-}
-
-/// The keys a PATCH can change (the rest keep their records).
-pub fn patch_prefixes(p: &Patch) -> Option<BTreeSet<filter_common::KeyPrefix>> {
-    let mut out = BTreeSet::new();
-    for op in &p.ops {
-        match op {
-            PatchOp::Upsert { key } => {
-                out.insert(key_prefix(&key.prefix));
-            }
-            PatchOp::Delete { prefix } | PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
-                out.insert(key_prefix(prefix));
-            }
-            // Keys bound to an ipset change with it; the dataplane examines every key then.
-            PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => return None,
-        }
-    }
-    Some(out)
-}
+pub use crate::engine::{Decision, decide, patch_prefixes};
 
 /// A reply: status and JSON body.
 pub type Reply = (StatusCode, Value);
@@ -277,6 +239,8 @@ impl Source {
 
 pub struct Shared {
     pub engine: Mutex<Engine>,
+    /// The engine's published figures (`Engine::published`), readable without its lock.
+    pub published: Arc<Mutex<Option<crate::state::PolicyStatus>>>,
     pub runtime: Mutex<Runtime>,
     pub source: Source,
     pub pin_dir: PathBuf,
@@ -312,27 +276,41 @@ impl Shared {
         }
     }
 
-    fn applied_reply(&self, eng: &Engine, t0: Instant, result: &str) -> Reply {
-        self.metrics.update("api", result);
-        if result == "applied" {
-            self.metrics
-                .apply_seconds
-                .observe(t0.elapsed().as_secs_f64());
-            self.metrics.set_policy(eng);
+    /// The answer to a submit.
+    fn reply(t0: Instant, r: std::result::Result<Submitted, Refused>) -> Reply {
+        match r {
+            Ok(Submitted::Applied { revision, .. }) => (
+                StatusCode::OK,
+                json!({
+                    "revision": revision,
+                    "apply_ms": t0.elapsed().as_secs_f64() * 1e3,
+                    "changed": true,
+                }),
+            ),
+            Ok(Submitted::Unchanged { revision }) => (
+                StatusCode::OK,
+                json!({
+                    "revision": revision,
+                    "apply_ms": t0.elapsed().as_secs_f64() * 1e3,
+                    "changed": false,
+                }),
+            ),
+            Err(Refused::Conflict { applied, why }) => conflict(applied, &why),
+            Err(Refused::Invalid(errs)) => bad_input(&errs),
+            Err(Refused::Failed(e)) => {
+                log::error!("API write failed: {e:#}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": format!("{e:#}")}),
+                )
+            }
         }
-        (
-            StatusCode::OK,
-            json!({
-                "revision": eng.revision(),
-                "apply_ms": t0.elapsed().as_secs_f64() * 1e3,
-                "changed": result == "applied",
-            }),
-        )
     }
 
-    /// `PUT /v1/policy`.
+    /// `PUT /v1/policy`: parsed and validated here (before the engine lock), then submitted.
     pub fn put_policy(&self, body: &[u8]) -> Reply {
         let t0 = Instant::now();
+        // Refused before reaching the engine: counted here.
         let reject = |r: Reply| {
             self.metrics.update("api", "rejected");
             r
@@ -361,27 +339,16 @@ impl Shared {
             self.metrics.update("api", "conflict");
             return r;
         }
-        let applied = eng.revision();
-        match decide(applied, rev, || {
-            eng.applied.as_ref().is_some_and(|a| a.policy == p)
-        }) {
-            Decision::Unchanged => return self.applied_reply(&eng, t0, "unchanged"),
-            Decision::Conflict => {
-                self.metrics.update("api", "conflict");
-                return conflict(
-                    applied,
-                    &format!("revision {rev} is not greater than the applied revision {applied}"),
-                );
-            }
-            Decision::Apply => {}
-        }
-        match eng.apply_compiled(p, compiled, None, rev, "api", Persist::Snapshot) {
-            Ok(_) => self.applied_reply(&eng, t0, "applied"),
-            Err(e) => self.apply_failed(e),
-        }
+        let r = eng.submit(
+            Change::Policy(Box::new(p), Box::new(compiled)),
+            Rev::Conditional(rev),
+            "api",
+        );
+        Self::reply(t0, r)
     }
 
-    /// `PATCH /v1/policy`.
+    /// `PATCH /v1/policy`: `revision` given is a conditional write, left out an unconditional
+    /// one (docs/REFERENCE.md "Control-plane API").
     pub fn patch_policy(&self, body: &[u8]) -> Reply {
         let t0 = Instant::now();
         let reject = |r: Reply| {
@@ -391,7 +358,7 @@ impl Shared {
         let Ok(text) = std::str::from_utf8(body) else {
             return reject(bad_input(&[PolicyError::new("", "body is not UTF-8")]));
         };
-        let patch = match Patch::from_json_str(text) {
+        let req = match PatchRequest::from_json_str(text) {
             Ok(p) => p,
             Err(errs) => return reject(bad_input(&errs)),
         };
@@ -400,95 +367,29 @@ impl Shared {
             self.metrics.update("api", "conflict");
             return r;
         }
-        let applied = eng.revision();
-        let decision = decide(applied, patch.revision, || {
-            // A retry: the very patch that was applied last, or ops that already hold.
-            eng.last_patch.as_ref() == Some(&patch) || eng.ops_hold(&patch.ops)
-        });
-        match decision {
-            Decision::Unchanged => return self.applied_reply(&eng, t0, "unchanged"),
-            Decision::Conflict => {
-                self.metrics.update("api", "conflict");
-                return conflict(
-                    applied,
-                    &format!(
-                        "revision {} is not greater than the applied revision {applied}",
-                        patch.revision
-                    ),
-                );
-            }
-            Decision::Apply => {}
-        }
-        // Locks, unlocks and key upserts cost the keys they name; ipset changes (which every
-        // key bound to the set follows) and the very first policy take the whole path.
-        if eng.can_patch_keys(&patch) {
-            return match eng.patch_keys(&patch, "api") {
-                Ok(_) => self.applied_reply(&eng, t0, "applied"),
-                Err(PatchFailure::Invalid(errs)) => {
-                    drop(eng);
-                    reject(bad_input(&errs))
-                }
-                Err(PatchFailure::Apply(e)) => self.apply_failed(e),
-            };
-        }
-        let base = eng
-            .applied
-            .as_ref()
-            .map(|a| a.policy.clone())
-            .unwrap_or_default();
-        let next = match base.apply_patch(&patch) {
-            Ok(n) => n,
-            Err(errs) => {
-                drop(eng);
-                return reject(bad_input(&errs));
-            }
-        };
-        let compiled = match next.compile() {
-            Ok(c) => c,
-            Err(errs) => {
-                drop(eng);
-                return reject(bad_input(&errs));
-            }
-        };
-        log::debug!("PATCH {}: validated in {:?}", patch.revision, t0.elapsed());
-        let changed = patch_prefixes(&patch);
-        match eng.apply_compiled(
-            next,
-            compiled,
-            changed.as_ref(),
-            patch.revision,
-            "api",
-            Persist::Journal(&patch),
-        ) {
-            Ok(_) => {
-                eng.last_patch = Some(patch);
-                self.applied_reply(&eng, t0, "applied")
-            }
-            Err(e) => self.apply_failed(e),
-        }
+        let rev = req.revision.map_or(Rev::Next, Rev::Conditional);
+        let r = eng.submit(Change::Ops(req.ops), rev, "api");
+        Self::reply(t0, r)
     }
 
     /// After answering a write: settles the inactive slot after a whole-policy apply, and
     /// writes a snapshot when the PATCH journal has grown long.
     pub fn after_write(&self) {
-        let mut eng = self.engine.lock().unwrap();
-        if let Err(e) = eng.settle() {
-            log::error!("settling the inactive slot: {e:#}");
-        }
-        if eng.wants_compaction()
-            && let Err(e) = eng.compact()
-        {
+        let fold = {
+            let mut eng = self.engine.lock().unwrap();
+            if let Err(e) = eng.settle() {
+                log::error!("settling the inactive slot: {e:#}");
+            }
+            if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            }
+        };
+        // The snapshot is written without the engine lock: writers go on meanwhile.
+        if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
             log::error!("writing a policy snapshot: {e:#}");
         }
-    }
-
-    fn apply_failed(&self, e: anyhow::Error) -> Reply {
-        log::error!("API write failed: {e:#}");
-        self.metrics.update("api", "error");
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": format!("{e:#}")}),
-        )
     }
 
     /// `GET /v1/policy`: the applied policy with its revision (an empty one, revision 0,
@@ -829,7 +730,8 @@ async fn handle(
         (&Method::GET, "/v1/status") => {
             let sh2 = sh.clone();
             let r = tokio::task::spawn_blocking(move || {
-                let mut v = crate::status::status_json(&sh2.pin_dir, &sh2.state_dir)?;
+                let live = sh2.published.lock().unwrap().clone();
+                let mut v = crate::status::status_json(&sh2.pin_dir, &sh2.state_dir, live)?;
                 v["policy_source"] = sh2.source.kind().into();
                 v["events"] = match &sh2.events_error {
                     None => "available".into(),
@@ -991,6 +893,7 @@ pub async fn serve_metrics(l: TcpListener, m: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{Patch, key_prefix};
 
     #[test]
     fn constant_time_compare() {

@@ -180,13 +180,7 @@ pub fn error_text(status: u16, v: &Value) -> String {
 pub fn read_policy_file(file: &Path) -> Result<Policy> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let json = file.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
-    let parsed = if json {
-        Policy::from_json_str(&text)
-    } else {
-        Policy::from_toml_str(&text)
-    };
-    parsed.map_err(|errs| {
+    Policy::from_file_text(file, &text).map_err(|errs| {
         anyhow!(
             "{}: {}",
             file.display(),
@@ -342,34 +336,34 @@ fn path_escape(s: &str) -> String {
         .collect()
 }
 
-/// `keywall key lock|unlock PREFIX`: a PATCH at the applied revision + 1, again on 409.
+/// `keywall key lock|unlock PREFIX`: one PATCH without a revision (an unconditional write,
+/// which the daemon applies at its revision + 1), so the policy is never fetched.
 pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
     let op = if lock { "lock" } else { "unlock" };
-    for _ in 0..RETRIES {
-        let rev = c.revision()? + 1;
-        let body = json!({"revision": rev, "ops": [{"op": op, "prefix": prefix}]});
-        let (st, v) = c.call(
-            Method::PATCH,
-            "/v1/policy",
-            Some(serde_json::to_vec(&body)?),
-        )?;
-        match st {
-            200 => {
+    let body = json!({"ops": [{"op": op, "prefix": prefix}]});
+    let (st, v) = c.call(
+        Method::PATCH,
+        "/v1/policy",
+        Some(serde_json::to_vec(&body)?),
+    )?;
+    match st {
+        200 => {
+            if v["changed"] == false {
+                println!("{prefix} was already {op}ed: revision {}", v["revision"]);
+            } else {
                 println!(
                     "{op}ed {prefix}: revision {} ({:.1} ms, enforced)",
                     v["revision"],
                     v["apply_ms"].as_f64().unwrap_or(0.0)
                 );
-                return Ok(0);
             }
-            409 if v["source"].is_null() => continue,
-            _ => {
-                print_rejection(st, &v);
-                return Ok(1);
-            }
+            Ok(0)
+        }
+        _ => {
+            print_rejection(st, &v);
+            Ok(1)
         }
     }
-    bail!("gave up after {RETRIES} conflicting writes")
 }
 
 /// `keywall events [--json]`: streams until interrupted.

@@ -6,7 +6,7 @@
 //! new policy is validated completely before anything is written.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -17,14 +17,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use filter_common::KeyPrefix;
-
+use crate::engine::{Change, Refused, Rev, Submitted};
+pub use crate::engine::{Engine, Fold, JOURNAL_COMPACT, PatchFailure, Persist};
 use crate::{
     api::{self, ApiConfig, Shared, Source},
     dataplane::{Capacity, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError},
-    state::{self, Applied, Runtime},
+    policy::{Key, PatchOp, Policy},
+    state::{self, Runtime},
 };
 
 pub struct RunOptions {
@@ -59,431 +59,51 @@ extern "C" fn on_sighup(_: libc::c_int) {
     RELOAD.store(true, Ordering::SeqCst);
 }
 
-/// The daemon's policy engine: the applied policy, its mirror in the maps, and persistence.
-/// One per daemon, behind a mutex: every writer (the file, the API) goes through it in turn.
-pub struct Engine {
-    pub dp: Dataplane,
-    pub mirror: Mirror,
-    pub applied: Option<Applied>,
-    pub state_dir: PathBuf,
-    pub audit: bool,
-    pub key_cap: u32,
-    /// The last PATCH applied (revision and ops), so its retry is recognised as a no-op.
-    pub last_patch: Option<Patch>,
-    /// PATCHes in the state dir's journal since the last snapshot.
-    pub journal_len: usize,
-    /// The applied policy in kernel form, kept so a PATCH recompiles only the keys it names.
-    pub compiled: Option<Compiled>,
-    /// Position of each key in the applied policy's `key` list.
-    pub index: HashMap<String, usize>,
-    /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
-    /// under `unbound_keys = "pass"`, the prefilter must stay off.
-    pub open_keys: usize,
-    /// Locked keys in the applied policy (for metrics, without a walk over every key).
-    pub locked_keys: usize,
-    /// A whole-policy apply left the inactive slot behind on (possibly) every key.
-    pub unsettled: bool,
+/// Watches the policy file at the cost of one `stat` per poll: the file is read (and hashed)
+/// only when its size, mtime, ctime or inode moved, and parsed only when its bytes changed.
+#[derive(Default)]
+struct FileWatch {
+    meta: Option<(SystemTime, i64, i64, u64, u64)>,
+    hash: Option<u64>,
 }
 
-/// Why a PATCH was not applied.
-pub enum PatchFailure {
-    /// 400: what the ops brought in is invalid, with places (`ops[2].key.allow[0]`).
-    Invalid(Vec<PolicyError>),
-    /// 500: the maps could not be written (the live policy is unchanged) or persisting failed.
-    Apply(anyhow::Error),
-}
-
-fn is_open(k: &Key) -> bool {
-    !k.locked && k.allow.is_empty() && k.ipsets.is_empty()
-}
-
-/// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
-pub enum Persist<'a> {
-    Snapshot,
-    Journal(&'a Patch),
-}
-
-/// Journal lines after which the daemon writes a fresh snapshot (after answering).
-pub const JOURNAL_COMPACT: usize = 1024;
-
-impl Engine {
-    /// The applied revision (0 before anything was applied).
-    pub fn revision(&self) -> u64 {
-        self.applied.as_ref().map_or(0, |a| a.revision)
-    }
-
-    /// Validates, compiles and applies `p` at `revision`; on any error nothing live changes.
-    pub fn apply(
-        &mut self,
-        p: Policy,
-        revision: u64,
-        source: &str,
-    ) -> Result<crate::dataplane::ApplyReport> {
-        let compiled = p.compile().map_err(|errs| {
-            anyhow::anyhow!(
-                "policy rejected:\n{}",
-                errs.iter()
-                    .map(|e| format!("  {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })?;
-        self.apply_compiled(p, compiled, None, revision, source, Persist::Snapshot)
-    }
-
-    /// True if `patch` touches keys only and the engine can apply it key by key.
-    pub fn can_patch_keys(&self, patch: &Patch) -> bool {
-        self.applied.is_some()
-            && self.compiled.is_some()
-            && patch.ops.iter().all(|op| {
-                matches!(
-                    op,
-                    PatchOp::Upsert { .. }
-                        | PatchOp::Delete { .. }
-                        | PatchOp::Lock { .. }
-                        | PatchOp::Unlock { .. }
-                )
-            })
-    }
-
-    /// The key with this prefix in the applied policy.
-    pub fn key(&self, prefix: &str) -> Option<&Key> {
-        let a = self.applied.as_ref()?;
-        self.index.get(prefix).map(|&i| &a.policy.key[i])
-    }
-
-    /// True if every op is already true of the applied policy (a retried PATCH).
-    pub fn ops_hold(&self, ops: &[PatchOp]) -> bool {
-        let Some(a) = &self.applied else { return false };
-        ops.iter().all(|op| match op {
-            PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
-            PatchOp::Delete { prefix } => self.key(prefix).is_none(),
-            PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
-            PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
-            PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
-            PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
-        })
-    }
-
-    /// Applies a keys-only PATCH (`can_patch_keys`) at the cost of the keys it names: each
-    /// upserted key is validated on its own (against the settings and the ipsets it binds),
-    /// only those keys are recompiled and written, and the applied policy is changed in
-    /// place once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
-    pub fn patch_keys(
-        &mut self,
-        patch: &Patch,
-        source: &str,
-    ) -> std::result::Result<crate::dataplane::ApplyReport, PatchFailure> {
-        let a = self.applied.as_ref().expect("can_patch_keys");
-        let base = &a.policy;
-        // What each named key becomes (None: deleted), following the ops in order.
-        let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
-        let mut errs = Vec::new();
-        for (n, op) in patch.ops.iter().enumerate() {
-            let current =
-                |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| match after
-                    .get(p)
-                {
-                    Some(v) => v.as_ref().map(|(k, _)| k.clone()),
-                    None => self.index.get(p).map(|&i| base.key[i].clone()),
-                };
-            let missing = |prefix: &str| {
-                PolicyError::new(
-                    format!("ops[{n}].prefix"),
-                    format!("no key with prefix {prefix:?}"),
-                )
-            };
-            match op {
-                PatchOp::Upsert { key } => {
-                    let mini = Policy {
-                        settings: base.settings.clone(),
-                        ipsets: key
-                            .ipsets
-                            .iter()
-                            .filter_map(|n| base.ipsets.get_key_value(n))
-                            .map(|(n, c)| (n.clone(), c.clone()))
-                            .collect(),
-                        key: vec![key.clone()],
-                        // Listeners decide some key rules (lower-case prefixes for tls-sni).
-                        listener: base.listener.clone(),
-                        ..Default::default()
-                    };
-                    match mini.compile() {
-                        Ok(mut c) => {
-                            let ck = c.keys.pop_first().map(|(_, ck)| ck);
-                            after.insert(&key.prefix, Some((key.clone(), ck)));
-                        }
-                        Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
-                            at: match e.at.strip_prefix("key[0]") {
-                                Some(tail) => format!("ops[{n}].key{tail}"),
-                                None => e.at,
-                            },
-                            message: e.message,
-                        })),
-                    }
-                }
-                PatchOp::Delete { prefix } => match current(&after, prefix) {
-                    Some(_) => {
-                        after.insert(prefix, None);
-                    }
-                    None => errs.push(missing(prefix)),
-                },
-                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
-                    match current(&after, prefix) {
-                        Some(mut k) => {
-                            k.locked = matches!(op, PatchOp::Lock { .. });
-                            // Recompiled below from the record it had (only the flag moves).
-                            after.insert(prefix, Some((k, None)));
-                        }
-                        None => errs.push(missing(prefix)),
-                    }
-                }
-                PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => {
-                    unreachable!("can_patch_keys")
-                }
-            }
-        }
-        if !errs.is_empty() {
-            return Err(PatchFailure::Invalid(errs));
-        }
-
-        // Kernel form of the result: the cached compile with the named keys replaced.
-        let compiled = self.compiled.as_mut().expect("can_patch_keys");
-        let mut undo: Vec<(KeyPrefix, Option<CompiledKey>)> = Vec::new();
-        let mut changed = BTreeSet::new();
-        let mut open_delta: isize = 0;
-        for (prefix, new) in &after {
-            let kp = crate::policy::key_prefix(prefix);
-            changed.insert(kp);
-            if let Some(&i) = self.index.get(*prefix) {
-                open_delta -= is_open(&base.key[i]) as isize;
-            }
-            let old = match new {
-                None => compiled.keys.remove(&kp),
-                Some((k, ck)) => {
-                    open_delta += is_open(k) as isize;
-                    let ck = match ck {
-                        Some(ck) => ck.clone(),
-                        None => {
-                            // A lock or unlock of a key that was valid: its record with the
-                            // lock flag set or cleared.
-                            let mut ck = compiled
-                                .keys
-                                .get(&kp)
-                                .cloned()
-                                .expect("a present key is compiled");
-                            if k.locked {
-                                ck.flags |= filter_common::KEY_LOCKED;
-                            } else {
-                                ck.flags &= !filter_common::KEY_LOCKED;
-                            }
-                            ck
-                        }
-                    };
-                    compiled.keys.insert(kp, ck)
-                }
-            };
-            undo.push((kp, old));
-        }
-        let open_after = (self.open_keys as isize + open_delta) as usize;
-        let mut locked_delta: isize = 0;
-        for (prefix, new) in &after {
-            if let Some(&i) = self.index.get(*prefix) {
-                locked_delta -= base.key[i].locked as isize;
-            }
-            if let Some((k, _)) = new {
-                locked_delta += k.locked as isize;
-            }
-        }
-        let old_flags = compiled.settings.flags;
-        let prefilter = base.settings.prefilter
-            && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
-        if prefilter {
-            compiled.settings.flags |= filter_common::SETTING_PREFILTER;
-        } else {
-            compiled.settings.flags &= !filter_common::SETTING_PREFILTER;
-        }
-        let rep = match self.mirror.apply_changes(
-            &mut self.dp.maps,
-            compiled,
-            Some(&changed),
-            self.key_cap,
-        ) {
-            Ok(rep) => rep,
-            Err(e) => {
-                // The live slot is untouched; put the cached compile back as it was.
-                compiled.settings.flags = old_flags;
-                for (kp, old) in undo {
-                    match old {
-                        Some(ck) => compiled.keys.insert(kp, ck),
-                        None => compiled.keys.remove(&kp),
-                    };
-                }
-                return Err(PatchFailure::Apply(e));
-            }
-        };
-
-        // The maps enforce it: change the applied policy in place, as apply_patch would.
-        let a = self.applied.as_mut().expect("checked");
-        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops).map_err(|m| {
-            PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}"))
-        })?;
-        self.open_keys = open_after;
-        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
-        a.revision = patch.revision;
-        a.policy.revision = Some(patch.revision);
-        a.source = source.to_owned();
-        a.applied_unix = state::now_unix();
-        let t_save = Instant::now();
-        self.journal_len += 1;
-        let saved = state::append_journal(
-            &self.state_dir,
-            &state::JournalEntry {
-                revision: patch.revision,
-                source: source.to_owned(),
-                applied_unix: a.applied_unix,
-                ops: patch.ops.clone(),
-            },
+impl FileWatch {
+    /// The file's text if it changed since the last call (None: unchanged or unreadable).
+    fn changed(&mut self, p: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(p).ok()?;
+        let meta = (
+            m.modified().ok()?,
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino(),
+            m.len(),
         );
-        log::debug!(
-            "revision {} (keys only): maps {:?}, journal {:?}",
-            patch.revision,
-            rep.elapsed,
-            t_save.elapsed()
-        );
-        self.last_patch = Some(patch.clone());
-        saved
-            .context("the maps enforce it, but saving it to the state dir failed")
-            .map_err(PatchFailure::Apply)?;
-        Ok(rep)
-    }
-
-    /// Brings the inactive slot up to the live policy after a whole-policy apply (same
-    /// content, one more flip). Without it the next PATCH would pay for every key the
-    /// inactive slot lags on (seconds at 1M keys); with it a lock costs its one key.
-    pub fn settle(&mut self) -> Result<()> {
-        if !self.unsettled {
-            return Ok(());
+        if self.meta == Some(meta) {
+            return None;
         }
-        let Some(c) = &self.compiled else {
-            return Ok(());
+        let bytes = std::fs::read(p).ok()?;
+        self.meta = Some(meta);
+        let hash = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
         };
-        let rep = self.mirror.apply_changes(
-            &mut self.dp.maps,
-            c,
-            Some(&BTreeSet::new()),
-            self.key_cap,
-        )?;
-        self.unsettled = false;
-        log::debug!(
-            "settled the inactive slot: {} keys written in {:?}",
-            rep.keys_written,
-            rep.elapsed
-        );
-        Ok(())
-    }
-
-    /// True when the journal is long enough to fold into a snapshot.
-    pub fn wants_compaction(&self) -> bool {
-        self.journal_len >= JOURNAL_COMPACT
-    }
-
-    /// Folds the journal into a fresh snapshot of the applied policy.
-    pub fn compact(&mut self) -> Result<()> {
-        if self.journal_len == 0 {
-            return Ok(());
+        if self.hash == Some(hash) {
+            return None; // touched, not changed
         }
-        if let Some(a) = &self.applied {
-            let t0 = Instant::now();
-            state::save_applied(&self.state_dir, a)?;
-            log::info!(
-                "folded {} journalled PATCHes into a snapshot in {:?}",
-                self.journal_len,
-                t0.elapsed()
-            );
+        self.hash = Some(hash);
+        match String::from_utf8(bytes) {
+            Ok(t) => Some(t),
+            // Not UTF-8: let the parser say so.
+            Err(e) => Some(String::from_utf8_lossy(e.as_bytes()).into_owned()),
         }
-        self.journal_len = 0;
-        Ok(())
-    }
-
-    /// Writes an already validated policy. `changed` (from a PATCH) names every key that may
-    /// differ from the live policy, so only those are written; None examines every key.
-    /// Returns once the kernel enforces it and the state dir holds it.
-    pub fn apply_compiled(
-        &mut self,
-        mut p: Policy,
-        mut compiled: Compiled,
-        changed: Option<&BTreeSet<KeyPrefix>>,
-        revision: u64,
-        source: &str,
-        persist: Persist<'_>,
-    ) -> Result<crate::dataplane::ApplyReport> {
-        // --audit overrides what the policy says in the kernel only: the stored policy stays
-        // as written, so reads and retries see what the writer sent.
-        if self.audit {
-            compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
-        }
-        let rep = self
-            .mirror
-            .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?;
-        p.revision = Some(revision);
-        let applied = Applied {
-            revision,
-            source: source.to_owned(),
-            applied_unix: state::now_unix(),
-            policy: p,
-        };
-        self.last_patch = None;
-        self.index = applied
-            .policy
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.prefix.clone(), i))
-            .collect();
-        self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
-        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
-        self.compiled = Some(compiled);
-        self.unsettled = changed.is_none();
-        let t_save = Instant::now();
-        let saved = match persist {
-            Persist::Snapshot => {
-                self.journal_len = 0;
-                state::save_applied(&self.state_dir, &applied)
-            }
-            Persist::Journal(patch) => {
-                self.journal_len += 1;
-                state::append_journal(
-                    &self.state_dir,
-                    &state::JournalEntry {
-                        revision,
-                        source: source.to_owned(),
-                        applied_unix: applied.applied_unix,
-                        ops: patch.ops.clone(),
-                    },
-                )
-            }
-        };
-        log::debug!(
-            "revision {revision}: maps {:?}, state dir {:?}",
-            rep.elapsed,
-            t_save.elapsed()
-        );
-        self.applied = Some(applied);
-        saved.context("the maps enforce it, but saving it to the state dir failed")?;
-        Ok(rep)
     }
 }
 
-fn file_stamp(p: &Path) -> Option<(SystemTime, u64, Vec<u8>)> {
-    let m = std::fs::metadata(p).ok()?;
-    let content = std::fs::read(p).ok()?;
-    Some((m.modified().ok()?, m.len(), content))
-}
-
-fn load_policy_file(p: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    Policy::from_toml_str(&text).map_err(|errs| {
+fn parse_policy_file(p: &Path, text: &str) -> Result<Policy> {
+    Policy::from_file_text(p, text).map_err(|errs| {
         anyhow::anyhow!(
             "{}: {}",
             p.display(),
@@ -533,25 +153,33 @@ pub fn run(o: RunOptions) -> Result<()> {
         open_keys: 0,
         locked_keys: 0,
         unsettled: false,
+        published: Arc::new(Mutex::new(None)),
+        fold_busy: Arc::new(AtomicBool::new(false)),
+        metrics: None,
     };
-    let metrics = Arc::new(Metrics::new(o.pin_dir.clone()));
+    let metrics = Arc::new(Metrics::new(o.pin_dir.clone(), eng.published.clone()));
+    eng.metrics = Some(metrics.clone());
 
     // 1. Restore the last applied policy before anything is attached or taken over.
+    if let Err(e) = state::repair_journal(&o.state_dir) {
+        log::error!("repairing the policy journal: {e:#}");
+    }
+    let t_restore = Instant::now();
     match state::load_applied(&o.state_dir) {
         Ok(Some(a)) => {
+            let (revision, source) = (a.revision, a.source.clone());
+            log::info!("read the applied policy in {:?}", t_restore.elapsed());
             let pb = crate::progress::spinner(format!(
-                "restoring revision {} ({} keys)",
-                a.revision,
+                "restoring revision {revision} ({} keys)",
                 a.policy.key.len()
             ));
-            let rep = eng.apply(a.policy.clone(), a.revision, &a.source);
+            let rep = eng.restore(a.policy, revision, &source);
             crate::progress::done(pb);
             let rep = rep?;
             log::info!(
-                "restored revision {} ({}) from {}: generation {}",
-                a.revision,
-                a.source,
+                "restored revision {revision} ({source}) from {} in {:?}: generation {}",
                 o.state_dir.display(),
+                t_restore.elapsed(),
                 rep.generation
             );
         }
@@ -560,7 +188,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
 
     // 2. The policy file, if it differs; a bad file keeps what was restored.
-    let mut last_stamp = None;
+    let mut watch = FileWatch::default();
     let mut runtime = Runtime {
         pid: std::process::id(),
         pin_dir: o.pin_dir.display().to_string(),
@@ -568,9 +196,12 @@ pub fn run(o: RunOptions) -> Result<()> {
         ..Default::default()
     };
     if let Some(p) = &o.policy {
-        last_stamp = file_stamp(p);
+        let parsed = match watch.changed(p) {
+            Some(text) => parse_policy_file(p, &text),
+            None => Err(anyhow::anyhow!("cannot read {}", p.display())),
+        };
         let pb = crate::progress::spinner(format!("applying {}", p.display()));
-        apply_file(&mut eng, p, &mut runtime, &metrics);
+        apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         crate::progress::done(pb);
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
@@ -587,9 +218,6 @@ pub fn run(o: RunOptions) -> Result<()> {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
     metrics.set_policy(&eng);
-    if let Err(e) = eng.settle() {
-        log::error!("settling the inactive slot: {e:#}");
-    }
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -655,6 +283,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         source.kind() == "api" || runtime.policy_error.is_none(),
     );
     let shared = Arc::new(Shared {
+        published: eng.published.clone(),
         engine: Mutex::new(eng),
         runtime: Mutex::new(runtime),
         source,
@@ -665,6 +294,18 @@ pub fn run(o: RunOptions) -> Result<()> {
         events_error,
         max_body: o.api.max_body,
     });
+    // Settle the inactive slot with the API already up: reads go on meanwhile, and a write
+    // that arrives waits for it (as after a PUT).
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("keywall-settle".into())
+            .spawn(move || {
+                if let Err(e) = sh.engine.lock().unwrap().settle() {
+                    log::error!("settling the inactive slot: {e:#}");
+                }
+            })?;
+    }
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(e) = o.etcd.clone() {
@@ -678,6 +319,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         rt.spawn(api::serve_metrics(l, metrics.clone()));
     }
 
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -711,16 +353,24 @@ pub fn run(o: RunOptions) -> Result<()> {
             );
         }
         if let Some(p) = &o.policy {
-            let stamp = file_stamp(p);
-            if stamp.is_some() && (reload || stamp != last_stamp) {
-                if reload {
-                    log::info!("SIGHUP: reloading {}", p.display());
-                    crate::host::notify("RELOADING=1");
-                }
-                last_stamp = stamp;
+            if reload {
+                // SIGHUP reads the file again even if it looks unchanged.
+                log::info!("SIGHUP: reloading {}", p.display());
+                crate::host::notify("RELOADING=1");
+                watch = FileWatch::default();
+            }
+            let changed = watch.changed(p);
+            if reload && changed.is_none() {
+                // Unreadable: the running policy stays; tell systemd the reload is over.
+                crate::host::notify("READY=1");
+            }
+            if let Some(text) = changed {
+                // Parsed before the engine is locked: readers and the API go on meanwhile.
+                let parsed = parse_policy_file(p, &text);
+                drop(text);
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
-                apply_file(&mut eng, p, &mut runtime, &metrics);
+                apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
                 // Report the outcome as soon as the maps enforce it; settling the inactive
                 // slot afterwards changes no verdict.
                 metrics.set_sync("file", runtime.policy_error.is_none());
@@ -770,44 +420,137 @@ pub fn file_revision(file_rev: Option<u64>, applied: u64) -> u64 {
     file_rev.unwrap_or(applied + 1)
 }
 
-fn apply_file(eng: &mut Engine, p: &Path, runtime: &mut Runtime, metrics: &Metrics) {
+/// The ops that turn the applied policy into `pol`, when only keys differ (settings,
+/// listeners and ipsets equal) and few enough of them do: None means a whole apply.
+/// Costs one comparison per key, no compile.
+fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
+    let a = eng.applied.as_ref()?;
+    eng.compiled.as_ref()?;
+    if pol.settings != a.policy.settings
+        || pol.listener != a.policy.listener
+        || pol.ipsets != a.policy.ipsets
+    {
+        return None;
+    }
+    let limit = 64 + pol.key.len() / 8;
+    let mut seen = std::collections::HashSet::with_capacity(pol.key.len());
+    let mut ops = Vec::new();
+    for k in &pol.key {
+        if !seen.insert(k.prefix.as_str()) {
+            return None; // a duplicate: the whole path reports it with its place
+        }
+        match eng.key(&k.prefix) {
+            Some(old) if old == k => {}
+            Some(old)
+                if Key {
+                    locked: k.locked,
+                    ..old.clone()
+                } == *k =>
+            {
+                ops.push(if k.locked {
+                    PatchOp::Lock {
+                        prefix: k.prefix.clone(),
+                    }
+                } else {
+                    PatchOp::Unlock {
+                        prefix: k.prefix.clone(),
+                    }
+                })
+            }
+            _ => ops.push(PatchOp::Upsert { key: k.clone() }),
+        }
+        if ops.len() > limit {
+            return None;
+        }
+    }
+    if eng.index.len() + ops.len() > seen.len() {
+        for k in &a.policy.key {
+            if !seen.contains(k.prefix.as_str()) {
+                ops.push(PatchOp::Delete {
+                    prefix: k.prefix.clone(),
+                });
+                if ops.len() > limit {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(ops)
+}
+
+fn apply_file(
+    eng: &mut Engine,
+    p: &Path,
+    parsed: Result<Policy>,
+    runtime: &mut Runtime,
+    metrics: &Metrics,
+) {
     let source = format!("file:{}", p.display());
-    let t0 = Instant::now();
-    let res = load_policy_file(p).and_then(|pol| {
-        // Unchanged: same file source and content (a file without `revision` keeps the one
-        // it was applied at).
-        if let Some(a) = &eng.applied
-            && a.source == source
-            && pol.revision.is_none_or(|r| r == a.revision)
-            && (Policy {
-                revision: a.policy.revision,
-                ..pol.clone()
-            }) == a.policy
-        {
-            return Ok(None);
-        }
-        let rev = file_revision(pol.revision, eng.revision());
-        eng.apply(pol, rev, &source).map(|r| Some((r, rev)))
-    });
-    match res {
-        Ok(Some((rep, rev))) => {
-            log::info!(
-                "applied {} as revision {rev} (generation {}, {} keys written, {:?})",
-                p.display(),
-                rep.generation,
-                rep.keys_written,
-                rep.elapsed
-            );
-            runtime.policy_error = None;
-            metrics.update("file", "applied");
-            metrics.apply_seconds.observe(t0.elapsed().as_secs_f64());
-            metrics.set_policy(eng);
-        }
-        Ok(None) => runtime.policy_error = None,
+    let pol = match parsed {
+        Ok(pol) => pol,
         Err(e) => {
             log::error!("policy file rejected, the running policy stays: {e:#}");
             runtime.policy_error = Some(format!("{e:#}"));
             metrics.update("file", "rejected");
+            return;
+        }
+    };
+    let rev = file_revision(pol.revision, eng.revision());
+    // Only keys changed: submitted as their ops, at the cost of the keys that changed.
+    let mut res = None;
+    if let Some(ops) = key_diff(eng, &pol) {
+        let same = pol.revision.is_none_or(|r| r == eng.revision())
+            && eng.applied.as_ref().is_some_and(|a| a.source == source);
+        if ops.is_empty() && same {
+            runtime.policy_error = None;
+            return;
+        }
+        match eng.submit(Change::Ops(ops), Rev::Set(rev), &source) {
+            // Invalid: the whole path below reports every error with its file place.
+            Err(Refused::Invalid(_)) => {}
+            r => res = Some(r),
+        }
+    }
+    let res = match res {
+        Some(r) => r,
+        None => match pol.compile() {
+            Ok(c) => eng.submit(
+                Change::Policy(Box::new(pol), Box::new(c)),
+                Rev::Set(rev),
+                &source,
+            ),
+            Err(errs) => {
+                metrics.update("file", "rejected");
+                Err(Refused::Invalid(errs))
+            }
+        },
+    };
+    match res {
+        Ok(Submitted::Applied { revision, report }) => {
+            log::info!(
+                "applied {} as revision {revision} (generation {}, {} keys written, {:?})",
+                p.display(),
+                report.generation,
+                report.keys_written,
+                report.elapsed
+            );
+            runtime.policy_error = None;
+        }
+        Ok(Submitted::Unchanged { .. }) => runtime.policy_error = None,
+        Err(e) => {
+            let msg = match e {
+                Refused::Invalid(errs) => format!(
+                    "policy rejected:\n{}",
+                    errs.iter()
+                        .map(|e| format!("  {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+                Refused::Conflict { why, .. } => why,
+                Refused::Failed(e) => format!("{e:#}"),
+            };
+            log::error!("policy file rejected, the running policy stays: {msg}");
+            runtime.policy_error = Some(msg);
         }
     }
 }

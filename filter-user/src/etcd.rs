@@ -1,4 +1,4 @@
-//! Fleet sync: the policy from etcd (SPEC "etcd layout").
+//! Fleet sync: the policy from etcd (docs/REFERENCE.md "etcd layout").
 //!
 //! Under the prefix, `settings` holds `{"settings": {…}, "listener": […]}`, `keys/<prefix>` one
 //! key, `ipsets/<name>` a JSON array of CIDRs. Each entry is judged on its own: an invalid
@@ -21,10 +21,8 @@ use serde_json::Value;
 
 use crate::{
     api::Shared,
-    policy::{
-        Compiled, Key, Listener, Patch, PatchOp, Policy, PolicyError, Settings, key_prefix,
-        parse_json,
-    },
+    engine::{self, Refused, Rev, Submitted},
+    policy::{Compiled, Key, Listener, PatchOp, Policy, PolicyError, Settings, parse_json},
 };
 
 /// Where the daemon finds the fleet's policy, and how it proves who it is.
@@ -303,6 +301,50 @@ impl Reconciler {
         let (mut out, compiled) = self.apply(changes);
         out.full = true;
         (out, compiled)
+    }
+
+    /// True if `changes` name keys only, and no settings or ipset entry waits in error: then
+    /// `apply_keys` judges them one by one, at the cost of the batch.
+    pub fn keys_only(&self, changes: &[Change]) -> bool {
+        changes
+            .iter()
+            .all(|c| matches!(Entry::parse(&c.name), Entry::Key(_)))
+            && self.pending.keys().all(|e| matches!(e, Entry::Key(_)))
+    }
+
+    /// Judges a batch of key changes (`keys_only`) one by one, each against the settings
+    /// and the ipsets it binds, without composing the whole policy: a key change costs that
+    /// key, whatever the policy's size. Keys waiting in error are judged again.
+    pub fn apply_keys(&mut self, changes: Vec<Change>) -> Outcome {
+        let mut out = Outcome::default();
+        let mut batch: BTreeMap<Entry, Option<Vec<u8>>> = BTreeMap::new();
+        for c in changes {
+            batch.insert(Entry::parse(&c.name), c.value);
+        }
+        let fresh: BTreeSet<Entry> = batch.keys().cloned().collect();
+        for (e, v) in std::mem::take(&mut self.pending) {
+            batch.entry(e).or_insert(v);
+        }
+        let mut undo = Vec::new();
+        for (e, raw) in batch {
+            let v = match raw.as_deref().map(|b| parse_value(&e, b)).transpose() {
+                Ok(v) => v,
+                Err(msg) => {
+                    self.refuse(&mut out, &fresh, e, raw, msg);
+                    continue;
+                }
+            };
+            match self.check(&e, v.as_ref()) {
+                Ok(()) => self.take(&mut out, &mut undo, &e, v),
+                Err(msg) => self.refuse(&mut out, &fresh, e, raw, msg),
+            }
+        }
+        out
+    }
+
+    /// The good value of a key.
+    pub fn key(&self, prefix: &str) -> Option<&Key> {
+        self.keys.get(prefix)
     }
 
     /// Judges a batch of changes (later ones win) and returns what changed, with the
@@ -700,6 +742,25 @@ pub fn print_status(v: &Value) {
 // The network side
 // ---------------------------------------------------------------------------------------------
 
+/// Entries per page of the snapshot read.
+const SNAPSHOT_PAGE: i64 = 5000;
+/// Largest gRPC message taken from etcd (a snapshot page, or a watch response carrying a big
+/// transaction); tonic's default of 4 MiB is too small for either at scale.
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// The end of the key range with this prefix (the prefix with its last byte below 0xff
+/// incremented, the rest cut).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
+}
+
 /// Backoff between reconnects: doubles from 100 ms up to 5 s.
 pub fn next_backoff(cur: Duration) -> Duration {
     (cur * 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
@@ -822,24 +883,13 @@ impl Sync {
     }
 
     async fn session_inner(&mut self, backoff: &mut Duration) -> Result<std::convert::Infallible> {
-        use etcd_client::{EventType, GetOptions, WatchOptions};
-        let mut client = self.connect().await?;
-        let snap = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get(
-                self.cfg.prefix.as_str(),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await
-        .map_err(|_| anyhow!("snapshot timed out"))?
-        .context("reading the snapshot")?;
-        let rev = snap.header().map_or(0, |h| h.revision()) as u64;
-        let kvs: Vec<(String, Vec<u8>)> = snap
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.entry_name(kv.key()).map(|n| (n, kv.value().to_vec())))
-            .collect();
+        use etcd_client::{EventType, WatchOptions};
+        let client = self.connect().await?;
+        let (rev, kvs) =
+            tokio::time::timeout(Duration::from_secs(120), self.read_snapshot(&client))
+                .await
+                .map_err(|_| anyhow!("snapshot timed out"))?
+                .context("reading the snapshot")?;
         let n = kvs.len();
         let t0 = Instant::now();
         let pb = crate::progress::spinner(format!(
@@ -863,6 +913,8 @@ impl Sync {
         *backoff = Duration::from_millis(100);
 
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE)
             .watch(
                 self.cfg.prefix.as_str(),
                 Some(
@@ -924,11 +976,57 @@ impl Sync {
             if changes.is_empty() {
                 continue;
             }
-            let (out, compiled) = self.rec.apply(changes);
-            self.commit(out, compiled, last_rev, t0, false)?;
+            if self.rec.keys_only(&changes) {
+                let out = self.rec.apply_keys(changes);
+                self.commit_keys(out, last_rev, t0)?;
+            } else {
+                let (out, compiled) = self.rec.apply(changes);
+                self.commit(out, compiled, last_rev, t0, false)?;
+            }
             self.status.synced_revision = last_rev;
             self.publish();
         }
+    }
+
+    /// Every entry under the prefix at one revision, read in pages (a policy of a million
+    /// keys is far beyond one gRPC message). Returns that revision and the entries.
+    async fn read_snapshot(
+        &self,
+        client: &etcd_client::Client,
+    ) -> Result<(u64, Vec<(String, Vec<u8>)>)> {
+        use etcd_client::GetOptions;
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let prefix = self.cfg.prefix.as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.clone();
+        let mut rev: i64 = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut o = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SNAPSHOT_PAGE);
+            if rev > 0 {
+                o = o.with_revision(rev); // every page at the first page's revision
+            }
+            let mut page = kv.get(from.clone(), Some(o)).await?;
+            if rev == 0 {
+                rev = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let items = page.take_kvs();
+            let Some(last) = items.last() else { break };
+            from = last.key().to_vec();
+            from.push(0); // the next key after the last one read
+            kvs.extend(
+                items
+                    .iter()
+                    .filter_map(|kv| self.entry_name(kv.key()).map(|n| (n, kv.value().to_vec()))),
+            );
+            if !more {
+                break;
+            }
+        }
+        Ok((rev as u64, kvs))
     }
 
     /// The name under the prefix (None for keys that are not UTF-8, reported in the log).
@@ -940,16 +1038,8 @@ impl Sync {
         k.strip_prefix(self.cfg.prefix.as_str()).map(str::to_owned)
     }
 
-    /// Writes what the reconciler accepted into the maps (through the engine, like every
-    /// source), and records the outcome.
-    fn commit(
-        &mut self,
-        out: Outcome,
-        compiled: Result<Compiled, String>,
-        rev: u64,
-        t0: Instant,
-        snapshot: bool,
-    ) -> Result<()> {
+    /// Records the reconciler's refusals (metrics, status, log).
+    fn record_errors(&mut self, out: &Outcome) {
         let m = &self.shared.metrics;
         for _ in 0..out.rejected {
             m.update("etcd", "rejected");
@@ -964,8 +1054,8 @@ impl Sync {
             })
             .collect();
         m.set_sync_errors("etcd", self.status.errors.len());
-        for e in &self.status.errors {
-            if out.rejected > 0 {
+        if out.rejected > 0 {
+            for e in &self.status.errors {
                 log::warn!(
                     "etcd: {} refused, keeps its last good value: {}",
                     e.key,
@@ -973,6 +1063,88 @@ impl Sync {
                 );
             }
         }
+    }
+
+    /// Writes a batch of key changes through the engine as ops on those keys (the cost of
+    /// the batch, not of the policy); the whole path when the engine has no etcd policy yet.
+    fn commit_keys(&mut self, out: Outcome, rev: u64, t0: Instant) -> Result<()> {
+        self.record_errors(&out);
+        if out.keys_changed.is_empty() {
+            self.shared.metrics.update("etcd", "unchanged");
+            return Ok(());
+        }
+        let ops: Vec<PatchOp> = out
+            .keys_changed
+            .iter()
+            .map(|k| match self.rec.key(k) {
+                Some(key) => PatchOp::Upsert { key: key.clone() },
+                None => PatchOp::Delete { prefix: k.clone() },
+            })
+            .collect();
+        let n = ops.len();
+        let shared = self.shared.clone();
+        let result = tokio::task::block_in_place(|| {
+            let mut eng = shared.engine.lock().unwrap();
+            if eng.applied.as_ref().is_none_or(|a| a.source != "etcd") {
+                return None;
+            }
+            let r = eng.submit(engine::Change::Ops(ops), Rev::Set(rev), "etcd");
+            let fold = if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            };
+            drop(eng);
+            if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
+                log::error!("etcd: writing a policy snapshot: {e:#}");
+            }
+            Some(r)
+        });
+        match result {
+            None => {
+                // No etcd policy in the engine yet: compose and apply the whole.
+                let compiled = self.rec.compose();
+                // (Refusals were recorded above.)
+                let full = Outcome {
+                    full: true,
+                    rejected: 0,
+                    ..out
+                };
+                self.commit(full, compiled, rev, t0, false)
+            }
+            Some(Ok(Submitted::Applied { report, .. })) => {
+                log::info!(
+                    "etcd: applied revision {rev} ({n} keys changed, {:?})",
+                    report.elapsed
+                );
+                Ok(())
+            }
+            Some(Ok(Submitted::Unchanged { .. })) => Ok(()),
+            Some(Err(Refused::Invalid(errs))) => {
+                // The reconciler judged each key alone as the engine does: not expected.
+                log::error!(
+                    "etcd: revision {rev} refused by the engine: {}",
+                    errs.first().map(|e| e.to_string()).unwrap_or_default()
+                );
+                Ok(())
+            }
+            Some(Err(Refused::Conflict { why, .. })) => Err(anyhow!(why)),
+            Some(Err(Refused::Failed(e))) => Err(e.context("applying the policy from etcd")),
+        }
+    }
+
+    /// Writes what the reconciler accepted into the maps (through the engine, like every
+    /// source), and records the outcome.
+    fn commit(
+        &mut self,
+        out: Outcome,
+        compiled: Result<Compiled, String>,
+        rev: u64,
+        _t0: Instant,
+        snapshot: bool,
+    ) -> Result<()> {
+        self.record_errors(&out);
+        let m = &self.shared.metrics;
         let compiled = match compiled {
             Ok(c) => c,
             Err(msg) => {
@@ -980,86 +1152,85 @@ impl Sync {
                 return Ok(());
             }
         };
-        let policy = self.rec.policy();
         let changed = out.changed();
+        let rec = &self.rec;
         let result = tokio::task::block_in_place(|| {
             let mut eng = self.shared.engine.lock().unwrap();
-            let same = eng.applied.as_ref().is_some_and(|a| {
-                a.source == "etcd"
-                    && Policy {
-                        revision: None,
-                        ..a.policy.clone()
-                    } == policy
-            });
-            if same || (!snapshot && !changed) {
+            let ours = eng.applied.as_ref().is_some_and(|a| a.source == "etcd");
+            if !snapshot && !changed && ours {
                 return Ok(None);
             }
-            let keys: BTreeSet<_>;
-            // Key-only batches are journalled like a PATCH (one line, not the whole policy).
-            let journal: Option<Patch>;
-            let only = if snapshot
-                || out.full
-                || eng.applied.as_ref().is_none_or(|a| a.source != "etcd")
-            {
-                // A snapshot replaces everything (both slots of the double buffer, so no
-                // packet sees a mix); settings and ipsets bear on every key.
-                journal = None;
-                None
+            let r = if !snapshot && !out.full && ours {
+                // Key changes only: their ops (journalled like a PATCH, one line).
+                let ops = out
+                    .keys_changed
+                    .iter()
+                    .map(|k| match rec.key(k) {
+                        Some(key) => PatchOp::Upsert { key: key.clone() },
+                        None => PatchOp::Delete { prefix: k.clone() },
+                    })
+                    .collect();
+                eng.submit(engine::Change::Ops(ops), Rev::Set(rev), "etcd")
             } else {
-                keys = out.keys_changed.iter().map(|k| key_prefix(k)).collect();
-                journal = Some(Patch {
-                    revision: rev,
-                    ops: out
-                        .keys_changed
-                        .iter()
-                        .map(|k| match policy.find_key(k) {
-                            Some(key) => PatchOp::Upsert { key: key.clone() },
-                            None => PatchOp::Delete { prefix: k.clone() },
-                        })
-                        .collect(),
-                });
-                Some(&keys)
-            };
-            let persist = match &journal {
-                Some(p) => crate::daemon::Persist::Journal(p),
-                None => crate::daemon::Persist::Snapshot,
-            };
-            let r = eng.apply_compiled(policy, compiled, only, rev, "etcd", persist);
-            if r.is_ok() {
-                m.set_policy(&eng);
-                if eng.wants_compaction()
-                    && let Err(e) = eng.compact()
-                {
-                    log::error!("etcd: writing a policy snapshot: {e:#}");
+                // A snapshot, settings or ipsets: the whole policy (both slots of the double
+                // buffer, so no packet sees a mix). An unchanged snapshot writes nothing.
+                let policy = rec.policy();
+                let same = ours
+                    && eng.applied.as_ref().is_some_and(|a| {
+                        Policy {
+                            revision: None,
+                            ..a.policy.clone()
+                        } == policy
+                    });
+                if same {
+                    return Ok(None);
                 }
-                // After a whole-policy apply, bring the other slot up to date now, so the next
-                // watched lock writes its one key instead of every key that slot lags on.
-                if let Err(e) = eng.settle() {
-                    log::error!("etcd: settling the inactive slot: {e:#}");
-                }
+                eng.submit(
+                    engine::Change::Policy(Box::new(policy), Box::new(compiled)),
+                    Rev::Set(rev),
+                    "etcd",
+                )
+            };
+            let fold = if eng.wants_compaction() {
+                eng.begin_fold()
+            } else {
+                Ok(None)
+            };
+            // After a whole-policy apply, bring the other slot up to date now, so the next
+            // watched lock writes its one key instead of every key that slot lags on.
+            if let Err(e) = eng.settle() {
+                log::error!("etcd: settling the inactive slot: {e:#}");
+            }
+            drop(eng);
+            if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
+                log::error!("etcd: writing a policy snapshot: {e:#}");
             }
             r.map(Some)
         });
         match result {
-            Ok(Some(rep)) => {
-                m.update("etcd", "applied");
-                m.apply_seconds.observe(t0.elapsed().as_secs_f64());
+            Ok(Some(Submitted::Applied { report, .. })) => {
                 log::info!(
                     "etcd: applied revision {rev} ({} keys written, {:?})",
-                    rep.keys_written,
-                    rep.elapsed
+                    report.keys_written,
+                    report.elapsed
                 );
                 Ok(())
             }
+            Ok(Some(Submitted::Unchanged { .. })) => Ok(()),
             Ok(None) => {
                 m.update("etcd", "unchanged");
                 Ok(())
             }
-            Err(e) => {
-                m.update("etcd", "error");
-                // The maps keep the last applied policy; a fresh snapshot tries again.
-                Err(e.context("applying the policy from etcd"))
+            Err(Refused::Invalid(errs)) => {
+                log::error!(
+                    "etcd: revision {rev} refused: {}",
+                    errs.first().map(|e| e.to_string()).unwrap_or_default()
+                );
+                Ok(())
             }
+            Err(Refused::Conflict { why, .. }) => Err(anyhow!(why)),
+            // The maps keep the last applied policy; a fresh snapshot tries again.
+            Err(Refused::Failed(e)) => Err(e.context("applying the policy from etcd")),
         }
     }
 
@@ -1299,6 +1470,38 @@ mod tests {
         ]);
         assert_eq!(out.rejected, 1);
         assert!(r.policy().find_key("aaaaaaaa").unwrap().locked);
+    }
+
+    #[test]
+    fn key_batches_are_judged_key_by_key() {
+        let mut r = rec_with(&[("keys/aaaaaaaa", "{}")]);
+        let changes = vec![
+            Change::put("keys/bbbbbbbb", r#"{"allow": ["10.0.0.1"]}"#),
+            Change::put("keys/cccccccc", r#"{"allow": ["10.0.0.1/8"]}"#),
+            Change::put("keys/aaaaaaaa", r#"{"locked": true}"#),
+        ];
+        assert!(r.keys_only(&changes));
+        assert!(!r.keys_only(&[Change::put("ipsets/x", "[]")]));
+        let out = r.apply_keys(changes);
+        assert_eq!(out.rejected, 1);
+        assert!(!out.full);
+        assert_eq!(
+            out.keys_changed
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["aaaaaaaa", "bbbbbbbb"]
+        );
+        assert!(r.key("aaaaaaaa").unwrap().locked);
+        assert!(r.key("cccccccc").is_none());
+        assert!(r.errors().contains_key("keys/cccccccc"));
+        // Fixed later: taken, and its error is gone.
+        let out = r.apply_keys(vec![Change::put(
+            "keys/cccccccc",
+            r#"{"allow": ["10.0.0.0/8"]}"#,
+        )]);
+        assert_eq!(out.keys_changed.len(), 1);
+        assert!(r.errors().is_empty());
     }
 
     #[test]

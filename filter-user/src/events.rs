@@ -259,6 +259,8 @@ mod tests {
     #[test]
     fn kernel_record_to_json_and_line() {
         let e = kernel_event(FAMILY_V4, EVENT_HAS_KEY);
+        // SAFETY: DropEvent is repr(C) plain data; the slice covers exactly `e`, which
+        // outlives it.
         let bytes = unsafe {
             std::slice::from_raw_parts(
                 (&e as *const DropEvent).cast::<u8>(),

@@ -4,6 +4,7 @@ pub mod chain;
 pub mod client;
 pub mod daemon;
 pub mod dataplane;
+pub mod engine;
 pub mod etcd;
 pub mod events;
 pub mod host;

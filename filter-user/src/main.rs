@@ -44,10 +44,13 @@ impl ApiArgs {
 enum Cmd {
     /// Run the daemon: restore, attach, and keep the kernel maps in step with the policy.
     Run {
+        /// Interface to attach to (repeatable).
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
+        /// XDP mode: native (driver), skb (generic), or auto (native, else skb).
         #[arg(long, default_value = "auto", value_parser = ["auto", "native", "skb"])]
         xdp_mode: String,
+        /// Policy file (TOML, or JSON), reloaded on change; without it the API owns the policy.
         #[arg(long)]
         policy: Option<PathBuf>,
         /// `unix:PATH` (mode 0600) or `tcp:HOST:PORT` (needs --token-file).
@@ -77,6 +80,7 @@ enum Cmd {
         /// Sync the policy from etcd: `URL[,URL…]` (http:// or https://). Exclusive with --policy.
         #[arg(long, conflicts_with = "policy")]
         etcd: Option<String>,
+        /// etcd key prefix the policy is read from.
         #[arg(long, default_value = "/keywall/")]
         etcd_prefix: String,
         /// CA (PEM) that etcd's server certificate must chain to.
@@ -94,8 +98,10 @@ enum Cmd {
         /// File holding the etcd user's password.
         #[arg(long, requires = "etcd_user")]
         etcd_password_file: Option<PathBuf>,
+        /// Where the applied policy is kept across restarts.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// bpffs directory for the program, its maps and links.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Count would-be drops as `observed`, pass everything.
@@ -198,7 +204,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
-    /// Validate a policy file offline; every error names its place.
+    /// Validate a policy file (TOML, or JSON) offline; every error names its place.
     Check { file: PathBuf },
     /// Push a policy file (TOML or JSON) to the running daemon.
     Apply {
@@ -231,6 +237,7 @@ enum KeyCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Unlock it: its connections are judged by its allowlist again.
     Unlock {
         prefix: String,
         #[command(flatten)]
@@ -358,7 +365,7 @@ fn real_main() -> Result<ExitCode> {
         } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-            match Policy::from_toml_str(&text).and_then(|p| p.compile().map(|c| (p, c))) {
+            match Policy::from_file_text(&file, &text).and_then(|p| p.compile().map(|c| (p, c))) {
                 Ok((p, c)) => {
                     println!(
                         "{}: ok ({} keys, {} listeners, {} ipsets)",

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC "Prometheus metrics"), with `prometheus-client`.
+//! Prometheus metrics (docs/REFERENCE.md "Metrics"), with `prometheus-client`.
 //!
 //! Kernel counters (verdicts, map fill, events) are read from the pinned maps at each scrape,
 //! so they never lag and cost nothing between scrapes. What the daemon itself does (policy
@@ -7,7 +7,10 @@
 
 use std::{
     path::PathBuf,
-    sync::atomic::{AtomicI64, AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
 };
 
 use filter_common::{AUDIT_OFFSET, COUNTER_EVENTS_SENT, COUNTER_EVENTS_SUPPRESSED, Reason, maps};
@@ -23,7 +26,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::{PinnedView, read_reasons};
+use aya::maps::IterableMap as _;
+
+use crate::{
+    dataplane::{PinnedView, batch, read_reasons},
+    state::PolicyStatus,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -40,7 +48,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(pin_dir: PathBuf) -> Metrics {
+    /// `published`: the engine's figures (map fill), read at each scrape without a map walk.
+    pub fn new(pin_dir: PathBuf, published: Arc<Mutex<Option<PolicyStatus>>>) -> Metrics {
         let mut registry = Registry::with_prefix("keywall");
         let updates = Family::<Labels, Counter>::default();
         registry.register(
@@ -81,7 +90,7 @@ impl Metrics {
             "Entries of the policy source whose latest value was refused (they keep their last good value)",
             sync_errors.clone(),
         );
-        registry.register_collector(Box::new(KernelCollector { pin_dir }));
+        registry.register_collector(Box::new(KernelCollector { pin_dir, published }));
         Metrics {
             registry,
             updates,
@@ -118,8 +127,7 @@ impl Metrics {
     /// Records the applied policy's figures.
     pub fn set_policy(&self, eng: &crate::daemon::Engine) {
         self.revision.set(eng.revision() as i64);
-        self.keys
-            .set(eng.applied.as_ref().map_or(0, |a| a.policy.key.len()) as i64);
+        self.keys.set(eng.index.len() as i64);
         self.locked_keys.set(eng.locked_keys as i64);
     }
 
@@ -137,6 +145,7 @@ impl Metrics {
 #[derive(Debug)]
 struct KernelCollector {
     pin_dir: PathBuf,
+    published: Arc<Mutex<Option<PolicyStatus>>>,
 }
 
 /// Entries and capacity of the maps whose fill matters to operators.
@@ -148,9 +157,6 @@ const FILL_MAPS: [&str; 5] = [
     maps::KEY_STATS,
 ];
 
-/// Counting a hash map's entries walks it key by key; past this many the count is cut (the
-/// scrape must stay cheap) and the figure is a lower bound.
-static COUNT_LIMIT: AtomicU64 = AtomicU64::new(1 << 20);
 /// Last flow count, for the `flows` gauge (also reported as `map_entries{map="KW_FLOWS"}`).
 static LAST_FLOWS: AtomicI64 = AtomicI64::new(0);
 
@@ -199,14 +205,23 @@ impl Collector for KernelCollector {
             }
         }
 
-        let limit = COUNT_LIMIT.load(Ordering::Relaxed) as usize;
+        // The policy maps' fill is the engine's (it writes every entry); the flow table, which
+        // the kernel fills, is counted in batches.
+        let fill = self.published.lock().unwrap().as_ref().map(|p| p.fill);
         let counts: Vec<(&str, Option<u64>, Option<u32>)> = FILL_MAPS
             .iter()
             .map(|name| {
                 let entries = match *name {
-                    maps::KEYS => Some(view.keys.keys().take(limit).count() as u64),
-                    maps::FLOWS => Some(view.flows.keys().take(limit).count() as u64),
-                    _ => count_pinned(&self.pin_dir, name, limit),
+                    maps::FLOWS => batch::count::<filter_common::FlowKey, filter_common::Flow>(
+                        view.flows.map(),
+                    )
+                    .ok()
+                    .map(|n| n as u64),
+                    maps::KEYS => fill.map(|f| f.keys),
+                    maps::ALLOW => fill.map(|f| f.allow),
+                    maps::SETS => fill.map(|f| f.sets),
+                    maps::KEY_STATS => fill.map(|f| f.key_stats),
+                    _ => None,
                 };
                 (*name, entries, crate::status::capacity(&self.pin_dir, name))
             })
@@ -248,32 +263,16 @@ impl Collector for KernelCollector {
     }
 }
 
-/// Entries of a pinned hash map (up to `limit`); None for arrays and missing maps.
-fn count_pinned(pin_dir: &std::path::Path, name: &str, limit: usize) -> Option<u64> {
-    use aya::maps::{HashMap, Map, MapData};
-    let d = MapData::from_pin(pin_dir.join(name)).ok()?;
-    match name {
-        maps::ALLOW => {
-            let m: HashMap<MapData, filter_common::AllowKey, u8> =
-                Map::from_map_data(d).ok()?.try_into().ok()?;
-            Some(m.keys().take(limit).count() as u64)
-        }
-        maps::SETS => {
-            let m: HashMap<MapData, u32, filter_common::SetMeta> =
-                Map::from_map_data(d).ok()?.try_into().ok()?;
-            Some(m.keys().take(limit).count() as u64)
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn daemon_metrics_render_with_spec_names() {
-        let m = Metrics::new(PathBuf::from("/nonexistent/keywall-pins"));
+        let m = Metrics::new(
+            PathBuf::from("/nonexistent/keywall-pins"),
+            Arc::new(Mutex::new(None)),
+        );
         m.update("api", "applied");
         m.update("api", "rejected");
         m.set_sync("api", true);

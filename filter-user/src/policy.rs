@@ -1,4 +1,4 @@
-//! The policy model (SPEC "Policy"), its parsing, validation, compilation to kernel records,
+//! The policy model (docs/REFERENCE.md "Policy"), its parsing, validation, compilation to kernel records,
 //! and the PATCH operations of the control-plane API.
 //!
 //! Everything here is pure: no maps, no I/O. The same model is read from TOML files, from
@@ -223,6 +223,18 @@ impl Policy {
     }
 
     /// The key with this prefix, if any.
+    /// A policy file's text: JSON when the path ends in `.json` or the text starts with `{`,
+    /// else TOML.
+    pub fn from_file_text(path: &std::path::Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
+        let json =
+            path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+        if json {
+            Policy::from_json_str(text)
+        } else {
+            Policy::from_toml_str(text)
+        }
+    }
+
     pub fn find_key(&self, prefix: &str) -> Option<&Key> {
         self.key.iter().find(|k| k.prefix == prefix)
     }
@@ -609,7 +621,7 @@ impl Policy {
             ));
         }
         // The prefilter drops handshakes from sources no key allows; while some key passes
-        // from anywhere, every source may be legitimate, so it must stay off (SPEC).
+        // from anywhere, every source may be legitimate, so it must stay off (docs/REFERENCE.md "Policy").
         let open_key = s.unbound_keys == Verdict::Pass
             && self
                 .key
@@ -1021,6 +1033,23 @@ pub struct Patch {
 
 impl Patch {
     pub fn from_json_str(s: &str) -> Result<Patch, Vec<PolicyError>> {
+        parse_json(s)
+    }
+}
+
+/// A PATCH as the API receives it. `revision` may be left out: the write is then
+/// unconditional and applied at the applied revision + 1 (ops that already hold answer
+/// "unchanged"), so a client need not read the policy to learn the revision first.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    #[serde(default)]
+    pub revision: Option<u64>,
+    pub ops: Vec<PatchOp>,
+}
+
+impl PatchRequest {
+    pub fn from_json_str(s: &str) -> Result<PatchRequest, Vec<PolicyError>> {
         parse_json(s)
     }
 }

@@ -3,11 +3,14 @@
 use std::path::Path;
 
 use anyhow::Result;
-use filter_common::{AUDIT_OFFSET, KEY_PRESENT, KeyStats, Reason, SETTING_ENFORCE};
+use aya::maps::IterableMap as _;
+use filter_common::{
+    AUDIT_OFFSET, KEY_PRESENT, KeyEntry, KeyPrefix, KeyStats, Reason, SETTING_ENFORCE,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::dataplane::{PinnedView, read_reasons};
+use crate::dataplane::{PinnedView, batch, read_reasons};
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ReasonCount {
@@ -57,6 +60,7 @@ fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime writes the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -70,38 +74,56 @@ pub fn prefix_str(p: &filter_common::KeyPrefix) -> String {
     String::from_utf8_lossy(&p.bytes[..end]).into_owned()
 }
 
-/// Per-key counters of the keys in the live slot, most drops first.
-pub fn key_counts(view: &PinnedView) -> Result<Vec<KeyCount>> {
+/// Per-key counters of the keys in the live slot, most drops first, cut at `top`. The key
+/// map and the counters are read in batches (a few syscalls for a million keys), and only the
+/// `top` rows are sorted and named.
+pub fn key_counts(view: &PinnedView, top: Option<usize>) -> Result<Vec<KeyCount>> {
     let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
-    let now_mono = monotonic_ns();
-    let now_unix = crate::state::now_unix();
-    let mut out = Vec::new();
-    for kv in view.keys.iter() {
-        let (k, e) = kv?;
-        let r = e.slot[slot];
-        if r.flags & KEY_PRESENT == 0 {
-            continue;
+    let mut stats: Vec<KeyStats> = Vec::new();
+    batch::for_each::<u32, KeyStats>(view.key_stats.map(), |idx, vals| {
+        for (i, v) in idx.iter().zip(vals) {
+            let i = *i as usize;
+            if stats.len() <= i {
+                stats.resize(i + 1, KeyStats::default());
+            }
+            stats[i] = *v;
         }
-        let s: KeyStats = view.key_stats.get(&r.stat_idx, 0).unwrap_or_default();
-        let last_seen_unix = if s.last_seen_ns == 0 {
-            0
+    })?;
+    // (dropped, passed, last_seen_ns, prefix): named and converted only for the rows kept.
+    let mut rows: Vec<(u64, u64, u64, KeyPrefix)> = Vec::new();
+    batch::for_each::<KeyPrefix, KeyEntry>(view.keys.map(), |ks, es| {
+        for (k, e) in ks.iter().zip(es) {
+            let r = e.slot[slot];
+            if r.flags & KEY_PRESENT == 0 {
+                continue;
+            }
+            let s = stats.get(r.stat_idx as usize).copied().unwrap_or_default();
+            rows.push((s.dropped, s.passed, s.last_seen_ns, *k));
+        }
+    })?;
+    let order = |a: &(u64, u64, u64, KeyPrefix), b: &(u64, u64, u64, KeyPrefix)| {
+        b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.3.cmp(&b.3))
+    };
+    if let Some(n) = top
+        && n < rows.len()
+    {
+        if n == 0 {
+            rows.clear();
         } else {
-            now_unix.saturating_sub(now_mono.saturating_sub(s.last_seen_ns) / 1_000_000_000)
-        };
-        out.push(KeyCount {
-            prefix: prefix_str(&k),
-            passed: s.passed,
-            dropped: s.dropped,
-            last_seen_unix,
-        });
+            rows.select_nth_unstable_by(n - 1, order);
+            rows.truncate(n);
+        }
     }
-    out.sort_by(|a, b| {
-        b.dropped
-            .cmp(&a.dropped)
-            .then(b.passed.cmp(&a.passed))
-            .then(a.prefix.cmp(&b.prefix))
-    });
-    Ok(out)
+    rows.sort_unstable_by(order);
+    Ok(rows
+        .into_iter()
+        .map(|(dropped, passed, last_seen_ns, k)| KeyCount {
+            prefix: prefix_str(&k),
+            passed,
+            dropped,
+            last_seen_unix: last_seen_unix(last_seen_ns),
+        })
+        .collect())
 }
 
 /// One key's counters in the live slot, looked up directly (no walk over every key).
@@ -131,7 +153,7 @@ fn last_seen_unix(last_seen_ns: u64) -> u64 {
         .saturating_sub(monotonic_ns().saturating_sub(last_seen_ns) / 1_000_000_000)
 }
 
-/// SPEC's `stats --json`: every reason present, `keys` by drops, cut at `top`.
+/// `stats --json` (docs/REFERENCE.md): every reason present, `keys` by drops, cut at `top`.
 pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
     let settings_enforce = live_enforce(view);
     let counts = reason_counts(view)?;
@@ -154,10 +176,7 @@ pub fn stats_json(view: &PinnedView, top: Option<usize>) -> Result<Value> {
         }
         reasons.insert(r.name().to_owned(), o);
     }
-    let mut keys = key_counts(view)?;
-    if let Some(n) = top {
-        keys.truncate(n);
-    }
+    let keys = key_counts(view, top)?;
     Ok(json!({"reasons": reasons, "keys": keys}))
 }
 
@@ -181,10 +200,7 @@ pub fn print_stats(pin_dir: &Path, json: bool, by: &str, top: Option<usize>) -> 
         return Ok(());
     }
     if by == "key" {
-        let mut keys = key_counts(&view)?;
-        if let Some(n) = top {
-            keys.truncate(n);
-        }
+        let keys = key_counts(&view, top)?;
         println!(
             "{:<18} {:>12} {:>12} {:>12}",
             "KEY", "PASSED", "DROPPED", "LAST SEEN"

@@ -3,12 +3,13 @@
 use std::path::Path;
 
 use anyhow::Result;
-use filter_common::{KEY_LOCKED, KEY_PRESENT, SETTING_ENFORCE, SETTING_LOADED};
+use aya::maps::IterableMap as _;
+use filter_common::{SETTING_ENFORCE, SETTING_LOADED};
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::{PinnedView, pinned_ifaces},
-    state,
+    dataplane::{PinnedView, batch, pinned_ifaces},
+    state::{self, PolicyStatus},
 };
 
 /// A pinned map's capacity, from the kernel's own map info.
@@ -30,23 +31,15 @@ fn pid_is_keywall(pid: u32) -> bool {
     alive && head.contains("(keywall")
 }
 
-pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
+/// `status --json` (and `GET /v1/status`). Costs the same at 10 keys and at a million: the
+/// policy's figures come from the engine (`live`, in the daemon) or from the status file it
+/// keeps in the state dir, never from parsing the policy or walking the key map.
+pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>) -> Result<Value> {
     let view = PinnedView::open(pin_dir)?;
     let ctl = view.control.get(&0, 0)?;
     let slot = ctl.active_slot & 1;
     let s = view.settings.get(&slot, 0)?;
-    let (mut keys, mut locked) = (0u64, 0u64);
-    for kv in view.keys.iter() {
-        let (_, e) = kv?;
-        let r = e.slot[slot as usize];
-        if r.flags & KEY_PRESENT != 0 {
-            keys += 1;
-            if r.flags & KEY_LOCKED != 0 {
-                locked += 1;
-            }
-        }
-    }
-    let flows = view.flows.keys().count();
+    let flows = batch::count::<filter_common::FlowKey, filter_common::Flow>(view.flows.map())?;
     let listeners = (1..=filter_common::MAX_LISTENERS as u16)
         .filter(|n| {
             view.listeners
@@ -55,21 +48,41 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
         })
         .count();
     let runtime = state::load_runtime(state_dir);
-    let applied = state::load_applied(state_dir).ok().flatten();
+    let policy = live
+        .or_else(|| state::load_policy_status(state_dir))
+        .or_else(|| {
+            // A state dir written before the status file existed: read the policy, once.
+            state::load_applied(state_dir)
+                .ok()
+                .flatten()
+                .map(|a| PolicyStatus {
+                    keys: a.policy.key.len() as u64,
+                    locked_keys: a.policy.key.iter().filter(|k| k.locked).count() as u64,
+                    revision: a.revision,
+                    source: a.source,
+                    applied_unix: a.applied_unix,
+                    ..Default::default()
+                })
+        });
     let daemon_alive = runtime.as_ref().is_some_and(|r| pid_is_keywall(r.pid));
     let attached = pinned_ifaces(pin_dir);
     let modes = runtime
         .as_ref()
         .map(|r| r.ifaces.clone())
         .unwrap_or_default();
+    let loaded = s.flags & SETTING_LOADED != 0;
+    let (keys, locked) = match (&policy, loaded) {
+        (Some(p), true) => (p.keys, p.locked_keys),
+        _ => (0, 0),
+    };
     Ok(json!({
         "interfaces": attached.iter().map(|i| json!({
             "name": i, "attached": true, "xdp_mode": modes.get(i).cloned().unwrap_or_else(|| "unknown".into()),
         })).collect::<Vec<_>>(),
         "daemon": {"running": daemon_alive, "pid": runtime.as_ref().map(|r| r.pid)},
-        "mode": if s.flags & SETTING_LOADED == 0 { "no-policy" } else if s.flags & SETTING_ENFORCE != 0 { "enforce" } else { "audit" },
-        "revision": applied.as_ref().map(|a| a.revision),
-        "source": applied.as_ref().map(|a| a.source.clone()),
+        "mode": if !loaded { "no-policy" } else if s.flags & SETTING_ENFORCE != 0 { "enforce" } else { "audit" },
+        "revision": policy.as_ref().map(|a| a.revision),
+        "source": policy.as_ref().map(|a| a.source.clone()),
         "generation": s.generation,
         "active_slot": slot,
         "keys": keys,
@@ -77,7 +90,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
         "listeners": listeners,
         "flows": flows,
         "maps": {
-            "keys": {"entries": view.keys.keys().count(), "capacity": capacity(pin_dir, filter_common::maps::KEYS)},
+            "keys": {"entries": policy.as_ref().map(|p| p.fill.keys), "capacity": capacity(pin_dir, filter_common::maps::KEYS)},
             "flows": {"entries": flows, "capacity": capacity(pin_dir, filter_common::maps::FLOWS)},
         },
         "policy_error": runtime.as_ref().and_then(|r| r.policy_error.clone()),
@@ -86,7 +99,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path) -> Result<Value> {
 }
 
 pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
-    let v = status_json(pin_dir, state_dir)?;
+    let v = status_json(pin_dir, state_dir, None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

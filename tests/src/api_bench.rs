@@ -411,31 +411,120 @@ fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<D
     Ok(out)
 }
 
-/// Seconds for one PUT of a `keys`-key policy onto a daemon that already enforces a
-/// `keys`-key policy (every key's allow entry changes), answered once the maps enforce it.
-pub fn put_snapshot(keys: usize) -> Result<Duration> {
+/// The control plane at one policy size.
+#[derive(Clone, Copy, Debug)]
+pub struct PutFigures {
+    /// One PUT of a `keys`-key policy onto a daemon enforcing another of that size.
+    pub put: Duration,
+    /// `GET /v1/status`, p50 and p99.
+    pub status: (Duration, Duration),
+    /// `GET /metrics` (curl's own total time, in the daemon's namespace), p50 and p99.
+    pub metrics: (Duration, Duration),
+    /// The daemon's resident memory after the load, and after 3 more whole re-applies.
+    pub rss_loaded_mib: f64,
+    pub rss_reapplied_mib: f64,
+}
+
+fn rss_mib(pid: u32) -> Result<f64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+fn p50_p99(mut xs: Vec<Duration>) -> (Duration, Duration) {
+    xs.sort();
+    let at = |p: f64| xs[(((p / 100.0) * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1];
+    (at(50.0), at(99.0))
+}
+
+/// A `keys`-key policy whose every key moves to another host at each `revision`.
+fn moved_policy(keys: usize, revision: u64) -> Result<Vec<u8>> {
+    let mut p = bench_policy(keys, revision);
+    for k in p["key"].as_array_mut().expect("keys") {
+        k["allow"][1] = json!(format!("10.200.0.{}", 8 + revision % 2));
+    }
+    Ok(serde_json::to_vec(&p)?)
+}
+
+/// PUT time, status and metrics latency, and daemon memory, at `keys` keys (see
+/// [`PutFigures`]).
+pub fn put_snapshot(keys: usize) -> Result<PutFigures> {
     let sb = Sandbox::new("apibp")?;
-    let d = ApiDaemon::start(&sb, 1, &["--max-keys", &keys.max(1024).to_string()])?;
+    let d = ApiDaemon::start(
+        &sb,
+        1,
+        &[
+            "--max-keys",
+            &keys.max(1024).to_string(),
+            "--metrics",
+            "127.0.0.1:9478",
+        ],
+    )?;
+    let pid = d.proc.as_ref().map(|p| p.id()).context("daemon pid")?;
     let (st, v) = d.call("PUT", "/v1/policy", Some(&bench_policy(keys, 1)))?;
     if st != 200 {
         bail!("first PUT: {st} {v}");
     }
     // The second snapshot moves every key to another host.
-    let mut p = bench_policy(keys, 2);
-    for k in p["key"].as_array_mut().expect("keys") {
-        k["allow"][1] = json!("10.200.0.8");
-    }
-    let body = serde_json::to_vec(&p)?;
+    let body = moved_policy(keys, 2)?;
     let t0 = Instant::now();
     let (st, resp) = http_unix(&d.sock, "PUT", "/v1/policy", Some(&body), &[])?;
-    let took = t0.elapsed();
-    if std::env::var_os("KEYWALL_BENCH_LOG").is_some() {
-        eprintln!("{}", d.log_text());
-    }
+    let put = t0.elapsed();
     if st != 200 {
         bail!("snapshot PUT: {st} {}", String::from_utf8_lossy(&resp));
     }
-    Ok(took)
+    drop(body);
+    // Reads while the daemon is idle (the inactive slot settled).
+    thread::sleep(Duration::from_millis(500));
+    let mut status = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (st, v) = d.call("GET", "/v1/status", None)?;
+        status.push(t.elapsed());
+        if st != 200 || v["keys"].as_u64() != Some(keys as u64) {
+            bail!("GET /v1/status: {st} {v}");
+        }
+    }
+    let mut metrics = Vec::new();
+    for _ in 0..20 {
+        let out = sb.run_edge(
+            "curl",
+            [
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "http://127.0.0.1:9478/metrics",
+            ],
+        )?;
+        let secs: f64 = out.trim().parse().context("curl time_total")?;
+        metrics.push(Duration::from_secs_f64(secs));
+    }
+    let rss_loaded_mib = rss_mib(pid)?;
+    for rev in 3..6 {
+        let body = moved_policy(keys, rev)?;
+        let (st, resp) = http_unix(&d.sock, "PUT", "/v1/policy", Some(&body), &[])?;
+        if st != 200 {
+            bail!("re-apply PUT: {st} {}", String::from_utf8_lossy(&resp));
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    let rss_reapplied_mib = rss_mib(pid)?;
+    if std::env::var_os("KEYWALL_BENCH_LOG").is_some() {
+        eprintln!("{}", d.log_text());
+    }
+    Ok(PutFigures {
+        put,
+        status: p50_p99(status),
+        metrics: p50_p99(metrics),
+        rss_loaded_mib,
+        rss_reapplied_mib,
+    })
 }
 
 #[cfg(test)]

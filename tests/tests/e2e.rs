@@ -688,6 +688,39 @@ fn lock_in_policy_file_cuts_keepalive() {
     });
     assert!(status(&sb)["policy_error"].is_null());
 
+    // Touching the file (same bytes) applies nothing: the revision stays.
+    let rev = status(&sb)["revision"].as_u64().unwrap();
+    let t = fs::read(&path).unwrap();
+    fs::write(&path, &t).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        status(&sb)["revision"].as_u64(),
+        Some(rev),
+        "a touch re-applied"
+    );
+    // The JSON form is a policy file too: `policy check`, and the daemon's --policy.
+    let pol: Value = {
+        let toml_policy = keywall::policy::Policy::from_toml_str(&policy(&sb, true)).unwrap();
+        serde_json::to_value(&toml_policy).unwrap()
+    };
+    let json_path = sb.tmp_dir().join("policy.json");
+    fs::write(&json_path, serde_json::to_vec_pretty(&pol).unwrap()).unwrap();
+    let chk = kw(&sb, &["policy", "check", &json_path.display().to_string()]);
+    assert_eq!(
+        chk.status.code(),
+        Some(0),
+        "policy check on a JSON file: {}",
+        String::from_utf8_lossy(&chk.stderr)
+    );
+    // The same policy with goodkey1 locked, written as JSON over the TOML path: applied as
+    // a one-key change (the daemon detects the form by content).
+    write_atomic(&path, &serde_json::to_string(&pol).unwrap());
+    wait_for("the lock from the JSON file", 5, || {
+        (status(&sb)["locked_keys"] == 2).then_some(())
+    });
+    assert_eq!(status(&sb)["revision"].as_u64(), Some(rev + 1));
+    assert!(status(&sb)["policy_error"].is_null());
+
     client.kill().ok();
 }
 

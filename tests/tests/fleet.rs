@@ -621,3 +621,104 @@ fn tls_client_certificates_and_etcd_auth_are_passed_through() {
     assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked)]);
     assert_eq!(metric(sb, "keywall_sync_up{source=\"etcd\"}"), Some(1.0));
 }
+
+/// Writes `keys` keys (`b0000000`.. from `start`) under the fleet's prefix, 128 to a
+/// transaction (etcd's default limit of operations per transaction).
+fn put_many(f: &Fleet, start: usize, keys: usize) {
+    use etcd_client::{Client, Txn, TxnOp};
+    let allow = f.clients();
+    f.etcd
+        .in_ns(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut c = Client::connect([ETCD_URL], None).await?;
+                let names: Vec<usize> = (start..start + keys).collect();
+                for chunk in names.chunks(128) {
+                    let ops: Vec<TxnOp> = chunk
+                        .iter()
+                        .map(|i| {
+                            TxnOp::put(
+                                format!("{}keys/b{i:07}", f.prefix),
+                                json!({"allow": allow}).to_string(),
+                                None,
+                            )
+                        })
+                        .collect();
+                    c.txn(Txn::new().and_then(ops)).await?;
+                }
+                Ok(())
+            })
+        })
+        .expect("writing keys to etcd");
+}
+
+fn key_show(d: &ApiDaemon, prefix: &str) -> Option<Value> {
+    let (st, v) = d.call("GET", &format!("/v1/keys/{prefix}"), None).unwrap();
+    (st == 200 && !v["policy"].is_null()).then(|| v["policy"].clone())
+}
+
+/// Issue 12: a policy larger than one gRPC message (100k keys, ~12 MB) is read in pages at one
+/// revision; keys written while the daemon watches arrive as batches without breaking the
+/// watch; a key change costs that key (a PATCH of it, not a recompile of the policy).
+#[test]
+fn a_large_policy_is_read_in_pages_and_a_key_change_costs_that_key() {
+    const KEYS: usize = 100_000;
+    let f = Fleet::new("fleetbig", 1);
+    f.write_policy();
+    put_many(&f, 0, KEYS);
+    let d = ApiDaemon::start(
+        &f.sbs[0],
+        1,
+        &[
+            "--etcd",
+            ETCD_URL,
+            "--etcd-prefix",
+            &f.prefix,
+            "--max-keys",
+            "262144",
+        ],
+    )
+    .expect("keywall run --etcd");
+    let t0 = Instant::now();
+    wait_for("the 100k-key snapshot", 120, || {
+        let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+        (st["keys"].as_u64() == Some(KEYS as u64 + 2)).then_some(())
+    });
+    eprintln!(
+        "snapshot of {} keys applied in {:?}",
+        KEYS + 2,
+        t0.elapsed()
+    );
+    assert_eq!(verdicts(&f), vec![(Got::Pass, Got::Blocked)]);
+
+    // 20k more keys while the daemon watches: taken in batches, the watch stays up.
+    put_many(&f, KEYS, 20_000);
+    wait_for("the keys written during the watch", 120, || {
+        let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+        (st["keys"].as_u64() == Some(KEYS as u64 + 20_002)).then_some(())
+    });
+    let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+    assert_eq!(st["etcd"]["up"], true, "{st}");
+    assert!(
+        st["etcd"]["errors"].as_array().is_none_or(|e| e.is_empty()),
+        "{st}"
+    );
+
+    // One lock: applied as a change of that key, in well under a second.
+    let t0 = Instant::now();
+    f.put("keys/goodkey1", &f.good_key(true).to_string());
+    wait_for("the lock", 10, || {
+        key_show(&d, "goodkey1")
+            .filter(|k| k["locked"] == true)
+            .map(|_| ())
+    });
+    let took = t0.elapsed();
+    eprintln!("lock from etcd to the API: {took:?}");
+    assert!(took < Duration::from_secs(2), "lock took {took:?}");
+    assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked)]);
+    let log = d.log_text();
+    assert!(log.contains("(1 keys changed"), "{log}");
+    assert!(!log.contains("broken pipe"), "{log}");
+}

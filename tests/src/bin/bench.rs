@@ -1534,7 +1534,8 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
         }
     )?;
     println!("  API: PUT of {} keys", keys_label(put_keys));
-    let put = tests::api_bench::put_snapshot(put_keys)?;
+    let f = tests::api_bench::put_snapshot(put_keys)?;
+    let put = f.put;
     writeln!(
         out,
         "- **PUT of a {}-key policy** (every key's allowlist changes; answered once the maps enforce it, the state dir written): {:.2} s (target < 5 s at 1M: {}).",
@@ -1548,6 +1549,26 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
             "missed"
         }
     )?;
+    writeln!(
+        out,
+        "- **Reads at {} keys** (20 each, daemon idle): `GET /v1/status` p50 {:.2} ms, p99 {:.2} ms; `GET /metrics` p50 {:.2} ms, p99 {:.2} ms (target < 50 ms).",
+        keys_label(put_keys),
+        ms(f.status.0),
+        ms(f.status.1),
+        ms(f.metrics.0),
+        ms(f.metrics.1),
+    )?;
+    writeln!(
+        out,
+        "- **Daemon memory at {} keys**: {:.0} MiB RSS after the load, {:.0} MiB after 3 more whole re-applies (target ≤ 512 MiB at 1M).",
+        keys_label(put_keys),
+        f.rss_loaded_mib,
+        f.rss_reapplied_mib,
+    )?;
+    ensure!(
+        f.status.0 > Duration::ZERO && f.metrics.0 > Duration::ZERO && f.rss_loaded_mib > 0.0,
+        "a zero control-plane reading"
+    );
     println!("  etcd: {writes} locks to 3 edges");
     let prop = tests::fleet_bench::propagation(writes)?;
     for e in 0..prop.first().map_or(0, |w| w.len()) {

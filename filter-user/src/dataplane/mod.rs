@@ -34,6 +34,10 @@ use filter_common::{
     Settings, maps,
 };
 
+pub mod batch;
+
+use aya::maps::IterableMap as _;
+
 use crate::policy::{Compiled, SetContent};
 use crate::prefilter::{self, Fill, Half, PlenPlan};
 
@@ -92,8 +96,10 @@ fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain C data, valid all zeroes.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    // SAFETY: a NUL-terminated path and a statfs buffer we own, both live for the call.
     unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -131,7 +137,8 @@ pub struct PrefilterMap {
     pub words_log2: u8,
 }
 
-// The mapping is owned like the fd it came from; only `&mut self` writes through it.
+// SAFETY: the mapping is owned like the fd it came from (unmapped once, in Drop); only
+// `&mut self` writes through it, and reads are volatile word loads.
 unsafe impl Send for PrefilterMap {}
 unsafe impl Sync for PrefilterMap {}
 
@@ -376,6 +383,17 @@ pub struct Mirror {
     lag: Option<BTreeSet<KeyPrefix>>,
     /// Each slot's prefilter half: the sources its key records contribute, and its words.
     prefilter: [Half; 2],
+    /// Entries in `KW_ALLOW` (the sum of every set's size).
+    allow_entries: usize,
+}
+
+/// Entries in the policy maps, as the mirror knows them (no map walk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapFill {
+    pub keys: u64,
+    pub allow: u64,
+    pub sets: u64,
+    pub key_stats: u64,
 }
 
 impl Mirror {
@@ -395,6 +413,16 @@ impl Mirror {
     pub fn prefilter_half(&self) -> (&[u64], &PlenPlan) {
         let h = &self.prefilter[self.active as usize];
         (&h.words, &h.plan)
+    }
+
+    /// Entries of `KW_KEYS`, `KW_ALLOW`, `KW_SETS` and the `KW_KEY_STATS` slots handed out.
+    pub fn fill(&self) -> MapFill {
+        MapFill {
+            keys: self.keys.len() as u64,
+            allow: self.allow_entries as u64,
+            sets: self.sets.len() as u64,
+            key_stats: self.stat_idx.len() as u64,
+        }
     }
 
     pub fn key_count(&self) -> usize {
@@ -422,26 +450,29 @@ impl Mirror {
                 }
             }
         }
-        for kv in m.allow.iter() {
-            let (k, _) = kv?;
-            mi.sets
-                .entry(k.set_id)
-                .or_default()
-                .insert((k.family, k.plen, k.addr));
-        }
-        for kv in m.sets.iter() {
-            let (id, _) = kv?;
-            mi.sets.entry(id).or_default();
-        }
-        for kv in m.keys.iter() {
-            let (k, e) = kv?;
-            for r in &e.slot {
-                if r.flags & KEY_PRESENT != 0 {
-                    mi.stat_idx.insert(k, r.stat_idx);
-                }
+        batch::for_each::<AllowKey, u8>(m.allow.map(), |ks, _| {
+            for k in ks {
+                mi.sets
+                    .entry(k.set_id)
+                    .or_default()
+                    .insert((k.family, k.plen, k.addr));
             }
-            mi.keys.insert(k, e);
-        }
+        })?;
+        batch::for_each::<u32, SetMeta>(m.sets.map(), |ids, _| {
+            for id in ids {
+                mi.sets.entry(*id).or_default();
+            }
+        })?;
+        batch::for_each::<KeyPrefix, KeyEntry>(m.keys.map(), |ks, es| {
+            for (k, e) in ks.iter().zip(es) {
+                for r in &e.slot {
+                    if r.flags & KEY_PRESENT != 0 {
+                        mi.stat_idx.insert(*k, r.stat_idx);
+                    }
+                }
+                mi.keys.insert(*k, *e);
+            }
+        })?;
         for e in mi.keys.values() {
             for r in &e.slot {
                 for id in record_sets(r) {
@@ -492,6 +523,7 @@ impl Mirror {
         let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
         mi.free_idx = (0..mi.next_idx).filter(|i| !used.contains(i)).collect();
         mi.set_ids = mi.sets.iter().map(|(id, c)| (c.clone(), *id)).collect();
+        mi.allow_entries = mi.sets.values().map(|c| c.len()).sum();
         Ok(mi)
     }
 
@@ -543,10 +575,14 @@ impl Mirror {
             m.allow
                 .insert(k, 1u8, 0)
                 .context("writing an allow entry (KW_ALLOW full?)")?;
-            self.sets
+            if self
+                .sets
                 .get_mut(&id)
                 .expect("just inserted")
-                .insert((family, plen, addr));
+                .insert((family, plen, addr))
+            {
+                self.allow_entries += 1;
+            }
         }
         m.sets
             .insert(id, Self::set_meta(content), 0)
@@ -857,6 +893,7 @@ impl Mirror {
             .collect();
         for id in &dead {
             let content = self.sets.remove(id).unwrap_or_default();
+            self.allow_entries -= content.len();
             let _ = m.sets.remove(id);
             for &(family, plen, addr) in &content {
                 let _ = m.allow.remove(&AllowKey {
@@ -980,6 +1017,8 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET reads the pathname pointer (a live CString) from a zeroed attr
+    // larger than the kernel's `obj` member.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -993,6 +1032,7 @@ fn force_detach_link(pin: &Path) -> Result<()> {
     }
     let mut attr = [0u64; 16];
     attr[0] = fd as u64;
+    // SAFETY: BPF_LINK_DETACH reads the link fd from a zeroed attr.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -1002,6 +1042,7 @@ fn force_detach_link(pin: &Path) -> Result<()> {
         )
     };
     let err = std::io::Error::last_os_error();
+    // SAFETY: the fd BPF_OBJ_GET returned, ours, closed once.
     unsafe { libc::close(fd as i32) };
     if r < 0 {
         return Err(err.into());

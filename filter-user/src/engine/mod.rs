@@ -1,0 +1,769 @@
+//! The policy engine: the one write path under every source (the API, the policy file,
+//! etcd). A source turns its input into a change (a whole policy, or named key and ipset
+//! ops) and calls [`Engine::submit`]; the engine alone checks the revision, validates what
+//! changed, writes through the dataplane, persists (snapshot or journal), publishes the
+//! figures readers use (status, metrics) and records the outcome in metrics.
+//! `Engine::settle` and the journal fold run after a write is answered.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use filter_common::KeyPrefix;
+
+use crate::{
+    dataplane::{ApplyReport, Dataplane, Mirror},
+    metrics::Metrics,
+    policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError, key_prefix},
+    state::{self, Applied, PolicyStatus},
+};
+
+/// The daemon's policy engine: the applied policy, its mirror in the maps, and persistence.
+/// One per daemon, behind a mutex: every writer (the file, the API) goes through it in turn.
+pub struct Engine {
+    pub dp: Dataplane,
+    pub mirror: Mirror,
+    pub applied: Option<Applied>,
+    pub state_dir: PathBuf,
+    pub audit: bool,
+    pub key_cap: u32,
+    /// The last PATCH applied (revision and ops), so its retry is recognised as a no-op.
+    pub last_patch: Option<Patch>,
+    /// PATCHes in the state dir's journal since the last snapshot.
+    pub journal_len: usize,
+    /// The applied policy in kernel form, kept so a PATCH recompiles only the keys it names.
+    pub compiled: Option<Compiled>,
+    /// Position of each key in the applied policy's `key` list.
+    pub index: HashMap<String, usize>,
+    /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
+    /// under `unbound_keys = "pass"`, the prefilter must stay off.
+    pub open_keys: usize,
+    /// Locked keys in the applied policy (for metrics, without a walk over every key).
+    pub locked_keys: usize,
+    /// A whole-policy apply left the inactive slot behind on (possibly) every key.
+    pub unsettled: bool,
+    /// The applied policy's figures for readers (status, metrics), updated with every write
+    /// so that reading them never takes the engine lock or walks the policy.
+    pub published: Arc<Mutex<Option<PolicyStatus>>>,
+    /// A fold's snapshot is being written (off the lock).
+    pub fold_busy: Arc<AtomicBool>,
+    /// Where each submit's outcome is counted (None in tests without a daemon).
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// What a source submits.
+pub enum Change {
+    /// A whole policy, validated and compiled (by the caller, before taking the lock: at 1M
+    /// keys validation is the expensive part).
+    Policy(Box<Policy>, Box<Compiled>),
+    /// Named changes: key upserts, deletes, locks and unlocks, ipset changes (PATCH ops).
+    Ops(Vec<PatchOp>),
+}
+
+/// How a submitted change's revision is judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rev {
+    /// The writer's revision (the API): greater than the applied one applies; equal with the
+    /// same content is a retry that changes nothing; anything else conflicts.
+    Conditional(u64),
+    /// Unconditional (an API PATCH without a revision): the applied revision + 1, unless the
+    /// change already holds.
+    Next,
+    /// A source that owns its revisions (the file, etcd): taken as given.
+    Set(u64),
+}
+
+/// A submit that was answered 200.
+#[derive(Clone, Copy, Debug)]
+pub enum Submitted {
+    Applied { revision: u64, report: ApplyReport },
+    Unchanged { revision: u64 },
+}
+
+/// A submit that changed nothing.
+pub enum Refused {
+    /// 409: the revision is not greater than the applied one.
+    Conflict { applied: u64, why: String },
+    /// 400: what the change brings is invalid, each error with its place.
+    Invalid(Vec<PolicyError>),
+    /// 500: the maps could not be written (the live policy is unchanged), or persisting failed.
+    Failed(anyhow::Error),
+}
+
+/// What a write does under the revision rules (docs/REFERENCE.md "Control-plane API").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Apply,
+    /// A retry of what is applied: 200, nothing changes.
+    Unchanged,
+    Conflict,
+}
+
+/// `incoming` greater than `applied` applies; equal with the same content is a no-op retry;
+/// anything else conflicts.
+pub fn decide(applied: u64, incoming: u64, same_content: impl FnOnce() -> bool) -> Decision {
+    if incoming > applied {
+        Decision::Apply
+    } else if incoming == applied && same_content() {
+        Decision::Unchanged
+    } else {
+        Decision::Conflict
+    }
+}
+
+/// The keys a PATCH can change (the rest keep their records); None when it changes ipsets,
+/// which every key bound to them follows.
+pub fn patch_prefixes(p: &Patch) -> Option<BTreeSet<KeyPrefix>> {
+    let mut out = BTreeSet::new();
+    for op in &p.ops {
+        match op {
+            PatchOp::Upsert { key } => {
+                out.insert(key_prefix(&key.prefix));
+            }
+            PatchOp::Delete { prefix } | PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                out.insert(key_prefix(prefix));
+            }
+            PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Why a PATCH was not applied.
+pub enum PatchFailure {
+    /// 400: what the ops brought in is invalid, with places (`ops[2].key.allow[0]`).
+    Invalid(Vec<PolicyError>),
+    /// 500: the maps could not be written (the live policy is unchanged) or persisting failed.
+    Apply(anyhow::Error),
+}
+
+fn is_open(k: &Key) -> bool {
+    !k.locked && k.allow.is_empty() && k.ipsets.is_empty()
+}
+
+/// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
+pub enum Persist<'a> {
+    Snapshot,
+    /// Already in the state dir (a restore): nothing to write.
+    Restored,
+    Journal(&'a Patch),
+}
+
+/// Journal lines after which the daemon writes a fresh snapshot (after answering).
+pub const JOURNAL_COMPACT: usize = 1024;
+
+/// A fold begun under the engine lock (`Engine::begin_fold`), to be written without it.
+pub struct Fold {
+    bytes: Vec<u8>,
+    lines: usize,
+    state_dir: PathBuf,
+    busy: Arc<AtomicBool>,
+}
+
+impl Fold {
+    pub fn finish(self) -> Result<()> {
+        let t0 = Instant::now();
+        let r = state::finish_fold(&self.state_dir, &self.bytes);
+        self.busy.store(false, Ordering::SeqCst);
+        log::info!(
+            "folded {} journalled PATCHes into a snapshot ({} bytes) in {:?}",
+            self.lines,
+            self.bytes.len(),
+            t0.elapsed()
+        );
+        r
+    }
+}
+
+impl Engine {
+    /// The one write path. Judges the revision, validates what changed (the named keys only
+    /// for key ops), writes the maps, persists, publishes, and counts the outcome in
+    /// `policy_updates_total{source, result}` and `policy_apply_seconds`. `source` is `api`,
+    /// `file:PATH` or `etcd`. On any refusal nothing live changes.
+    pub fn submit(
+        &mut self,
+        change: Change,
+        rev: Rev,
+        source: &str,
+    ) -> std::result::Result<Submitted, Refused> {
+        let t0 = Instant::now();
+        let r = match change {
+            Change::Policy(p, c) => self.submit_policy(*p, *c, rev, source),
+            Change::Ops(ops) => self.submit_ops(ops, rev, source),
+        };
+        if let Some(m) = &self.metrics {
+            let kind = source.split(':').next().unwrap_or(source);
+            let result = match &r {
+                Ok(Submitted::Applied { .. }) => "applied",
+                Ok(Submitted::Unchanged { .. }) => "unchanged",
+                Err(Refused::Conflict { .. }) => "conflict",
+                Err(Refused::Invalid(_)) => "rejected",
+                Err(Refused::Failed(_)) => "error",
+            };
+            m.update(kind, result);
+            if result == "applied" {
+                m.apply_seconds.observe(t0.elapsed().as_secs_f64());
+                m.set_policy(self);
+            }
+        }
+        r
+    }
+
+    fn conflict(&self, incoming: u64) -> Refused {
+        let applied = self.revision();
+        Refused::Conflict {
+            applied,
+            why: format!("revision {incoming} is not greater than the applied revision {applied}"),
+        }
+    }
+
+    fn submit_policy(
+        &mut self,
+        p: Policy,
+        compiled: Compiled,
+        rev: Rev,
+        source: &str,
+    ) -> std::result::Result<Submitted, Refused> {
+        let applied = self.revision();
+        // The same content, whatever the revision (field by field: no copy of the policy).
+        let same = |eng: &Engine| {
+            eng.applied.as_ref().is_some_and(|a| {
+                let q = &a.policy;
+                q.settings == p.settings
+                    && q.listener == p.listener
+                    && q.ipsets == p.ipsets
+                    && q.key == p.key
+            })
+        };
+        let revision = match rev {
+            Rev::Conditional(r) => match decide(applied, r, || same(self)) {
+                Decision::Apply => r,
+                Decision::Unchanged => return Ok(Submitted::Unchanged { revision: applied }),
+                Decision::Conflict => return Err(self.conflict(r)),
+            },
+            Rev::Next if same(self) => return Ok(Submitted::Unchanged { revision: applied }),
+            Rev::Next => applied + 1,
+            Rev::Set(r) => r,
+        };
+        self.apply_compiled(p, compiled, None, revision, source, Persist::Snapshot)
+            .map(|report| Submitted::Applied { revision, report })
+            .map_err(Refused::Failed)
+    }
+
+    fn submit_ops(
+        &mut self,
+        ops: Vec<PatchOp>,
+        rev: Rev,
+        source: &str,
+    ) -> std::result::Result<Submitted, Refused> {
+        let applied = self.revision();
+        let revision = match rev {
+            Rev::Conditional(r) => {
+                let d = decide(applied, r, || {
+                    // A retry: the very patch applied last, or ops that already hold.
+                    self.last_patch.as_ref().is_some_and(|p| p.ops == ops) || self.ops_hold(&ops)
+                });
+                match d {
+                    Decision::Apply => r,
+                    Decision::Unchanged => return Ok(Submitted::Unchanged { revision: applied }),
+                    Decision::Conflict => return Err(self.conflict(r)),
+                }
+            }
+            Rev::Next if self.ops_hold(&ops) => {
+                return Ok(Submitted::Unchanged { revision: applied });
+            }
+            Rev::Next => applied + 1,
+            Rev::Set(r) => r,
+        };
+        let patch = Patch { revision, ops };
+        // Locks, unlocks and key upserts cost the keys they name; ipset changes (which every
+        // key bound to the set follows) and the very first policy take the whole path.
+        if self.can_patch_keys(&patch) {
+            return match self.patch_keys(&patch, source) {
+                Ok(report) => Ok(Submitted::Applied { revision, report }),
+                Err(PatchFailure::Invalid(errs)) => Err(Refused::Invalid(errs)),
+                Err(PatchFailure::Apply(e)) => Err(Refused::Failed(e)),
+            };
+        }
+        let base = self
+            .applied
+            .as_ref()
+            .map(|a| a.policy.clone())
+            .unwrap_or_default();
+        let next = base.apply_patch(&patch).map_err(Refused::Invalid)?;
+        let compiled = next.compile().map_err(Refused::Invalid)?;
+        let changed = patch_prefixes(&patch);
+        let report = self
+            .apply_compiled(
+                next,
+                compiled,
+                changed.as_ref(),
+                revision,
+                source,
+                Persist::Journal(&patch),
+            )
+            .map_err(Refused::Failed)?;
+        self.last_patch = Some(patch);
+        Ok(Submitted::Applied { revision, report })
+    }
+
+    /// Records the applied policy's figures for readers, in memory and in the state dir (for
+    /// `keywall status` while the daemon is down).
+    pub fn publish(&self) {
+        let Some(a) = &self.applied else { return };
+        let st = PolicyStatus {
+            revision: a.revision,
+            source: a.source.clone(),
+            applied_unix: a.applied_unix,
+            keys: self.index.len() as u64,
+            locked_keys: self.locked_keys as u64,
+            fill: self.mirror.fill(),
+            generation: self.mirror.generation(),
+            audit: self.audit,
+        };
+        if let Err(e) = state::save_policy_status(&self.state_dir, &st) {
+            log::warn!("writing the policy status: {e:#}");
+        }
+        *self.published.lock().unwrap() = Some(st);
+    }
+
+    /// The applied revision (0 before anything was applied).
+    pub fn revision(&self) -> u64 {
+        self.applied.as_ref().map_or(0, |a| a.revision)
+    }
+
+    /// Writes the policy restored from the state dir (which already holds it).
+    /// When the pinned maps are still at the generation the state dir recorded with this
+    /// revision (a daemon restart over its own pins), they already enforce it: nothing is
+    /// rewritten, and the inactive slot is settled later, off the restart's path.
+    pub fn restore(&mut self, p: Policy, revision: u64, source: &str) -> Result<ApplyReport> {
+        let compiled = p
+            .compile()
+            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
+        let live = self.mirror.generation();
+        let in_maps = state::load_policy_status(&self.state_dir).is_some_and(|st| {
+            st.revision == revision
+                && st.generation != 0
+                && st.generation == live
+                && st.audit == self.audit
+        });
+        if in_maps {
+            log::info!("the pinned maps already enforce revision {revision} (generation {live})");
+        }
+        self.apply_inner(
+            p,
+            compiled,
+            None,
+            revision,
+            source,
+            Persist::Restored,
+            !in_maps,
+        )
+    }
+
+    /// True if `patch` touches keys only and the engine can apply it key by key.
+    pub fn can_patch_keys(&self, patch: &Patch) -> bool {
+        self.applied.is_some()
+            && self.compiled.is_some()
+            && patch.ops.iter().all(|op| {
+                matches!(
+                    op,
+                    PatchOp::Upsert { .. }
+                        | PatchOp::Delete { .. }
+                        | PatchOp::Lock { .. }
+                        | PatchOp::Unlock { .. }
+                )
+            })
+    }
+
+    /// The key with this prefix in the applied policy.
+    pub fn key(&self, prefix: &str) -> Option<&Key> {
+        let a = self.applied.as_ref()?;
+        self.index.get(prefix).map(|&i| &a.policy.key[i])
+    }
+
+    /// True if every op is already true of the applied policy (a retried PATCH).
+    pub fn ops_hold(&self, ops: &[PatchOp]) -> bool {
+        let Some(a) = &self.applied else { return false };
+        ops.iter().all(|op| match op {
+            PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
+            PatchOp::Delete { prefix } => self.key(prefix).is_none(),
+            PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
+            PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
+            PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
+            PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
+        })
+    }
+
+    /// Applies a keys-only PATCH (`can_patch_keys`) at the cost of the keys it names: each
+    /// upserted key is validated on its own (against the settings and the ipsets it binds),
+    /// only those keys are recompiled and written, and the applied policy is changed in
+    /// place once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
+    pub fn patch_keys(
+        &mut self,
+        patch: &Patch,
+        source: &str,
+    ) -> std::result::Result<ApplyReport, PatchFailure> {
+        let a = self.applied.as_ref().expect("can_patch_keys");
+        let base = &a.policy;
+        // What each named key becomes (None: deleted), following the ops in order.
+        let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
+        let mut errs = Vec::new();
+        for (n, op) in patch.ops.iter().enumerate() {
+            let current =
+                |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| match after
+                    .get(p)
+                {
+                    Some(v) => v.as_ref().map(|(k, _)| k.clone()),
+                    None => self.index.get(p).map(|&i| base.key[i].clone()),
+                };
+            let missing = |prefix: &str| {
+                PolicyError::new(
+                    format!("ops[{n}].prefix"),
+                    format!("no key with prefix {prefix:?}"),
+                )
+            };
+            match op {
+                PatchOp::Upsert { key } => {
+                    let mini = Policy {
+                        settings: base.settings.clone(),
+                        ipsets: key
+                            .ipsets
+                            .iter()
+                            .filter_map(|n| base.ipsets.get_key_value(n))
+                            .map(|(n, c)| (n.clone(), c.clone()))
+                            .collect(),
+                        key: vec![key.clone()],
+                        // Listeners decide some key rules (lower-case prefixes for tls-sni).
+                        listener: base.listener.clone(),
+                        ..Default::default()
+                    };
+                    match mini.compile() {
+                        Ok(mut c) => {
+                            let ck = c.keys.pop_first().map(|(_, ck)| ck);
+                            after.insert(&key.prefix, Some((key.clone(), ck)));
+                        }
+                        Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
+                            at: match e.at.strip_prefix("key[0]") {
+                                Some(tail) => format!("ops[{n}].key{tail}"),
+                                None => e.at,
+                            },
+                            message: e.message,
+                        })),
+                    }
+                }
+                PatchOp::Delete { prefix } => match current(&after, prefix) {
+                    Some(_) => {
+                        after.insert(prefix, None);
+                    }
+                    None => errs.push(missing(prefix)),
+                },
+                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                    match current(&after, prefix) {
+                        Some(mut k) => {
+                            k.locked = matches!(op, PatchOp::Lock { .. });
+                            // Recompiled below from the record it had (only the flag moves).
+                            after.insert(prefix, Some((k, None)));
+                        }
+                        None => errs.push(missing(prefix)),
+                    }
+                }
+                PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => {
+                    unreachable!("can_patch_keys")
+                }
+            }
+        }
+        if !errs.is_empty() {
+            return Err(PatchFailure::Invalid(errs));
+        }
+
+        // Kernel form of the result: the cached compile with the named keys replaced.
+        let compiled = self.compiled.as_mut().expect("can_patch_keys");
+        let mut undo: Vec<(KeyPrefix, Option<CompiledKey>)> = Vec::new();
+        let mut changed = BTreeSet::new();
+        let mut open_delta: isize = 0;
+        for (prefix, new) in &after {
+            let kp = crate::policy::key_prefix(prefix);
+            changed.insert(kp);
+            if let Some(&i) = self.index.get(*prefix) {
+                open_delta -= is_open(&base.key[i]) as isize;
+            }
+            let old = match new {
+                None => compiled.keys.remove(&kp),
+                Some((k, ck)) => {
+                    open_delta += is_open(k) as isize;
+                    let ck = match ck {
+                        Some(ck) => ck.clone(),
+                        None => {
+                            // A lock or unlock of a key that was valid: its record with the
+                            // lock flag set or cleared.
+                            let mut ck = compiled
+                                .keys
+                                .get(&kp)
+                                .cloned()
+                                .expect("a present key is compiled");
+                            if k.locked {
+                                ck.flags |= filter_common::KEY_LOCKED;
+                            } else {
+                                ck.flags &= !filter_common::KEY_LOCKED;
+                            }
+                            ck
+                        }
+                    };
+                    compiled.keys.insert(kp, ck)
+                }
+            };
+            undo.push((kp, old));
+        }
+        let open_after = (self.open_keys as isize + open_delta) as usize;
+        let mut locked_delta: isize = 0;
+        for (prefix, new) in &after {
+            if let Some(&i) = self.index.get(*prefix) {
+                locked_delta -= base.key[i].locked as isize;
+            }
+            if let Some((k, _)) = new {
+                locked_delta += k.locked as isize;
+            }
+        }
+        let old_flags = compiled.settings.flags;
+        let prefilter = base.settings.prefilter
+            && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
+        if prefilter {
+            compiled.settings.flags |= filter_common::SETTING_PREFILTER;
+        } else {
+            compiled.settings.flags &= !filter_common::SETTING_PREFILTER;
+        }
+        let rep = match self.mirror.apply_changes(
+            &mut self.dp.maps,
+            compiled,
+            Some(&changed),
+            self.key_cap,
+        ) {
+            Ok(rep) => rep,
+            Err(e) => {
+                // The live slot is untouched; put the cached compile back as it was.
+                compiled.settings.flags = old_flags;
+                for (kp, old) in undo {
+                    match old {
+                        Some(ck) => compiled.keys.insert(kp, ck),
+                        None => compiled.keys.remove(&kp),
+                    };
+                }
+                return Err(PatchFailure::Apply(e));
+            }
+        };
+
+        // The maps enforce it: change the applied policy in place, as apply_patch would.
+        let a = self.applied.as_mut().expect("checked");
+        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops).map_err(|m| {
+            PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}"))
+        })?;
+        self.open_keys = open_after;
+        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        a.revision = patch.revision;
+        a.policy.revision = Some(patch.revision);
+        a.source = source.to_owned();
+        a.applied_unix = state::now_unix();
+        let t_save = Instant::now();
+        self.journal_len += 1;
+        let saved = state::append_journal(
+            &self.state_dir,
+            &state::JournalEntry {
+                revision: patch.revision,
+                source: source.to_owned(),
+                applied_unix: a.applied_unix,
+                ops: patch.ops.clone(),
+            },
+        );
+        log::debug!(
+            "revision {} (keys only): maps {:?}, journal {:?}",
+            patch.revision,
+            rep.elapsed,
+            t_save.elapsed()
+        );
+        self.last_patch = Some(patch.clone());
+        self.publish();
+        saved
+            .context("the maps enforce it, but saving it to the state dir failed")
+            .map_err(PatchFailure::Apply)?;
+        Ok(rep)
+    }
+
+    /// Brings the inactive slot up to the live policy after a whole-policy apply (same
+    /// content, one more flip). Without it the next PATCH would pay for every key the
+    /// inactive slot lags on (seconds at 1M keys); with it a lock costs its one key.
+    pub fn settle(&mut self) -> Result<()> {
+        if !self.unsettled {
+            return Ok(());
+        }
+        let Some(c) = &self.compiled else {
+            return Ok(());
+        };
+        let rep = self.mirror.apply_changes(
+            &mut self.dp.maps,
+            c,
+            Some(&BTreeSet::new()),
+            self.key_cap,
+        )?;
+        self.unsettled = false;
+        // The generation moved: keep the recorded one current (a restart compares it).
+        self.publish();
+        log::debug!(
+            "settled the inactive slot: {} keys written in {:?}",
+            rep.keys_written,
+            rep.elapsed
+        );
+        Ok(())
+    }
+
+    /// True when the journal is long enough to fold into a snapshot.
+    pub fn wants_compaction(&self) -> bool {
+        self.journal_len >= JOURNAL_COMPACT
+    }
+
+    /// Folds the journal into a fresh snapshot of the applied policy, all at once.
+    pub fn compact(&mut self) -> Result<()> {
+        match self.begin_fold()? {
+            Some(f) => f.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a fold under the engine lock: moves the journal aside and serialises the
+    /// applied policy (the only part that grows with the policy). `Fold::finish` writes it
+    /// without the lock, so writers wait for the serialisation only, not for the disk.
+    pub fn begin_fold(&mut self) -> Result<Option<Fold>> {
+        if self.journal_len == 0 || self.fold_busy.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let Some(a) = &self.applied else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        state::rotate_journal(&self.state_dir)?;
+        let bytes = serde_json::to_vec(a)?;
+        let lines = std::mem::take(&mut self.journal_len);
+        self.fold_busy.store(true, Ordering::SeqCst);
+        log::debug!(
+            "fold of {lines} journal lines: serialised in {:?}",
+            t0.elapsed()
+        );
+        Ok(Some(Fold {
+            bytes,
+            lines,
+            state_dir: self.state_dir.clone(),
+            busy: self.fold_busy.clone(),
+        }))
+    }
+
+    /// Waits for a fold being written (a whole snapshot must not be overtaken by an older one).
+    fn wait_fold(&self) {
+        while self.fold_busy.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Writes an already validated policy. `changed` (from a PATCH) names every key that may
+    /// differ from the live policy, so only those are written; None examines every key.
+    /// Returns once the kernel enforces it and the state dir holds it.
+    pub fn apply_compiled(
+        &mut self,
+        p: Policy,
+        compiled: Compiled,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        revision: u64,
+        source: &str,
+        persist: Persist<'_>,
+    ) -> Result<ApplyReport> {
+        self.apply_inner(p, compiled, changed, revision, source, persist, true)
+    }
+
+    /// `apply_compiled`; `write: false` records a policy the maps already enforce.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_inner(
+        &mut self,
+        mut p: Policy,
+        mut compiled: Compiled,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        revision: u64,
+        source: &str,
+        persist: Persist<'_>,
+        write: bool,
+    ) -> Result<ApplyReport> {
+        // --audit overrides what the policy says in the kernel only: the stored policy stays
+        // as written, so reads and retries see what the writer sent.
+        if self.audit {
+            compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
+        }
+        let rep = if write {
+            self.mirror
+                .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?
+        } else {
+            ApplyReport {
+                generation: self.mirror.generation(),
+                slot: self.mirror.active_slot(),
+                ..Default::default()
+            }
+        };
+        p.revision = Some(revision);
+        let applied = Applied {
+            revision,
+            source: source.to_owned(),
+            applied_unix: state::now_unix(),
+            policy: p,
+        };
+        self.last_patch = None;
+        self.index = applied
+            .policy
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.prefix.clone(), i))
+            .collect();
+        self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
+        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
+        self.compiled = Some(compiled);
+        self.unsettled = changed.is_none();
+        let t_save = Instant::now();
+        let saved = match persist {
+            Persist::Snapshot => {
+                self.journal_len = 0;
+                self.wait_fold();
+                state::save_applied(&self.state_dir, &applied)
+            }
+            Persist::Restored => {
+                self.journal_len = state::journal_lines(&self.state_dir);
+                Ok(())
+            }
+            Persist::Journal(patch) => {
+                self.journal_len += 1;
+                state::append_journal(
+                    &self.state_dir,
+                    &state::JournalEntry {
+                        revision,
+                        source: source.to_owned(),
+                        applied_unix: applied.applied_unix,
+                        ops: patch.ops.clone(),
+                    },
+                )
+            }
+        };
+        log::debug!(
+            "revision {revision}: maps {:?}, state dir {:?}",
+            rep.elapsed,
+            t_save.elapsed()
+        );
+        self.applied = Some(applied);
+        self.publish();
+        saved.context("the maps enforce it, but saving it to the state dir failed")?;
+        Ok(rep)
+    }
+}
