@@ -1411,6 +1411,13 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
     let compile = t0.elapsed();
     l.dp.pin_program()?;
     let prog_pin = l.pin_dir.join("prog");
+    // The earlier stages left connections in the flow table on the ports the probes reuse;
+    // the filter places a segment in its connection's stream, so a probe on a stale
+    // connection would be out of position. Start the probes on an empty table.
+    let stale: Vec<_> = l.dp.maps.flows.keys().filter_map(|k| k.ok()).collect();
+    for k in &stale {
+        let _ = l.dp.maps.flows.remove(k);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let probes_run = Arc::new(AtomicU64::new(0));
     let started = Arc::new(AtomicBool::new(false));
