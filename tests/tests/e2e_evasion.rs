@@ -892,12 +892,15 @@ fn proxy_header_on_a_reused_tuple() {
     attack_unfiltered(&lab, Srv::Proxy, "proxy-reuse", &args);
     let _d = lab.start_daemon(&[]);
     let since = lab.lines(Srv::Proxy).len();
+    // A new connection on the tuple is judged afresh (drop_not_allowed) when its random
+    // ISN lies outside any receive window of the old stream; in the 3% of cases where it
+    // does not, its data is out of position for the old one (drop_malformed).
     attack_refused(
         &lab,
         Srv::Proxy,
         "proxy-reuse",
         &args,
-        &["drop_not_allowed"],
+        &["drop_not_allowed", "drop_malformed"],
         true,
     );
     assert!(
