@@ -37,7 +37,8 @@ pub mod maps {
     pub const PREFILTER: &str = "KW_PREFILTER";
     pub const EVENTS: &str = "KW_EVENTS";
     pub const TLS_PENDING: &str = "KW_TLS_PENDING";
-    pub const ALL: [&str; 13] = [
+    pub const HELD: &str = "KW_HELD";
+    pub const ALL: [&str; 14] = [
         CONTROL,
         SETTINGS,
         LISTENERS,
@@ -51,6 +52,7 @@ pub mod maps {
         PREFILTER,
         EVENTS,
         TLS_PENDING,
+        HELD,
     ];
 }
 
@@ -336,6 +338,12 @@ pub const FLOW_PROXIED: u8 = 1 << 1;
 /// A SYN was seen on this 5-tuple after the flow began: `syn_isn` holds its sequence number,
 /// and data at `syn_isn + 1` starts a new connection (judged from its stream start).
 pub const FLOW_SYN: u8 = 1 << 2;
+/// The connection passed bytes to the server and is recorded in `KW_HELD`.
+pub const FLOW_HELD: u8 = 1 << 3;
+
+/// Connections that passed bytes, remembered in `KW_HELD` (which never evicts) so that losing
+/// one's flow entry fails closed instead of judging its next segment as a new connection.
+pub const DEFAULT_MAX_HELD: u32 = 1 << 20;
 /// Bytes of a split extension carried from one segment to the next.
 pub const TLS_CARRY: usize = 96;
 

@@ -31,7 +31,7 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, CTX_HELLO, CTX_LINE, CTX_PROXY, CTX_START, Control,
     Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS,
-    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_PROXIED, FLOW_SYN, Flow,
+    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_PROXIED, FLOW_SYN, Flow,
     FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL, LOCATOR_FIX,
     LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener, MAX_LISTENERS, Reason, SETTING_ACTION_RESET,
     SETTING_ENFORCE, SETTING_LOADED, SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
@@ -69,6 +69,13 @@ static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
 /// The prefilter's Bloom words, both slots' halves; the loader writes them through mmap.
 #[map(name = "KW_PREFILTER")]
 static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
+/// Connections that passed bytes (value: when first), kept apart from the evicting flow table:
+/// a data segment with no flow whose tuple is here belongs to a connection whose position the
+/// filter lost, and is never judged as a new one. The daemon removes entries whose flow has
+/// been gone for longer than any server keeps an idle connection.
+#[map(name = "KW_HELD")]
+static HELD: HashMap<FlowKey, u64> =
+    HashMap::pinned(filter_common::DEFAULT_MAX_HELD, BPF_F_NO_PREALLOC);
 /// ClientHellos followed into a next segment.
 #[map(name = "KW_TLS_PENDING")]
 static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
@@ -301,7 +308,13 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
         hdr: [0; 4],
     };
     let (at, k, c) = if f.is_null() {
-        (AT_FRESH, len, fresh)
+        if unsafe { HELD.get(flow_key_ref(sc)) }.is_some() {
+            // Its flow was evicted (or removed) after it passed bytes: the server may hold
+            // them, and this segment cannot be placed against them.
+            (AT_UNKNOWN, 0, fresh)
+        } else {
+            (AT_FRESH, len, fresh)
+        }
     } else {
         let f = unsafe { &*f };
         if seq == f.next_seq {
@@ -311,13 +324,16 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
             // judged from where that segment began, the rest from where it ended.
             (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
         } else if f.flags & FLOW_SYN != 0
+            && f.flags & FLOW_HELD == 0
             && seq == f.syn_isn.wrapping_add(1)
             && far(seq, f.next_seq)
             && far(seq, f.last_seq)
         {
             // A new connection on this 5-tuple: judged like one the filter never saw. Only
-            // where the old connection, if the server still has it, cannot take these bytes
-            // (outside any receive window); else they could land inside its stream.
+            // when the old one passed nothing (else the server, which answers a SYN on a live
+            // connection with a challenge ACK, may still hold its bytes, and an ISN can bounce
+            // back to them after the flow followed another), and only where the old
+            // connection could not take these bytes (outside any receive window).
             (AT_FRESH, len, fresh)
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -572,8 +588,26 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         _ => return Verdict::of(Reason::DropMalformed),
     };
     // Record the verdict; the stream position moves only with bytes the server may get.
-    let passes = !verdict.reason.is_drop() || settings.flags & SETTING_ENFORCE == 0;
+    let mut verdict = verdict;
+    let mut passes = !verdict.reason.is_drop() || settings.flags & SETTING_ENFORCE == 0;
     let fl = unsafe { &mut (*sc).flow };
+    let held = match known {
+        Some(f) => (unsafe { (*f).flags } & FLOW_HELD) != 0,
+        None => false,
+    };
+    if passes && !held {
+        // The first bytes this connection passes: remember it where no eviction reaches. A
+        // full table cannot remember it, so nothing passes.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if HELD.insert(fk, &now, 0).is_err() {
+            verdict = Verdict::of(Reason::DropMalformed);
+            passes = settings.flags & SETTING_ENFORCE == 0;
+        } else {
+            fl.flags |= FLOW_HELD;
+        }
+    } else if held {
+        fl.flags |= FLOW_HELD;
+    }
     fl.generation = settings.generation;
     fl._pad = 0;
     fl.syn_isn = 0;

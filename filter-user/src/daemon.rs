@@ -330,6 +330,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         shared.engine.lock().unwrap().mirror.generation(),
         shared.source.describe()
     );
+    // Connections that passed bytes and lost their flow entry stay refused until they have
+    // been idle for longer than servers keep connections; then the tuple is free again.
+    spawn_held_gc(o.pin_dir.clone());
     // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
     crate::host::notify(&format!(
         "READY=1\nSTATUS=enforcing on {}; policy source: {}",
@@ -390,6 +393,37 @@ pub fn run(o: RunOptions) -> Result<()> {
     // The links stay pinned: the program keeps enforcing after the daemon exits.
     log::info!("stopping; XDP stays attached and enforcing (keywall detach removes it)");
     Ok(())
+}
+
+/// How long a connection that passed bytes must have had no flow entry before its tuple is
+/// forgotten (`KEYWALL_HELD_IDLE_SECS` overrides it). Servers close idle connections far
+/// sooner (HTTP keep-alive ~1 min, TLS handshakes ~1 min, FIX heartbeats): set it above
+/// theirs.
+const HELD_IDLE: Duration = Duration::from_secs(600);
+
+fn spawn_held_gc(pin_dir: PathBuf) {
+    let idle = std::env::var("KEYWALL_HELD_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(HELD_IDLE);
+    std::thread::spawn(move || {
+        let mut gc = match crate::dataplane::HeldGc::open(&pin_dir, idle) {
+            Ok(gc) => gc,
+            Err(e) => {
+                log::error!("held-connection sweep disabled: {e:#}");
+                return;
+            }
+        };
+        loop {
+            std::thread::sleep(Duration::from_secs(30).min(idle.max(Duration::from_secs(1))));
+            match gc.sweep() {
+                Ok(0) => {}
+                Ok(n) => log::info!("forgot {n} connections idle without a flow for {idle:?}"),
+                Err(e) => log::warn!("held-connection sweep: {e:#}"),
+            }
+        }
+    });
 }
 
 /// Refuses to attach over an XDP program that is not this keywall's (not reached through a

@@ -973,6 +973,59 @@ impl PinnedView {
     }
 }
 
+/// Connections that passed bytes (`KW_HELD`) and how long each has had no flow entry.
+///
+/// The kernel never evicts `KW_HELD`: a connection whose flow entry was evicted stays there, and
+/// its later segments are refused (the filter lost its position in the stream). An entry is
+/// removed here once its flow has been gone for `idle`: by then the server has closed the
+/// connection (servers close idle ones far sooner), so the tuple may start a new connection.
+pub struct HeldGc {
+    held: HashMap<MapData, filter_common::FlowKey, u64>,
+    flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
+    /// When each entry was first seen without a flow.
+    missing: std::collections::HashMap<filter_common::FlowKey, std::time::Instant>,
+    pub idle: std::time::Duration,
+}
+
+impl HeldGc {
+    pub fn open(pin_dir: &Path, idle: std::time::Duration) -> Result<HeldGc> {
+        let o = |name: &str| -> Result<Map> {
+            let d = MapData::from_pin(pin_dir.join(name))
+                .with_context(|| format!("opening the pinned {name}"))?;
+            Ok(Map::from_map_data(d)?)
+        };
+        Ok(HeldGc {
+            held: o(maps::HELD)?.try_into()?,
+            flows: o(maps::FLOWS)?.try_into()?,
+            missing: Default::default(),
+            idle,
+        })
+    }
+
+    /// One pass: forgets entries whose flow has been gone for `idle`; returns how many.
+    pub fn sweep(&mut self) -> Result<usize> {
+        let now = std::time::Instant::now();
+        let keys: Vec<_> = self.held.keys().filter_map(|k| k.ok()).collect();
+        let mut seen = std::collections::HashMap::with_capacity(self.missing.len());
+        let mut removed = 0;
+        for k in keys {
+            if self.flows.get(&k, 0).is_ok() {
+                continue;
+            }
+            let since = self.missing.get(&k).copied().unwrap_or(now);
+            if now.duration_since(since) >= self.idle {
+                if self.held.remove(&k).is_ok() {
+                    removed += 1;
+                }
+            } else {
+                seen.insert(k, since);
+            }
+        }
+        self.missing = seen;
+        Ok(removed)
+    }
+}
+
 /// Sums per-CPU reason counters: `[enforce or pass slots..., audit slots...]`.
 pub fn read_reasons(reasons: &PerCpuArray<MapData, Counter>) -> Result<Vec<Counter>> {
     let mut out = vec![Counter::default(); COUNTER_SLOTS as usize];
