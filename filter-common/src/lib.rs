@@ -396,6 +396,10 @@ pub struct Flow {
     /// The parse context at `next_seq` and at `last_seq`.
     pub ctx_next: StreamCtx,
     pub ctx_last: StreamCtx,
+    /// When the client last sent data (coarse clock, seconds): the daemon forgets connections
+    /// idle for longer than servers keep them.
+    pub seen_s: u32,
+    pub _pad3: u32,
 }
 
 impl Default for Flow {
@@ -424,13 +428,15 @@ impl Default for Flow {
                 rec_left: 0,
                 hdr: [0; 4],
             },
+            seen_s: 0,
+            _pad3: 0,
         }
     }
 }
 
 // The kernel and the loader share these layouts byte for byte.
 const _: () = assert!(core::mem::size_of::<StreamCtx>() == 8);
-const _: () = assert!(core::mem::size_of::<Flow>() == 72);
+const _: () = assert!(core::mem::size_of::<Flow>() == 80);
 // Every struct shared with the kernel has the size both sides were built for: a field added
 // on one side only fails the build here instead of garbling map values at run time.
 const _: () = assert!(core::mem::size_of::<Control>() == 8);

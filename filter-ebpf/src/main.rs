@@ -632,6 +632,8 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
             }
         }
     }
+    fl.seen_s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    fl._pad3 = 0;
     let pending_next = fl.ctx_next.flags & CTX_HELLO != 0;
     match known {
         // Rewritten in place: replacing an LRU element costs a node swap.

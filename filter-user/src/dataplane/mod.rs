@@ -1002,14 +1002,42 @@ impl HeldGc {
         })
     }
 
-    /// One pass: forgets entries whose flow has been gone for `idle`; returns how many.
+    /// One pass: forgets connections whose client sent no data for `idle` (their flow and
+    /// held entries), and held entries whose flow has been gone for `idle`; returns how many
+    /// connections it forgot.
     pub fn sweep(&mut self) -> Result<usize> {
         let now = std::time::Instant::now();
-        let keys: Vec<_> = self.held.keys().filter_map(|k| k.ok()).collect();
-        let mut seen = std::collections::HashMap::with_capacity(self.missing.len());
+        let idle_s = self.idle.as_secs().min(u32::MAX as u64) as u32;
+        let now_s = coarse_monotonic_secs();
+        let mut stale = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        batch::for_each::<filter_common::FlowKey, filter_common::Flow>(
+            self.flows.map(),
+            |ks, fs| {
+                for (k, f) in ks.iter().zip(fs) {
+                    if now_s.wrapping_sub(f.seen_s) >= idle_s {
+                        stale.push(*k);
+                    } else {
+                        live.insert(*k);
+                    }
+                }
+            },
+        )?;
         let mut removed = 0;
-        for k in keys {
-            if self.flows.get(&k, 0).is_ok() {
+        for k in &stale {
+            // The held entry first: a flow without one is refused nothing it should not be.
+            let _ = self.held.remove(k);
+            if self.flows.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        let mut held = Vec::new();
+        batch::for_each::<filter_common::FlowKey, u64>(self.held.map(), |ks, _| {
+            held.extend_from_slice(ks)
+        })?;
+        let mut seen = std::collections::HashMap::with_capacity(self.missing.len());
+        for k in held {
+            if live.contains(&k) {
                 continue;
             }
             let since = self.missing.get(&k).copied().unwrap_or(now);
@@ -1024,6 +1052,17 @@ impl HeldGc {
         self.missing = seen;
         Ok(removed)
     }
+}
+
+/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`), in seconds.
+fn coarse_monotonic_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the one it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
 }
 
 /// Sums per-CPU reason counters: `[enforce or pass slots..., audit slots...]`.
