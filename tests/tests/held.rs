@@ -39,14 +39,23 @@ fn expect(l: &mut Loaded, frame: &[u8], reason: Reason, what: &str) {
 }
 
 fn request() -> Vec<u8> {
-    http_request("GET", "/", &[("Host", "x"), ("X-MBX-APIKEY", "37c541a1deadbeef")])
+    http_request(
+        "GET",
+        "/",
+        &[("Host", "x"), ("X-MBX-APIKEY", "37c541a1deadbeef")],
+    )
 }
 
 #[test]
 fn an_evicted_connection_is_refused_until_the_sweep_forgets_it() {
     let mut l = Loaded::new(POLICY).unwrap();
     let conn = || Pkt::tcp4(ALLOWED4, EDGE4, 45000, 8080);
-    expect(&mut l, &conn().payload(&request()).build(), PassAllowed, "first request");
+    expect(
+        &mut l,
+        &conn().payload(&request()).build(),
+        PassAllowed,
+        "first request",
+    );
     // The flow entry goes (as an LRU eviction would take it); the connection lives on at the
     // server, so its next segment cannot be placed.
     let keys: Vec<_> = l.dp.maps.flows.keys().filter_map(|k| k.ok()).collect();
@@ -67,7 +76,12 @@ fn an_evicted_connection_is_refused_until_the_sweep_forgets_it() {
 fn an_idle_connection_is_forgotten_whole() {
     let mut l = Loaded::new(POLICY).unwrap();
     let conn = || Pkt::tcp4(ALLOWED4, EDGE4, 45001, 8080);
-    expect(&mut l, &conn().payload(&request()).build(), PassAllowed, "request");
+    expect(
+        &mut l,
+        &conn().payload(&request()).build(),
+        PassAllowed,
+        "request",
+    );
     let mut gc = HeldGc::open(&l.pin_dir, Duration::from_secs(3600)).unwrap();
     assert_eq!(gc.sweep().unwrap(), 0, "active: kept");
     assert_eq!(l.dp.maps.flows.keys().count(), 1);

@@ -1365,7 +1365,9 @@ fn capacity_for(keys: usize) -> Capacity {
         keys: (k + 4096).next_power_of_two().max(4096),
         allow: (k / 5 + 4096).next_power_of_two(),
         sets: (k / 5 + 4096).next_power_of_two(),
-        flows: 4096,
+        // Room for every probe connection of the snapshot stage: an evicted flow of a
+        // connection that passed bytes is refused (fail closed), which is not what it times.
+        flows: 1 << 18,
         ..Default::default()
     }
 }
@@ -1417,6 +1419,17 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
     let stale: Vec<_> = l.dp.maps.flows.keys().filter_map(|k| k.ok()).collect();
     for k in &stale {
         let _ = l.dp.maps.flows.remove(k);
+    }
+    // And the connections that passed bytes (KW_HELD): a tuple there without a flow would be
+    // refused as a connection whose position was lost.
+    {
+        let md = aya::maps::MapData::from_pin(l.pin_dir.join(filter_common::maps::HELD))?;
+        let mut held: aya::maps::HashMap<_, filter_common::FlowKey, u64> =
+            aya::maps::Map::from_map_data(md)?.try_into()?;
+        let ks: Vec<_> = held.keys().filter_map(|k| k.ok()).collect();
+        for k in &ks {
+            let _ = held.remove(k);
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let probes_run = Arc::new(AtomicU64::new(0));
