@@ -121,6 +121,16 @@ impl Runner {
         })
     }
 
+    /// Forgets every finished sequence's connections, as the daemon's sweep forgets idle
+    /// ones: each sequence has a 5-tuple of its own, and `KW_HELD` (which never evicts) would
+    /// otherwise fill up over a long campaign and then refuse every new connection.
+    pub fn forget_finished(&mut self) -> Result<()> {
+        for l in [&self.main, &self.pressure] {
+            keywall::dataplane::HeldGc::open(&l.pin_dir, std::time::Duration::ZERO)?.sweep()?;
+        }
+        Ok(())
+    }
+
     /// A 5-tuple no earlier sequence used: (destination address, source port).
     fn tuple(&mut self) -> ([u8; 4], u16) {
         let n = self.next_tuple;
@@ -593,6 +603,11 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
             || cfg.duration.is_some_and(|d| start.elapsed() >= d)
         {
             break;
+        }
+        if rep.sequences > 0 && rep.sequences % 200_000 == 0 {
+            runner
+                .forget_finished()
+                .expect("sweeping finished connections");
         }
         let case = scenario::generate(cfg.seed, index);
         let o = runner.run(&case, None);
