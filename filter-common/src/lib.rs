@@ -335,14 +335,32 @@ pub struct FlowKey {
 pub const FLOW_HAS_KEY: u8 = 1 << 0;
 /// `client` came from a PROXY header (the connection's source is a trusted proxy).
 pub const FLOW_PROXIED: u8 = 1 << 1;
-/// A SYN was seen on this 5-tuple after the flow began: `syn_isn` holds its sequence number,
-/// and data at `syn_isn + 1` starts a new connection (judged from its stream start).
-pub const FLOW_SYN: u8 = 1 << 2;
-/// The connection passed bytes to the server and is recorded in `KW_HELD`.
+/// The connection passed bytes to the server (`HELD_PASSED` is set in its `KW_HELD` record).
 pub const FLOW_HELD: u8 = 1 << 3;
 
-/// Connections that passed bytes, remembered in `KW_HELD` (which never evicts) so that losing
-/// one's flow entry fails closed instead of judging its next segment as a new connection.
+/// `KW_HELD` value: what the filter knows of every connection the server may hold on a
+/// 5-tuple, recorded from its SYN on. The map never evicts (the daemon's sweep forgets
+/// idle tuples), so losing a flow entry can only fail closed: a stream is judged from its
+/// start only at `isn + 1` of a recorded SYN (docs/DATAPATH.md, "Stream starts").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The ISN of the latest SYN: a stream starts at `isn + 1`.
+    pub isn: u32,
+    /// `HELD_*`.
+    pub flags: u32,
+}
+
+/// A connection on this tuple passed bytes.
+pub const HELD_PASSED: u32 = 1 << 0;
+/// A second SYN with another ISN (further than any window from the first) was seen: its
+/// connection may start, once, on a tuple whose flow follows the first.
+pub const HELD_SECOND: u32 = 1 << 1;
+/// More SYNs with other ISNs than the record can tell apart: no stream on this tuple is
+/// judged from its start again (until the daemon's sweep forgets the tuple).
+pub const HELD_POISON: u32 = 1 << 2;
+
+/// Capacity of `KW_HELD`: tuples with a recorded SYN. A full table refuses new SYNs.
 pub const DEFAULT_MAX_HELD: u32 = 1 << 20;
 /// Bytes of a split extension carried from one segment to the next.
 pub const TLS_CARRY: usize = 96;
@@ -391,8 +409,7 @@ pub struct Flow {
     pub client: [u8; 16],
     /// Where the last passed data segment began (a retransmission may start here).
     pub last_seq: u32,
-    /// The sequence number of a SYN seen on the tuple after the flow began (`FLOW_SYN`).
-    pub syn_isn: u32,
+    pub _pad4: u32,
     /// The parse context at `next_seq` and at `last_seq`.
     pub ctx_next: StreamCtx,
     pub ctx_last: StreamCtx,
@@ -415,7 +432,7 @@ impl Default for Flow {
             prefix: KeyPrefix { bytes: [0; 16] },
             client: [0; 16],
             last_seq: 0,
-            syn_isn: 0,
+            _pad4: 0,
             ctx_next: StreamCtx {
                 flags: 0,
                 hdr_len: 0,
@@ -437,6 +454,7 @@ impl Default for Flow {
 // The kernel and the loader share these layouts byte for byte.
 const _: () = assert!(core::mem::size_of::<StreamCtx>() == 8);
 const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+const _: () = assert!(core::mem::size_of::<Held>() == 8);
 // Every struct shared with the kernel has the size both sides were built for: a field added
 // on one side only fails the build here instead of garbling map values at run time.
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
@@ -571,6 +589,7 @@ mod pod {
     unsafe impl aya::Pod for AllowKey {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Held {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for KeyStats {}
     unsafe impl aya::Pod for DropEvent {}

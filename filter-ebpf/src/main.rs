@@ -22,7 +22,7 @@ mod tls;
 use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -31,11 +31,11 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, CTX_HELLO, CTX_LINE, CTX_PROXY, CTX_START, Control,
     Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS,
-    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_PROXIED,
-    FLOW_SYN, Flow, FlowKey, KeyEntry, KeyPrefix, KeyStats, LISTENER_PROXY_PROTOCOL, LOCATOR_FIX,
-    LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener, MAX_LISTENERS, Reason, SETTING_ACTION_RESET,
-    SETTING_ENFORCE, SETTING_LOADED, SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings,
-    StreamCtx, TLS_CARRY, TlsPending,
+    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_PROXIED, Flow,
+    FlowKey, HELD_PASSED, HELD_POISON, HELD_SECOND, Held, KeyEntry, KeyPrefix, KeyStats,
+    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
+    MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
+    SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, StreamCtx, TLS_CARRY, TlsPending,
 };
 
 use crate::{
@@ -69,12 +69,12 @@ static KEY_STATS: Array<KeyStats> = Array::pinned(DEFAULT_MAX_KEYS, 0);
 /// The prefilter's Bloom words, both slots' halves; the loader writes them through mmap.
 #[map(name = "KW_PREFILTER")]
 static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, BPF_F_MMAPABLE);
-/// Connections that passed bytes (value: when first), kept apart from the evicting flow table:
-/// a data segment with no flow whose tuple is here belongs to a connection whose position the
-/// filter lost, and is never judged as a new one. The daemon removes entries whose flow has
-/// been gone for longer than any server keeps an idle connection.
+/// Every 5-tuple the server may hold a connection on, from its SYN (the ISNs seen, whether it
+/// passed bytes), kept apart from the evicting flow table: a stream is judged from its start
+/// only where a recorded SYN puts it, so losing a flow entry fails closed. The daemon removes
+/// entries whose flow has been gone for longer than any server keeps an idle connection.
 #[map(name = "KW_HELD")]
-static HELD: HashMap<FlowKey, u64> =
+static HELD: HashMap<FlowKey, Held> =
     HashMap::pinned(filter_common::DEFAULT_MAX_HELD, BPF_F_NO_PREALLOC);
 /// ClientHellos followed into a next segment.
 #[map(name = "KW_TLS_PENDING")]
@@ -308,12 +308,17 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
         hdr: [0; 4],
     };
     let (at, k, c) = if f.is_null() {
-        if unsafe { HELD.get(flow_key_ref(sc)) }.is_some() {
-            // Its flow was evicted (or removed) after it passed bytes: the server may hold
-            // them, and this segment cannot be placed against them.
-            (AT_UNKNOWN, 0, fresh)
-        } else {
-            (AT_FRESH, len, fresh)
+        // Judged from its start only where a recorded SYN puts the stream start (the server
+        // trims bytes before it). No record: the SYN came before the program, or the table
+        // was full. Passed bytes: the flow was evicted (or removed) after the server got
+        // bytes this segment cannot be placed against.
+        match unsafe { HELD.get(flow_key_ref(sc)) } {
+            Some(r)
+                if r.flags & (HELD_PASSED | HELD_POISON) == 0 && seq == r.isn.wrapping_add(1) =>
+            {
+                (AT_FRESH, len, fresh)
+            }
+            _ => (AT_UNKNOWN, 0, fresh),
         }
     } else {
         let f = unsafe { &*f };
@@ -323,17 +328,12 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
             // A retransmission of the last segment (maybe longer): its first `k` bytes are
             // judged from where that segment began, the rest from where it ended.
             (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
-        } else if f.flags & FLOW_SYN != 0
-            && f.flags & FLOW_HELD == 0
-            && seq == f.syn_isn.wrapping_add(1)
-            && far(seq, f.next_seq)
-            && far(seq, f.last_seq)
-        {
-            // A new connection on this 5-tuple: judged like one the filter never saw. Only
-            // when the old one passed nothing (else the server, which answers a SYN on a live
-            // connection with a challenge ACK, may still hold its bytes, and an ISN can bounce
-            // back to them after the flow followed another), and only where the old
-            // connection could not take these bytes (outside any receive window).
+        } else if far(seq, f.next_seq) && far(seq, f.last_seq) && second_start(sc, seq) {
+            // A second connection on this 5-tuple, judged from its stream start: the server
+            // may still hold the old one (it answers a SYN on a live connection with a
+            // challenge ACK), but these bytes lie outside any window of it, and of the first
+            // SYN's. Only once: the flow now follows the new stream, and a third ISN could
+            // bounce back into the forgotten one's window.
             (AT_FRESH, len, fresh)
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -391,16 +391,9 @@ fn judge_segment(
             {
                 return Verdict::of(Reason::DropPrefilter);
             }
-            if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                // A SYN on a known 5-tuple voids nothing: the kernel answers it with a
-                // challenge ACK while the old connection lives. Data at its ISN + 1 starts
-                // a connection of its own, judged from its stream start.
-                if let Some(f) = FLOWS.get_ptr_mut(fk) {
-                    unsafe {
-                        (*f).flags |= FLOW_SYN;
-                        (*f).syn_isn = seg.seq;
-                    }
-                }
+            if tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && !note_syn(fk, seg.seq) {
+                // A connection whose start cannot be recorded could never be judged.
+                return Verdict::of(Reason::DropMalformed);
             }
             return Verdict::of(Reason::PassHandshake);
         }
@@ -598,24 +591,21 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
     if passes && !held {
         // The first bytes this connection passes: remember it where no eviction reaches. A
         // full table cannot remember it, so nothing passes.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if HELD.insert(fk, &now, 0).is_err() {
+        if held_passed(fk) {
+            fl.flags |= FLOW_HELD;
+        } else {
             verdict = Verdict::of(Reason::DropMalformed);
             passes = settings.flags & SETTING_ENFORCE == 0;
-        } else {
-            fl.flags |= FLOW_HELD;
         }
     } else if held {
         fl.flags |= FLOW_HELD;
     }
     fl.generation = settings.generation;
     fl._pad = 0;
-    fl.syn_isn = 0;
+    fl._pad4 = 0;
     match known {
         Some(f) => {
             let f = unsafe { &*f };
-            fl.flags |= f.flags & FLOW_SYN;
-            fl.syn_isn = f.syn_isn;
             (fl.next_seq, fl.last_seq, fl.ctx_next, fl.ctx_last) =
                 (f.next_seq, f.last_seq, f.ctx_next, f.ctx_last);
             if passes && (at == AT_NEXT || k < len) {
@@ -653,6 +643,74 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         let _ = TLS_PENDING.insert(fk, &*t, 0);
     }
     verdict
+}
+
+/// Records a SYN's ISN on its 5-tuple; false when the table is full.
+#[inline(never)]
+fn note_syn(fk: &FlowKey, isn: u32) -> bool {
+    let Some(r) = HELD.get_ptr_mut(fk) else {
+        // NOEXIST: a record made meanwhile (another CPU) is never overwritten with less.
+        return HELD
+            .insert(fk, &Held { isn, flags: 0 }, BPF_NOEXIST as u64)
+            .is_ok();
+    };
+    let r = unsafe { &mut *r };
+    if r.isn != isn {
+        if r.flags & (HELD_SECOND | HELD_POISON) == 0 && far(isn, r.isn) {
+            r.isn = isn;
+            held_or(r, HELD_SECOND);
+        } else {
+            // Two ISNs it cannot tell apart, or a third: where a stream starts is lost.
+            held_or(r, HELD_POISON);
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn held_or(r: &mut Held, bits: u32) {
+    // One 64-bit atomic (BPF has no 32-bit one at this CPU level): `flags` is the value's
+    // upper half on this little-endian target.
+    // SAFETY: `r` points into a map value, 8-byte aligned and live for this program run.
+    unsafe {
+        core::intrinsics::atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+            r as *mut Held as *mut u64,
+            (bits as u64) << 32,
+        )
+    };
+}
+
+/// Whether data at `seq` starts the second connection recorded on the tuple in scratch.
+#[inline(always)]
+fn second_start(sc: ScratchPtr, seq: u32) -> bool {
+    match unsafe { HELD.get(flow_key_ref(sc)) } {
+        Some(r) => {
+            r.flags & (HELD_SECOND | HELD_POISON) == HELD_SECOND && seq == r.isn.wrapping_add(1)
+        }
+        None => false,
+    }
+}
+
+/// Marks the tuple's connection as having passed bytes; false when it cannot be recorded.
+#[inline(always)]
+fn held_passed(fk: &FlowKey) -> bool {
+    match HELD.get_ptr_mut(fk) {
+        Some(r) => {
+            held_or(unsafe { &mut *r }, HELD_PASSED);
+            true
+        }
+        // Its record was swept while the flow lived (a SYN long before the data).
+        None => HELD
+            .insert(
+                fk,
+                &Held {
+                    isn: 0,
+                    flags: HELD_PASSED,
+                },
+                BPF_NOEXIST as u64,
+            )
+            .is_ok(),
+    }
 }
 
 /// Receive windows stay below this (Linux caps them by tcp_rmem, 6 MiB by default).

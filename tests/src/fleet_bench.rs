@@ -42,6 +42,15 @@ pub fn etcdctl_policy(etcd: &EtcdServer, prefix: &str, p: &serde_json::Value) ->
 }
 
 fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
+    // Its connection's SYN first (the filter judges a stream only from a recorded start);
+    // a repeat of the same SYN changes nothing.
+    if let Some(syn) = crate::packet::syn_for(frame) {
+        prog.test_run(TestRunOptions {
+            data_in: Some(&syn),
+            repeat: 1,
+            ..Default::default()
+        })?;
+    }
     let mut out = vec![0u8; frame.len() + 256];
     let r = prog
         .test_run(TestRunOptions {

@@ -25,6 +25,9 @@ pub struct Loaded {
     pub dp: Dataplane,
     pub mirror: Mirror,
     pub pin_dir: PathBuf,
+    /// Runs a connection's SYN before its first data segment (see `connect`).
+    pub auto_syn: bool,
+    connected: std::collections::HashSet<Vec<u8>>,
 }
 
 impl Loaded {
@@ -45,6 +48,8 @@ impl Loaded {
             dp,
             mirror,
             pin_dir,
+            auto_syn: true,
+            connected: Default::default(),
         };
         l.apply(policy_toml)?;
         Ok(l)
@@ -70,6 +75,31 @@ impl Loaded {
             .collect()
     }
 
+    /// Before the first segment of a connection that begins with data, runs the SYN that
+    /// opened it (the filter judges a stream from the start a recorded SYN puts it at), as
+    /// a real client's handshake would. Off (`auto_syn = false`) for tests of connections
+    /// whose SYN the filter never saw.
+    pub fn connect(&mut self, frame: &[u8]) {
+        if !self.auto_syn {
+            return;
+        }
+        let Some(t) = crate::packet::tcp_tuple(frame) else {
+            return;
+        };
+        if !self.connected.insert(t) {
+            return;
+        }
+        if let Some(syn) = crate::packet::syn_for(frame) {
+            let prog = self.dp.program().expect("program");
+            prog.test_run(TestRunOptions {
+                data_in: Some(&syn),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test run (SYN)");
+        }
+    }
+
     /// Runs one frame; returns the XDP action and the single reason counted for it.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Reason, bool) {
         let (action, reason, audit, _) = self.run_out(frame);
@@ -78,6 +108,7 @@ impl Loaded {
 
     /// Like `run`, and also returns the frame as the program left it (what XDP_TX sends).
     pub fn run_out(&mut self, frame: &[u8]) -> (u32, Reason, bool, Vec<u8>) {
+        self.connect(frame);
         let before = self.counters();
         let mut out = vec![0u8; frame.len() + 256];
         let prog = self.dp.program().expect("program");
@@ -112,6 +143,7 @@ impl Loaded {
 
     /// Runs `frame` `repeat` times and returns the kernel's average ns per run.
     pub fn time(&mut self, frame: &[u8], repeat: u32) -> f64 {
+        self.connect(frame);
         let prog = self.dp.program().expect("program");
         let r = prog
             .test_run(TestRunOptions {

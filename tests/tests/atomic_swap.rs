@@ -120,6 +120,9 @@ fn whole_policy_swaps_are_atomic_under_traffic() {
             "allowed key from elsewhere",
         ),
     ];
+    for (f, ..) in &probes {
+        l.connect(f);
+    }
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let stop = stop.clone();

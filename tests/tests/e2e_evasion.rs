@@ -975,10 +975,9 @@ fn flow_table_pressure_evicted_keepalive_fails_closed() {
     }
 }
 
-/// Connections established before the program was attached (DATAPATH.md, "No flow entry"):
-/// an HTTP keep-alive connection survives when its next request starts a segment (and that
-/// request is judged: S is refused); TLS and FIX connections are cut on their next data
-/// segment.
+/// Connections established before the program was attached (DATAPATH.md, "Stream starts"):
+/// the filter recorded no SYN for them, so where their streams stand is unknown, and each is
+/// cut on its next data segment (HTTP keep-alive, TLS and FIX alike; clients reconnect).
 #[test]
 fn connections_older_than_the_program() {
     let lab = Lab::new("evolder", &[Srv::Http, Srv::Tls, Srv::Fix]);
@@ -1058,9 +1057,9 @@ fn connections_older_than_the_program() {
             ));
         }
     }
-    if second("http A") != 200 {
+    if second("http A") != "TIMEOUT" {
         problems.push(format!(
-            "the keep-alive connection with the allowed key was cut: {}",
+            "the older keep-alive connection was not cut: {}",
             second("http A")
         ));
     }
@@ -1086,11 +1085,8 @@ fn connections_older_than_the_program() {
             second("fix")
         ));
     }
-    if get("drop_not_allowed") == 0 {
-        problems.push("drop_not_allowed did not count the stolen key".into());
-    }
-    if get("drop_malformed") < 2 {
-        problems.push("drop_malformed did not count the cut TLS and FIX segments".into());
+    if get("drop_malformed") < 4 {
+        problems.push("drop_malformed did not count the four cut connections".into());
     }
     assert!(
         problems.is_empty(),

@@ -69,7 +69,21 @@ fn an_evicted_connection_is_refused_until_the_sweep_forgets_it() {
     expect(&mut l, &next, DropMalformed, "before the idle time");
     gc.idle = Duration::ZERO;
     assert_eq!(gc.sweep().unwrap(), 1);
-    expect(&mut l, &next, PassAllowed, "forgotten: a new connection");
+    // Forgotten: the segment alone is now a stream whose start no SYN recorded; a new
+    // connection on the tuple (its SYN, then data at ISN + 1) is judged afresh.
+    expect(&mut l, &next, DropMalformed, "forgotten, no SYN");
+    expect(
+        &mut l,
+        &conn().seq(5000).syn().build(),
+        PassHandshake,
+        "a new connection's SYN",
+    );
+    expect(
+        &mut l,
+        &conn().seq(5001).payload(&request()).build(),
+        PassAllowed,
+        "forgotten: a new connection",
+    );
 }
 
 #[test]
@@ -89,6 +103,12 @@ fn an_idle_connection_is_forgotten_whole() {
     assert_eq!(gc.sweep().unwrap(), 1, "idle: forgotten");
     assert_eq!(l.dp.maps.flows.keys().count(), 0);
     // Its tuple is free for a new connection.
+    expect(
+        &mut l,
+        &conn().seq(76).syn().build(),
+        PassHandshake,
+        "a new connection's SYN",
+    );
     expect(
         &mut l,
         &conn().seq(77).payload(&request()).build(),

@@ -980,7 +980,7 @@ impl PinnedView {
 /// removed here once its flow has been gone for `idle`: by then the server has closed the
 /// connection (servers close idle ones far sooner), so the tuple may start a new connection.
 pub struct HeldGc {
-    held: HashMap<MapData, filter_common::FlowKey, u64>,
+    held: HashMap<MapData, filter_common::FlowKey, filter_common::Held>,
     flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// When each entry was first seen without a flow.
     missing: std::collections::HashMap<filter_common::FlowKey, std::time::Instant>,
@@ -1032,9 +1032,10 @@ impl HeldGc {
             }
         }
         let mut held = Vec::new();
-        batch::for_each::<filter_common::FlowKey, u64>(self.held.map(), |ks, _| {
-            held.extend_from_slice(ks)
-        })?;
+        batch::for_each::<filter_common::FlowKey, filter_common::Held>(
+            self.held.map(),
+            |ks, _| held.extend_from_slice(ks),
+        )?;
         let mut seen = std::collections::HashMap::with_capacity(self.missing.len());
         for k in held {
             if live.contains(&k) {

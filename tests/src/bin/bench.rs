@@ -1424,7 +1424,7 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
     // refused as a connection whose position was lost.
     {
         let md = aya::maps::MapData::from_pin(l.pin_dir.join(filter_common::maps::HELD))?;
-        let mut held: aya::maps::HashMap<_, filter_common::FlowKey, u64> =
+        let mut held: aya::maps::HashMap<_, filter_common::FlowKey, filter_common::Held> =
             aya::maps::Map::from_map_data(md)?.try_into()?;
         let ks: Vec<_> = held.keys().filter_map(|k| k.ok()).collect();
         for k in &ks {
@@ -1469,7 +1469,17 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
                             fr[38..42].copy_from_slice(&s.to_be_bytes());
                             s
                         }
-                        None => u32::from_be_bytes([fr[38], fr[39], fr[40], fr[41]]),
+                        None => {
+                            // A new connection: its SYN first, as a client's handshake.
+                            if let Some(syn) = tests::packet::syn_for(&fr) {
+                                prog.test_run(TestRunOptions {
+                                    data_in: Some(&syn),
+                                    repeat: 1,
+                                    ..Default::default()
+                                })?;
+                            }
+                            u32::from_be_bytes([fr[38], fr[39], fr[40], fr[41]])
+                        }
                     };
                     let r = prog.test_run(TestRunOptions {
                         data_in: Some(&fr),

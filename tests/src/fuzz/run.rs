@@ -176,8 +176,13 @@ impl Runner {
             } else {
                 &mut self.main
             };
+            // Its SYN first: the filter judges a stream only from a recorded start.
+            Self::xdp(
+                l,
+                &crate::packet::syn_for(&f).expect("a plain data segment"),
+            );
             Self::xdp(l, &f);
-            self.frames += 1;
+            self.frames += 2;
         }
     }
 
@@ -595,6 +600,7 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
     let mut minimized = 0;
     let mut buckets: std::collections::HashMap<String, String> = Default::default();
     let mut index = cfg.index.unwrap_or(0);
+    let mut swept_at = 0;
     loop {
         if cfg.index.is_some() && rep.sequences == 1 {
             break;
@@ -604,7 +610,10 @@ pub fn campaign(cfg: &Campaign) -> Result<Report> {
         {
             break;
         }
-        if rep.sequences > 0 && rep.sequences % 200_000 == 0 {
+        // Every frame may record one tuple in KW_HELD (1M entries, never evicted): sweep
+        // well before it fills.
+        if runner.frames >= swept_at + 400_000 {
+            swept_at = runner.frames;
             runner
                 .forget_finished()
                 .expect("sweeping finished connections");

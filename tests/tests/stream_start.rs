@@ -1,0 +1,233 @@
+//! Where a connection's stream starts (BPF_PROG_TEST_RUN): the filter judges a stream from
+//! its start only at ISN + 1 of a SYN it recorded on the 5-tuple (`KW_HELD`), because the
+//! server trims bytes before that and reads the rest from wherever its window begins.
+
+use filter_common::Reason::{self, *};
+use tests::{
+    harness::{Loaded, XDP_DROP, XDP_PASS},
+    packet::{Pkt, http_request},
+};
+
+const EDGE4: [u8; 4] = [192, 0, 2, 1];
+const ALLOWED4: [u8; 4] = [198, 51, 100, 7];
+const PROXY4: [u8; 4] = [10, 9, 0, 5];
+
+const POLICY: &str = r#"
+[settings]
+key_prefix_len = 8
+unknown_key = "drop"
+no_key = "pass"
+prefilter = false
+
+[[listener]]
+port = 8080
+locator = "http-header"
+headers = ["X-MBX-APIKEY"]
+
+[[listener]]
+port = 8081
+locator = "http-header"
+headers = ["X-MBX-APIKEY"]
+proxy_protocol = true
+trusted_proxies = ["10.9.0.5"]
+
+[[key]]
+prefix = "37c541a1"
+allow = ["198.51.100.7"]
+
+[[key]]
+prefix = "a7c0ffee"
+allow = ["203.0.113.9"]
+"#;
+
+fn expect(l: &mut Loaded, frame: &[u8], reason: Reason, what: &str) {
+    let (action, got, _) = l.run(frame);
+    assert_eq!(got, reason, "{what}");
+    let want = if reason.is_drop() { XDP_DROP } else { XDP_PASS };
+    assert_eq!(action, want, "{what}: action");
+}
+
+fn request(key: &str) -> Vec<u8> {
+    http_request("GET", "/", &[("Host", "x"), ("X-MBX-APIKEY", key)])
+}
+
+fn loaded() -> Loaded {
+    let mut l = Loaded::new(POLICY).unwrap();
+    // Every SYN here is sent by the test itself.
+    l.auto_syn = false;
+    l
+}
+
+#[test]
+fn data_without_a_recorded_syn_is_not_judged_as_a_stream_start() {
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41000, 8080);
+    // A connection older than the program (or one whose SYN found the table full): where
+    // its stream starts is unknown, even for a request with an allowed key.
+    expect(
+        &mut l,
+        &c().seq(1001).payload(&request("37c541a1aaaa")).build(),
+        DropMalformed,
+        "no SYN recorded",
+    );
+    expect(&mut l, &c().seq(1000).syn().build(), PassHandshake, "SYN");
+    expect(
+        &mut l,
+        &c().seq(1001).payload(&request("37c541a1aaaa")).build(),
+        PassAllowed,
+        "at ISN + 1",
+    );
+}
+
+#[test]
+fn bytes_before_the_stream_start_are_refused() {
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41001, 8080);
+    expect(&mut l, &c().seq(5000).syn().build(), PassHandshake, "SYN");
+    // The server would trim the first bytes and read the rest from its window start: the
+    // filter's parse from byte 0 would not be the server's.
+    for seq in [4990u32, 5000, 4_000_000_000] {
+        expect(
+            &mut l,
+            &c().seq(seq).payload(&request("37c541a1aaaa")).build(),
+            DropMalformed,
+            &format!("data at {seq}"),
+        );
+    }
+    // Ahead of the start: a hole the server waits on, never a start.
+    expect(
+        &mut l,
+        &c().seq(5010).payload(&request("37c541a1aaaa")).build(),
+        DropMalformed,
+        "data past ISN + 1",
+    );
+    expect(
+        &mut l,
+        &c().seq(5001).payload(&request("37c541a1aaaa")).build(),
+        PassAllowed,
+        "at ISN + 1",
+    );
+}
+
+#[test]
+fn a_proxy_header_before_the_stream_start_is_refused() {
+    // The differential fuzzer's finding: a trusted proxy's segment beginning before ISN + 1.
+    // The server trims the head of the PROXY header and reads the stream without it.
+    let mut l = loaded();
+    let c = || Pkt::tcp4(PROXY4, EDGE4, 41002, 8081);
+    let mut hdr = b"PROXY TCP4 198.51.100.7 192.0.2.1 50000 8081\r\n".to_vec();
+    hdr.extend_from_slice(&request("37c541a1aaaa"));
+    expect(&mut l, &c().seq(7000).syn().build(), PassHandshake, "SYN");
+    expect(
+        &mut l,
+        &c().seq(7000 - 10).payload(&hdr).build(),
+        DropMalformed,
+        "header starting 11 bytes early",
+    );
+    expect(
+        &mut l,
+        &c().seq(7001).payload(&hdr).build(),
+        PassAllowed,
+        "at ISN + 1",
+    );
+}
+
+#[test]
+fn a_second_connection_on_a_tuple_starts_once_and_only_far_from_the_first() {
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41003, 8080);
+    expect(&mut l, &c().seq(100).syn().build(), PassHandshake, "SYN 1");
+    expect(
+        &mut l,
+        &c().seq(101).payload(&request("37c541a1aaaa")).build(),
+        PassAllowed,
+        "connection 1",
+    );
+    // A second SYN far from the first connection's window: its data starts a stream of its
+    // own (the server answers the SYN with a challenge ACK while connection 1 lives, and
+    // then these bytes fall outside its window).
+    let isn2 = 100u32.wrapping_add(1 << 31);
+    expect(&mut l, &c().seq(isn2).syn().build(), PassHandshake, "SYN 2");
+    expect(
+        &mut l,
+        &c().seq(isn2 + 1).payload(&request("37c541a1bbbb")).build(),
+        PassAllowed,
+        "connection 2 judged from its start",
+    );
+    // A third ISN could bounce back into connection 1's forgotten window: never a start.
+    let isn3 = 100u32.wrapping_add(3 << 30);
+    expect(&mut l, &c().seq(isn3).syn().build(), PassHandshake, "SYN 3");
+    expect(
+        &mut l,
+        &c().seq(isn3 + 1).payload(&request("37c541a1aaaa")).build(),
+        DropMalformed,
+        "connection 3",
+    );
+}
+
+#[test]
+fn a_syn_near_the_recorded_one_loses_the_stream_start() {
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41004, 8080);
+    expect(&mut l, &c().seq(9000).syn().build(), PassHandshake, "SYN");
+    // Which of the two the server holds is not knowable, and their windows overlap.
+    expect(
+        &mut l,
+        &c().seq(8990).syn().build(),
+        PassHandshake,
+        "SYN 10 earlier",
+    );
+    for seq in [9001u32, 8991] {
+        expect(
+            &mut l,
+            &c().seq(seq).payload(&request("37c541a1aaaa")).build(),
+            DropMalformed,
+            &format!("data at {seq}"),
+        );
+    }
+    // A retransmitted SYN (the same ISN) changes nothing.
+    let mut l = loaded();
+    expect(&mut l, &c().seq(9000).syn().build(), PassHandshake, "SYN");
+    expect(
+        &mut l,
+        &c().seq(9000).syn().build(),
+        PassHandshake,
+        "SYN again",
+    );
+    expect(
+        &mut l,
+        &c().seq(9001).payload(&request("37c541a1aaaa")).build(),
+        PassAllowed,
+        "data after a retransmitted SYN",
+    );
+}
+
+#[test]
+fn an_evicted_refused_connection_stays_refused() {
+    // A refused connection whose flow entry is evicted: the server still holds it, and a
+    // new SYN near its window must not make the same bytes a fresh, misplaced stream.
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41005, 8080);
+    expect(&mut l, &c().seq(300).syn().build(), PassHandshake, "SYN");
+    expect(
+        &mut l,
+        &c().seq(301).payload(&request("a7c0ffee9999")).build(),
+        DropNotAllowed,
+        "refused",
+    );
+    let keys: Vec<_> = l.dp.maps.flows.keys().filter_map(|k| k.ok()).collect();
+    assert_eq!(keys.len(), 1, "one flow");
+    l.dp.maps.flows.remove(&keys[0]).unwrap();
+    expect(
+        &mut l,
+        &c().seq(290).syn().build(),
+        PassHandshake,
+        "SYN near",
+    );
+    expect(
+        &mut l,
+        &c().seq(291).payload(&request("37c541a1aaaa")).build(),
+        DropMalformed,
+        "data at the near SYN's start",
+    );
+}
