@@ -354,17 +354,24 @@ def sc_http_flood(c, key, nflows):
 
 
 def flood(c, nflows):
-    """Data segments (keyless HTTP requests) from `nflows` other source ports."""
+    """New connections from `nflows` other source ports: a SYN, then a keyless HTTP request
+    at its ISN + 1 (the filter judges a stream only from a recorded SYN)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
     data = b"GET / HTTP/1.1\r\nHost: flood\r\n\r\n"
+
+    def send(sport, seq, flags, payload):
+        hdr = struct.pack("!HHIIBBHHH", sport, c.dport, seq, random.getrandbits(32)
+                          if flags & F_ACK else 0, 5 << 4, flags, 65535, 0, 0)
+        pseudo = (socket.inet_aton(c.src) + socket.inet_aton(c.dst)
+                  + struct.pack("!xBH", socket.IPPROTO_TCP, len(hdr) + len(payload)))
+        cs = checksum(pseudo + hdr + payload)
+        s.sendto(hdr[:16] + struct.pack("!H", cs) + hdr[18:] + payload, (c.dst, 0))
+
     for i in range(nflows):
         sport = 30000 + (i % 30000)
-        hdr = struct.pack("!HHIIBBHHH", sport, c.dport, random.getrandbits(32),
-                          random.getrandbits(32), 5 << 4, F_PSH | F_ACK, 65535, 0, 0)
-        pseudo = (socket.inet_aton(c.src) + socket.inet_aton(c.dst)
-                  + struct.pack("!xBH", socket.IPPROTO_TCP, len(hdr) + len(data)))
-        cs = checksum(pseudo + hdr + data)
-        s.sendto(hdr[:16] + struct.pack("!H", cs) + hdr[18:] + data, (c.dst, 0))
+        isn = random.getrandbits(32)
+        send(sport, isn, F_SYN, b"")
+        send(sport, (isn + 1) & 0xffffffff, F_PSH | F_ACK, data)
         if i % 200 == 199:
             time.sleep(0.002)
     s.close()
@@ -448,6 +455,26 @@ def sc_tls_bad_csum(c, first_label, second_label):
     c.notes.append("server acked the bad-checksum segment: %s" % c.wait_acked(1, 0.2))
     c.send(0, second)
     c.wait_acked(len(second))
+
+
+def sc_tls_before_start(c, outer_label, inner_label):
+    """The first data segment begins before the stream start (ISN + 1): the server trims the
+    bytes before its window and reads on from there. The segment is one ClientHello naming
+    `outer_label` whose cipher-suite list holds, exactly where the server's stream begins, a
+    whole ClientHello record naming `inner_label`."""
+    inner = record(0x16, client_hello(sni_name(inner_label)))
+    if len(inner) % 2:
+        inner += b"\x00"
+    exts = sni_ext(sni_name(outer_label)) + ext(0x002B, b"\x04\x03\x04\x03\x03")
+    body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32)
+            + struct.pack("!H", len(inner) + 2) + inner + b"\x13\x01" + b"\x01\x00"
+            + struct.pack("!H", len(exts)) + exts)
+    outer = record(0x16, b"\x01" + len(body).to_bytes(3, "big") + body)
+    head = outer.index(inner)
+    c.connect()
+    c.send(-head, outer)
+    c.notes.append("inner record at byte %d" % head)
+    c.wait_acked(len(outer) - head)
 
 
 def sc_tls_syn_midhello(c, label):
@@ -573,6 +600,7 @@ SCENARIOS = {
     "tls-second-hello": sc_tls_second_hello,
     "tls-bad-csum": sc_tls_bad_csum,
     "tls-syn-midhello": sc_tls_syn_midhello,
+    "tls-before-start": sc_tls_before_start,
     "tls-ooo": sc_tls_ooo,
     "tls-evict": sc_tls_evict,
     "fix-control": sc_fix_control,

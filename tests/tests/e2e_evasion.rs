@@ -813,6 +813,19 @@ fn tls_sni_case_variants_of_two_keys() {
 // ---------------------------------------------------------------------------------------------
 // a verdict never carries over
 
+/// The first data segment starts before ISN + 1: the server trims its head and reads a
+/// ClientHello hidden in the outer one's cipher-suite list (DATAPATH.md, "Stream starts").
+#[test]
+fn tls_segment_before_the_stream_start() {
+    attack_test(
+        "evtlsbefore",
+        Srv::Tls,
+        "tls-before-start",
+        &[A_LABEL, S_LABEL],
+        &["drop_malformed"],
+    );
+}
+
 #[test]
 fn tls_second_client_hello_on_a_judged_connection() {
     let lab = Lab::new("evtls2ch", &[Srv::Tls]);
