@@ -29,8 +29,9 @@ use crate::{
     swar::{HIGH, LOW7, ONES, low_bytes},
 };
 
-/// Payload bytes one segment may carry (8 per step). A larger payload fails closed.
-pub const MAX_SCAN_WORDS: usize = 200;
+/// Steps of the scan (32 bytes each, or up to the first line start in them): 1,500 bytes with
+/// `MAX_LINES` line starts. A larger payload fails closed.
+const WIDE_STEPS: usize = 112;
 /// Line starts checked per segment. More lines fail closed.
 pub const MAX_LINES: usize = 64;
 /// The bytes read at a line start: name with colon (<= 24), blanks (<= 8), key prefix (<= 16).
@@ -96,20 +97,28 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
     0
 }
 
+/// The separators in the 32 bytes at `p` (which the caller bounds-checked), from byte `skip`
+/// on: how far to advance from there past the first one (to the window's end if none), and
+/// whether there was one. Straight-line arithmetic (no selects, which BPF turns into
+/// branches), so the verifier sees one state per iteration.
 #[inline(always)]
-fn step(w: u64, seps: u64, fold: u64) -> (usize, usize) {
-    // `fold` ORs away the bits in which separators differ: for HTTP, 0x08..=0x0f all end a
-    // line (LF and CR, and with them TAB, VT, FF: more line starts than a server sees is
-    // safe, fewer is not). One comparison, so the loop keeps its registers.
-    let m = newline_mask(w | fold, seps);
-    let is_nl = ((m | m.wrapping_neg()) >> 63) as usize;
-    // Sentinel at byte 7: no newline advances by 8, like a newline in the last byte.
-    let m = m | (1 << 63);
-    // lsb = 1 << (8k + 7) for the first newline at byte k; the multiply moves k + 1 into the
-    // top byte (no popcount: BPF has none, and its expansion costs a dozen instructions).
-    let lsb = m & m.wrapping_neg();
-    let adv = ((lsb >> 7).wrapping_mul(0x0102_0304_0506_0708) >> 56) as usize;
-    (adv, is_nl)
+fn step4(p: usize, seps: u64, fold: u64, skip: usize) -> (usize, usize) {
+    // Each word's flags (high bit per separator byte) gathered into one byte, bit j = byte j.
+    let gather = |o: usize| {
+        let m = newline_mask(ld64((p + o) as *const u64) | fold, seps);
+        ((m >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+    };
+    let s = gather(0) | gather(8) << 8 | gather(16) << 16 | gather(24) << 24;
+    // Only the lowest flag is exact (a borrow can set flags above a true one), and the lowest
+    // is all this needs. The window's last byte as a sentinel: no separator advances to it.
+    let s = s >> skip;
+    let sentinel = 31 - skip;
+    let t = s | 1 << sentinel;
+    let lsb = t & t.wrapping_neg();
+    let adv = (lsb - 1).count_ones() as usize + 1;
+    // A separator unless the lowest bit is the sentinel (written so LLVM keeps it arithmetic:
+    // a zero test would become a branch).
+    (adv, (((lsb >> sentinel) & 1) ^ 1) as usize)
 }
 
 /// `seps` is the separator byte in every byte of a word.
@@ -143,8 +152,6 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
     let xctx = XdpContext::new(ctx);
     let start = (io.start & 0x3fff) as usize;
     let end = (io.end & 0x3fff) as usize;
-    let seps = ONES * (io.sep & 0xff);
-    let seps2 = ONES * (io.sep_fold & 0xff);
     let fix = io.fix != 0;
     if io.first != 0 && !stream_start_ok(&xctx, start, end, fix) {
         return 0;
@@ -161,8 +168,8 @@ pub extern "C" fn keywall_http_scan(ctx: *mut xdp_md, io: *mut ScanIo) -> i64 {
         end,
         l,
         (io.plen & 0x1f) as usize,
-        seps,
-        seps2,
+        io.sep & 0xff,
+        io.sep_fold & 0xff,
     ) {
         Found::None => io.result = SCAN_NONE,
         Found::Malformed => io.result = SCAN_MALFORMED,
@@ -214,67 +221,20 @@ fn scan(
     seps: u64,
     seps2: u64,
 ) -> Found {
-    let data = ctx.data();
-    let data_end = ctx.data_end();
     let lines = unsafe { &mut (*sc).lines };
     if end <= start {
         return Found::None;
     }
     let len = end - start;
 
-    // Pass 1: record line starts (as payload offsets). The payload start counts as one,
-    // since a segment may begin exactly where the previous one ended a line.
-    lines[0] = 0;
-    let mut n: usize = 1;
-    let mut pos: usize = 0;
-    // Whole words straight from the packet. One exit, no other branch: every iteration
-    // reaches the loop head in a single state, so the verifier's work stays linear.
-    for _ in 0..MAX_SCAN_WORDS {
-        let p = data + ((start + pos) & 0x3fff);
-        if p + 8 > data_end || pos + 8 > len {
-            break;
-        }
-        let w = ld64(p as *const u64);
-        let (adv, is_nl) = step(w, seps, seps2);
-        pos += adv;
-        // Branch-free append: the slot is overwritten unless this step found a newline.
-        lines[n & 127] = pos as u16;
-        n += is_nl;
-    }
-    // Each iteration leaves the loop with its own pos and n; launder them (and len, which the
-    // loop test narrowed) so those exits become one state for the verifier.
-    let pos = forget_in(sc, 1, pos) & 0x3fff;
-    let mut n = forget_in(sc, 2, n) & 0xff;
-    let len = forget_in(sc, 3, len) & 0x3fff;
-    let mut pos = pos;
-    if pos + 8 <= len {
-        // More payload than the scan budget.
+    // Pass 1, in a BPF function of its own: its frame is not on the stack while pass 2's
+    // callback runs (the chain shares 512 bytes).
+    let n = record_lines(ctx, sc, start as u64 | (end as u64) << 16, seps2 << 8 | seps);
+    if n == NO_LINES {
         return Found::Malformed;
     }
-    // The last 1..=7 bytes: the 8 bytes ending at the payload end, shifted so the tail sits
-    // low with zeros above (zero is not a newline). Those 8 bytes are inside the frame: the
-    // headers before the payload are longer than 8 bytes. A direct read; the load helper costs
-    // over 100 ns.
-    if pos < len {
-        let rem = (((len - pos).wrapping_sub(1)) & 7) as u64 + 1;
-        let Some(mut tail) = last_bytes(sc, data, data_end, end, rem) else {
-            return Found::Malformed;
-        };
-        for _ in 0..8 {
-            if pos >= len {
-                break;
-            }
-            let (adv, is_nl) = step(tail, seps, seps2);
-            // Shift the consumed bytes out; a shift by 64 would be undefined, so go in two.
-            tail = (tail >> (8 * (adv as u64 - 1))) >> 8;
-            pos += adv;
-            lines[n & 127] = pos as u16;
-            n += is_nl;
-        }
-    }
-
-    // The tail loop's exits differ only in pos and n; merge them for the verifier.
-    let n = forget_in(sc, 2, n) & 0xff;
+    let n = n as usize & 0xff;
+    let len = forget_in(sc, 3, len) & 0x3fff;
     if n > MAX_LINES {
         return Found::Malformed;
     }
@@ -318,6 +278,78 @@ fn scan(
     } else {
         Found::None
     }
+}
+
+/// `record_lines` found more payload or more line starts than its budget, or a frame shorter
+/// than it claims.
+const NO_LINES: u64 = 0xffff;
+
+/// Pass 1: records the line starts of the payload `[start, end)` (offsets from the frame start,
+/// packed in `bounds`) as payload offsets in `lines`, and returns how many (or `NO_LINES`).
+/// `sepfold`: the separator byte, and the bits separators may differ in, in bits 8..16.
+#[inline(never)]
+fn record_lines(ctx: &XdpContext, sc: ScratchPtr, bounds: u64, sepfold: u64) -> u64 {
+    let start = (bounds & 0x3fff) as usize;
+    let end = ((bounds >> 16) & 0x3fff) as usize;
+    let seps = ONES * (sepfold & 0xff);
+    let seps2 = ONES * ((sepfold >> 8) & 0xff);
+    // One 32-bit load each: LLVM would merge the two fields into one 64-bit load here, which
+    // the verifier refuses on a context.
+    let (data, data_end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    let lines = unsafe { &mut (*sc).lines };
+    if end <= start {
+        return NO_LINES;
+    }
+    let len = end - start;
+    // Pass 1: record line starts (as payload offsets). The payload start counts as one,
+    // since a segment may begin exactly where the previous one ended a line.
+    lines[0] = 0;
+    let mut n: usize = 1;
+    let mut pos: usize = 0;
+    // The 32 bytes read each step end no later than the payload's end: near it they start
+    // before `pos` (in the headers, for a short payload: the frame has more than 32 bytes of
+    // them), and the flags before `pos` are shifted out. So every step is one straight-line
+    // 32-byte read, and no step needs a tail of its own. One step per line start or per 32
+    // bytes; two exits, no other branch: every iteration reaches the loop head in a single
+    // state, so the verifier's work stays linear.
+    if end < 32 {
+        return NO_LINES;
+    }
+    let last = end - 32;
+    for _ in 0..WIDE_STEPS {
+        if pos >= len {
+            break;
+        }
+        let at = start + pos;
+        // min(at, last) without a select (BPF turns selects into branches, and LLVM finds a
+        // min in any arithmetic form of it: the sign bit is laundered so it cannot).
+        let d = forget_in(sc, 0, last.wrapping_sub(at));
+        let r = at.wrapping_sub((((d as i64) >> 63) as usize) & at.wrapping_sub(last));
+        let p = data + (r & 0x3fff);
+        if p + 32 > data_end {
+            break;
+        }
+        let (adv, is_nl) = step4(p, seps, seps2, at.wrapping_sub(r) & 31);
+        pos += adv;
+        // Branch-free append: the slot is overwritten unless this step found a newline.
+        lines[n & 127] = pos as u16;
+        n += is_nl;
+    }
+    // Each iteration leaves the loop with its own pos and n; launder them so those exits
+    // become one state for the verifier.
+    let pos = forget_in(sc, 1, pos) & 0x3fff;
+    let n = forget_in(sc, 2, n) & 0xff;
+    let len = forget_in(sc, 3, len) & 0x3fff;
+    if pos < len {
+        // More payload (or more line starts) than the scan budget.
+        return NO_LINES;
+    }
+    n as u64
 }
 
 /// High bit set in each byte of `x` equal to `b`, exactly (no borrow between bytes).

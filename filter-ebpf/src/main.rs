@@ -993,13 +993,16 @@ fn follow(sc: ScratchPtr, slot: u32, settings: &Settings, f: &mut Flow) -> Verdi
     if dropped && f.flags & FLOW_HAS_KEY != 0 {
         note_key(sc, &f.prefix, &f.client);
     }
+    // A key's passes are counted where it is judged (a connection, a request), not on every
+    // packet that follows: that keeps the shared counter line and the clock read off the
+    // established path. Its drops stay counted per packet (a refused connection retrying).
     Verdict {
         reason: if dropped {
             Reason::DropFlow
         } else {
             Reason::PassFlow
         },
-        stat_idx: f.stat_idx,
+        stat_idx: if dropped { f.stat_idx } else { NO_STAT },
     }
 }
 
