@@ -110,15 +110,16 @@ fn step4(p: usize, seps: u64, fold: u64, skip: usize) -> (usize, usize) {
     };
     let s = gather(0) | gather(8) << 8 | gather(16) << 16 | gather(24) << 24;
     // Only the lowest flag is exact (a borrow can set flags above a true one), and the lowest
-    // is all this needs. The window's last byte as a sentinel: no separator advances to it.
+    // is all this needs.
     let s = s >> skip;
-    let sentinel = 31 - skip;
+    // A sentinel just past the window: without a separator, the step ends at the window's end.
+    let sentinel = 32 - skip;
     let t = s | 1 << sentinel;
     let lsb = t & t.wrapping_neg();
-    let adv = (lsb - 1).count_ones() as usize + 1;
     // A separator unless the lowest bit is the sentinel (written so LLVM keeps it arithmetic:
-    // a zero test would become a branch).
-    (adv, (((lsb >> sentinel) & 1) ^ 1) as usize)
+    // a zero test would become a branch). Past a separator at bit b: b + 1 bytes.
+    let hit = ((lsb >> sentinel) & 1) ^ 1;
+    ((lsb - 1).count_ones() as usize + hit as usize, hit as usize)
 }
 
 /// `seps` is the separator byte in every byte of a word.
