@@ -2637,7 +2637,7 @@ fn targets(r: &Results) -> Vec<Target> {
             (Some(x), Some(m), Some(n)) => Target {
                 what: what.into(),
                 figure: format!(
-                    "{m:.2} Mpps dropped, counted as {} ({:.0}% judged from the stream start); no filter takes in {n:.2} Mpps of the same frames: {:.2}× (NAPI CPU per frame: {:.0} ns; no filter {:.0}). Each needs a recorded SYN: the SYN flood from the same sources ran at {} Mpps ({:.0} ns NAPI CPU per frame, counted as {}), and those SYNs go on to the stack",
+                    "{m:.2} Mpps dropped, counted as {} ({:.0}% judged from the stream start); no filter takes in {n:.2} Mpps of the same frames: {:.2}× (NAPI CPU per frame: {:.0} ns; no filter {:.0}). Each needs a recorded SYN: the SYN flood from the same sources ran at {} Mpps ({:.0} ns NAPI CPU per frame, counted as {}), and those SYNs go on to the stack; at that rate, SYNs on new tuples would fill `KW_HELD` ({} records, never evicted) in {}, after which every new connection to the listeners is refused until the sweep forgets idle tuples",
                     x.reason_shares(),
                     x.share_of(Reason::DropNotAllowed) * 100.0,
                     m / n,
@@ -2646,6 +2646,13 @@ fn targets(r: &Results) -> Vec<Target> {
                     mpps(FloodFilter::KeywallSynAllowed).map_or("—".into(), |v| format!("{v:.2}")),
                     ns(FloodFilter::KeywallSynAllowed),
                     fl(FloodFilter::KeywallSynAllowed).map_or("—".into(), |s| s.reason_shares()),
+                    filter_common::DEFAULT_MAX_HELD,
+                    mpps(FloodFilter::KeywallSynAllowed)
+                        .filter(|v| *v > 0.0)
+                        .map_or("—".into(), |v| format!(
+                            "{:.1} s",
+                            f64::from(filter_common::DEFAULT_MAX_HELD) / (v * 1e6)
+                        )),
                 ),
                 met: Some(m / n >= 5.0),
             },
