@@ -74,6 +74,10 @@ struct Args {
     /// Skip the flood (per-packet and control plane only).
     #[arg(long)]
     no_flood: bool,
+    /// BPF_PROG_TEST_RUN repeat per per-packet measurement (full run: 1000000); a smaller
+    /// one makes a shorter, noisier run.
+    #[arg(long)]
+    repeat: Option<u32>,
     /// Flood: run the edge's NAPI thread SCHED_FIFO (priority 1) so that other load on a
     /// shared machine does not take the edge core from it. Off by default: it starves other
     /// work on that core (to the kernel's 5% RT-throttling share) while the flood runs.
@@ -1643,6 +1647,8 @@ fn load_with_entries(keys: usize, entries: usize) -> Result<Loaded> {
     let mut cap = capacity_for(keys);
     let outside = keys * entries.saturating_sub(4) + keys / 5 + 4096;
     cap.allow = cap.allow.max((outside as u32).next_power_of_two());
+    // With more than 4 hosts every key has a set of its own.
+    cap.sets = cap.sets.max(((keys + 4096) as u32).next_power_of_two());
     let mut l = Loaded::with_capacity(&base_policy_toml(), cap)?;
     l.apply_policy(&policy_with_entries(keys, entries))?;
     Ok(l)
@@ -3122,7 +3128,11 @@ fn run(args: &Args) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: the bench loads XDP programs into the kernel");
     }
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(n) = args.repeat {
+        ensure!(n > 0, "--repeat must be positive");
+        plan.repeat = n;
+    }
     let t_start = Instant::now();
     println!(
         "keywall-bench{}: {}; BPF_PROG_TEST_RUN repeat {}, {} reps",
