@@ -4,7 +4,7 @@
 //!    flow, key-bearing first packets of each locator, disallowed and locked variants), with
 //!    1k, 100k and 1M keys loaded, beside the trivial `XDP_PASS` program, an XDP drop-all and
 //!    xdp-filter's own program with 1M exact addresses, all on the same frames.
-//! 2. Flood on veth: a live-frames generator spreads 65,536 sources into the edge veth; Mpps
+//! 2. Flood on veth: a live-frames generator spreads 65,535 sources into the edge veth; Mpps
 //!    dropped and CPU used by keywall, drop-all, xdp-filter, nftables netdev ingress and no
 //!    filter.
 //! 3. Control plane: lock to enforced, a 1M-key snapshot under traffic (zero wrong verdicts),
@@ -1053,7 +1053,7 @@ enum FloodFilter {
     NoFilterData,
 }
 
-/// What a flood row sends (every frame from one of 65,536 sources in 10.77.0.0/16).
+/// What a flood row sends (every frame from one of 65,535 sources in 10.77.0.0/16).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum FloodFrames {
     /// A SYN to the HTTP listener, source port 33333.
@@ -2380,6 +2380,11 @@ fn ratio_target(what: &str, rows: &[(String, Option<&Row>)], limit: f64) -> Targ
     }
 }
 
+/// A fitted slope for printing: no "-0.000" for a flat line.
+fn nz(v: f64) -> f64 {
+    if v.abs() < 0.0005 { 0.0 } else { v }
+}
+
 /// Least-squares line through (x, y): (slope, intercept).
 fn fit(pts: &[(f64, f64)]) -> (f64, f64) {
     let n = pts.len() as f64;
@@ -2479,7 +2484,7 @@ fn slope_table(r: &Results) -> String {
             s,
             "| {} | {:.3} | {} | {:.0} | {} |",
             x.who,
-            x.slope,
+            nz(x.slope),
             x.per_rep.map_or("—".into(), |p| format!(
                 "{:.3} / {:.3} / {:.3}",
                 p.min, p.median, p.max
@@ -2516,7 +2521,7 @@ fn targets(r: &Results) -> Vec<Target> {
     let peers: Vec<String> = sl
         .iter()
         .filter(|x| !x.who.starts_with("keywall"))
-        .map(|x| format!("{} {:.3}", x.who, x.slope))
+        .map(|x| format!("{} {:.3}", x.who, nz(x.slope)))
         .collect();
     t.push(match kw {
         Some(k) => Target {
@@ -2944,7 +2949,7 @@ fn report(r: &Results, for_doc: bool) -> String {
     d.push_str(&breakdown(r));
     let _ = writeln!(
         d,
-        "\n## Flood on veth, 64 B-class frames from 65,536 sources\n\nkeywall with {} keys; {:.0} s windows; min / median / max over the reps; edge NAPI thread {}.\n",
+        "\n## Flood on veth, frames from 65,535 sources\n\nkeywall with {} keys; {:.0} s windows; min / median / max over the reps; edge NAPI thread {}.\n",
         keys_label(r.flood_keys),
         r.flood_window.as_secs_f64(),
         if r.rt_napi {
@@ -3020,10 +3025,10 @@ fn method(r: &Results) -> String {
         "- **Scaling:** the key-count columns are the main key sets' rows; the allow-entry columns load one extra set at a time ({} keys with 1, 4 or 64 IPv4 hosts per key, no CIDR) after the main measurement and time only the scaling frames, with the peers again beside them.",
         keys_label(r.entry_keys)
     );
-    d.push_str("- **Flood:** a live-frames generator (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`, 2^20 frames per call; a raw XDP program that sets each frame's source low 16 bits from `bpf_get_prandom_u32` in 10.77.0.0/16, compensating the IP ID and TCP sequence so both checksums stay valid, then `bpf_redirect`s into the client veth) runs pinned to CPU 0. The edge veth uses threaded NAPI, its thread pinned to CPU 1, with GRO on so that redirected frames are accepted without an XDP program. Rates come from the edge's own counters over a fixed window after a warm-up: `ethtool -S` (`xdp_drops`), the keywall reason counter or the nftables rule counter, and `rx_packets` for no filter. Ring overflow (the sender's `xdp_xmit_errors`) and `rx_dropped` are reported apart. CPU: the NAPI thread's utime+stime, also per frame taken from the ring (a cost that holds whatever else competes for the core), and CPU 1's busy share from /proc/stat (other agents share this machine). `--rt-napi` runs the NAPI thread SCHED_FIFO.\n");
+    d.push_str("- **Flood:** a live-frames generator (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`, 2^20 frames per call; a raw XDP program that sets each frame's source low 16 bits from `bpf_get_prandom_u32` in 10.77.0.0/16 (0 to 0xfffe), compensating the IP ID and TCP sequence so both checksums stay valid, for the paired rows also the source port (compensated in the sequence's high half), then `bpf_redirect`s into the client veth) runs pinned to CPU 0. The edge veth uses threaded NAPI, its thread pinned to CPU 1, with GRO on so that redirected frames are accepted without an XDP program. Rates come from the edge's own counters over a fixed window after a warm-up: `ethtool -S` (`xdp_drops`), the keywall reason counter or the nftables rule counter, and `rx_packets` for no filter. Ring overflow (the sender's `xdp_xmit_errors`) and `rx_dropped` are reported apart. CPU: the NAPI thread's utime+stime, also per frame taken from the ring (a cost that holds whatever else competes for the core), and CPU 1's busy share from /proc/stat (other agents share this machine). `--rt-napi` runs the NAPI thread SCHED_FIFO.\n");
     let _ = writeln!(
         d,
-        "- **What each flood row sends** (keywall with the {}-key policy; every row from 65,536 sources in 10.77.0.0/16, which no key of that policy allows; keywall's counted reasons are read over each window and shown in the last column):\n  - *SYN prefilter*: SYNs to the HTTP listener, source port 33333. Dropped by the prefilter (`drop_prefilter`). The drop-all, xdp-filter, nftables and no-filter rows send these same SYNs.\n  - *key-bearing data segments, sources no key allows*: the HTTP request with key #500 as a data segment, with no SYN before it. No SYN from these sources can be recorded (the prefilter drops it), so sending SYNs first would change nothing: each segment has no flow and no `KW_HELD` record and is dropped at that lookup (`drop_malformed`) before any payload scan. That is the path an attacker from these sources gets.\n  - *SYN from allowed sources*: for this row and the next, the policy gains the attacker's own key `{ATTACKER_PREFIX}`, allowing 10.77.0.0/16. SYNs on 8 source ports per source ({PAIR_PORT_BASE}..{}, 524,280 tuples), the ISN derived from the tuple. They pass the prefilter, are recorded in `KW_HELD` (the first time a tuple is seen; a repeated ISN changes nothing) and go on to the stack, which answers them from a closed port; the figure is SYNs keywall counted per second, passed or dropped.\n  - *key-bearing data segments from allowed sources, wrong key*: right after that row, on the same tuples, the HTTP request with key #500 (which does not allow these sources) at ISN + 1 of each tuple's recorded SYN: the shape of an attacker's SYN + request pairs, with the SYNs sent in the row before rather than interleaved (the records persist; `KW_HELD` never evicts). Every request there is judged from the stream start and dropped (`drop_not_allowed`): the first on a tuple because its SYN is recorded, and a repeat because a refused connection's position does not move, so the same request is in order again (or, once the attacker's other tuples have pushed the refused flow out of the LRU flow table, fresh again at ISN + 1). A request on a tuple whose SYN the row before never got through (ring overflow) has no record and is dropped at that lookup (`drop_malformed`). The split is in the last column; the target compares the rate with no filter taking in the same frames.\n  - *no filter*: the same SYNs, and the same paired requests, up the stack to a closed port.\n- Peers in the flood: xdp-filter's program as above (attached natively; its list holds allowed hosts only, so every flood source is denied); nftables `netdev` ingress on the edge veth, `tcp dport 8080 ip saddr != @allowed_hosts ip saddr != @allowed_nets drop` with the same policy's {} hosts and /28s.",
+        "- **What each flood row sends** (keywall with the {}-key policy; every row from 65,535 sources in 10.77.0.0/16, which no key of that policy allows; keywall's counted reasons are read over each window and shown in the last column):\n  - *SYN prefilter*: SYNs to the HTTP listener, source port 33333. Dropped by the prefilter (`drop_prefilter`). The drop-all, xdp-filter, nftables and no-filter rows send these same SYNs.\n  - *key-bearing data segments, sources no key allows*: the HTTP request with key #500 as a data segment, with no SYN before it. No SYN from these sources can be recorded (the prefilter drops it), so sending SYNs first would change nothing: each segment has no flow and no `KW_HELD` record and is dropped at that lookup (`drop_malformed`) before any payload scan. That is the path an attacker from these sources gets.\n  - *SYN from allowed sources*: for this row and the next, the policy gains the attacker's own key `{ATTACKER_PREFIX}`, allowing 10.77.0.0/16. SYNs on 8 source ports per source ({PAIR_PORT_BASE}..{}, 524,280 tuples), the ISN derived from the tuple. They pass the prefilter, are recorded in `KW_HELD` (the first time a tuple is seen; a repeated ISN changes nothing) and go on to the stack, which answers them from a closed port; the figure is SYNs keywall counted per second, passed or dropped.\n  - *key-bearing data segments from allowed sources, wrong key*: right after that row, on the same tuples, the HTTP request with key #500 (which does not allow these sources) at ISN + 1 of each tuple's recorded SYN: the shape of an attacker's SYN + request pairs, with the SYNs sent in the row before rather than interleaved (the records persist; `KW_HELD` never evicts). Every request there is judged from the stream start and dropped (`drop_not_allowed`): the first on a tuple because its SYN is recorded, and a repeat because a refused connection's position does not move, so the same request is in order again (or, once the attacker's other tuples have pushed the refused flow out of the LRU flow table, fresh again at ISN + 1). A request on a tuple whose SYN the row before never got through (ring overflow) has no record and is dropped at that lookup (`drop_malformed`). The split is in the last column; the target compares the rate with no filter taking in the same frames.\n  - *no filter*: the same SYNs, and the same paired requests, up the stack to a closed port.\n- Peers in the flood: xdp-filter's program as above (attached natively; its list holds allowed hosts only, so every flood source is denied); nftables `netdev` ingress on the edge veth, `tcp dport 8080 ip saddr != @allowed_hosts ip saddr != @allowed_nets drop` with the same policy's {} hosts and /28s.",
         keys_label(r.flood_keys),
         PAIR_PORT_BASE + (1 << PAIR_PORT_BITS) - 1,
         keys_label(r.flood_keys * 4)
