@@ -39,23 +39,25 @@ impl Generator {
         client_ns: &str,
         client_if: &str,
         frame: Vec<u8>,
+        port_bits: u32,
         cpu: usize,
     ) -> Result<Generator> {
         ensure!(
-            rawbpf::gen_template_ok(&frame),
-            "the flood template must be IPv4/TCP without options, source low 16 bits 0, IP ID and sequence low 16 bits 0xffff"
+            rawbpf::gen_template_ok(&frame, port_bits),
+            "the flood template must be IPv4/TCP without options, source low 16 bits 0, IP ID 0xffff, sequence low 16 bits 0xfffe or 0xffff (and room for the port spread)"
         );
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
         let (ns, ifname) = (client_ns.to_owned(), client_if.to_owned());
         let (stop2, sent2) = (stop.clone(), sent.clone());
+        let frame_t = frame.clone();
         let handle = std::thread::spawn(move || -> Result<()> {
             let setup = (|| -> Result<RawProg> {
                 enter_netns(&ns)?;
                 pin_self(cpu)?;
                 let ifindex = rawbpf::ifindex(&ifname)?;
-                rawbpf::generator(ifindex)
+                rawbpf::generator(ifindex, &frame_t, port_bits)
             })();
             let prog = match setup {
                 Ok(p) => {
@@ -357,16 +359,24 @@ pub fn window(a: &Sample, b: &Sample) -> Window {
 }
 
 /// Runs the generator for `warmup + secs`, sampling over the last `secs`; `drops` reads the
-/// filter's own drop counter.
+/// filter's own drop counter. `port_bits`: the generator also spreads the source port over
+/// 2^port_bits values (see `rawbpf::generator_insns`).
 pub fn measure(
     rig: &Rig,
     frame: &[u8],
+    port_bits: u32,
     warmup: Duration,
     secs: Duration,
     drops: &mut dyn FnMut() -> Result<u64>,
 ) -> Result<Window> {
     let napi = rig.pin_napi();
-    let gen_ = Generator::start(rig.client_ns, rig.client_if, frame.to_vec(), rig.gen_cpu)?;
+    let gen_ = Generator::start(
+        rig.client_ns,
+        rig.client_if,
+        frame.to_vec(),
+        port_bits,
+        rig.gen_cpu,
+    )?;
     std::thread::sleep(warmup);
     // NAPI threads may appear once traffic flows (veth adds its NAPI on demand).
     let napi = if napi.is_empty() {

@@ -83,6 +83,15 @@ const fn be16(dst: u8) -> Insn {
 const fn jgt_reg(dst: u8, src: u8, off: i16) -> Insn {
     i(0x2d, dst, src, off, 0)
 }
+const fn jne_imm(dst: u8, imm: i32, off: i16) -> Insn {
+    i(0x55, dst, 0, off, imm)
+}
+const fn rsh_imm(dst: u8, imm: i32) -> Insn {
+    i(0x77, dst, 0, 0, imm)
+}
+const fn add_reg(dst: u8, src: u8) -> Insn {
+    i(0x0f, dst, src, 0, 0)
+}
 const fn call(helper: i32) -> Insn {
     i(0x85, 0, 0, 0, helper)
 }
@@ -93,34 +102,78 @@ const fn exit() -> Insn {
 /// Byte offsets in an untagged IPv4/TCP frame without options that the generator rewrites.
 pub const OFF_SRC_LO16: usize = 28;
 pub const OFF_IP_ID: usize = 18;
+pub const OFF_TCP_SPORT: usize = 34;
+pub const OFF_TCP_SEQ_HI16: usize = 38;
 pub const OFF_TCP_SEQ_LO16: usize = 40;
 pub const GEN_MIN_FRAME: usize = 54;
 
+fn be16_at(f: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([f[off], f[off + 1]])
+}
+
 /// The generator's template rule: with the source's low 16 bits 0, the IP ID 0xffff and the
-/// low 16 bits of the TCP sequence 0xffff, writing d, 0xffff-d, 0xffff-d keeps both the IP
-/// and the TCP checksum valid (each one's-complement sum is unchanged, and no field wraps).
-pub fn gen_template_ok(frame: &[u8]) -> bool {
+/// low 16 bits of the TCP sequence 0xfffe or 0xffff, writing d (0..=0xfffe) into the source
+/// and subtracting it from the other two keeps both the IP and the TCP checksum valid (each
+/// one's-complement sum is unchanged, and no field wraps). With `port_bits` > 0 the source
+/// port also moves up by e (0..2^port_bits) and the sequence's high 16 bits down by e, so
+/// they must leave room for it.
+pub fn gen_template_ok(frame: &[u8], port_bits: u32) -> bool {
+    let mask = (1u32 << port_bits) - 1;
     frame.len() >= GEN_MIN_FRAME
         && frame[12..14] == [0x08, 0x00]
         && frame[14] == 0x45
         && frame[23] == 6
         && frame[OFF_SRC_LO16..OFF_SRC_LO16 + 2] == [0, 0]
         && frame[OFF_IP_ID..OFF_IP_ID + 2] == [0xff, 0xff]
-        && frame[OFF_TCP_SEQ_LO16..OFF_TCP_SEQ_LO16 + 2] == [0xff, 0xff]
+        && be16_at(frame, OFF_TCP_SEQ_LO16) >= 0xfffe
+        && port_bits <= 15
+        && u32::from(be16_at(frame, OFF_TCP_SPORT)) + mask <= 0xffff
+        && u32::from(be16_at(frame, OFF_TCP_SEQ_HI16)) >= mask
 }
 
-/// Instructions of the generator: a random 16-bit d per frame (source low 16 bits = d, IP ID
-/// and TCP sequence low 16 bits = 0xffff - d), then `bpf_redirect(ifindex)`.
-fn generator_insns(ifindex: u32) -> Vec<Insn> {
-    vec![
+/// What the generator does to one frame for the random draws d (source low 16 bits, capped
+/// at 0xfffe) and e (source port offset, `port_bits` wide): the same rewrite as
+/// `generator_insns`, for tests and for telling which frames belong together.
+pub fn gen_rewrite(frame: &mut [u8], d: u16, e: u16, port_bits: u32) {
+    let d = if d == 0xffff { 0 } else { d };
+    let put = |f: &mut [u8], off: usize, v: u16| f[off..off + 2].copy_from_slice(&v.to_be_bytes());
+    let (id, lo) = (be16_at(frame, OFF_IP_ID), be16_at(frame, OFF_TCP_SEQ_LO16));
+    put(frame, OFF_SRC_LO16, d);
+    put(frame, OFF_IP_ID, id - d);
+    put(frame, OFF_TCP_SEQ_LO16, lo - d);
+    if port_bits > 0 {
+        let e = e & ((1u16 << port_bits) - 1);
+        let (sp, hi) = (
+            be16_at(frame, OFF_TCP_SPORT),
+            be16_at(frame, OFF_TCP_SEQ_HI16),
+        );
+        put(frame, OFF_TCP_SPORT, sp + e);
+        put(frame, OFF_TCP_SEQ_HI16, hi - e);
+    }
+}
+
+/// Instructions of the generator for `template`: a random 16-bit d per frame (source low 16
+/// bits = d, IP ID and TCP sequence low 16 bits = template value - d), with `port_bits` > 0
+/// also a random e (source port = template port + e, sequence high 16 bits = template
+/// value minus e), then `bpf_redirect(ifindex)`. A SYN template whose sequence ends in 0xfffe and a
+/// data template with the same fields ending in 0xffff give, for the same (d, e), a SYN and
+/// the data segment at its ISN + 1.
+fn generator_insns(ifindex: u32, template: &[u8], port_bits: u32) -> Vec<Insn> {
+    let seq_lo = i32::from(be16_at(template, OFF_TCP_SEQ_LO16));
+    let sport = i32::from(be16_at(template, OFF_TCP_SPORT));
+    let seq_hi = i32::from(be16_at(template, OFF_TCP_SEQ_HI16));
+    let mut v = vec![
         mov_reg(6, 1),
         ldx_w(7, 6, 0), // data
         ldx_w(8, 6, 4), // data_end
         mov_reg(2, 7),
         add_imm(2, GEN_MIN_FRAME as i32),
-        jgt_reg(2, 8, 14), // too short: pass (never for our templates)
+        jgt_reg(2, 8, 0), // too short: pass (never for our templates); patched below
         call(HELPER_GET_PRANDOM_U32),
+        mov_reg(9, 0),
         and_imm(0, 0xffff),
+        jne_imm(0, 0xffff, 1),
+        mov_imm(0, 0),
         mov_reg(1, 0),
         be16(1),
         stx_h(7, 1, OFF_SRC_LO16 as i16),
@@ -128,14 +181,36 @@ fn generator_insns(ifindex: u32) -> Vec<Insn> {
         sub_reg(2, 0),
         be16(2),
         stx_h(7, 2, OFF_IP_ID as i16),
+        mov_imm(2, seq_lo),
+        sub_reg(2, 0),
+        be16(2),
         stx_h(7, 2, OFF_TCP_SEQ_LO16 as i16),
+    ];
+    if port_bits > 0 {
+        v.extend([
+            rsh_imm(9, 16),
+            and_imm(9, (1i32 << port_bits) - 1),
+            mov_imm(2, sport),
+            add_reg(2, 9),
+            be16(2),
+            stx_h(7, 2, OFF_TCP_SPORT as i16),
+            mov_imm(2, seq_hi),
+            sub_reg(2, 9),
+            be16(2),
+            stx_h(7, 2, OFF_TCP_SEQ_HI16 as i16),
+        ]);
+    }
+    v.extend([
         mov_imm(1, ifindex as i32),
         mov_imm(2, 0),
         call(HELPER_REDIRECT),
         exit(),
-        mov_imm(0, XDP_PASS as i32),
-        exit(),
-    ]
+    ]);
+    let pass = v.len();
+    v.extend([mov_imm(0, XDP_PASS as i32), exit()]);
+    // The bounds check jumps to the pass exit.
+    v[5].off = (pass - 6) as i16;
+    v
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<i64> {
@@ -199,9 +274,10 @@ pub fn drop_all() -> Result<RawProg> {
     load("kwb_drop_all", &[mov_imm(0, XDP_DROP as i32), exit()])
 }
 
-/// The live-frames generator for the interface `ifindex` (in the loading thread's netns).
-pub fn generator(ifindex: u32) -> Result<RawProg> {
-    load("kwb_gen", &generator_insns(ifindex))
+/// The live-frames generator for the interface `ifindex` (in the loading thread's netns),
+/// for frames built from `template` (see `generator_insns`).
+pub fn generator(ifindex: u32, template: &[u8], port_bits: u32) -> Result<RawProg> {
+    load("kwb_gen", &generator_insns(ifindex, template, port_bits))
 }
 
 pub struct RunResult {
@@ -277,12 +353,17 @@ mod tests {
 
     #[test]
     fn the_bounds_check_jumps_to_the_pass_exit() {
-        let insns = generator_insns(7);
-        let j = insns.iter().position(|i| i.code == 0x2d).expect("jump");
-        let target = j + 1 + insns[j].off as usize;
-        assert_eq!(insns[target].code, 0xb7);
-        assert_eq!(insns[target].imm, XDP_PASS as i32);
-        assert_eq!(insns[target + 1].code, 0x95);
+        let mut t = vec![0u8; 60];
+        t[40..42].copy_from_slice(&[0xff, 0xff]);
+        t[38..40].copy_from_slice(&[0x00, 0x10]);
+        for bits in [0, 3] {
+            let insns = generator_insns(7, &t, bits);
+            let j = insns.iter().position(|i| i.code == 0x2d).expect("jump");
+            let target = j + 1 + insns[j].off as usize;
+            assert_eq!(insns[target].code, 0xb7);
+            assert_eq!(insns[target].imm, XDP_PASS as i32);
+            assert_eq!(insns[target + 1].code, 0x95);
+        }
     }
 
     /// The compensation trick: one's-complement sums over the rewritten words stay equal.
@@ -297,6 +378,48 @@ mod tests {
         };
         for d in [0u32, 1, 0x7fff, 0x8000, 0xfffe, 0xffff] {
             assert_eq!(fold(d + (0xffff - d)), fold(0xffff));
+        }
+    }
+
+    /// The rewrite keeps both checksums valid, and a SYN template ending in 0xfffe and a
+    /// data template ending in 0xffff give the data segment at the SYN's ISN + 1.
+    #[test]
+    fn rewrite_keeps_checksums_and_pairs_syn_with_data() {
+        use crate::packet::{Pkt, checksum};
+        let tcp_ok = |f: &[u8]| {
+            let src: [u8; 4] = f[26..30].try_into().unwrap();
+            let dst: [u8; 4] = f[30..34].try_into().unwrap();
+            let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+            let l4 = &f[34..14 + total];
+            let mut ph = Vec::new();
+            ph.extend_from_slice(&src);
+            ph.extend_from_slice(&dst);
+            ph.extend_from_slice(&[0, 6]);
+            ph.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ph.extend_from_slice(l4);
+            checksum(&ph) == 0
+        };
+        let base = |p: Pkt| p.ipv4_id(0xffff);
+        let syn = base(Pkt::tcp4([10, 77, 0, 0], [192, 0, 2, 1], 40000, 8080))
+            .seq(0x0100_fffe)
+            .syn()
+            .build();
+        let data = base(Pkt::tcp4([10, 77, 0, 0], [192, 0, 2, 1], 40000, 8080))
+            .seq(0x0100_ffff)
+            .payload(b"GET / HTTP/1.1\r\n\r\n")
+            .build();
+        assert!(gen_template_ok(&syn, 3) && gen_template_ok(&data, 3));
+        for (d, e) in [(0u16, 0u16), (1, 7), (0x7fff, 3), (0xfffe, 5), (0xffff, 1)] {
+            let (mut s, mut t) = (syn.clone(), data.clone());
+            gen_rewrite(&mut s, d, e, 3);
+            gen_rewrite(&mut t, d, e, 3);
+            for f in [&s, &t] {
+                assert_eq!(checksum(&f[14..34]), 0, "IP checksum (d {d}, e {e})");
+                assert!(tcp_ok(f), "TCP checksum (d {d}, e {e})");
+            }
+            let seq = |f: &[u8]| u32::from_be_bytes(f[38..42].try_into().unwrap());
+            assert_eq!(seq(&s).wrapping_add(1), seq(&t));
+            assert_eq!(s[26..36], t[26..36]);
         }
     }
 }
