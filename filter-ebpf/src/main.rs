@@ -15,6 +15,7 @@ mod policy;
 mod prefilter;
 mod proxy;
 mod reset;
+mod risk;
 mod scratch;
 mod swar;
 mod tls;
@@ -546,6 +547,14 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
                 },
                 _ => policy::judge_key(slot, settings, &fl.prefix, fl.family, &fl.client),
             };
+            let first = match known {
+                Some(f) => (unsafe { (*f).flags } & FLOW_HAS_KEY) == 0,
+                None => true,
+            };
+            risk::record(
+                sc,
+                stat_idx as u64 | (reason as u64) << 32 | (first as u64) << 40,
+            );
             if reason.is_drop() {
                 note_key(sc, &fl.prefix, &fl.client);
             }

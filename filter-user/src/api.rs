@@ -417,19 +417,65 @@ impl Shared {
                 eng.revision(),
             )
         };
-        let counters = PinnedView::open(&self.pin_dir)
-            .ok()
-            .and_then(|v| crate::stats::key_count(&v, prefix).ok().flatten());
+        let view = PinnedView::open(&self.pin_dir).ok();
+        let counters = view
+            .as_ref()
+            .and_then(|v| crate::stats::key_count(v, prefix).ok().flatten());
         if key.is_none() && counters.is_none() {
             return (
                 StatusCode::NOT_FOUND,
                 json!({"error": format!("no key with prefix {prefix:?}"), "revision": revision}),
             );
         }
-        (
-            StatusCode::OK,
-            json!({"prefix": prefix, "policy": key, "counters": counters, "revision": revision}),
-        )
+        let window_s = {
+            let eng = self.engine.lock().unwrap();
+            crate::activity::shared_rule(eng.applied.as_ref().map(|a| &a.policy)).0
+        };
+        let clocks = crate::activity::Clocks::now();
+        let act = view.as_ref().and_then(|v| {
+            crate::activity::key_activity(v, prefix, window_s, &clocks)
+                .ok()
+                .flatten()
+        });
+        let mut v =
+            json!({"prefix": prefix, "policy": key, "counters": counters, "revision": revision});
+        if let (Value::Object(o), Value::Object(f)) = (
+            &mut v,
+            crate::activity::key_fields(key.as_ref(), act.as_ref(), &clocks),
+        ) {
+            o.extend(f);
+        }
+        (StatusCode::OK, v)
+    }
+
+    /// `GET /v1/activity?idle_for=&shared=&top=`.
+    pub fn get_activity(&self, query: &str) -> Reply {
+        let q = match crate::activity::Query::parse(query) {
+            Ok(q) => q,
+            Err(e) => return (StatusCode::BAD_REQUEST, json!({"error": e})),
+        };
+        let view = match PinnedView::open(&self.pin_dir) {
+            Ok(v) => v,
+            Err(e) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": format!("{e:#}")}),
+                );
+            }
+        };
+        // The policy is read under the lock; the maps after it, so writers are not held up.
+        let policy = {
+            let eng = self.engine.lock().unwrap();
+            eng.applied.as_ref().map(|a| a.policy.clone())
+        };
+        match crate::activity::listing(&view, policy.as_ref(), &q, &crate::activity::Clocks::now())
+        {
+            Ok(v) => (StatusCode::OK, v),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": format!("{e:#}")}),
+            ),
+        }
     }
 }
 
@@ -770,8 +816,19 @@ async fn handle(
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }
         }
+        (&Method::GET, "/v1/activity") => {
+            let sh2 = sh.clone();
+            match tokio::task::spawn_blocking(move || sh2.get_activity(&query)).await {
+                Ok((st, v)) => json_response(st, &v),
+                Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         (&Method::GET, "/v1/events") => events_response(&sh),
-        (_, "/v1/policy") | (_, "/v1/status") | (_, "/v1/stats") | (_, "/v1/events") => {
+        (_, "/v1/policy")
+        | (_, "/v1/status")
+        | (_, "/v1/stats")
+        | (_, "/v1/events")
+        | (_, "/v1/activity") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error_response(StatusCode::NOT_FOUND, &format!("no such endpoint {path}")),

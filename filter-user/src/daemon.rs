@@ -478,12 +478,16 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
             Some(old)
                 if Key {
                     locked: k.locked,
+                    lock_reason: k.lock_reason.clone(),
+                    locked_until: k.locked_until.clone(),
                     ..old.clone()
                 } == *k =>
             {
                 ops.push(if k.locked {
                     PatchOp::Lock {
                         prefix: k.prefix.clone(),
+                        lock_reason: k.lock_reason.clone(),
+                        locked_until: k.locked_until.clone(),
                     }
                 } else {
                     PatchOp::Unlock {

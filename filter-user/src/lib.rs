@@ -1,4 +1,5 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
+pub mod activity;
 pub mod api;
 pub mod chain;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod policy;
 pub mod prefilter;
 pub mod progress;
+pub mod risk;
 pub mod state;
 pub mod stats;
 pub mod status;

@@ -158,6 +158,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Keys by activity: idle, shared (used from too many networks), top (most requests).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
     /// Policy files, and the daemon's applied policy.
     Policy {
         #[command(subcommand)]
@@ -222,6 +227,40 @@ enum PolicyCmd {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Keys with no allowed traffic for at least DURATION (default: the policy's
+    /// idle_lock_after, else 14d), longest idle first.
+    Idle {
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+        #[arg(long)]
+        top: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Keys seen from more source networks than shared_key.networks within its window.
+    Shared {
+        #[arg(long)]
+        top: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The most active keys (key messages judged), most first.
+    Top {
+        #[arg(default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCmd {
     /// Its policy and counters.
     Show {
@@ -234,6 +273,15 @@ enum KeyCmd {
     /// Lock it: its connections are cut from the next packet on.
     Lock {
         prefix: String,
+        /// Why (shown in `key show`, status and drop events; at most 200 bytes).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The lock ends on its own after this long (`30m`, `2h`, `14d`).
+        #[arg(long = "for", value_name = "DURATION", conflicts_with = "until")]
+        for_: Option<String>,
+        /// The lock ends on its own at this instant (RFC 3339, `2026-12-01T08:00:00Z`).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -390,10 +438,41 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Policy {
             cmd: PolicyCmd::Show { json, api },
         } => Ok(ExitCode::from(client::policy_show(&api.client()?, json)?)),
+        Cmd::Keys { cmd } => Ok(ExitCode::from(match cmd {
+            KeysCmd::Idle {
+                for_,
+                top,
+                json,
+                api,
+            } => client::keys_list(&api.client()?, client::Listing::Idle(for_), top, json)?,
+            KeysCmd::Shared { top, json, api } => {
+                client::keys_list(&api.client()?, client::Listing::Shared, top, json)?
+            }
+            KeysCmd::Top { n, json, api } => {
+                client::keys_list(&api.client()?, client::Listing::Top, Some(n), json)?
+            }
+        })),
         Cmd::Key { cmd } => Ok(ExitCode::from(match cmd {
             KeyCmd::Show { prefix, json, api } => client::key_show(&api.client()?, &prefix, json)?,
-            KeyCmd::Lock { prefix, api } => client::key_lock(&api.client()?, &prefix, true)?,
-            KeyCmd::Unlock { prefix, api } => client::key_lock(&api.client()?, &prefix, false)?,
+            KeyCmd::Lock {
+                prefix,
+                reason,
+                for_,
+                until,
+                api,
+            } => {
+                let until = client::lock_until(for_.as_deref(), until.as_deref())?;
+                client::key_lock(
+                    &api.client()?,
+                    &prefix,
+                    true,
+                    reason.as_deref(),
+                    until.as_deref(),
+                )?
+            }
+            KeyCmd::Unlock { prefix, api } => {
+                client::key_lock(&api.client()?, &prefix, false, None, None)?
+            }
         })),
         Cmd::Events { json, api } => Ok(ExitCode::from(client::events(&api.client()?, json)?)),
         Cmd::Chain {

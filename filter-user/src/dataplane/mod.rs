@@ -121,6 +121,8 @@ pub struct Maps {
     pub allow: HashMap<MapData, AllowKey, u8>,
     pub reasons: PerCpuArray<MapData, Counter>,
     pub key_stats: Array<MapData, KeyStats>,
+    /// Per-key activity (`KW_ACTIVITY`), indexed like `key_stats`.
+    pub activity: Array<MapData, filter_common::KeyActivity>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// None while the loaded object has no prefilter (then nothing is written for it).
     pub prefilter: Option<PrefilterMap>,
@@ -245,6 +247,7 @@ impl Maps {
             allow: t(ebpf, maps::ALLOW)?.try_into()?,
             reasons: t(ebpf, maps::REASONS)?.try_into()?,
             key_stats: t(ebpf, maps::KEY_STATS)?.try_into()?,
+            activity: t(ebpf, maps::ACTIVITY)?.try_into()?,
             flows: t(ebpf, maps::FLOWS)?.try_into()?,
             prefilter: match ebpf.take_map(maps::PREFILTER) {
                 Some(Map::Array(data)) => Some(PrefilterMap::open(data)?),
@@ -263,6 +266,7 @@ impl Dataplane {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::KEYS, cap.keys)
             .map_max_entries(maps::KEY_STATS, cap.keys)
+            .map_max_entries(maps::ACTIVITY, cap.keys)
             .map_max_entries(maps::ALLOW, cap.allow)
             .map_max_entries(maps::SETS, cap.sets)
             .map_max_entries(maps::FLOWS, cap.flows)
@@ -608,6 +612,13 @@ impl Mirror {
             }
         };
         m.key_stats.set(idx, KeyStats::default(), 0)?;
+        // A slot handed to another key starts with no activity (a deleted key's history
+        // must not make a new key look used, or shared).
+        let fresh = filter_common::KeyActivity {
+            since_s: crate::risk::mono_now_s(),
+            ..Default::default()
+        };
+        m.activity.set(idx, fresh, 0)?;
         self.stat_idx.insert(*prefix, idx);
         Ok(idx)
     }
@@ -864,6 +875,9 @@ impl Mirror {
             r.sets[i] = *s;
         }
         r.n_sets = sets.len() as u8;
+        if k.flags & filter_common::KEY_LOCKED != 0 && k.locked_until.is_some() {
+            r.locked_until = crate::risk::tai_until(k.locked_until, crate::risk::tai_offset_s());
+        }
         r.stat_idx = self.stat_for(m, p, key_cap)?;
         Ok(r)
     }
@@ -924,6 +938,8 @@ pub struct PinnedView {
     pub settings: Array<MapData, Settings>,
     pub reasons: PerCpuArray<MapData, Counter>,
     pub key_stats: Array<MapData, KeyStats>,
+    /// None when the pinned object predates per-key activity.
+    pub activity: Option<Array<MapData, filter_common::KeyActivity>>,
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     pub listeners: Array<MapData, Listener>,
@@ -962,6 +978,10 @@ impl PinnedView {
             settings: o(pin_dir, maps::SETTINGS)?.try_into()?,
             reasons: o(pin_dir, maps::REASONS)?.try_into()?,
             key_stats: o(pin_dir, maps::KEY_STATS)?.try_into()?,
+            activity: match MapData::from_pin(pin_dir.join(maps::ACTIVITY)) {
+                Ok(d) => Some(Map::from_map_data(d)?.try_into()?),
+                Err(_) => None,
+            },
             keys: o(pin_dir, maps::KEYS)?.try_into()?,
             flows: o(pin_dir, maps::FLOWS)?.try_into()?,
             listeners: o(pin_dir, maps::LISTENERS)?.try_into()?,

@@ -128,7 +128,9 @@ pub fn patch_prefixes(p: &Patch) -> Option<BTreeSet<KeyPrefix>> {
             PatchOp::Upsert { key } => {
                 out.insert(key_prefix(&key.prefix));
             }
-            PatchOp::Delete { prefix } | PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+            PatchOp::Delete { prefix }
+            | PatchOp::Lock { prefix, .. }
+            | PatchOp::Unlock { prefix } => {
                 out.insert(key_prefix(prefix));
             }
             PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => return None,
@@ -146,7 +148,7 @@ pub enum PatchFailure {
 }
 
 fn is_open(k: &Key) -> bool {
-    !k.locked && k.allow.is_empty() && k.ipsets.is_empty()
+    !k.locked_for_good() && k.allow.is_empty() && k.ipsets.is_empty()
 }
 
 /// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
@@ -396,8 +398,11 @@ impl Engine {
         ops.iter().all(|op| match op {
             PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
             PatchOp::Delete { prefix } => self.key(prefix).is_none(),
-            PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
-            PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
+            PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
+                let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                self.key(prefix)
+                    .is_some_and(|k| k.lock_is(lock, reason, until))
+            }
             PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
             PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
         })
@@ -466,12 +471,36 @@ impl Engine {
                     }
                     None => errs.push(missing(prefix)),
                 },
-                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
                     match current(&after, prefix) {
                         Some(mut k) => {
-                            k.locked = matches!(op, PatchOp::Lock { .. });
-                            // Recompiled below from the record it had (only the flag moves).
-                            after.insert(prefix, Some((k, None)));
+                            let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                            k.set_lock(lock, reason, until);
+                            let n0 = errs.len();
+                            crate::policy::check_lock_fields(&k, &format!("ops[{n}]"), &mut errs);
+                            if errs.len() > n0 {
+                                continue;
+                            }
+                            // Recompiled below from the record it had (only the lock moves),
+                            // or from the one an earlier op of this patch compiled.
+                            let earlier = after
+                                .get(prefix.as_str())
+                                .and_then(|v| v.as_ref())
+                                .and_then(|(_, ck)| ck.clone());
+                            let ck = earlier.map(|mut ck| {
+                                if k.locked {
+                                    ck.flags |= filter_common::KEY_LOCKED;
+                                } else {
+                                    ck.flags &= !filter_common::KEY_LOCKED;
+                                }
+                                ck.locked_until = if k.locked {
+                                    k.locked_until_unix()
+                                } else {
+                                    None
+                                };
+                                ck
+                            });
+                            after.insert(prefix, Some((k, ck)));
                         }
                         None => errs.push(missing(prefix)),
                     }
@@ -515,6 +544,11 @@ impl Engine {
                             } else {
                                 ck.flags &= !filter_common::KEY_LOCKED;
                             }
+                            ck.locked_until = if k.locked {
+                                k.locked_until_unix()
+                            } else {
+                                None
+                            };
                             ck
                         }
                     };

@@ -285,6 +285,8 @@ fn policy_with_keys(n: usize, shift: bool) -> Policy {
                 allow,
                 ipsets: Vec::new(),
                 locked: i == LOCKED_KEY,
+                lock_reason: None,
+                locked_until: None,
             }
         })
         .collect();
