@@ -1,0 +1,331 @@
+//! Risk controls (issue 13) end to end: the real `keywall run` on the edge veth of a namespace
+//! sandbox, real curl clients from several source networks, and the documented CLI and JSON
+//! (`keywall key lock --reason --for`, `key show --json`, `keys idle|shared|top --json`).
+//! Needs root; each test has its own sandbox, pin dir, state dir and socket.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tests::{
+    api_bench::{ApiDaemon, kw},
+    netns::{Proc, Sandbox},
+};
+
+const PORT: u16 = 8080;
+const GOOD: &str = "goodkey1-5f2c9a7e-secret-part";
+const IDLE: &str = "idlekey1-aa11bb22-secret-part";
+
+fn api_arg(d: &ApiDaemon) -> String {
+    format!("unix:{}", d.sock.display())
+}
+
+fn setup(tag: &str) -> (Sandbox, Proc) {
+    let sb = Sandbox::new(tag).expect("sandbox");
+    let srv = sb.spawn_http_server_edge(PORT).expect("http server");
+    (sb, srv)
+}
+
+/// `goodkey1` allowed from the client's primary address, `idlekey1` likewise (never used).
+fn policy(sb: &Sandbox, settings: Value) -> Value {
+    let mut s = json!({"key_prefix_len": 8, "unknown_key": "drop", "no_key": "pass",
+                       "unbound_keys": "pass", "prefilter": false});
+    if let (Value::Object(s), Value::Object(extra)) = (&mut s, settings) {
+        s.extend(extra);
+    }
+    json!({
+        "revision": 1,
+        "settings": s,
+        "listener": [{"port": PORT, "locator": "http-header", "headers": ["X-MBX-APIKEY"]}],
+        "key": [
+            {"prefix": "goodkey1", "allow": [format!("{}/32", sb.client_v4())]},
+            {"prefix": "idlekey1", "allow": [format!("{}/32", sb.client_v4())]},
+        ],
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    Pass,
+    Blocked,
+}
+
+/// One curl request from `src` with the key in `X-MBX-APIKEY`.
+fn probe(sb: &Sandbox, src: IpAddr, key: &str) -> Got {
+    let out = sb
+        .client_cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["--interface", &src.to_string()])
+        .args(["-H", &format!("X-MBX-APIKEY: {key}")])
+        .arg(format!("http://{}:{PORT}/api/v3/account", sb.edge_v4()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    match (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+    ) {
+        (Some(0), "200") => Got::Pass,
+        (Some(28), _) => Got::Blocked,
+        (c, b) => panic!(
+            "curl from {src} key {key}: exit {c:?}, code {b:?}, {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A CLI verb's stdout parsed as JSON (it must succeed).
+fn kw_json(sb: &Sandbox, args: &[&str]) -> Value {
+    let out = kw(sb, args);
+    assert!(
+        out.status.success(),
+        "keywall {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "keywall {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn revision(d: &ApiDaemon) -> u64 {
+    let (st, v) = d.call("GET", "/v1/policy", None).unwrap();
+    assert_eq!(st, 200);
+    v["revision"].as_u64().unwrap()
+}
+
+#[test]
+fn a_lock_with_for_ends_on_its_own() {
+    let (sb, _srv) = setup("risklock");
+    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let api = api_arg(&d);
+    let (st, v) = d
+        .call("PUT", "/v1/policy", Some(&policy(&sb, json!({}))))
+        .unwrap();
+    assert_eq!(st, 200, "{v}");
+    let me: IpAddr = sb.client_v4().into();
+    wait_for("the key passes", 10, || {
+        (probe(&sb, me, GOOD) == Got::Pass).then_some(())
+    });
+
+    let out = kw(
+        &sb,
+        &[
+            "key",
+            "lock",
+            "goodkey1",
+            "--reason",
+            "leaked in a ticket",
+            "--for",
+            "6s",
+            "--api",
+            &api,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let locked_at = Instant::now();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("until "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rev = revision(&d);
+    assert_eq!(probe(&sb, me, GOOD), Got::Blocked);
+
+    let show = kw_json(&sb, &["key", "show", "goodkey1", "--json", "--api", &api]);
+    assert_eq!(show["locked"], true, "{show}");
+    assert_eq!(show["lock_reason"], "leaked in a ticket");
+    let until = show["locked_until"]
+        .as_str()
+        .expect("locked_until")
+        .to_owned();
+    assert!(keywall::risk::parse_rfc3339(&until).is_ok(), "{until}");
+    assert_eq!(show["policy"]["lock_reason"], "leaked in a ticket");
+    // The plain view names the reason and the expiry.
+    let out = kw(&sb, &["key", "show", "goodkey1", "--api", &api]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("leaked in a ticket") && text.contains(&until),
+        "{text}"
+    );
+
+    // Nothing writes from here on: the datapath ends the lock at its instant.
+    wait_for("the lock to end", 20, || {
+        (probe(&sb, me, GOOD) == Got::Pass).then_some(())
+    });
+    assert!(
+        locked_at.elapsed() >= Duration::from_secs(5),
+        "ended early: {:?}",
+        locked_at.elapsed()
+    );
+    assert_eq!(revision(&d), rev, "no policy write ended the lock");
+    let show = kw_json(&sb, &["key", "show", "goodkey1", "--json", "--api", &api]);
+    assert_eq!(show["locked"], false, "{show}");
+    assert_eq!(show["lock_expired"], true, "{show}");
+    // The allowlist still holds after the lock ends.
+    let other: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 7, 1));
+    sb.add_client_addr(other).unwrap();
+    assert_eq!(probe(&sb, other, GOOD), Got::Blocked);
+
+    // --until takes an RFC 3339 instant; a bad one is refused before anything is sent.
+    let out = kw(
+        &sb,
+        &[
+            "key",
+            "lock",
+            "goodkey1",
+            "--until",
+            "next tuesday",
+            "--api",
+            &api,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--until"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(revision(&d), rev);
+}
+
+#[test]
+fn activity_shows_in_key_show_and_keys_listings() {
+    let (sb, _srv) = setup("riskact");
+    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let api = api_arg(&d);
+    let p = policy(
+        &sb,
+        json!({"shared_key": {"networks": 3, "window": "1h", "action": "alert"}}),
+    );
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&p)).unwrap();
+    assert_eq!(st, 200, "{v}");
+    let me: IpAddr = sb.client_v4().into();
+    wait_for("the key passes", 10, || {
+        (probe(&sb, me, GOOD) == Got::Pass).then_some(())
+    });
+    for _ in 0..3 {
+        assert_eq!(probe(&sb, me, GOOD), Got::Pass);
+    }
+
+    let show = kw_json(&sb, &["key", "show", "goodkey1", "--json", "--api", &api]);
+    assert_eq!(show["locked"], false, "{show}");
+    assert!(show["last_allowed"].is_string(), "{show}");
+    assert_eq!(show["networks"], 1, "{show}");
+    assert!(
+        show["activity"]["requests"].as_u64().unwrap() >= 4,
+        "{show}"
+    );
+    assert!(
+        show["activity"]["connections"].as_u64().unwrap() >= 4,
+        "{show}"
+    );
+    let unused = kw_json(&sb, &["key", "show", "idlekey1", "--json", "--api", &api]);
+    assert_eq!(unused["last_allowed"], Value::Null, "{unused}");
+    assert_eq!(unused["networks"], 0);
+
+    // Three more source networks, each refused (not in the allowlist): four in the window.
+    for i in 1..=3u8 {
+        let a = IpAddr::V4(Ipv4Addr::new(198, 18, i, 1));
+        sb.add_client_addr(a).unwrap();
+        assert_eq!(probe(&sb, a, GOOD), Got::Blocked);
+    }
+    let show = kw_json(&sb, &["key", "show", "goodkey1", "--json", "--api", &api]);
+    assert_eq!(show["networks"], 4, "{show}");
+    assert_eq!(
+        show["activity"]["last_refused_reason"], "drop_not_allowed",
+        "{show}"
+    );
+
+    let shared = kw_json(&sb, &["keys", "shared", "--json", "--api", &api]);
+    let rows = shared["keys"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{shared}");
+    assert_eq!(rows[0]["prefix"], "goodkey1");
+    assert_eq!(rows[0]["networks"], 4);
+    assert_eq!(shared["networks_limit"], 3);
+
+    let top = kw_json(&sb, &["keys", "top", "5", "--json", "--api", &api]);
+    assert_eq!(top["keys"][0]["prefix"], "goodkey1", "{top}");
+    assert_eq!(top["total"], 2);
+
+    // Idle for 1h: only the key never used (it got its slot just now, so ask for 0s too).
+    let idle = kw_json(
+        &sb,
+        &["keys", "idle", "--for", "1h", "--json", "--api", &api],
+    );
+    assert_eq!(idle["keys"].as_array().unwrap().len(), 0, "{idle}");
+    thread::sleep(Duration::from_secs(2));
+    let idle = kw_json(
+        &sb,
+        &["keys", "idle", "--for", "2s", "--json", "--api", &api],
+    );
+    let names: Vec<&str> = idle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["prefix"].as_str())
+        .collect();
+    assert!(names.contains(&"idlekey1"), "{idle}");
+    // The plain table names the keys.
+    let out = kw(&sb, &["keys", "top", "--api", &api]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("goodkey1"));
+
+    // The API answers the same query, and refuses a bad one with the parameter's name.
+    let (st, v) = d
+        .call("GET", "/v1/activity?shared=true&top=1", None)
+        .unwrap();
+    assert_eq!(
+        (st, v["keys"][0]["prefix"].as_str()),
+        (200, Some("goodkey1")),
+        "{v}"
+    );
+    let (st, v) = d.call("GET", "/v1/activity?idle_for=soon", None).unwrap();
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().starts_with("idle_for"), "{v}");
+    // An unused key in /v1/keys carries the same fields as key show.
+    let (st, v) = d.call("GET", "/v1/keys/idlekey1", None).unwrap();
+    assert_eq!(st, 200);
+    for f in [
+        "locked",
+        "lock_reason",
+        "locked_until",
+        "last_allowed",
+        "networks",
+    ] {
+        assert!(v.get(f).is_some(), "{f} missing: {v}");
+    }
+    let _ = IDLE;
+}
