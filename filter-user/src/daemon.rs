@@ -200,6 +200,12 @@ pub fn run(o: RunOptions) -> Result<()> {
             Some(text) => parse_policy_file(p, &text),
             None => Err(anyhow::anyhow!("cannot read {}", p.display())),
         };
+        // The daemon's automatic locks lie over the file (autolock.rs).
+        let overlay = crate::autolock::Overlay::load(&o.state_dir);
+        let parsed = parsed.map(|mut pol| {
+            overlay.apply(&mut pol);
+            pol
+        });
         let pb = crate::progress::spinner(format!("applying {}", p.display()));
         apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         crate::progress::done(pb);
@@ -292,6 +298,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         events: events_tx,
         events_error,
+        overlay: Mutex::new(crate::autolock::Overlay::load(&o.state_dir)),
         max_body: o.api.max_body,
     });
     // Settle the inactive slot with the API already up: reads go on meanwhile, and a write
@@ -333,6 +340,13 @@ pub fn run(o: RunOptions) -> Result<()> {
     // Connections that passed bytes and lost their flow entry stay refused until they have
     // been idle for longer than servers keep connections; then the tuple is free again.
     spawn_held_gc(o.pin_dir.clone());
+    // Idle keys and shared keys (issue 13): looks only while the policy asks for it.
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("keywall-risk".into())
+            .spawn(move || crate::autolock::run(sh, &STOP))?;
+    }
     // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
     crate::host::notify(&format!(
         "READY=1\nSTATUS=enforcing on {}; policy source: {}",
@@ -371,6 +385,11 @@ pub fn run(o: RunOptions) -> Result<()> {
                 // Parsed before the engine is locked: readers and the API go on meanwhile.
                 let parsed = parse_policy_file(p, &text);
                 drop(text);
+                // The daemon's automatic locks lie over the file (autolock.rs).
+                let parsed = parsed.map(|mut pol| {
+                    shared.overlay.lock().unwrap().apply(&mut pol);
+                    pol
+                });
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, parsed, &mut runtime, &metrics);

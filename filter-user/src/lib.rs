@@ -1,6 +1,7 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
 pub mod activity;
 pub mod api;
+pub mod autolock;
 pub mod chain;
 pub mod client;
 pub mod daemon;

@@ -4,7 +4,10 @@
 //! Needs root; each test has its own sandbox, pin dir, state dir and socket.
 
 use std::{
+    fs,
+    io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr},
+    path::Path,
     process::Stdio,
     thread,
     time::{Duration, Instant},
@@ -12,7 +15,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, kw},
+    api_bench::{ApiDaemon, keywall_bin, kw},
     netns::{Proc, Sandbox},
 };
 
@@ -328,4 +331,262 @@ fn activity_shows_in_key_show_and_keys_listings() {
         assert!(v.get(f).is_some(), "{f} missing: {v}");
     }
     let _ = IDLE;
+}
+
+/// `keywall events --json` running in the background, into a file.
+fn events(sb: &Sandbox, d: &ApiDaemon) -> (Proc, std::path::PathBuf) {
+    let out_path = sb.tmp_dir().join("events.out");
+    let child = sb
+        .edge_cmd(keywall_bin().unwrap())
+        .args(["events", "--json", "--api", &api_arg(d)])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    (Proc::new(child), out_path)
+}
+
+fn event(path: &Path, f: impl Fn(&Value) -> bool) -> Option<Value> {
+    let file = fs::File::open(path).ok()?;
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .find(|v| f(v))
+}
+
+fn show(sb: &Sandbox, api: &str, prefix: &str) -> Value {
+    kw_json(sb, &["key", "show", prefix, "--json", "--api", api])
+}
+
+#[test]
+fn an_idle_key_is_locked_on_a_single_host_and_unlock_undoes_it() {
+    let (sb, _srv) = setup("riskidle");
+    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let api = api_arg(&d);
+    let (st, v) = d
+        .call(
+            "PUT",
+            "/v1/policy",
+            Some(&policy(&sb, json!({"idle_lock_after": "6s"}))),
+        )
+        .unwrap();
+    assert_eq!(st, 200, "{v}");
+    let (_ev, ev_path) = events(&sb, &d);
+    let me: IpAddr = sb.client_v4().into();
+    // goodkey1 is used every second; idlekey1 never.
+    let t0 = Instant::now();
+    wait_for("idlekey1 locked as idle", 30, || {
+        assert_eq!(
+            probe(&sb, me, GOOD),
+            Got::Pass,
+            "the key in use is never locked"
+        );
+        thread::sleep(Duration::from_millis(500));
+        let s = show(&sb, &api, "idlekey1");
+        (s["locked"] == true).then_some(s)
+    });
+    assert!(
+        t0.elapsed() >= Duration::from_secs(5),
+        "locked before it was idle: {:?}",
+        t0.elapsed()
+    );
+    let s = show(&sb, &api, "idlekey1");
+    assert_eq!(s["lock_reason"], "idle", "{s}");
+    assert_eq!(s["locked_until"], Value::Null);
+    assert_eq!(probe(&sb, me, IDLE), Got::Blocked);
+    assert_eq!(show(&sb, &api, "goodkey1")["locked"], false);
+    let ev = wait_for("an idle_lock event", 10, || {
+        event(&ev_path, |v| {
+            v["kind"] == "idle_lock" && v["prefix"] == "idlekey1"
+        })
+    });
+    assert_eq!(ev["reason"], "idle", "{ev}");
+    // A drop event of the locked key names its lock reason.
+    assert_eq!(probe(&sb, me, IDLE), Got::Blocked);
+    let drop = wait_for("a drop_locked event naming the reason", 10, || {
+        event(&ev_path, |v| {
+            v["reason"] == "drop_locked" && v["prefix"] == "idlekey1"
+        })
+    });
+    assert_eq!(drop["lock_reason"], "idle", "{drop}");
+    // Status lists the automatic lock.
+    let st = kw_json(
+        &sb,
+        &[
+            "status",
+            "--json",
+            "--pin-dir",
+            &sb.pin_dir().display().to_string(),
+            "--state-dir",
+            &sb.state_dir().display().to_string(),
+        ],
+    );
+    assert_eq!(st["auto_locks"]["count"], 1, "{st}");
+    assert_eq!(st["auto_locks"]["keys"][0]["prefix"], "idlekey1");
+
+    // The operator unlocks it: it passes, and gets a fresh idle period (not locked again
+    // at the next look).
+    let out = kw(&sb, &["key", "unlock", "idlekey1", "--api", &api]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(probe(&sb, me, IDLE), Got::Pass);
+    for _ in 0..3 {
+        // goodkey1 stays in use meanwhile (it would be idle too otherwise).
+        assert_eq!(probe(&sb, me, GOOD), Got::Pass);
+        thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(show(&sb, &api, "idlekey1")["locked"], false);
+    let st = kw_json(
+        &sb,
+        &[
+            "status",
+            "--json",
+            "--pin-dir",
+            &sb.pin_dir().display().to_string(),
+            "--state-dir",
+            &sb.state_dir().display().to_string(),
+        ],
+    );
+    assert_eq!(st["auto_locks"]["count"], 0, "{st}");
+}
+
+#[test]
+fn under_a_policy_file_idle_locks_are_an_overlay_the_file_does_not_undo() {
+    let (sb, _srv) = setup("riskfile");
+    let file = sb.tmp_dir().join("policy.toml");
+    let write = |extra_key: bool| {
+        let mut p: keywall::policy::Policy =
+            serde_json::from_value(policy(&sb, json!({"idle_lock_after": "5s"}))).unwrap();
+        p.revision = None;
+        if extra_key {
+            p.key
+                .push(serde_json::from_value(json!({"prefix": "newkey01"})).unwrap());
+        }
+        fs::write(&file, toml::to_string(&p).unwrap()).unwrap();
+    };
+    write(false);
+    let d = ApiDaemon::start(&sb, 1, &["--policy", &file.display().to_string()]).unwrap();
+    let api = api_arg(&d);
+    let me: IpAddr = sb.client_v4().into();
+    wait_for("idlekey1 locked as idle", 30, || {
+        assert_eq!(probe(&sb, me, GOOD), Got::Pass);
+        thread::sleep(Duration::from_millis(500));
+        (show(&sb, &api, "idlekey1")["lock_reason"] == "idle").then_some(())
+    });
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("idle\""),
+        "the file is never rewritten: {text}"
+    );
+    assert!(
+        fs::read_to_string(sb.state_dir().join("auto-locks.json"))
+            .unwrap()
+            .contains("idlekey1"),
+        "the overlay is in the state dir"
+    );
+    // An edit of the file (a key added) is applied with the overlay still over it.
+    write(true);
+    wait_for("the edited file applied", 15, || {
+        let (_, v) = d.call("GET", "/v1/keys/newkey01", None).ok()?;
+        v["policy"]["prefix"].as_str().map(|_| ())
+    });
+    assert_eq!(show(&sb, &api, "idlekey1")["locked"], true);
+    assert_eq!(probe(&sb, me, IDLE), Got::Blocked);
+    // The file owns the policy: other writes get 409, but an automatic lock can be undone.
+    let out = kw(&sb, &["key", "lock", "goodkey1", "--api", &api]);
+    assert!(!out.status.success());
+    let out = kw(&sb, &["key", "unlock", "idlekey1", "--api", &api]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(probe(&sb, me, IDLE), Got::Pass);
+    assert!(
+        !fs::read_to_string(sb.state_dir().join("auto-locks.json"))
+            .unwrap()
+            .contains("\"locks\": {\n    \"idlekey1")
+    );
+}
+
+#[test]
+fn a_key_used_from_four_networks_is_flagged_then_locked() {
+    let (sb, _srv) = setup("riskshare");
+    let d = ApiDaemon::start(&sb, 1, &["--metrics", "127.0.0.1:9478"]).unwrap();
+    let api = api_arg(&d);
+    let rule =
+        |action: &str| json!({"shared_key": {"networks": 3, "window": "1h", "action": action}});
+    let (st, v) = d
+        .call("PUT", "/v1/policy", Some(&policy(&sb, rule("alert"))))
+        .unwrap();
+    assert_eq!(st, 200, "{v}");
+    let (_ev, ev_path) = events(&sb, &d);
+    let me: IpAddr = sb.client_v4().into();
+    wait_for("the key passes", 10, || {
+        (probe(&sb, me, GOOD) == Got::Pass).then_some(())
+    });
+    // Three more /24s try the key (refused: not in its allowlist): four networks.
+    for i in 1..=3u8 {
+        let a = IpAddr::V4(Ipv4Addr::new(198, 18, i, 1));
+        sb.add_client_addr(a).unwrap();
+        assert_eq!(probe(&sb, a, GOOD), Got::Blocked);
+    }
+    let ev = wait_for("a shared_key event", 30, || {
+        event(&ev_path, |v| {
+            v["kind"] == "shared_key" && v["prefix"] == "goodkey1"
+        })
+    });
+    assert_eq!(ev["networks"], 4, "{ev}");
+    let metric = |sb: &Sandbox| -> Option<f64> {
+        let out = sb
+            .exec_edge(
+                "curl",
+                ["-sS", "--max-time", "5", "http://127.0.0.1:9478/metrics"],
+            )
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            l.strip_prefix("keywall_keys_shared_suspect ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+    };
+    assert_eq!(metric(&sb), Some(1.0));
+    // alert: reported, not locked.
+    assert_eq!(show(&sb, &api, "goodkey1")["locked"], false);
+    assert_eq!(probe(&sb, me, GOOD), Got::Pass);
+    let st = kw_json(
+        &sb,
+        &[
+            "status",
+            "--json",
+            "--pin-dir",
+            &sb.pin_dir().display().to_string(),
+            "--state-dir",
+            &sb.state_dir().display().to_string(),
+        ],
+    );
+    assert_eq!(st["risk"]["shared_suspects"][0], "goodkey1", "{st}");
+
+    // lock: the same suspect is locked with the reason `shared`.
+    let mut p = policy(&sb, rule("lock"));
+    p["revision"] = 2.into();
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&p)).unwrap();
+    assert_eq!(st, 200, "{v}");
+    wait_for("goodkey1 locked as shared", 30, || {
+        (show(&sb, &api, "goodkey1")["lock_reason"] == "shared").then_some(())
+    });
+    assert_eq!(probe(&sb, me, GOOD), Got::Blocked);
+    wait_for("a shared_lock event", 10, || {
+        event(&ev_path, |v| {
+            v["kind"] == "shared_lock" && v["prefix"] == "goodkey1"
+        })
+    });
+    // The key never used stays as it was.
+    assert_eq!(show(&sb, &api, "idlekey1")["locked"], false);
 }
