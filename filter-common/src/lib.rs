@@ -40,7 +40,9 @@ pub mod maps {
     pub const HELD: &str = "KW_HELD";
     /// Per-key activity (issue 13), indexed like `KW_KEY_STATS`.
     pub const ACTIVITY: &str = "KW_ACTIVITY";
-    pub const ALL: [&str; 15] = [
+    /// Per-key rate limits and their state (issue 13), only for limited keys.
+    pub const RATE: &str = "KW_RATE";
+    pub const ALL: [&str; 16] = [
         CONTROL,
         SETTINGS,
         LISTENERS,
@@ -56,6 +58,7 @@ pub mod maps {
         TLS_PENDING,
         HELD,
         ACTIVITY,
+        RATE,
     ];
 }
 
@@ -94,13 +97,15 @@ pub enum Reason {
     DropFlow = 11,
     DropPrefilter = 12,
     DropMalformed = 13,
+    /// A key message over the key's `max_new_connections_per_s` or `max_requests_per_s`.
+    DropRateLimited = 14,
 }
 
-pub const NUM_REASONS: usize = 14;
+pub const NUM_REASONS: usize = 15;
 /// Counter slots: reasons in enforce mode at `reason`, drops seen in audit mode at
-/// `AUDIT_OFFSET + reason` (action `observed`).
+/// `AUDIT_OFFSET + reason` (action `observed`), then the event counters.
 pub const AUDIT_OFFSET: u32 = 16;
-pub const COUNTER_SLOTS: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 40;
 
 impl Reason {
     pub const ALL: [Reason; NUM_REASONS] = [
@@ -118,6 +123,7 @@ impl Reason {
         Reason::DropFlow,
         Reason::DropPrefilter,
         Reason::DropMalformed,
+        Reason::DropRateLimited,
     ];
 
     #[inline(always)]
@@ -141,6 +147,7 @@ impl Reason {
             Reason::DropFlow => "drop_flow",
             Reason::DropPrefilter => "drop_prefilter",
             Reason::DropMalformed => "drop_malformed",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 
@@ -453,6 +460,7 @@ const _: () = assert!(core::mem::size_of::<KeyPrefix>() == 16);
 const _: () = assert!(core::mem::size_of::<KeyRecord>() == 44);
 const _: () = assert!(core::mem::size_of::<KeyEntry>() == 88);
 const _: () = assert!(core::mem::size_of::<KeyActivity>() == 48);
+const _: () = assert!(core::mem::size_of::<RateEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<SetMeta>() == 20);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -493,6 +501,35 @@ pub struct KeyStats {
     pub last_seen_ns: u64,
 }
 
+pub const ACT_RATE_LIMITED: u8 = 1 << 0;
+
+/// `KW_RATE` value (hash by `stat_idx`, only limited keys): two GCRA limits. For each, `t`
+/// is the emission interval (1e9 / rate, ns; 0: no limit), `tau` the tolerance
+/// (`t * (burst - 1)`) and `tat` the theoretical arrival time (`bpf_ktime_get_ns`). A message
+/// at `now` conforms when `max(tat, now) - now <= tau`, and then moves `tat` to
+/// `max(tat, now) + t`. One bucket per key shared by every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateEntry {
+    pub conn_t: u64,
+    pub conn_tau: u64,
+    pub conn_tat: u64,
+    pub req_t: u64,
+    pub req_tau: u64,
+    pub req_tat: u64,
+}
+
+/// Whether a message at `now` conforms to a limit (`t`, `tau`, `tat`); the new `tat` if so.
+#[inline(always)]
+pub const fn gcra(t: u64, tau: u64, tat: u64, now: u64) -> Option<u64> {
+    let start = if tat > now { tat } else { now };
+    if start - now > tau {
+        None
+    } else {
+        Some(start + t)
+    }
+}
+
 /// Source networks a key's activity remembers (see `KeyActivity::nets`).
 pub const ACTIVITY_NETS: usize = 5;
 
@@ -512,7 +549,10 @@ pub struct KeyActivity {
     /// The same for the last refused one, and its `Reason`.
     pub last_refused_s: u32,
     pub last_refused_reason: u8,
-    pub _pad: [u8; 3],
+    /// `ACT_RATE_LIMITED`: the key has an entry in `KW_RATE` (written by the loader; the
+    /// datapath only reads it, so unlimited keys never look there).
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// The source networks (/24 IPv4, /48 IPv6) seen most recently, one per slot:
     /// `fingerprint << 16 | minute`, where the fingerprint is a 16-bit hash of the network
     /// (never 0) and the minute is CLOCK_MONOTONIC minutes mod 65536. 0: an empty slot. A
@@ -603,8 +643,9 @@ pub const EVENT_AUDIT: u8 = 1 << 1;
 pub const EVENT_RATE_PER_CPU: u64 = 200;
 pub const EVENT_BURST: u64 = 50;
 /// `KW_REASONS` slots past the reasons: events sent, and events the bucket suppressed.
-pub const COUNTER_EVENTS_SENT: u32 = 30;
-pub const COUNTER_EVENTS_SUPPRESSED: u32 = 31;
+pub const COUNTER_EVENTS_SENT: u32 = 38;
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = 39;
+const _: () = assert!(AUDIT_OFFSET as usize + NUM_REASONS <= COUNTER_EVENTS_SENT as usize);
 
 /// The prefilter: a blocked Bloom filter per slot over the union of every allow entry
 /// (masked to a prefix length the slot lists). One 64-bit word per probe, three bits in it.
@@ -667,4 +708,5 @@ mod pod {
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for TlsPending {}
     unsafe impl aya::Pod for KeyActivity {}
+    unsafe impl aya::Pod for RateEntry {}
 }

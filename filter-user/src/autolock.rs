@@ -361,6 +361,8 @@ mod tests {
             locked,
             lock_reason: None,
             locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 

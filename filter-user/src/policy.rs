@@ -54,6 +54,68 @@ pub struct Settings {
     /// Report (or lock) keys used from more source networks than allowed in a window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_key: Option<SharedKey>,
+    /// Default per-key limit on new connections (a key's own setting overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_connections_per_s: Option<RateLimit>,
+    /// Default per-key limit on key messages (HTTP requests; the first message of a TLS or
+    /// FIX connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_s: Option<RateLimit>,
+}
+
+/// A rate limit: `10` (10 a second, bursts of 10) or `{ rate = 10, burst = 50 }`. A rate of 0
+/// is no limit (a key can turn a default off with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RateLimit {
+    Rate(u32),
+    Burst(RateBurst),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateBurst {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// The highest rate a limit may name (a message every microsecond).
+pub const MAX_RATE: u32 = 1_000_000;
+
+impl RateLimit {
+    /// (rate, burst); a bare rate bursts up to itself (at least 1).
+    pub fn parts(self) -> (u32, u32) {
+        match self {
+            RateLimit::Rate(r) => (r, r.max(1)),
+            RateLimit::Burst(b) => (b.rate, b.burst),
+        }
+    }
+
+    /// GCRA (emission interval, tolerance) in ns; None for no limit.
+    pub fn gcra(self) -> Option<(u64, u64)> {
+        let (rate, burst) = self.parts();
+        if rate == 0 {
+            return None;
+        }
+        let t = 1_000_000_000 / rate as u64;
+        Some((t, t * (burst.max(1) as u64 - 1)))
+    }
+
+    fn check(self, at: &str, errs: &mut Vec<PolicyError>) {
+        let (rate, burst) = self.parts();
+        if rate > MAX_RATE {
+            errs.push(PolicyError::new(
+                at,
+                format!("rate {rate} is above {MAX_RATE} a second"),
+            ));
+        }
+        if rate > 0 && !(1..=MAX_RATE).contains(&burst) {
+            errs.push(PolicyError::new(
+                at,
+                format!("burst must be 1..={MAX_RATE}, got {burst}"),
+            ));
+        }
+    }
 }
 
 /// `shared_key = { networks = 3, window = "1h", action = "alert" }`.
@@ -121,6 +183,8 @@ impl Default for Settings {
             action: Action::Drop,
             idle_lock_after: None,
             shared_key: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 }
@@ -210,6 +274,11 @@ pub struct Key {
     /// RFC 3339 instant at which the lock stops holding on its own; only with `locked`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<String>,
+    /// This key's limits, overriding `settings` (0: none for this key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_connections_per_s: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_s: Option<RateLimit>,
 }
 
 impl Key {
@@ -691,6 +760,26 @@ pub struct CompiledKey {
     pub ipsets: Vec<String>,
     /// With `KEY_LOCKED`: when the lock ends on its own (Unix seconds); None: never.
     pub locked_until: Option<i64>,
+    /// The key's limits as a `KW_RATE` entry (state zero); None: unlimited.
+    pub rate: Option<kernel::RateEntry>,
+}
+
+/// A key's effective limits as a `KW_RATE` entry; None when neither limits anything.
+pub fn rate_entry(conn: Option<RateLimit>, req: Option<RateLimit>) -> Option<kernel::RateEntry> {
+    let c = conn.and_then(RateLimit::gcra);
+    let r = req.and_then(RateLimit::gcra);
+    if c.is_none() && r.is_none() {
+        return None;
+    }
+    let (conn_t, conn_tau) = c.unwrap_or((0, 0));
+    let (req_t, req_tau) = r.unwrap_or((0, 0));
+    Some(kernel::RateEntry {
+        conn_t,
+        conn_tau,
+        req_t,
+        req_tau,
+        ..Default::default()
+    })
 }
 
 /// A validated policy in kernel form.
@@ -755,6 +844,12 @@ impl Policy {
                 )),
                 Ok(_) => {}
             }
+        }
+        if let Some(l) = s.max_new_connections_per_s {
+            l.check("settings.max_new_connections_per_s", errs);
+        }
+        if let Some(l) = s.max_requests_per_s {
+            l.check("settings.max_requests_per_s", errs);
         }
         if let Some(sk) = &s.shared_key {
             let max = kernel::ACTIVITY_NETS as u32 - 1;
@@ -921,6 +1016,17 @@ impl Policy {
             }
 
             let locked_until = check_lock_fields(key, &at, errs);
+            if let Some(l) = key.max_new_connections_per_s {
+                l.check(&format!("{at}.max_new_connections_per_s"), errs);
+            }
+            if let Some(l) = key.max_requests_per_s {
+                l.check(&format!("{at}.max_requests_per_s"), errs);
+            }
+            let rate = rate_entry(
+                key.max_new_connections_per_s
+                    .or(self.settings.max_new_connections_per_s),
+                key.max_requests_per_s.or(self.settings.max_requests_per_s),
+            );
 
             if prefix_ok && plen_ok {
                 let mut flags = kernel::KEY_PRESENT;
@@ -933,6 +1039,7 @@ impl Policy {
                 let compiled = CompiledKey {
                     flags,
                     locked_until,
+                    rate,
                     inline_v4,
                     own_set: (!own_set.is_empty()).then_some(own_set),
                     ipsets: key.ipsets.clone(),
@@ -1501,6 +1608,8 @@ locked = false
             locked: false,
             lock_reason: None,
             locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 
@@ -1831,6 +1940,8 @@ sni_suffix = ".x.com"
             action: Action::Reset,
             idle_lock_after: None,
             shared_key: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         };
         p.key.clear();
         let s = p.compile().unwrap().settings;
@@ -2263,6 +2374,61 @@ lock_reason = "two\nlines"
             "{got:#?}"
         );
         assert!(errors("[settings]\nidle_lock_after = \"1s\"\n")[0].contains("shorter than 5s"));
+    }
+
+    #[test]
+    fn rate_limits_parse_default_and_override() {
+        let p = Policy::from_toml_str(
+            r#"
+[settings]
+max_requests_per_s = 10
+max_new_connections_per_s = { rate = 2, burst = 5 }
+
+[[key]]
+prefix = "aaaaaaaa"
+
+[[key]]
+prefix = "bbbbbbbb"
+max_requests_per_s = { rate = 100, burst = 200 }
+max_new_connections_per_s = 0
+"#,
+        )
+        .unwrap();
+        let c = p.compile().unwrap();
+        let a = c.keys[&key_prefix("aaaaaaaa")].rate.unwrap();
+        assert_eq!((a.req_t, a.req_tau), (100_000_000, 900_000_000));
+        assert_eq!((a.conn_t, a.conn_tau), (500_000_000, 2_000_000_000));
+        let b = c.keys[&key_prefix("bbbbbbbb")].rate.unwrap();
+        assert_eq!((b.req_t, b.req_tau), (10_000_000, 1_990_000_000));
+        assert_eq!(b.conn_t, 0, "0 turns the default off for this key");
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(Policy::from_json_str(&j).unwrap(), p);
+        let got = errors(
+            "[settings]\nmax_requests_per_s = 2000000\n[[key]]\nprefix = \"cccccccc\"\nmax_new_connections_per_s = { rate = 5, burst = 0 }\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("settings.max_requests_per_s: rate 2000000"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with("key[0].max_new_connections_per_s: burst"),
+            "{got:?}"
+        );
+        // GCRA: a burst, then one per interval.
+        let (t, tau) = RateLimit::Burst(RateBurst { rate: 2, burst: 3 })
+            .gcra()
+            .unwrap();
+        let mut tat = 0;
+        let mut passed = 0;
+        for _ in 0..10 {
+            if let Some(n) = kernel::gcra(t, tau, tat, 1_000) {
+                tat = n;
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 3);
+        assert!(kernel::gcra(t, tau, tat, 1_000 + t).is_some());
     }
 
     #[test]

@@ -481,6 +481,8 @@ mod tests {
             locked: false,
             lock_reason: None,
             locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 

@@ -31,6 +31,8 @@ fn policy(locked: &BTreeSet<usize>, n: usize) -> Policy {
             locked: locked.contains(&i),
             lock_reason: None,
             locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         });
     }
     p

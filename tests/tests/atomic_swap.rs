@@ -46,6 +46,8 @@ fn key(prefix: &str, allow: &[&str], ipsets: &[&str], locked: bool) -> Key {
         locked,
         lock_reason: None,
         locked_until: None,
+        max_new_connections_per_s: None,
+        max_requests_per_s: None,
     }
 }
 

@@ -590,3 +590,82 @@ fn a_key_used_from_four_networks_is_flagged_then_locked() {
     // The key never used stays as it was.
     assert_eq!(show(&sb, &api, "idlekey1")["locked"], false);
 }
+
+#[test]
+fn a_curl_burst_over_max_requests_per_s_is_partly_dropped_and_a_slower_client_is_untouched() {
+    let (sb, _srv) = setup("riskrate");
+    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let mut p = policy(&sb, json!({"max_requests_per_s": {"rate": 5, "burst": 5}}));
+    p["key"][1]["prefix"] = "slowkey1".into();
+    let (st, v) = d.call("PUT", "/v1/policy", Some(&p)).unwrap();
+    assert_eq!(st, 200, "{v}");
+    let me: IpAddr = sb.client_v4().into();
+    wait_for("the key passes", 10, || {
+        (probe(&sb, me, "slowkey1-x") == Got::Pass).then_some(())
+    });
+    thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let (burst, slow) = thread::scope(|s| {
+        // 30 requests at once on goodkey1 (curl retries nothing; TCP retransmits a dropped
+        // request, which is judged again once the key has room).
+        let burst = s.spawn(|| {
+            let hs: Vec<_> = (0..30)
+                .map(|_| {
+                    s.spawn(|| {
+                        let t = Instant::now();
+                        (probe(&sb, me, GOOD), t.elapsed())
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        // The slower client: another key, 2 requests a second, under its own limit.
+        let slow = s.spawn(|| {
+            (0..6)
+                .map(|_| {
+                    let t = Instant::now();
+                    let g = probe(&sb, me, "slowkey1-x");
+                    let e = t.elapsed();
+                    thread::sleep(Duration::from_millis(500).saturating_sub(e));
+                    (g, e)
+                })
+                .collect::<Vec<_>>()
+        });
+        (burst.join().unwrap(), slow.join().unwrap())
+    });
+    let (st, stats) = d.call("GET", "/v1/stats", None).unwrap();
+    assert_eq!(st, 200);
+    let limited = stats["reasons"]["drop_rate_limited"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(limited > 0, "the burst went over 5/s: {stats}");
+    let delayed_or_failed = burst
+        .iter()
+        .filter(|(g, e)| *g == Got::Blocked || *e > Duration::from_millis(150))
+        .count();
+    assert!(
+        delayed_or_failed >= 10,
+        "at most ~10 of 30 fit the first second: {burst:?}"
+    );
+    assert!(burst.iter().any(|(g, _)| *g == Got::Pass), "{burst:?}");
+    // The slower client: every request passed (no retransmission wait: the machine's
+    // load from 30 curls is the only delay), and its key was never limited.
+    assert!(
+        slow.iter()
+            .all(|(g, e)| *g == Got::Pass && *e < Duration::from_millis(1000)),
+        "{slow:?}"
+    );
+    let (_, k) = d.call("GET", "/v1/keys/slowkey1", None).unwrap();
+    assert_eq!(k["counters"]["dropped"], 0, "{k}");
+    let (_, k) = d.call("GET", "/v1/keys/goodkey1", None).unwrap();
+    assert_eq!(
+        k["activity"]["last_refused_reason"], "drop_rate_limited",
+        "{k}"
+    );
+    eprintln!(
+        "burst done in {:?}; {limited} segments rate limited",
+        t0.elapsed()
+    );
+}

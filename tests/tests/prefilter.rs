@@ -261,6 +261,8 @@ fn more_than_eight_prefix_lengths_are_coarsened_safely() {
             locked: false,
             lock_reason: None,
             locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         });
     }
     let mut l = Loaded::new("").unwrap();
@@ -372,6 +374,8 @@ fn random_policies_never_drop_an_allowed_source() {
                 locked: rng.below(5) == 0,
                 lock_reason: None,
                 locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
             });
         }
         // Only ipsets some key binds are part of the union.
@@ -450,6 +454,8 @@ fn patches_add_sources_in_place_and_locks_leave_the_filter_alone() {
         locked: false,
         lock_reason: None,
         locked_until: None,
+        max_new_connections_per_s: None,
+        max_requests_per_s: None,
     });
     let changed = BTreeSet::from([key_prefix("newkey01")]);
     let c = p.compile().unwrap();

@@ -242,3 +242,104 @@ allow = ["198.51.100.7"]
         "{a:?}"
     );
 }
+
+#[test]
+fn rate_limits_drop_what_is_over_and_never_open_a_refusal() {
+    let mut l = Loaded::new(&policy(
+        r#"
+[[key]]
+prefix = "limreq01"
+allow = ["198.51.100.7"]
+max_requests_per_s = { rate = 1, burst = 2 }
+
+[[key]]
+prefix = "limcon01"
+allow = ["198.51.100.7"]
+max_new_connections_per_s = 1
+
+[[key]]
+prefix = "free0001"
+allow = ["198.51.100.7"]
+"#,
+    ))
+    .unwrap();
+    // A burst of two, then the third is over.
+    expect(&mut l, &conn(ALLOWED4, "limreq01xxxx"), PassAllowed);
+    expect(&mut l, &conn(ALLOWED4, "limreq01xxxx"), PassAllowed);
+    let over = conn(ALLOWED4, "limreq01xxxx");
+    expect(&mut l, &over, DropRateLimited);
+    let a = activity(&l, "limreq01");
+    assert_eq!(a.last_refused_reason, DropRateLimited as u8);
+    // A refusal stays a refusal, whatever the limit's state.
+    expect(&mut l, &conn(OTHER4, "limreq01xxxx"), DropNotAllowed);
+    // An unlimited key is never limited.
+    for _ in 0..20 {
+        expect(&mut l, &conn(ALLOWED4, "free0001xxxx"), PassAllowed);
+    }
+    // A second later the client's retransmission of the refused request is judged afresh.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    expect(&mut l, &over, PassAllowed);
+
+    // Connections: one a second; a keep-alive connection's later requests are not new ones.
+    let p = Pkt::tcp4(ALLOWED4, EDGE4, 45000, 8080);
+    expect(
+        &mut l,
+        &p.clone().payload(&req("limcon01xxxx")).build(),
+        PassAllowed,
+    );
+    expect(
+        &mut l,
+        &p.clone().payload(&req("limcon01xxxx")).build(),
+        PassAllowed,
+    );
+    expect(&mut l, &conn(ALLOWED4, "limcon01xxxx"), DropRateLimited);
+    // The refused connection's other segments do not pass meanwhile (nothing was judged).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    expect(&mut l, &conn(ALLOWED4, "limcon01xxxx"), PassAllowed);
+}
+
+#[test]
+fn a_keepalive_request_over_the_limit_is_retried_in_place() {
+    let mut l = Loaded::new(&policy("")).unwrap();
+    // Defaults come from settings; a key turns them off with 0.
+    l.apply(&format!(
+        "{}\n{}",
+        r#"
+[settings]
+prefilter = false
+max_requests_per_s = { rate = 1, burst = 1 }
+
+[[listener]]
+port = 8080
+locator = "http-header"
+headers = ["X-MBX-APIKEY"]
+"#,
+        r#"
+[[key]]
+prefix = "deflim01"
+allow = ["198.51.100.7"]
+
+[[key]]
+prefix = "nolimit1"
+allow = ["198.51.100.7"]
+max_requests_per_s = 0
+"#
+    ))
+    .unwrap();
+    let p = Pkt::tcp4(ALLOWED4, EDGE4, 46000, 8080);
+    expect(
+        &mut l,
+        &p.clone().payload(&req("deflim01xxxx")).build(),
+        PassAllowed,
+    );
+    let second = p.clone().payload(&req("deflim01xxxx")).build();
+    expect(&mut l, &second, DropRateLimited);
+    // Nothing after it is in position: a third request waits for the second.
+    let (_, got, _) = l.run(&p.clone().payload(&req("deflim01xxxx")).build());
+    assert!(got.is_drop(), "{got:?}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    expect(&mut l, &second, PassAllowed);
+    for _ in 0..5 {
+        expect(&mut l, &conn(ALLOWED4, "nolimit1xxxx"), PassAllowed);
+    }
+}

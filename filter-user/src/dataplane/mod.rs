@@ -123,6 +123,8 @@ pub struct Maps {
     pub key_stats: Array<MapData, KeyStats>,
     /// Per-key activity (`KW_ACTIVITY`), indexed like `key_stats`.
     pub activity: Array<MapData, filter_common::KeyActivity>,
+    /// Rate limits of limited keys (`KW_RATE`), by stat index.
+    pub rate: HashMap<MapData, u32, filter_common::RateEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// None while the loaded object has no prefilter (then nothing is written for it).
     pub prefilter: Option<PrefilterMap>,
@@ -248,6 +250,7 @@ impl Maps {
             reasons: t(ebpf, maps::REASONS)?.try_into()?,
             key_stats: t(ebpf, maps::KEY_STATS)?.try_into()?,
             activity: t(ebpf, maps::ACTIVITY)?.try_into()?,
+            rate: t(ebpf, maps::RATE)?.try_into()?,
             flows: t(ebpf, maps::FLOWS)?.try_into()?,
             prefilter: match ebpf.take_map(maps::PREFILTER) {
                 Some(Map::Array(data)) => Some(PrefilterMap::open(data)?),
@@ -267,6 +270,7 @@ impl Dataplane {
             .map_max_entries(maps::KEYS, cap.keys)
             .map_max_entries(maps::KEY_STATS, cap.keys)
             .map_max_entries(maps::ACTIVITY, cap.keys)
+            .map_max_entries(maps::RATE, cap.keys)
             .map_max_entries(maps::ALLOW, cap.allow)
             .map_max_entries(maps::SETS, cap.sets)
             .map_max_entries(maps::FLOWS, cap.flows)
@@ -389,6 +393,8 @@ pub struct Mirror {
     prefilter: [Half; 2],
     /// Entries in `KW_ALLOW` (the sum of every set's size).
     allow_entries: usize,
+    /// `KW_RATE` as written (limits only, state zero), by stat index.
+    rates: StdHashMap<u32, filter_common::RateEntry>,
 }
 
 /// Entries in the policy maps, as the mirror knows them (no map walk).
@@ -522,6 +528,11 @@ impl Mirror {
                 .map(|(p, _)| *p)
                 .collect(),
         );
+        batch::for_each::<u32, filter_common::RateEntry>(m.rate.map(), |ids, vals| {
+            for (id, v) in ids.iter().zip(vals) {
+                mi.rates.insert(*id, rate_config(v));
+            }
+        })?;
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
         mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
         let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
@@ -822,6 +833,7 @@ impl Mirror {
                 }
                 self.keys.remove(p);
                 if let Some(i) = self.stat_idx.remove(p) {
+                    self.sync_rate(m, i, None)?;
                     self.free_idx.push(i);
                 }
             } else {
@@ -879,7 +891,41 @@ impl Mirror {
             r.locked_until = crate::risk::tai_until(k.locked_until, crate::risk::tai_offset_s());
         }
         r.stat_idx = self.stat_for(m, p, key_cap)?;
+        self.sync_rate(m, r.stat_idx, k.rate)?;
         Ok(r)
+    }
+
+    /// Writes a key's limits (`KW_RATE` and the activity flag that sends the datapath there).
+    /// Not double-buffered: a changed limit holds from this write, a moment before the
+    /// slot flips (limits never decide whether a key is allowed).
+    fn sync_rate(
+        &mut self,
+        m: &mut Maps,
+        idx: u32,
+        want: Option<filter_common::RateEntry>,
+    ) -> Result<()> {
+        if self.rates.get(&idx) == want.as_ref() {
+            return Ok(());
+        }
+        let mut a = m.activity.get(&idx, 0).unwrap_or_default();
+        match want {
+            Some(cfg) => {
+                // The entry first, then the flag: a flagged key always finds its entry.
+                m.rate
+                    .insert(idx, cfg, 0)
+                    .context("writing a rate limit (KW_RATE)")?;
+                a.flags |= filter_common::ACT_RATE_LIMITED;
+                m.activity.set(idx, a, 0)?;
+                self.rates.insert(idx, cfg);
+            }
+            None => {
+                a.flags &= !filter_common::ACT_RATE_LIMITED;
+                m.activity.set(idx, a, 0)?;
+                let _ = m.rate.remove(&idx);
+                self.rates.remove(&idx);
+            }
+        }
+        Ok(())
     }
 
     /// Drops one record's references to its sets.
@@ -921,6 +967,15 @@ impl Mirror {
             self.set_ids.remove(&content);
         }
         Ok(dead.len())
+    }
+}
+
+/// A `KW_RATE` entry's limits, without its state.
+fn rate_config(e: &filter_common::RateEntry) -> filter_common::RateEntry {
+    filter_common::RateEntry {
+        conn_tat: 0,
+        req_tat: 0,
+        ..*e
     }
 }
 

@@ -287,6 +287,8 @@ fn policy_with_keys(n: usize, shift: bool) -> Policy {
                 locked: i == LOCKED_KEY,
                 lock_reason: None,
                 locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
             }
         })
         .collect();
