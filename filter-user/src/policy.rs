@@ -108,8 +108,7 @@ impl RateLimit {
                 at,
                 format!("rate {rate} is above {MAX_RATE} a second"),
             ));
-        }
-        if rate > 0 && !(1..=MAX_RATE).contains(&burst) {
+        } else if rate > 0 && !(1..=MAX_RATE).contains(&burst) {
             errs.push(PolicyError::new(
                 at,
                 format!("burst must be 1..={MAX_RATE}, got {burst}"),
