@@ -142,6 +142,36 @@ pub fn key_fields(key: Option<&Key>, act: Option<&(Activity, i64)>, c: &Clocks) 
     v
 }
 
+/// Every key of the live slot with its raw activity entry (the edge's digest).
+pub fn entries(view: &PinnedView) -> Result<Vec<(String, KeyActivity)>> {
+    let Some(act_map) = &view.activity else {
+        return Ok(Vec::new());
+    };
+    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
+    let mut acts: Vec<KeyActivity> = Vec::new();
+    batch::for_each::<u32, KeyActivity>(act_map.map(), |idx, vals| {
+        for (i, v) in idx.iter().zip(vals) {
+            let i = *i as usize;
+            if acts.len() <= i {
+                acts.resize(i + 1, KeyActivity::default());
+            }
+            acts[i] = *v;
+        }
+    })?;
+    let mut rows = Vec::new();
+    batch::for_each::<KeyPrefix, KeyEntry>(view.keys.map(), |ks, es| {
+        for (k, e) in ks.iter().zip(es) {
+            let r = e.slot[slot];
+            if r.flags & KEY_PRESENT == 0 {
+                continue;
+            }
+            let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
+            rows.push((crate::stats::prefix_str(k), a));
+        }
+    })?;
+    Ok(rows)
+}
+
 /// Every key of the live slot as (prefix, idle seconds, networks in the window): what the
 /// daemon's risk loop decides on. Two batched map walks, nothing per key beyond a row.
 pub fn scan(view: &PinnedView, window_s: u64, c: &Clocks) -> Result<Vec<(String, u64, u32)>> {

@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// `--replace-foreign`: detach an XDP program that is not this keywall's instead of
     /// refusing to start.
     pub replace_foreign: bool,
+    /// With `etcd`: this edge's name for its activity digest, and how often it is published.
+    pub edge_id: String,
+    pub activity_every: Duration,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -316,7 +319,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(e) = o.etcd.clone() {
-        crate::etcd::spawn(e, shared.clone())?;
+        crate::etcd::spawn(e.clone(), shared.clone())?;
+        // The edge's activity for `keywall fleet` (fleet.rs): its only write to etcd.
+        crate::fleet::spawn_publisher(e, o.edge_id.clone(), o.activity_every, o.pin_dir.clone())?;
     }
     if let Some(l) = metrics_listener {
         log::info!(

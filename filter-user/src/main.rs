@@ -123,6 +123,37 @@ enum Cmd {
         /// (without it, keywall refuses to start).
         #[arg(long)]
         replace_foreign: bool,
+        /// With --etcd: this edge's name in `<prefix>activity/<edge-id>` (default: the host
+        /// name).
+        #[arg(long, requires = "etcd")]
+        edge_id: Option<String>,
+        /// With --etcd: seconds between activity digests (the lease lasts three periods).
+        #[arg(long, default_value_t = 30)]
+        activity_every: u64,
+    },
+    /// For the control plane: read every edge's activity digest from etcd and lock idle keys
+    /// (idle_lock_after) and shared keys (shared_key with action = "lock") in `keys/<prefix>`.
+    Fleet {
+        /// etcd `URL[,URL…]`.
+        #[arg(long)]
+        etcd: String,
+        #[arg(long, default_value = "/keywall/")]
+        etcd_prefix: String,
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        #[arg(long, requires = "etcd_key")]
+        etcd_cert: Option<PathBuf>,
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        #[arg(long)]
+        etcd_user: Option<String>,
+        #[arg(long, requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
+        /// Print what would be locked; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Interfaces, attach state, applied revision, mode and map fill.
     Status {
@@ -333,7 +364,16 @@ fn real_main() -> Result<ExitCode> {
             max_flows,
             poll_ms,
             replace_foreign,
+            edge_id,
+            activity_every,
         } => {
+            let edge_id = match edge_id {
+                Some(e) => e,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "edge".into()),
+            };
+            keywall::fleet::check_edge_id(&edge_id)?;
             let etcd = etcd
                 .map(|urls| {
                     keywall::etcd::EtcdConfig::new(&urls, &etcd_prefix).map(|c| {
@@ -381,8 +421,32 @@ fn real_main() -> Result<ExitCode> {
                 metrics: (metrics != "off").then_some(metrics),
                 etcd,
                 replace_foreign,
+                edge_id,
+                activity_every: Duration::from_secs(activity_every.max(1)),
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fleet {
+            etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
+            dry_run,
+            json,
+        } => {
+            let cfg = keywall::etcd::EtcdConfig {
+                ca: etcd_ca,
+                cert: etcd_cert,
+                key: etcd_key,
+                user: etcd_user,
+                password_file: etcd_password_file,
+                ..keywall::etcd::EtcdConfig::new(&etcd, &etcd_prefix)?
+            };
+            cfg.check()?;
+            Ok(ExitCode::from(keywall::fleet::run(cfg, dry_run, json)?))
         }
         Cmd::Status {
             json,
