@@ -321,7 +321,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     if let Some(e) = o.etcd.clone() {
         crate::etcd::spawn(e.clone(), shared.clone())?;
         // The edge's activity for `keywall fleet` (fleet.rs): its only write to etcd.
-        crate::fleet::spawn_publisher(e, o.edge_id.clone(), o.activity_every, o.pin_dir.clone())?;
+        crate::fleet::spawn_publisher(e, o.edge_id.clone(), o.activity_every, shared.clone())?;
     }
     if let Some(l) = metrics_listener {
         log::info!(

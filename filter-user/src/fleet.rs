@@ -257,8 +257,9 @@ pub fn spawn_publisher(
     cfg: crate::etcd::EtcdConfig,
     edge: String,
     every: Duration,
-    pin_dir: std::path::PathBuf,
+    shared: std::sync::Arc<crate::api::Shared>,
 ) -> Result<()> {
+    let pin_dir = shared.pin_dir.clone();
     std::thread::Builder::new()
         .name("keywall-activity".into())
         .spawn(move || {
@@ -276,6 +277,22 @@ pub fn spawn_publisher(
                 let mut client = None;
                 let mut lease: Option<i64> = None;
                 loop {
+                    // Only while the fleet's settings ask for risk controls: otherwise the
+                    // edges write nothing at all to etcd.
+                    let wanted = shared
+                        .engine
+                        .lock()
+                        .unwrap()
+                        .applied
+                        .as_ref()
+                        .is_some_and(|a| {
+                            a.policy.settings.idle_lock_after.is_some()
+                                || a.policy.settings.shared_key.is_some()
+                        });
+                    if !wanted {
+                        tokio::time::sleep(every).await;
+                        continue;
+                    }
                     match publish(&cfg, &edge, every, &pin_dir, &mut client, &mut lease).await {
                         Ok(n) => log::debug!("activity digest of {n} keys published"),
                         Err(e) => {
