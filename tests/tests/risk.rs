@@ -343,3 +343,97 @@ max_requests_per_s = 0
         expect(&mut l, &conn(ALLOWED4, "nolimit1xxxx"), PassAllowed);
     }
 }
+
+/// Kernel memory of the maps at the default capacity (1M keys) with 100k keys of 4 hosts
+/// loaded, and 1,000 of them rate limited: `memlock` from each map's fdinfo. Run on demand
+/// (`-- --ignored memory --nocapture`) for BENCHMARKS.md.
+#[test]
+#[ignore]
+fn memory_at_the_default_capacity() {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let n = 100_000usize;
+    let mut p = keywall::policy::Policy::from_toml_str(&policy("")).unwrap();
+    for i in 0..n {
+        let host = |j: usize| {
+            format!(
+                "10.{}.{}.{}",
+                64 + (i >> 14) % 64,
+                (i >> 6) & 255,
+                (i & 63) * 4 + j
+            )
+        };
+        let mut k: keywall::policy::Key =
+            serde_json::from_value(serde_json::json!({"prefix": format!("k{i:07}")})).unwrap();
+        k.allow = (0..4).map(host).collect();
+        if i < 1000 {
+            k.max_requests_per_s = Some(keywall::policy::RateLimit::Rate(10));
+        }
+        p.key.push(k);
+    }
+    let mut l =
+        Loaded::with_capacity(&policy(""), keywall::dataplane::Capacity::default()).unwrap();
+    l.apply_policy(&p).unwrap();
+    let mut total = 0;
+    for name in filter_common::maps::ALL {
+        let path = l.pin_dir.join(name);
+        let Ok(md) = aya::maps::MapData::from_pin(&path) else {
+            continue;
+        };
+        let fd = md.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let m: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        total += m;
+        eprintln!("{name:<20} {:>10.2} MiB", m as f64 / 1048576.0);
+    }
+    eprintln!("total {:.2} MiB with {n} keys", total as f64 / 1048576.0);
+}
+
+/// ns per run of a key-bearing request (a retransmission of a judged one: every run goes
+/// through the key message path, `risk::record` included) for an unlimited and a limited key,
+/// and of a packet that follows a judged connection (which never reaches the risk code). Run
+/// on demand (`-- --ignored cost --nocapture`) for BENCHMARKS.md.
+#[test]
+#[ignore]
+fn cost_per_packet() {
+    let mut l = Loaded::new(&policy(
+        r#"
+[[key]]
+prefix = "free0001"
+allow = ["198.51.100.7"]
+
+[[key]]
+prefix = "limited1"
+allow = ["198.51.100.7"]
+max_requests_per_s = { rate = 1000000, burst = 1000000 }
+"#,
+    ))
+    .unwrap();
+    let repeat = 200_000;
+    for round in 0..3 {
+        let mut line = Vec::new();
+        for (name, key, port) in [
+            ("unlimited", "free0001xxxx", 47000u16),
+            ("limited", "limited1xxxx", 47001),
+        ] {
+            let f = Pkt::tcp4(ALLOWED4, EDGE4, port + round * 10, 8080)
+                .payload(&req(key))
+                .build();
+            expect(&mut l, &f, PassAllowed);
+            line.push(format!("{name} request {:.0} ns", l.time(&f, repeat)));
+        }
+        let p = Pkt::tcp4(ALLOWED4, EDGE4, 47100 + round, 8080);
+        expect(
+            &mut l,
+            &p.clone().payload(&req("free0001xxxx")).build(),
+            PassAllowed,
+        );
+        let ack = p.clone().build();
+        expect(&mut l, &ack, PassFlow);
+        line.push(format!("follow packet {:.0} ns", l.time(&ack, repeat)));
+        eprintln!("round {round}: {}", line.join(", "));
+    }
+}
