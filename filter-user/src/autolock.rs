@@ -188,6 +188,14 @@ pub fn run(sh: std::sync::Arc<crate::api::Shared>, stop: &std::sync::atomic::Ato
         let shared = shared_rule
             .as_ref()
             .map(|s| (s.networks, s.action == crate::policy::SharedAction::Lock));
+        // Only keys some rule may act on are looked up under the engine lock (a million keys
+        // must not hold writers up).
+        let rows: Vec<(String, u64, u32)> = rows
+            .into_iter()
+            .filter(|(_, idle_s, n)| {
+                idle.is_some_and(|d| *idle_s >= d) || shared.is_some_and(|(l, _)| *n > l)
+            })
+            .collect();
         // Edges under etcd lock nothing: `keywall fleet` decides for the fleet.
         let may_lock = !matches!(sh.source, Source::Etcd(_));
         let mut ops = Vec::new();
