@@ -16,6 +16,8 @@ use crate::risk::{self, Activity};
 pub struct Query {
     /// Keys with no allowed traffic for at least this many seconds.
     pub idle_for: Option<u64>,
+    /// `idle_for=` left empty: the policy's `idle_lock_after`, else 14 days.
+    pub idle_from_policy: bool,
     /// Keys seen from more networks than the policy's `shared_key.networks` in its window.
     pub shared: bool,
     /// At most this many rows (100 when left out).
@@ -32,6 +34,7 @@ impl Query {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             let v = crate::api::percent_decode(v);
             match k {
+                "idle_for" if v.is_empty() => out.idle_from_policy = true,
                 "idle_for" => {
                     out.idle_for =
                         Some(risk::parse_duration(&v).map_err(|e| format!("idle_for: {e}"))?)
@@ -222,6 +225,15 @@ pub fn listing(view: &PinnedView, policy: Option<&Policy>, q: &Query, c: &Clocks
         .as_ref()
         .ok_or_else(|| anyhow!("the pinned program has no activity map (KW_ACTIVITY): restart keywall run with this build"))?;
     let (window_s, limit) = shared_rule(policy);
+    let mut q = q.clone();
+    if q.idle_from_policy && q.idle_for.is_none() {
+        q.idle_for = Some(
+            policy
+                .and_then(|p| p.settings.idle_lock_after_s())
+                .unwrap_or(14 * 86_400),
+        );
+    }
+    let q = &q;
     let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
     let mut acts: Vec<KeyActivity> = Vec::new();
     batch::for_each::<u32, KeyActivity>(act_map.map(), |idx, vals| {
@@ -299,6 +311,7 @@ pub fn listing(view: &PinnedView, policy: Option<&Policy>, q: &Query, c: &Clocks
         "matched": matched,
         "total": total,
         "window": risk::format_duration(window_s),
+        "idle_for": q.idle_for.map(risk::format_duration),
         "networks_limit": limit,
     }))
 }
@@ -319,6 +332,7 @@ mod tests {
             })
         );
         assert!(Query::parse("shared").unwrap().shared);
+        assert!(Query::parse("idle_for=").unwrap().idle_from_policy);
         assert!(Query::parse("shared=true").unwrap().shared);
         assert!(
             Query::parse("idle_for=soon")

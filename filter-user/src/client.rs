@@ -442,24 +442,14 @@ pub enum Listing {
 pub fn keys_list(c: &Client, what: Listing, top: Option<usize>, as_json: bool) -> Result<u8> {
     let mut q = Vec::new();
     match &what {
-        Listing::Idle(d) => {
-            let d = match d {
-                Some(d) => d.clone(),
-                None => {
-                    let (st, p) = c.call(Method::GET, "/v1/policy", None)?;
-                    if st != 200 {
-                        print_rejection(st, &p);
-                        return Ok(1);
-                    }
-                    p["settings"]["idle_lock_after"]
-                        .as_str()
-                        .unwrap_or("14d")
-                        .to_owned()
-                }
-            };
-            crate::risk::parse_duration(&d).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
-            q.push(format!("idle_for={d}"));
-        }
+        Listing::Idle(d) => match d {
+            Some(d) => {
+                crate::risk::parse_duration(d).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+                q.push(format!("idle_for={d}"));
+            }
+            // The daemon takes the policy's idle_lock_after (else 14d): no policy download.
+            None => q.push("idle_for=".into()),
+        },
         Listing::Shared => q.push("shared=true".into()),
         Listing::Top => {}
     }

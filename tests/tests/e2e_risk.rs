@@ -302,6 +302,10 @@ fn activity_shows_in_key_show_and_keys_listings() {
         .filter_map(|r| r["prefix"].as_str())
         .collect();
     assert!(names.contains(&"idlekey1"), "{idle}");
+    // Without --for: the policy's idle_lock_after (none here), else 14 days.
+    let idle = kw_json(&sb, &["keys", "idle", "--json", "--api", &api]);
+    assert_eq!(idle["idle_for"], "14d", "{idle}");
+    assert_eq!(idle["keys"].as_array().unwrap().len(), 0, "{idle}");
     // The plain table names the keys.
     let out = kw(&sb, &["keys", "top", "--api", &api]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("goodkey1"));
