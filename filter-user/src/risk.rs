@@ -28,7 +28,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
 /// Seconds back to the shortest exact `s/m/h/d` form.
 pub fn format_duration(secs: u64) -> String {
     for (unit, m) in [('d', 86_400), ('h', 3600), ('m', 60)] {
-        if secs >= m && secs % m == 0 {
+        if secs >= m && secs.is_multiple_of(m) {
             return format!("{}{unit}", secs / m);
         }
     }

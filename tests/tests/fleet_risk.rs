@@ -204,7 +204,7 @@ fn activity_digests_from_three_edges_drive_keywall_fleet() {
     );
     f.put("keys/goodkey1", &json!({"allow": clients}));
     f.put("keys/idlekey1", &json!({"allow": clients, "ipsets": []}));
-    let _daemons: Vec<ApiDaemon> = (0..3).map(|i| f.daemon(i)).collect();
+    let daemons: Vec<ApiDaemon> = (0..3).map(|i| f.daemon(i)).collect();
     let me = |i: usize| -> IpAddr { f.sbs[i].client_v4().into() };
     for i in 0..3 {
         wait_for("every edge enforces", 20, || {
@@ -320,8 +320,8 @@ fn activity_digests_from_three_edges_drive_keywall_fleet() {
     assert_eq!(a["outcome"], "reported", "alert: reported, not locked");
     assert_eq!(a["edges"].as_array().unwrap().len(), 3, "{a}");
     // On its own, no edge saw more than three networks.
-    for i in 0..3 {
-        let (_, k) = _daemons[i].call("GET", "/v1/keys/goodkey1", None).unwrap();
+    for (i, d) in daemons.iter().enumerate() {
+        let (_, k) = d.call("GET", "/v1/keys/goodkey1", None).unwrap();
         assert!(k["networks"].as_u64().unwrap() <= 3, "edge {i}: {k}");
     }
     assert_eq!(f.get("keys/goodkey1")["locked"], Value::Null);
