@@ -10,7 +10,8 @@
 //!   and every digest, and locks idle and (with `action = "lock"`) shared keys by writing
 //!   `keys/<prefix>` (a transaction on the entry's revision, so a concurrent edit wins).
 //!   Keys no edge ever reported are idle from when `keywall fleet` first saw them
-//!   (`<prefix>fleet/first-seen`). `--dry-run` prints what it would lock.
+//!   (`<prefix>fleet/first-seen`); keys an operator unlocked after an automatic lock start
+//!   again from then (`<prefix>fleet/auto-locks`). `--dry-run` prints what it would lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,6 +24,10 @@ use crate::policy::{Key, Settings, SharedAction};
 
 pub const ACTIVITY_DIR: &str = "activity/";
 pub const FIRST_SEEN: &str = "fleet/first-seen";
+/// The locks `keywall fleet` made, and the keys an operator unlocked after one (the same
+/// shape as a single host's `auto-locks.json`): an unlocked key gets a fresh idle period, and
+/// a shared key an operator unlocked is reported, not locked again.
+pub const AUTO_LOCKS: &str = "fleet/auto-locks";
 /// Keys per digest value (a part stays far below etcd's 1.5 MiB request limit).
 pub const PART_KEYS: usize = 5000;
 /// Networks older than this are left out of digests (the longest `shared_key.window`).
@@ -186,6 +191,7 @@ pub fn plan(
     keys: &BTreeMap<String, Key>,
     merged: &BTreeMap<String, Merged>,
     first_seen: &BTreeMap<String, i64>,
+    cleared: &BTreeMap<String, i64>,
     now: i64,
 ) -> (Vec<Action>, BTreeMap<String, i64>) {
     let idle = settings.idle_lock_after_s().map(|d| d as i64);
@@ -211,6 +217,9 @@ pub fn plan(
                 t
             }
         };
+        // An operator's unlock starts the idle period again.
+        let unlocked = cleared.get(prefix).copied();
+        let since = unlocked.map_or(since, |c| since.max(c));
         let edges = m
             .map(|m| m.edges.iter().cloned().collect())
             .unwrap_or_default();
@@ -236,7 +245,11 @@ pub fn plan(
             if n > limit {
                 actions.push(Action {
                     prefix: prefix.clone(),
-                    action: if lock { "lock" } else { "suspect" },
+                    action: if lock && unlocked.is_none() {
+                        "lock"
+                    } else {
+                        "suspect"
+                    },
                     reason: "shared",
                     idle_s: None,
                     networks: Some(n),
@@ -463,8 +476,19 @@ async fn run_async(cfg: crate::etcd::EtcdConfig, dry_run: bool, as_json: bool) -
         None => BTreeMap::new(),
     };
     let now = crate::state::now_unix() as i64;
+    let mut auto: crate::autolock::Overlay = match get_prefix(&mut cl, &format!("{p}{AUTO_LOCKS}"))
+        .await?
+        .into_iter()
+        .next()
+    {
+        Some((_, v, _)) => serde_json::from_slice(&v).unwrap_or_default(),
+        None => Default::default(),
+    };
+    let auto_before = auto.clone();
+    // A key this command locked that is unlocked now was unlocked by an operator.
+    auto.reconcile(|k| keys.get(k).cloned(), now);
     let merged = merge(&ds);
-    let (actions, seen) = plan(&settings, &keys, &merged, &first_seen, now);
+    let (actions, seen) = plan(&settings, &keys, &merged, &first_seen, &auto.cleared, now);
     let mut results = Vec::new();
     for a in &actions {
         let mut outcome = if a.action != "lock" {
@@ -489,11 +513,25 @@ async fn run_async(cfg: crate::etcd::EtcdConfig, dry_run: bool, as_json: bool) -
                     revs[&a.prefix],
                 )])
                 .and_then(vec![TxnOp::put(name, serde_json::to_vec(&o)?, None)]);
-            if !cl.txn(txn).await?.succeeded() {
+            if cl.txn(txn).await?.succeeded() {
+                auto.locks.insert(
+                    a.prefix.clone(),
+                    crate::autolock::AutoLock {
+                        reason: a.reason.to_owned(),
+                        at: now,
+                    },
+                );
+                auto.cleared.remove(&a.prefix);
+            } else {
                 outcome = "changed meanwhile: skipped";
             }
         }
         results.push((a, outcome));
+    }
+    if !dry_run && auto != auto_before {
+        cl.put(format!("{p}{AUTO_LOCKS}"), serde_json::to_vec(&auto)?, None)
+            .await
+            .context("writing fleet/auto-locks")?;
     }
     if !dry_run && seen != first_seen {
         cl.put(format!("{p}{FIRST_SEEN}"), serde_json::to_vec(&seen)?, None)
@@ -651,7 +689,7 @@ mod tests {
         assert_eq!(merged["active01"].edges.len(), 2);
         let mut first = BTreeMap::new();
         first.insert("never001".to_owned(), now - 20 * day);
-        let (acts, seen) = plan(&settings, &keys, &merged, &first, now);
+        let (acts, seen) = plan(&settings, &keys, &merged, &first, &BTreeMap::new(), now);
         let got: Vec<(&str, &str, &str)> = acts
             .iter()
             .map(|a| (a.prefix.as_str(), a.action, a.reason))
@@ -667,8 +705,33 @@ mod tests {
         assert_eq!(acts[2].networks, Some(4));
         assert_eq!(seen.get("never001"), Some(&(now - 20 * day)));
         // A key no edge reported and no run saw before starts its idle time now.
-        let (acts, seen) = plan(&settings, &keys, &merged, &BTreeMap::new(), now);
+        let (acts, seen) = plan(
+            &settings,
+            &keys,
+            &merged,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            now,
+        );
         assert!(!acts.iter().any(|a| a.prefix == "never001"));
         assert_eq!(seen.get("never001"), Some(&now));
+        // Unlocked by an operator an hour ago: idle again only 14 days after that.
+        let cleared: BTreeMap<String, i64> = [("idle0001".to_owned(), now - 3600)].into();
+        let (acts, _) = plan(&settings, &keys, &merged, &first, &cleared, now);
+        assert!(!acts.iter().any(|a| a.prefix == "idle0001"), "{acts:?}");
+        // A shared key an operator unlocked is reported, not locked again.
+        let mut locking = settings.clone();
+        locking.shared_key.as_mut().unwrap().action = SharedAction::Lock;
+        let (acts, _) = plan(&locking, &keys, &merged, &first, &BTreeMap::new(), now);
+        assert_eq!(
+            acts.iter().find(|a| a.prefix == "shared01").unwrap().action,
+            "lock"
+        );
+        let cleared: BTreeMap<String, i64> = [("shared01".to_owned(), now - 60)].into();
+        let (acts, _) = plan(&locking, &keys, &merged, &first, &cleared, now);
+        assert_eq!(
+            acts.iter().find(|a| a.prefix == "shared01").unwrap().action,
+            "suspect"
+        );
     }
 }

@@ -289,6 +289,17 @@ fn activity_digests_from_three_edges_drive_keywall_fleet() {
         Got::Pass,
         "alive on other edges: not idle"
     );
+    // An operator unlocks it in etcd: the next run leaves it alone (a fresh idle period).
+    f.put("keys/idlekey1", &json!({"allow": clients, "ipsets": []}));
+    wait_for("edge 2 lets the unlocked key through", 15, || {
+        (probe(&f.sbs[2], me(2), IDLE) == Got::Pass).then_some(())
+    });
+    let again = f.fleet(false);
+    assert!(
+        !actions(&again).iter().any(|a| a.0 == "idlekey1"),
+        "{again}"
+    );
+    assert!(f.get("fleet/auto-locks")["cleared"]["idlekey1"].is_i64());
 
     // Shared across edges: the three clients (one /24 per edge) used it, so the fleet has seen
     // three networks, not more than allowed. Two more try it on edge 1, one more on edge 2:
