@@ -166,6 +166,17 @@ pub fn run(sh: std::sync::Arc<crate::api::Shared>, stop: &std::sync::atomic::Ato
         let idle = settings.as_ref().and_then(|s| s.idle_lock_after_s());
         let shared_rule = settings.as_ref().and_then(|s| s.shared_key.clone());
         std::thread::sleep(interval(idle));
+        {
+            let mut eng = sh.engine.lock().unwrap();
+            let eng = &mut *eng;
+            match eng.mirror.follow_tai_offset(&mut eng.dp.maps) {
+                Ok(Some((old, new, n))) => log::warn!(
+                    "the kernel's TAI offset moved from {old} s to {new} s: {n} lock expiries rewritten to stay on the wall clock"
+                ),
+                Ok(None) => {}
+                Err(e) => log::error!("rewriting lock expiries for the TAI offset: {e:#}"),
+            }
+        }
         if idle.is_none() && shared_rule.is_none() {
             sh.metrics.shared_suspect.set(0);
             continue;

@@ -182,6 +182,11 @@ pub fn tai_until(unix: Option<i64>, tai_offset: i64) -> u32 {
     }
 }
 
+/// A kernel expiry moved by `delta` seconds (the TAI offset changed); never to 0 ("forever").
+pub fn shift_until(until: u32, delta: i64) -> u32 {
+    (until as i64 + delta).clamp(1, u32::MAX as i64) as u32
+}
+
 /// Whether a lock with this expiry (Unix seconds) holds at `now` (Unix seconds).
 pub fn lock_holds(locked_until: Option<i64>, now: i64) -> bool {
     locked_until.is_none_or(|t| now < t)
@@ -338,6 +343,12 @@ mod tests {
         assert_eq!(tai_until(None, 37), 0);
         assert_eq!(tai_until(Some(1000), 37), 1037);
         assert_eq!(tai_until(Some(0), 0), 1);
+        assert_eq!(shift_until(1000, 37), 1037);
+        assert_eq!(
+            shift_until(10, -37),
+            1,
+            "an expiry never turns into forever"
+        );
         assert!(lock_holds(None, i64::MAX));
         assert!(lock_holds(Some(100), 99));
         assert!(!lock_holds(Some(100), 100));

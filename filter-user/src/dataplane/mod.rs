@@ -395,6 +395,9 @@ pub struct Mirror {
     allow_entries: usize,
     /// `KW_RATE` as written (limits only, state zero), by stat index.
     rates: StdHashMap<u32, filter_common::RateEntry>,
+    /// The TAI offset lock expiries were written with (None: none written yet; after a
+    /// restart, taken as today's).
+    tai_offset: Option<i64>,
 }
 
 /// Entries in the policy maps, as the mirror knows them (no map walk).
@@ -888,7 +891,10 @@ impl Mirror {
         }
         r.n_sets = sets.len() as u8;
         if k.flags & filter_common::KEY_LOCKED != 0 && k.locked_until.is_some() {
-            r.locked_until = crate::risk::tai_until(k.locked_until, crate::risk::tai_offset_s());
+            let off = *self
+                .tai_offset
+                .get_or_insert_with(crate::risk::tai_offset_s);
+            r.locked_until = crate::risk::tai_until(k.locked_until, off);
         }
         r.stat_idx = self.stat_for(m, p, key_cap)?;
         self.sync_rate(m, r.stat_idx, k.rate)?;
@@ -926,6 +932,36 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+
+    /// Keeps lock expiries on the wall clock when the kernel's TAI offset moves (an NTP
+    /// daemon sets it, usually once after boot): every record with an expiry is moved by the
+    /// change, in both slots, one element write per key. Returns the offsets and the keys
+    /// rewritten when it moved.
+    pub fn follow_tai_offset(&mut self, m: &mut Maps) -> Result<Option<(i64, i64, usize)>> {
+        let now = crate::risk::tai_offset_s();
+        let Some(old) = self.tai_offset else {
+            return Ok(None);
+        };
+        if old == now {
+            return Ok(None);
+        }
+        let mut n = 0;
+        for (p, e) in self.keys.iter_mut() {
+            let mut changed = false;
+            for r in e.slot.iter_mut() {
+                if r.locked_until != 0 {
+                    r.locked_until = crate::risk::shift_until(r.locked_until, now - old);
+                    changed = true;
+                }
+            }
+            if changed {
+                m.keys.insert(*p, *e, 0)?;
+                n += 1;
+            }
+        }
+        self.tai_offset = Some(now);
+        Ok(Some((old, now, n)))
     }
 
     /// Drops one record's references to its sets.
