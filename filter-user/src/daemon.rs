@@ -155,6 +155,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         index: HashMap::new(),
         open_keys: 0,
         locked_keys: 0,
+        lock_reasons: Default::default(),
         unsettled: false,
         published: Arc::new(Mutex::new(None)),
         fold_busy: Arc::new(AtomicBool::new(false)),

@@ -187,6 +187,50 @@ pub fn shift_until(until: u32, delta: i64) -> u32 {
     (until as i64 + delta).clamp(1, u32::MAX as i64) as u32
 }
 
+/// Locked keys by `lock_reason` ("" for none), for status without a walk over the policy.
+/// Distinct reasons beyond `MAX_REASONS` are counted under "(other)".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockReasons(pub std::collections::BTreeMap<String, u64>);
+
+const MAX_REASONS: usize = 1000;
+const OTHER: &str = "(other)";
+
+impl LockReasons {
+    pub fn of<'a>(keys: impl IntoIterator<Item = &'a crate::policy::Key>) -> LockReasons {
+        let mut r = LockReasons::default();
+        for k in keys {
+            r.add(k, 1);
+        }
+        r
+    }
+
+    /// Counts a key in (`n` = 1) or out (-1) if it is locked.
+    pub fn add(&mut self, k: &crate::policy::Key, n: i64) {
+        if !k.locked {
+            return;
+        }
+        let reason = k.lock_reason.as_deref().unwrap_or("");
+        let label = if self.0.contains_key(reason) || self.0.len() < MAX_REASONS {
+            reason
+        } else {
+            OTHER
+        };
+        let e = self.0.entry(label.to_owned()).or_default();
+        *e = e.saturating_add_signed(n);
+        if *e == 0 {
+            self.0.remove(label);
+        }
+    }
+
+    /// The most common reasons, for status: (reason, locked keys), at most `n`.
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.0.iter().map(|(k, c)| (k.clone(), *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+}
+
 /// Whether a lock with this expiry (Unix seconds) holds at `now` (Unix seconds).
 pub fn lock_holds(locked_until: Option<i64>, now: i64) -> bool {
     locked_until.is_none_or(|t| now < t)
@@ -329,6 +373,28 @@ mod tests {
             assert!(parse_rfc3339(bad).is_err(), "{bad:?}");
         }
         assert!(check_locked_until("2200-01-01T00:00:00Z").is_err());
+    }
+
+    #[test]
+    fn lock_reasons_are_counted() {
+        let k = |locked: bool, r: Option<&str>| {
+            let mut k: crate::policy::Key =
+                serde_json::from_value(serde_json::json!({"prefix": "aaaaaaaa"})).unwrap();
+            k.locked = locked;
+            k.lock_reason = r.map(str::to_owned);
+            k
+        };
+        let keys = [
+            k(true, Some("idle")),
+            k(true, Some("idle")),
+            k(true, None),
+            k(false, None),
+        ];
+        let mut r = LockReasons::of(&keys);
+        assert_eq!(r.top(10), [("idle".to_owned(), 2), (String::new(), 1)]);
+        r.add(&keys[0], -1);
+        r.add(&keys[0], -1);
+        assert_eq!(r.top(10), [(String::new(), 1)]);
     }
 
     #[test]

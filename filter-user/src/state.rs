@@ -392,6 +392,9 @@ pub struct PolicyStatus {
     pub applied_unix: u64,
     pub keys: u64,
     pub locked_keys: u64,
+    /// Locked keys by `lock_reason` ("" for none), the most common first (at most 20).
+    #[serde(default)]
+    pub lock_reasons: Vec<(String, u64)>,
     /// Entries in the policy maps.
     pub fill: crate::dataplane::MapFill,
     /// The maps' generation when this was written, and whether `--audit` overrode the

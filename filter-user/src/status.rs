@@ -97,6 +97,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>)
         "active_slot": slot,
         "keys": keys,
         "locked_keys": locked,
+        "lock_reasons": policy.as_ref().map(|p| p.lock_reasons.iter().map(|(r, n)| json!({"reason": r, "keys": n})).collect::<Vec<_>>()),
         "listeners": listeners,
         "flows": flows,
         "maps": {
@@ -157,6 +158,22 @@ pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
         "keys:       {} ({} locked), {} listeners",
         v["keys"], v["locked_keys"], v["listeners"]
     );
+    let reasons: Vec<String> = v["lock_reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let why = r["reason"].as_str().unwrap_or("");
+            format!(
+                "{} {}",
+                if why.is_empty() { "(no reason)" } else { why },
+                r["keys"]
+            )
+        })
+        .collect();
+    if !reasons.is_empty() {
+        println!("locks:      {}", reasons.join(", "));
+    }
     println!(
         "flows:      {} / {}",
         v["flows"], v["maps"]["flows"]["capacity"]

@@ -177,6 +177,13 @@ fn a_lock_with_for_ends_on_its_own() {
         .to_owned();
     assert!(keywall::risk::parse_rfc3339(&until).is_ok(), "{until}");
     assert_eq!(show["policy"]["lock_reason"], "leaked in a ticket");
+    // Status counts locks by reason.
+    let (_, st) = d.call("GET", "/v1/status", None).unwrap();
+    assert_eq!(
+        st["lock_reasons"],
+        json!([{"reason": "leaked in a ticket", "keys": 1}]),
+        "{st}"
+    );
     // The plain view names the reason and the expiry.
     let out = kw(&sb, &["key", "show", "goodkey1", "--api", &api]);
     let text = String::from_utf8_lossy(&out.stdout);

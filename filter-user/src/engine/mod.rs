@@ -48,6 +48,8 @@ pub struct Engine {
     pub open_keys: usize,
     /// Locked keys in the applied policy (for metrics, without a walk over every key).
     pub locked_keys: usize,
+    /// The same by `lock_reason` (for status).
+    pub lock_reasons: crate::risk::LockReasons,
     /// A whole-policy apply left the inactive slot behind on (possibly) every key.
     pub unsettled: bool,
     /// The applied policy's figures for readers (status, metrics), updated with every write
@@ -327,6 +329,7 @@ impl Engine {
             applied_unix: a.applied_unix,
             keys: self.index.len() as u64,
             locked_keys: self.locked_keys as u64,
+            lock_reasons: self.lock_reasons.top(20),
             fill: self.mirror.fill(),
             generation: self.mirror.generation(),
             audit: self.audit,
@@ -559,12 +562,16 @@ impl Engine {
         }
         let open_after = (self.open_keys as isize + open_delta) as usize;
         let mut locked_delta: isize = 0;
+        // Applied to the engine's figures only once the maps enforce the patch.
+        let mut reasons_after = self.lock_reasons.clone();
         for (prefix, new) in &after {
             if let Some(&i) = self.index.get(*prefix) {
                 locked_delta -= base.key[i].locked as isize;
+                reasons_after.add(&base.key[i], -1);
             }
             if let Some((k, _)) = new {
                 locked_delta += k.locked as isize;
+                reasons_after.add(k, 1);
             }
         }
         let old_flags = compiled.settings.flags;
@@ -602,6 +609,7 @@ impl Engine {
         })?;
         self.open_keys = open_after;
         self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        self.lock_reasons = reasons_after;
         a.revision = patch.revision;
         a.policy.revision = Some(patch.revision);
         a.source = source.to_owned();
@@ -764,6 +772,7 @@ impl Engine {
             .collect();
         self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
         self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
+        self.lock_reasons = crate::risk::LockReasons::of(&applied.policy.key);
         self.compiled = Some(compiled);
         self.unsettled = changed.is_none();
         let t_save = Instant::now();
