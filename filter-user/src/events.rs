@@ -298,6 +298,38 @@ mod tests {
     use filter_common::KeyPrefix;
 
     #[test]
+    fn risk_events_and_lock_reasons_round_trip() {
+        let e = EventRecord::risk("shared_key", "goodkey1", "shared", Some(4));
+        let v = e.to_json();
+        assert_eq!(v["kind"], "shared_key");
+        assert_eq!(v["networks"], 4);
+        assert!(v.get("src").is_none(), "risk events carry no address: {v}");
+        assert_eq!(EventRecord::from_json(&v), Some(e.clone()));
+        assert!(
+            e.to_line().contains("shared_key key goodkey1 (4 networks)"),
+            "{}",
+            e.to_line()
+        );
+        let mut d = EventRecord::from_kernel(
+            &DropEvent {
+                reason: Reason::DropLocked as u8,
+                flags: EVENT_HAS_KEY,
+                family: FAMILY_V4,
+                ..Default::default()
+            },
+            0,
+        );
+        d.lock_reason = Some("leaked".into());
+        let v = d.to_json();
+        assert_eq!(
+            (v["kind"].as_str(), v["lock_reason"].as_str()),
+            (Some("drop"), Some("leaked"))
+        );
+        assert_eq!(EventRecord::from_json(&v), Some(d.clone()));
+        assert!(d.to_line().contains("(locked: leaked)"), "{}", d.to_line());
+    }
+
+    #[test]
     fn rfc3339_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         // 2000-02-29 (a leap day) 12:34:56.5
