@@ -1962,6 +1962,10 @@ sni_suffix = ".x.com"
         assert_eq!(flags(&p) & kernel::SETTING_PREFILTER, 0);
         p.key[1].locked = true;
         assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        // A lock that ends on its own ends without a write: the key is open already.
+        p.key[1].locked_until = Some("2030-01-01T00:00:00Z".into());
+        assert_eq!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        p.key[1].locked_until = None;
         p.key[1].locked = false;
         p.settings.unbound_keys = Verdict::Drop;
         assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
