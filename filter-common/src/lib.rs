@@ -38,7 +38,11 @@ pub mod maps {
     pub const EVENTS: &str = "KW_EVENTS";
     pub const TLS_PENDING: &str = "KW_TLS_PENDING";
     pub const HELD: &str = "KW_HELD";
-    pub const ALL: [&str; 14] = [
+    /// Per-key activity (issue 13), indexed like `KW_KEY_STATS`.
+    pub const ACTIVITY: &str = "KW_ACTIVITY";
+    /// Per-key rate limits and their state (issue 13), only for limited keys.
+    pub const RATE: &str = "KW_RATE";
+    pub const ALL: [&str; 16] = [
         CONTROL,
         SETTINGS,
         LISTENERS,
@@ -53,6 +57,8 @@ pub mod maps {
         EVENTS,
         TLS_PENDING,
         HELD,
+        ACTIVITY,
+        RATE,
     ];
 }
 
@@ -91,13 +97,15 @@ pub enum Reason {
     DropFlow = 11,
     DropPrefilter = 12,
     DropMalformed = 13,
+    /// A key message over the key's `max_new_connections_per_s` or `max_requests_per_s`.
+    DropRateLimited = 14,
 }
 
-pub const NUM_REASONS: usize = 14;
+pub const NUM_REASONS: usize = 15;
 /// Counter slots: reasons in enforce mode at `reason`, drops seen in audit mode at
-/// `AUDIT_OFFSET + reason` (action `observed`).
+/// `AUDIT_OFFSET + reason` (action `observed`), then the event counters.
 pub const AUDIT_OFFSET: u32 = 16;
-pub const COUNTER_SLOTS: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 40;
 
 impl Reason {
     pub const ALL: [Reason; NUM_REASONS] = [
@@ -115,6 +123,7 @@ impl Reason {
         Reason::DropFlow,
         Reason::DropPrefilter,
         Reason::DropMalformed,
+        Reason::DropRateLimited,
     ];
 
     #[inline(always)]
@@ -138,6 +147,7 @@ impl Reason {
             Reason::DropFlow => "drop_flow",
             Reason::DropPrefilter => "drop_prefilter",
             Reason::DropMalformed => "drop_malformed",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 
@@ -287,6 +297,10 @@ pub struct KeyRecord {
     pub inline_v4: [u32; INLINE_V4],
     /// Address sets (`KW_SETS` ids): the key's own CIDRs and IPv6 hosts, then its ipsets.
     pub sets: [u32; MAX_SETS],
+    /// With `KEY_LOCKED`: the lock holds while CLOCK_TAI (`bpf_ktime_get_tai_ns`) is below
+    /// this many seconds; 0 holds forever. The policy's `locked_until` is a wall-clock
+    /// instant, the same on every edge, so the lock ends on its own everywhere at once.
+    pub locked_until: u32,
 }
 
 /// `KW_KEYS` value: the key in both slots. Readers look only at `slot[active]`, which a
@@ -461,8 +475,10 @@ const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Settings>() == 28);
 const _: () = assert!(core::mem::size_of::<Listener>() == 392);
 const _: () = assert!(core::mem::size_of::<KeyPrefix>() == 16);
-const _: () = assert!(core::mem::size_of::<KeyRecord>() == 40);
-const _: () = assert!(core::mem::size_of::<KeyEntry>() == 80);
+const _: () = assert!(core::mem::size_of::<KeyRecord>() == 44);
+const _: () = assert!(core::mem::size_of::<KeyEntry>() == 88);
+const _: () = assert!(core::mem::size_of::<KeyActivity>() == 48);
+const _: () = assert!(core::mem::size_of::<RateEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<SetMeta>() == 20);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -503,6 +519,121 @@ pub struct KeyStats {
     pub last_seen_ns: u64,
 }
 
+pub const ACT_RATE_LIMITED: u8 = 1 << 0;
+
+/// `KW_RATE` value (hash by `stat_idx`, only limited keys): two GCRA limits. For each, `t`
+/// is the emission interval (1e9 / rate, ns; 0: no limit), `tau` the tolerance
+/// (`t * (burst - 1)`) and `tat` the theoretical arrival time (`bpf_ktime_get_ns`). A message
+/// at `now` conforms when `max(tat, now) - now <= tau`, and then moves `tat` to
+/// `max(tat, now) + t`. One bucket per key shared by every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateEntry {
+    pub conn_t: u64,
+    pub conn_tau: u64,
+    pub conn_tat: u64,
+    pub req_t: u64,
+    pub req_tau: u64,
+    pub req_tat: u64,
+}
+
+/// Whether a message at `now` conforms to a limit (`t`, `tau`, `tat`); the new `tat` if so.
+#[inline(always)]
+pub const fn gcra(t: u64, tau: u64, tat: u64, now: u64) -> Option<u64> {
+    let start = if tat > now { tat } else { now };
+    if start - now > tau {
+        None
+    } else {
+        Some(start + t)
+    }
+}
+
+/// Source networks a key's activity remembers (see `KeyActivity::nets`).
+pub const ACTIVITY_NETS: usize = 5;
+
+/// `KW_ACTIVITY` value (shared array indexed by the key's `stat_idx`): what the key did,
+/// written once per judged key message (a new connection or a request), never per packet.
+/// Races between CPUs can lose an update; nothing here decides a verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyActivity {
+    /// Key messages judged (HTTP requests, TLS ClientHellos, FIX Logons), passed or refused.
+    pub requests: u64,
+    /// Connections whose first key message named this key.
+    pub connections: u32,
+    /// `bpf_ktime_get_coarse_ns` in seconds (CLOCK_MONOTONIC) of the last allowed message, 0
+    /// if none.
+    pub last_allowed_s: u32,
+    /// The same for the last refused one, and its `Reason`.
+    pub last_refused_s: u32,
+    pub last_refused_reason: u8,
+    /// `ACT_RATE_LIMITED`: the key has an entry in `KW_RATE` (written by the loader; the
+    /// datapath only reads it, so unlimited keys never look there).
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// The source networks (/24 IPv4, /48 IPv6) seen most recently, one per slot:
+    /// `fingerprint << 16 | minute`, where the fingerprint is a 16-bit hash of the network
+    /// (never 0) and the minute is CLOCK_MONOTONIC minutes mod 65536. 0: an empty slot. A
+    /// new network replaces the oldest slot, so a window holds up to `ACTIVITY_NETS`
+    /// distinct networks exactly (two networks can share a fingerprint: an undercount of
+    /// about 1 in 6,500 for five).
+    pub nets: [u32; ACTIVITY_NETS],
+    /// When the loader gave this slot to the key (the activity clock): a key never used is
+    /// idle since then.
+    pub since_s: u32,
+}
+
+/// The fingerprint of a source network: the /24 of an IPv4 address or the /48 of an IPv6 one
+/// (`addr` as read from the packet, IPv4 in the first 4 bytes). Never 0.
+#[inline(always)]
+pub const fn net_fingerprint(family: u8, addr: &[u8; 16]) -> u32 {
+    let mut x: u64 = if family == FAMILY_V4 {
+        (addr[0] as u64) << 16 | (addr[1] as u64) << 8 | addr[2] as u64 | 4 << 56
+    } else {
+        (addr[0] as u64) << 40
+            | (addr[1] as u64) << 32
+            | (addr[2] as u64) << 24
+            | (addr[3] as u64) << 16
+            | (addr[4] as u64) << 8
+            | addr[5] as u64
+            | 6 << 56
+    };
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    let fp = (x & 0xffff) as u32;
+    if fp == 0 { 1 } else { fp }
+}
+
+/// The slot a network seen at `minute` takes in `nets`: its own slot if present (and
+/// whether that slot must be rewritten: only when the minute moved), else an empty one, else
+/// the oldest. Returns (slot, write).
+#[inline(always)]
+pub fn net_slot(nets: &[u32; ACTIVITY_NETS], fp: u32, minute: u32) -> (usize, bool) {
+    let minute = minute & 0xffff;
+    let mut oldest = 0usize;
+    let mut oldest_age = 0u32;
+    let mut i = 0;
+    while i < ACTIVITY_NETS {
+        let v = nets[i];
+        if v >> 16 == fp {
+            return (i, v & 0xffff != minute);
+        }
+        // An empty slot is older than any (ages are below 65536).
+        let age = if v == 0 {
+            0x1_0000
+        } else {
+            minute.wrapping_sub(v & 0xffff) & 0xffff
+        };
+        if age > oldest_age {
+            oldest_age = age;
+            oldest = i;
+        }
+        i += 1;
+    }
+    (oldest, true)
+}
+
 /// `KW_EVENTS` record: one sampled drop.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -530,8 +661,9 @@ pub const EVENT_AUDIT: u8 = 1 << 1;
 pub const EVENT_RATE_PER_CPU: u64 = 200;
 pub const EVENT_BURST: u64 = 50;
 /// `KW_REASONS` slots past the reasons: events sent, and events the bucket suppressed.
-pub const COUNTER_EVENTS_SENT: u32 = 30;
-pub const COUNTER_EVENTS_SUPPRESSED: u32 = 31;
+pub const COUNTER_EVENTS_SENT: u32 = 38;
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = 39;
+const _: () = assert!(AUDIT_OFFSET as usize + NUM_REASONS <= COUNTER_EVENTS_SENT as usize);
 
 /// The prefilter: a blocked Bloom filter per slot over the union of every allow entry
 /// (masked to a prefix length the slot lists). One 64-bit word per probe, three bits in it.
@@ -594,4 +726,6 @@ mod pod {
     unsafe impl aya::Pod for KeyStats {}
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for TlsPending {}
+    unsafe impl aya::Pod for KeyActivity {}
+    unsafe impl aya::Pod for RateEntry {}
 }

@@ -15,6 +15,7 @@ mod policy;
 mod prefilter;
 mod proxy;
 mod reset;
+mod risk;
 mod scratch;
 mod swar;
 mod tls;
@@ -539,12 +540,36 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
                 },
                 _ => policy::judge_key(slot, settings, &fl.prefix, fl.family, &fl.client),
             };
-            if reason.is_drop() {
+            let first = match known {
+                Some(f) => (unsafe { (*f).flags } & FLOW_HAS_KEY) == 0,
+                None => true,
+            };
+            // Activity, and the key's rate limit: a message over it is dropped, but the flow
+            // keeps the policy's verdict and its position, so the client's retransmission is
+            // judged again (docs/DATAPATH.md "Rate limits").
+            let limited = risk::record(
+                sc,
+                stat_idx as u64 | (reason as u64) << 32 | (first as u64) << 40,
+            );
+            if reason.is_drop() || limited {
                 note_key(sc, &fl.prefix, &fl.client);
             }
-            fl.reason = reason as u8;
-            fl.flags = FLOW_HAS_KEY | extra;
-            fl.stat_idx = stat_idx;
+            if limited && first {
+                // Over the limit on its first key message: the connection stays unjudged, so
+                // its retransmission is judged (and counted) as a first message again.
+                fl.reason = Reason::PassHandshake as u8;
+                fl.flags = extra;
+                fl.stat_idx = NO_STAT;
+            } else {
+                fl.reason = reason as u8;
+                fl.flags = FLOW_HAS_KEY | extra;
+                fl.stat_idx = stat_idx;
+            }
+            let reason = if limited {
+                Reason::DropRateLimited
+            } else {
+                reason
+            };
             Verdict { reason, stat_idx }
         }
         tls::SCAN_NOKEY => no_key_verdict(sc, settings, extra),

@@ -27,7 +27,7 @@ pub fn judge_key(
         return (unknown(settings), NO_STAT);
     }
     let idx = rec.stat_idx;
-    if rec.flags & KEY_LOCKED != 0 {
+    if rec.flags & KEY_LOCKED != 0 && crate::risk::lock_holds(rec.locked_until) {
         return (Reason::DropLocked, idx);
     }
     if rec.flags & KEY_BOUND == 0 {

@@ -25,6 +25,7 @@ pub fn applies(r: Reason) -> bool {
             | Reason::DropUnknownKey
             | Reason::DropNoKey
             | Reason::DropFlow
+            | Reason::DropRateLimited
     )
 }
 

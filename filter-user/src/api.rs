@@ -249,6 +249,8 @@ pub struct Shared {
     pub events: broadcast::Sender<EventRecord>,
     /// Why drop events are unavailable, if they are.
     pub events_error: Option<String>,
+    /// Automatic locks (idle, shared) the daemon made (`autolock.rs`).
+    pub overlay: Mutex<crate::autolock::Overlay>,
     pub max_body: usize,
 }
 
@@ -363,6 +365,11 @@ impl Shared {
             Err(errs) => return reject(bad_input(&errs)),
         };
         let mut eng = self.engine.lock().unwrap();
+        if let Source::File(p) = &self.source
+            && let Some(r) = self.unlock_overlay(&mut eng, p, &req.ops)
+        {
+            return Self::reply(t0, r);
+        }
         if let Some(r) = self.not_ours(&eng) {
             self.metrics.update("api", "conflict");
             return r;
@@ -370,6 +377,46 @@ impl Shared {
         let rev = req.revision.map_or(Rev::Next, Rev::Conditional);
         let r = eng.submit(Change::Ops(req.ops), rev, "api");
         Self::reply(t0, r)
+    }
+
+    /// Under a policy file, the one write the API takes: unlocking keys the daemon locked
+    /// on its own (`autolock.rs`). They leave the overlay and the unlock is applied as the
+    /// file's own state. None when the ops are anything else (the file owns them: 409).
+    fn unlock_overlay(
+        &self,
+        eng: &mut Engine,
+        file: &std::path::Path,
+        ops: &[crate::policy::PatchOp],
+    ) -> Option<std::result::Result<Submitted, Refused>> {
+        let mut overlay = self.overlay.lock().unwrap();
+        let all_auto = !ops.is_empty()
+            && ops.iter().all(|op| {
+                matches!(op, crate::policy::PatchOp::Unlock { prefix } if overlay.locks.contains_key(prefix))
+            });
+        if !all_auto {
+            return None;
+        }
+        let now = crate::state::now_unix() as i64;
+        let before = overlay.clone();
+        for op in ops {
+            if let crate::policy::PatchOp::Unlock { prefix } = op {
+                overlay.clear(prefix, now);
+            }
+        }
+        let r = eng.submit(
+            Change::Ops(ops.to_vec()),
+            Rev::Next,
+            &format!("file:{}", file.display()),
+        );
+        match &r {
+            Ok(_) => {
+                if let Err(e) = overlay.save(&self.state_dir) {
+                    log::error!("saving {}: {e:#}", crate::autolock::FILE);
+                }
+            }
+            Err(_) => *overlay = before,
+        }
+        Some(r)
     }
 
     /// After answering a write: settles the inactive slot after a whole-policy apply, and
@@ -417,19 +464,65 @@ impl Shared {
                 eng.revision(),
             )
         };
-        let counters = PinnedView::open(&self.pin_dir)
-            .ok()
-            .and_then(|v| crate::stats::key_count(&v, prefix).ok().flatten());
+        let view = PinnedView::open(&self.pin_dir).ok();
+        let counters = view
+            .as_ref()
+            .and_then(|v| crate::stats::key_count(v, prefix).ok().flatten());
         if key.is_none() && counters.is_none() {
             return (
                 StatusCode::NOT_FOUND,
                 json!({"error": format!("no key with prefix {prefix:?}"), "revision": revision}),
             );
         }
-        (
-            StatusCode::OK,
-            json!({"prefix": prefix, "policy": key, "counters": counters, "revision": revision}),
-        )
+        let window_s = {
+            let eng = self.engine.lock().unwrap();
+            crate::activity::shared_rule(eng.applied.as_ref().map(|a| &a.policy)).0
+        };
+        let clocks = crate::activity::Clocks::now();
+        let act = view.as_ref().and_then(|v| {
+            crate::activity::key_activity(v, prefix, window_s, &clocks)
+                .ok()
+                .flatten()
+        });
+        let mut v =
+            json!({"prefix": prefix, "policy": key, "counters": counters, "revision": revision});
+        if let (Value::Object(o), Value::Object(f)) = (
+            &mut v,
+            crate::activity::key_fields(key.as_ref(), act.as_ref(), &clocks),
+        ) {
+            o.extend(f);
+        }
+        (StatusCode::OK, v)
+    }
+
+    /// `GET /v1/activity?idle_for=&shared=&top=`.
+    pub fn get_activity(&self, query: &str) -> Reply {
+        let q = match crate::activity::Query::parse(query) {
+            Ok(q) => q,
+            Err(e) => return (StatusCode::BAD_REQUEST, json!({"error": e})),
+        };
+        let view = match PinnedView::open(&self.pin_dir) {
+            Ok(v) => v,
+            Err(e) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": format!("{e:#}")}),
+                );
+            }
+        };
+        // The policy is read under the lock; the maps after it, so writers are not held up.
+        let policy = {
+            let eng = self.engine.lock().unwrap();
+            eng.applied.as_ref().map(|a| a.policy.clone())
+        };
+        match crate::activity::listing(&view, policy.as_ref(), &q, &crate::activity::Clocks::now())
+        {
+            Ok(v) => (StatusCode::OK, v),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": format!("{e:#}")}),
+            ),
+        }
     }
 }
 
@@ -733,6 +826,8 @@ async fn handle(
                 let live = sh2.published.lock().unwrap().clone();
                 let mut v = crate::status::status_json(&sh2.pin_dir, &sh2.state_dir, live)?;
                 v["policy_source"] = sh2.source.kind().into();
+                // Automatic locks as the daemon holds them (the file may be older).
+                v["auto_locks"] = crate::status::auto_locks_json(&sh2.overlay.lock().unwrap());
                 v["events"] = match &sh2.events_error {
                     None => "available".into(),
                     Some(e) => e.clone().into(),
@@ -770,8 +865,19 @@ async fn handle(
                 Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }
         }
+        (&Method::GET, "/v1/activity") => {
+            let sh2 = sh.clone();
+            match tokio::task::spawn_blocking(move || sh2.get_activity(&query)).await {
+                Ok((st, v)) => json_response(st, &v),
+                Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         (&Method::GET, "/v1/events") => events_response(&sh),
-        (_, "/v1/policy") | (_, "/v1/status") | (_, "/v1/stats") | (_, "/v1/events") => {
+        (_, "/v1/policy")
+        | (_, "/v1/status")
+        | (_, "/v1/stats")
+        | (_, "/v1/events")
+        | (_, "/v1/activity") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error_response(StatusCode::NOT_FOUND, &format!("no such endpoint {path}")),
@@ -818,16 +924,28 @@ impl Body for ChannelBody {
 }
 
 /// `GET /v1/events`: NDJSON, one drop event a line, until the client goes away.
-fn events_response(sh: &Shared) -> Response<RespBody> {
+fn events_response(sh: &Arc<Shared>) -> Response<RespBody> {
     if let Some(e) = &sh.events_error {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     let mut sub = sh.events.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let sh = sh.clone();
     tokio::spawn(async move {
         loop {
             let line = match sub.recv().await {
-                Ok(ev) => {
+                Ok(mut ev) => {
+                    // A refused key's lock reason, from the policy (skipped while a write
+                    // holds the engine: events never wait for one).
+                    if ev.kind == "drop"
+                        && ev.lock_reason.is_none()
+                        && let Some(p) = &ev.prefix
+                        && let Ok(eng) = sh.engine.try_lock()
+                        && let Some(k) = eng.key(p)
+                        && k.locked_at(crate::state::now_unix() as i64)
+                    {
+                        ev.lock_reason = k.lock_reason.clone();
+                    }
                     let mut l = serde_json::to_vec(&ev.to_json()).unwrap_or_default();
                     l.push(b'\n');
                     l

@@ -289,10 +289,23 @@ pub fn key_show(c: &Client, prefix: &str, as_json: bool) -> Result<u8> {
             v["revision"]
         );
     } else {
-        println!(
-            "locked:   {}",
-            if k["locked"] == true { "yes" } else { "no" }
-        );
+        let lock = if v["locked"] == true {
+            match v["locked_until"].as_str() {
+                Some(t) => format!("yes, until {t}"),
+                None => "yes".into(),
+            }
+        } else if v["lock_expired"] == true {
+            format!(
+                "no (the lock expired at {})",
+                v["locked_until"].as_str().unwrap_or("?")
+            )
+        } else {
+            "no".into()
+        };
+        println!("locked:   {lock}");
+        if let Some(r) = v["lock_reason"].as_str() {
+            println!("reason:   {r}");
+        }
         let list = |f: &str| {
             k[f].as_array()
                 .map(|a| {
@@ -306,6 +319,24 @@ pub fn key_show(c: &Client, prefix: &str, as_json: bool) -> Result<u8> {
         };
         println!("allow:    {}", list("allow"));
         println!("ipsets:   {}", list("ipsets"));
+    }
+    let a = &v["activity"];
+    if !a.is_null() {
+        println!(
+            "allowed:  {}",
+            a["last_allowed"].as_str().unwrap_or("never")
+        );
+        match a["last_refused"].as_str() {
+            Some(t) => println!(
+                "refused:  {t} ({})",
+                a["last_refused_reason"].as_str().unwrap_or("?")
+            ),
+            None => println!("refused:  never"),
+        }
+        println!(
+            "activity: {} requests on {} connections; {} networks in the window",
+            a["requests"], a["connections"], a["networks"]
+        );
     }
     let ct = &v["counters"];
     if !ct.is_null() {
@@ -338,9 +369,41 @@ fn path_escape(s: &str) -> String {
 
 /// `keywall key lock|unlock PREFIX`: one PATCH without a revision (an unconditional write,
 /// which the daemon applies at its revision + 1), so the policy is never fetched.
-pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
+/// `--for D` or `--until T` as the RFC 3339 instant a lock op carries (checked here, so a
+/// typo is refused before anything is sent).
+pub fn lock_until(for_: Option<&str>, until: Option<&str>) -> Result<Option<String>> {
+    use crate::risk;
+    Ok(match (for_, until) {
+        (Some(d), _) => {
+            let secs = risk::parse_duration(d).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            Some(risk::format_rfc3339(
+                crate::state::now_unix() as i64 + secs as i64,
+            ))
+        }
+        (None, Some(t)) => {
+            risk::check_locked_until(t).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+            Some(t.to_owned())
+        }
+        (None, None) => None,
+    })
+}
+
+pub fn key_lock(
+    c: &Client,
+    prefix: &str,
+    lock: bool,
+    reason: Option<&str>,
+    until: Option<&str>,
+) -> Result<u8> {
     let op = if lock { "lock" } else { "unlock" };
-    let body = json!({"ops": [{"op": op, "prefix": prefix}]});
+    let mut o = json!({"op": op, "prefix": prefix});
+    if let Some(r) = reason {
+        o["lock_reason"] = r.into();
+    }
+    if let Some(t) = until {
+        o["locked_until"] = t.into();
+    }
+    let body = json!({"ops": [o]});
     let (st, v) = c.call(
         Method::PATCH,
         "/v1/policy",
@@ -352,7 +415,8 @@ pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
                 println!("{prefix} was already {op}ed: revision {}", v["revision"]);
             } else {
                 println!(
-                    "{op}ed {prefix}: revision {} ({:.1} ms, enforced)",
+                    "{op}ed {prefix}{}: revision {} ({:.1} ms, enforced)",
+                    until.map(|t| format!(" until {t}")).unwrap_or_default(),
                     v["revision"],
                     v["apply_ms"].as_f64().unwrap_or(0.0)
                 );
@@ -364,6 +428,83 @@ pub fn key_lock(c: &Client, prefix: &str, lock: bool) -> Result<u8> {
             Ok(1)
         }
     }
+}
+
+/// Which `keywall keys` listing.
+pub enum Listing {
+    /// `--for` (None: the policy's idle_lock_after, else 14d).
+    Idle(Option<String>),
+    Shared,
+    Top,
+}
+
+/// `keywall keys idle|shared|top`: `GET /v1/activity` as a table, or its JSON.
+pub fn keys_list(c: &Client, what: Listing, top: Option<usize>, as_json: bool) -> Result<u8> {
+    let mut q = Vec::new();
+    match &what {
+        Listing::Idle(d) => match d {
+            Some(d) => {
+                crate::risk::parse_duration(d).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+                q.push(format!("idle_for={d}"));
+            }
+            // The daemon takes the policy's idle_lock_after (else 14d): no policy download.
+            None => q.push("idle_for=".into()),
+        },
+        Listing::Shared => q.push("shared=true".into()),
+        Listing::Top => {}
+    }
+    if let Some(n) = top {
+        q.push(format!("top={n}"));
+    }
+    let (st, v) = c.call(Method::GET, &format!("/v1/activity?{}", q.join("&")), None)?;
+    if st != 200 {
+        print_rejection(st, &v);
+        return Ok(1);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let rows = v["keys"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<16} {:>10} {:>8} {:>5} {:<20} {:<20} LOCK",
+        "KEY", "REQUESTS", "IDLE", "NETS", "LAST ALLOWED", "LAST REFUSED"
+    );
+    for r in &rows {
+        let lock = if r["locked"] == true {
+            format!(
+                "locked{}{}",
+                r["lock_reason"]
+                    .as_str()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default(),
+                r["locked_until"]
+                    .as_str()
+                    .map(|x| format!(" until {x}"))
+                    .unwrap_or_default()
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<16} {:>10} {:>8} {:>5} {:<20} {:<20} {lock}",
+            r["prefix"].as_str().unwrap_or("?"),
+            r["requests"],
+            crate::risk::format_duration(r["idle_s"].as_u64().unwrap_or(0)),
+            r["networks"],
+            r["last_allowed"].as_str().unwrap_or("never"),
+            r["last_refused"].as_str().unwrap_or("never"),
+        );
+    }
+    println!(
+        "({} of {} matched of {} keys; networks counted over {}, more than {} is shared)",
+        rows.len(),
+        v["matched"],
+        v["total"],
+        v["window"].as_str().unwrap_or("?"),
+        v["networks_limit"]
+    );
+    Ok(0)
 }
 
 /// `keywall events [--json]`: streams until interrupted.

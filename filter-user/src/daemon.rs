@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// `--replace-foreign`: detach an XDP program that is not this keywall's instead of
     /// refusing to start.
     pub replace_foreign: bool,
+    /// With `etcd`: this edge's name for its activity digest, and how often it is published.
+    pub edge_id: String,
+    pub activity_every: Duration,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -152,6 +155,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         index: HashMap::new(),
         open_keys: 0,
         locked_keys: 0,
+        lock_reasons: Default::default(),
         unsettled: false,
         published: Arc::new(Mutex::new(None)),
         fold_busy: Arc::new(AtomicBool::new(false)),
@@ -200,6 +204,12 @@ pub fn run(o: RunOptions) -> Result<()> {
             Some(text) => parse_policy_file(p, &text),
             None => Err(anyhow::anyhow!("cannot read {}", p.display())),
         };
+        // The daemon's automatic locks lie over the file (autolock.rs).
+        let overlay = crate::autolock::Overlay::load(&o.state_dir);
+        let parsed = parsed.map(|mut pol| {
+            overlay.apply(&mut pol);
+            pol
+        });
         let pb = crate::progress::spinner(format!("applying {}", p.display()));
         apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         crate::progress::done(pb);
@@ -292,6 +302,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         events: events_tx,
         events_error,
+        overlay: Mutex::new(crate::autolock::Overlay::load(&o.state_dir)),
         max_body: o.api.max_body,
     });
     // Settle the inactive slot with the API already up: reads go on meanwhile, and a write
@@ -309,7 +320,9 @@ pub fn run(o: RunOptions) -> Result<()> {
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(e) = o.etcd.clone() {
-        crate::etcd::spawn(e, shared.clone())?;
+        crate::etcd::spawn(e.clone(), shared.clone())?;
+        // The edge's activity for `keywall fleet` (fleet.rs): its only write to etcd.
+        crate::fleet::spawn_publisher(e, o.edge_id.clone(), o.activity_every, shared.clone())?;
     }
     if let Some(l) = metrics_listener {
         log::info!(
@@ -333,6 +346,13 @@ pub fn run(o: RunOptions) -> Result<()> {
     // Connections that passed bytes and lost their flow entry stay refused until they have
     // been idle for longer than servers keep connections; then the tuple is free again.
     spawn_held_gc(o.pin_dir.clone());
+    // Idle keys and shared keys (issue 13): looks only while the policy asks for it.
+    {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("keywall-risk".into())
+            .spawn(move || crate::autolock::run(sh, &STOP))?;
+    }
     // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
     crate::host::notify(&format!(
         "READY=1\nSTATUS=enforcing on {}; policy source: {}",
@@ -371,6 +391,11 @@ pub fn run(o: RunOptions) -> Result<()> {
                 // Parsed before the engine is locked: readers and the API go on meanwhile.
                 let parsed = parse_policy_file(p, &text);
                 drop(text);
+                // The daemon's automatic locks lie over the file (autolock.rs).
+                let parsed = parsed.map(|mut pol| {
+                    shared.overlay.lock().unwrap().apply(&mut pol);
+                    pol
+                });
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
@@ -478,12 +503,16 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
             Some(old)
                 if Key {
                     locked: k.locked,
+                    lock_reason: k.lock_reason.clone(),
+                    locked_until: k.locked_until.clone(),
                     ..old.clone()
                 } == *k =>
             {
                 ops.push(if k.locked {
                     PatchOp::Lock {
                         prefix: k.prefix.clone(),
+                        lock_reason: k.lock_reason.clone(),
+                        locked_until: k.locked_until.clone(),
                     }
                 } else {
                     PatchOp::Unlock {

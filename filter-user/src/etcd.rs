@@ -746,11 +746,11 @@ pub fn print_status(v: &Value) {
 const SNAPSHOT_PAGE: i64 = 5000;
 /// Largest gRPC message taken from etcd (a snapshot page, or a watch response carrying a big
 /// transaction); tonic's default of 4 MiB is too small for either at scale.
-const MAX_MESSAGE: usize = 256 << 20;
+pub(crate) const MAX_MESSAGE: usize = 256 << 20;
 
 /// The end of the key range with this prefix (the prefix with its last byte below 0xff
 /// incremented, the rest cut).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -838,40 +838,7 @@ impl Sync {
     }
 
     async fn connect(&self) -> Result<etcd_client::Client> {
-        use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-        // Keep-alive pings notice a silent partition within seconds, not at the next write.
-        let mut o = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
-        if let Some(u) = &self.cfg.user {
-            let pw = match &self.cfg.password_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-                None => String::new(),
-            };
-            o = o.with_user(u.clone(), pw);
-        }
-        if self.cfg.ca.is_some() || self.cfg.cert.is_some() {
-            let mut t = TlsOptions::new();
-            if let Some(ca) = &self.cfg.ca {
-                t = t.ca_certificate(Certificate::from_pem(
-                    std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
-                ));
-            }
-            if let (Some(c), Some(k)) = (&self.cfg.cert, &self.cfg.key) {
-                t = t.identity(Identity::from_pem(
-                    std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
-                    std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
-                ));
-            }
-            o = o.with_tls(t);
-        }
-        etcd_client::Client::connect(&self.cfg.endpoints, Some(o))
-            .await
-            .context("connecting")
+        connect(&self.cfg).await
     }
 
     /// One connection: snapshot, apply, watch until something breaks. Returns why it ended.
@@ -1035,7 +1002,13 @@ impl Sync {
             log::warn!("etcd: ignoring a key that is not UTF-8: {key:?}");
             return None;
         };
-        k.strip_prefix(self.cfg.prefix.as_str()).map(str::to_owned)
+        let name = k.strip_prefix(self.cfg.prefix.as_str())?;
+        // The edges' activity digests and `keywall fleet`'s own records share the prefix;
+        // they are not policy (fleet.rs).
+        if crate::fleet::not_policy(name) {
+            return None;
+        }
+        Some(name.to_owned())
     }
 
     /// Records the reconciler's refusals (metrics, status, log).
@@ -1252,6 +1225,46 @@ impl Sync {
         }
         self.written = Some(self.status.clone());
     }
+}
+
+/// A client for `cfg` (TLS, client certificate and user as configured): the daemon's sync,
+/// its activity publisher and `keywall fleet` connect the same way.
+pub async fn connect(cfg: &EtcdConfig) -> Result<etcd_client::Client> {
+    use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+
+    // Keep-alive pings notice a silent partition within seconds, not at the next write.
+    let mut o = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true);
+    if let Some(u) = &cfg.user {
+        let pw = match &cfg.password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            None => String::new(),
+        };
+        o = o.with_user(u.clone(), pw);
+    }
+    if cfg.ca.is_some() || cfg.cert.is_some() {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &cfg.ca {
+            t = t.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        }
+        if let (Some(c), Some(k)) = (&cfg.cert, &cfg.key) {
+            t = t.identity(Identity::from_pem(
+                std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+                std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+            ));
+        }
+        o = o.with_tls(t);
+    }
+    etcd_client::Client::connect(&cfg.endpoints, Some(o))
+        .await
+        .context("connecting")
 }
 
 #[cfg(test)]

@@ -31,6 +31,13 @@ pub struct EventRecord {
     pub sport: u16,
     /// Audit mode: counted as `observed`, and passed.
     pub audit: bool,
+    /// `drop` for a sampled drop; `idle_lock`, `shared_key`, `shared_lock` for what the
+    /// daemon's risk loop did (issue 13), which carry no address.
+    pub kind: &'static str,
+    /// The key's `lock_reason` when it is locked (filled in by the API from the policy).
+    pub lock_reason: Option<String>,
+    /// `shared_key`: networks seen in the window.
+    pub networks: Option<u32>,
 }
 
 impl EventRecord {
@@ -50,12 +57,49 @@ impl EventRecord {
             port: e.port,
             sport: e.sport,
             audit: e.flags & EVENT_AUDIT != 0,
+            kind: "drop",
+            lock_reason: None,
+            networks: None,
+        }
+    }
+
+    /// An event of the risk loop: `kind` (`idle_lock`, `shared_key`, `shared_lock`), the key,
+    /// the reason, and the networks seen for a shared key.
+    pub fn risk(
+        kind: &'static str,
+        prefix: &str,
+        reason: &str,
+        networks: Option<u32>,
+    ) -> EventRecord {
+        EventRecord {
+            time_unix_ns: crate::state::now_unix() * 1_000_000_000,
+            src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            prefix: Some(prefix.to_owned()),
+            reason: if reason == "idle" { "idle" } else { "shared" },
+            port: 0,
+            sport: 0,
+            audit: false,
+            kind,
+            lock_reason: None,
+            networks,
         }
     }
 
     /// One NDJSON line's object.
     pub fn to_json(&self) -> Value {
+        if self.kind != "drop" {
+            return json!({
+                "kind": self.kind,
+                "time_unix_ns": self.time_unix_ns,
+                "time": rfc3339(self.time_unix_ns),
+                "prefix": self.prefix,
+                "reason": self.reason,
+                "networks": self.networks,
+            });
+        }
         json!({
+            "kind": "drop",
+            "lock_reason": self.lock_reason,
             "time_unix_ns": self.time_unix_ns,
             "time": rfc3339(self.time_unix_ns),
             "src": self.src.to_string(),
@@ -69,13 +113,28 @@ impl EventRecord {
 
     /// One plain log line.
     pub fn to_line(&self) -> String {
+        if self.kind != "drop" {
+            return format!(
+                "{} {} key {}{}",
+                rfc3339(self.time_unix_ns),
+                self.kind,
+                self.prefix.as_deref().unwrap_or("-"),
+                self.networks
+                    .map(|n| format!(" ({n} networks)"))
+                    .unwrap_or_default()
+            );
+        }
         format!(
-            "{} {} src {} port {} key {}{}",
+            "{} {} src {} port {} key {}{}{}",
             rfc3339(self.time_unix_ns),
             self.reason,
             sock_addr(self.src, self.sport),
             self.port,
             self.prefix.as_deref().unwrap_or("-"),
+            self.lock_reason
+                .as_deref()
+                .map(|r| format!(" (locked: {r})"))
+                .unwrap_or_default(),
             if self.audit { " (audit: passed)" } else { "" }
         )
     }
@@ -83,6 +142,21 @@ impl EventRecord {
     /// Back from `to_json` (for `keywall events` without `--json`).
     pub fn from_json(v: &Value) -> Option<EventRecord> {
         let reason = v["reason"].as_str()?;
+        if let Some(kind) = v["kind"].as_str()
+            && kind != "drop"
+        {
+            let kind = ["idle_lock", "shared_key", "shared_lock"]
+                .into_iter()
+                .find(|k| *k == kind)?;
+            let mut r = EventRecord::risk(
+                kind,
+                v["prefix"].as_str()?,
+                reason,
+                v["networks"].as_u64().map(|n| n as u32),
+            );
+            r.time_unix_ns = v["time_unix_ns"].as_u64()?;
+            return Some(r);
+        }
         Some(EventRecord {
             time_unix_ns: v["time_unix_ns"].as_u64()?,
             src: v["src"].as_str()?.parse().ok()?,
@@ -95,6 +169,9 @@ impl EventRecord {
             port: v["port"].as_u64()? as u16,
             sport: v["sport"].as_u64()? as u16,
             audit: v["audit"].as_bool().unwrap_or(false),
+            kind: "drop",
+            lock_reason: v["lock_reason"].as_str().map(str::to_owned),
+            networks: None,
         })
     }
 }
@@ -219,6 +296,38 @@ pub fn pump(
 mod tests {
     use super::*;
     use filter_common::KeyPrefix;
+
+    #[test]
+    fn risk_events_and_lock_reasons_round_trip() {
+        let e = EventRecord::risk("shared_key", "goodkey1", "shared", Some(4));
+        let v = e.to_json();
+        assert_eq!(v["kind"], "shared_key");
+        assert_eq!(v["networks"], 4);
+        assert!(v.get("src").is_none(), "risk events carry no address: {v}");
+        assert_eq!(EventRecord::from_json(&v), Some(e.clone()));
+        assert!(
+            e.to_line().contains("shared_key key goodkey1 (4 networks)"),
+            "{}",
+            e.to_line()
+        );
+        let mut d = EventRecord::from_kernel(
+            &DropEvent {
+                reason: Reason::DropLocked as u8,
+                flags: EVENT_HAS_KEY,
+                family: FAMILY_V4,
+                ..Default::default()
+            },
+            0,
+        );
+        d.lock_reason = Some("leaked".into());
+        let v = d.to_json();
+        assert_eq!(
+            (v["kind"].as_str(), v["lock_reason"].as_str()),
+            (Some("drop"), Some("leaked"))
+        );
+        assert_eq!(EventRecord::from_json(&v), Some(d.clone()));
+        assert!(d.to_line().contains("(locked: leaked)"), "{}", d.to_line());
+    }
 
     #[test]
     fn rfc3339_known_instants() {

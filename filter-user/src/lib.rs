@@ -1,5 +1,7 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
+pub mod activity;
 pub mod api;
+pub mod autolock;
 pub mod chain;
 pub mod client;
 pub mod daemon;
@@ -7,11 +9,13 @@ pub mod dataplane;
 pub mod engine;
 pub mod etcd;
 pub mod events;
+pub mod fleet;
 pub mod host;
 pub mod metrics;
 pub mod policy;
 pub mod prefilter;
 pub mod progress;
+pub mod risk;
 pub mod state;
 pub mod stats;
 pub mod status;

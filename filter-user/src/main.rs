@@ -123,6 +123,37 @@ enum Cmd {
         /// (without it, keywall refuses to start).
         #[arg(long)]
         replace_foreign: bool,
+        /// With --etcd: this edge's name in `<prefix>activity/<edge-id>` (default: the host
+        /// name).
+        #[arg(long, requires = "etcd")]
+        edge_id: Option<String>,
+        /// With --etcd: seconds between activity digests (the lease lasts three periods).
+        #[arg(long, default_value_t = 30)]
+        activity_every: u64,
+    },
+    /// For the control plane: read every edge's activity digest from etcd and lock idle keys
+    /// (idle_lock_after) and shared keys (shared_key with action = "lock") in `keys/<prefix>`.
+    Fleet {
+        /// etcd `URL[,URL…]`.
+        #[arg(long)]
+        etcd: String,
+        #[arg(long, default_value = "/keywall/")]
+        etcd_prefix: String,
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        #[arg(long, requires = "etcd_key")]
+        etcd_cert: Option<PathBuf>,
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        #[arg(long)]
+        etcd_user: Option<String>,
+        #[arg(long, requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
+        /// Print what would be locked; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Interfaces, attach state, applied revision, mode and map fill.
     Status {
@@ -157,6 +188,11 @@ enum Cmd {
     Key {
         #[command(subcommand)]
         cmd: KeyCmd,
+    },
+    /// Keys by activity: idle, shared (used from too many networks), top (most requests).
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
     },
     /// Policy files, and the daemon's applied policy.
     Policy {
@@ -222,6 +258,40 @@ enum PolicyCmd {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Keys with no allowed traffic for at least DURATION (default: the policy's
+    /// idle_lock_after, else 14d), longest idle first.
+    Idle {
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+        #[arg(long)]
+        top: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Keys seen from more source networks than shared_key.networks within its window.
+    Shared {
+        #[arg(long)]
+        top: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The most active keys (key messages judged), most first.
+    Top {
+        #[arg(default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCmd {
     /// Its policy and counters.
     Show {
@@ -234,6 +304,15 @@ enum KeyCmd {
     /// Lock it: its connections are cut from the next packet on.
     Lock {
         prefix: String,
+        /// Why (shown in `key show`, status and drop events; at most 200 bytes).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The lock ends on its own after this long (`30m`, `2h`, `14d`).
+        #[arg(long = "for", value_name = "DURATION", conflicts_with = "until")]
+        for_: Option<String>,
+        /// The lock ends on its own at this instant (RFC 3339, `2026-12-01T08:00:00Z`).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -285,7 +364,16 @@ fn real_main() -> Result<ExitCode> {
             max_flows,
             poll_ms,
             replace_foreign,
+            edge_id,
+            activity_every,
         } => {
+            let edge_id = match edge_id {
+                Some(e) => e,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "edge".into()),
+            };
+            keywall::fleet::check_edge_id(&edge_id)?;
             let etcd = etcd
                 .map(|urls| {
                     keywall::etcd::EtcdConfig::new(&urls, &etcd_prefix).map(|c| {
@@ -333,8 +421,32 @@ fn real_main() -> Result<ExitCode> {
                 metrics: (metrics != "off").then_some(metrics),
                 etcd,
                 replace_foreign,
+                edge_id,
+                activity_every: Duration::from_secs(activity_every.max(1)),
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fleet {
+            etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
+            dry_run,
+            json,
+        } => {
+            let cfg = keywall::etcd::EtcdConfig {
+                ca: etcd_ca,
+                cert: etcd_cert,
+                key: etcd_key,
+                user: etcd_user,
+                password_file: etcd_password_file,
+                ..keywall::etcd::EtcdConfig::new(&etcd, &etcd_prefix)?
+            };
+            cfg.check()?;
+            Ok(ExitCode::from(keywall::fleet::run(cfg, dry_run, json)?))
         }
         Cmd::Status {
             json,
@@ -390,10 +502,41 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Policy {
             cmd: PolicyCmd::Show { json, api },
         } => Ok(ExitCode::from(client::policy_show(&api.client()?, json)?)),
+        Cmd::Keys { cmd } => Ok(ExitCode::from(match cmd {
+            KeysCmd::Idle {
+                for_,
+                top,
+                json,
+                api,
+            } => client::keys_list(&api.client()?, client::Listing::Idle(for_), top, json)?,
+            KeysCmd::Shared { top, json, api } => {
+                client::keys_list(&api.client()?, client::Listing::Shared, top, json)?
+            }
+            KeysCmd::Top { n, json, api } => {
+                client::keys_list(&api.client()?, client::Listing::Top, Some(n), json)?
+            }
+        })),
         Cmd::Key { cmd } => Ok(ExitCode::from(match cmd {
             KeyCmd::Show { prefix, json, api } => client::key_show(&api.client()?, &prefix, json)?,
-            KeyCmd::Lock { prefix, api } => client::key_lock(&api.client()?, &prefix, true)?,
-            KeyCmd::Unlock { prefix, api } => client::key_lock(&api.client()?, &prefix, false)?,
+            KeyCmd::Lock {
+                prefix,
+                reason,
+                for_,
+                until,
+                api,
+            } => {
+                let until = client::lock_until(for_.as_deref(), until.as_deref())?;
+                client::key_lock(
+                    &api.client()?,
+                    &prefix,
+                    true,
+                    reason.as_deref(),
+                    until.as_deref(),
+                )?
+            }
+            KeyCmd::Unlock { prefix, api } => {
+                client::key_lock(&api.client()?, &prefix, false, None, None)?
+            }
         })),
         Cmd::Events { json, api } => Ok(ExitCode::from(client::events(&api.client()?, json)?)),
         Cmd::Chain {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub locked_keys: Gauge,
     pub sync_up: Family<Labels, Gauge>,
     pub sync_errors: Family<Labels, Gauge>,
+    /// Keys used from more networks than `shared_key.networks` in its window (issue 13).
+    pub shared_suspect: Gauge,
 }
 
 impl Metrics {
@@ -90,6 +92,12 @@ impl Metrics {
             "Entries of the policy source whose latest value was refused (they keep their last good value)",
             sync_errors.clone(),
         );
+        let shared_suspect = Gauge::default();
+        registry.register(
+            "keys_shared_suspect",
+            "Keys used or tried from more source networks than shared_key.networks within its window",
+            shared_suspect.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector { pin_dir, published }));
         Metrics {
             registry,
@@ -100,6 +108,7 @@ impl Metrics {
             locked_keys,
             sync_up,
             sync_errors,
+            shared_suspect,
         }
     }
 

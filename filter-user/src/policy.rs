@@ -48,6 +48,126 @@ pub struct Settings {
     pub unbound_keys: Verdict,
     pub prefilter: bool,
     pub action: Action,
+    /// Lock keys with no allowed traffic for this long (`14d`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_lock_after: Option<String>,
+    /// Report (or lock) keys used from more source networks than allowed in a window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_key: Option<SharedKey>,
+    /// Default per-key limit on new connections (a key's own setting overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_connections_per_s: Option<RateLimit>,
+    /// Default per-key limit on key messages (HTTP requests; the first message of a TLS or
+    /// FIX connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_s: Option<RateLimit>,
+}
+
+/// A rate limit: `10` (10 a second, bursts of 10) or `{ rate = 10, burst = 50 }`. A rate of 0
+/// is no limit (a key can turn a default off with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RateLimit {
+    Rate(u32),
+    Burst(RateBurst),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateBurst {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// The highest rate a limit may name (a message every microsecond).
+pub const MAX_RATE: u32 = 1_000_000;
+
+impl RateLimit {
+    /// (rate, burst); a bare rate bursts up to itself (at least 1).
+    pub fn parts(self) -> (u32, u32) {
+        match self {
+            RateLimit::Rate(r) => (r, r.max(1)),
+            RateLimit::Burst(b) => (b.rate, b.burst),
+        }
+    }
+
+    /// GCRA (emission interval, tolerance) in ns; None for no limit.
+    pub fn gcra(self) -> Option<(u64, u64)> {
+        let (rate, burst) = self.parts();
+        if rate == 0 {
+            return None;
+        }
+        let t = 1_000_000_000 / rate as u64;
+        Some((t, t * (burst.max(1) as u64 - 1)))
+    }
+
+    fn check(self, at: &str, errs: &mut Vec<PolicyError>) {
+        let (rate, burst) = self.parts();
+        if rate > MAX_RATE {
+            errs.push(PolicyError::new(
+                at,
+                format!("rate {rate} is above {MAX_RATE} a second"),
+            ));
+        } else if rate > 0 && !(1..=MAX_RATE).contains(&burst) {
+            errs.push(PolicyError::new(
+                at,
+                format!("burst must be 1..={MAX_RATE}, got {burst}"),
+            ));
+        }
+    }
+}
+
+/// `shared_key = { networks = 3, window = "1h", action = "alert" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedKey {
+    /// A key seen from more distinct /24 (IPv4) or /48 (IPv6) networks than this within
+    /// `window` is a suspect (1 to 4: the datapath remembers five networks per key).
+    #[serde(default = "default_shared_networks")]
+    pub networks: u32,
+    #[serde(default = "default_shared_window")]
+    pub window: String,
+    #[serde(default)]
+    pub action: SharedAction,
+}
+
+pub const DEFAULT_SHARED_NETWORKS: u32 = 3;
+/// The longest shared-key window: the datapath stamps networks in minutes mod 65536.
+pub const MAX_SHARED_WINDOW_S: u64 = 7 * 86_400;
+/// The shortest `idle_lock_after`: the daemon looks every few seconds.
+pub const MIN_IDLE_LOCK_AFTER_S: u64 = 5;
+
+fn default_shared_networks() -> u32 {
+    DEFAULT_SHARED_NETWORKS
+}
+
+fn default_shared_window() -> String {
+    "1h".into()
+}
+
+impl SharedKey {
+    /// The window in seconds (the default's when invalid; validation reports it).
+    pub fn window_s(&self) -> u64 {
+        crate::risk::parse_duration(&self.window).unwrap_or(crate::risk::DEFAULT_NETWORK_WINDOW_S)
+    }
+}
+
+/// `alert` | `lock`
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedAction {
+    #[default]
+    Alert,
+    Lock,
+}
+
+impl Settings {
+    /// `idle_lock_after` in seconds, when set and valid.
+    pub fn idle_lock_after_s(&self) -> Option<u64> {
+        self.idle_lock_after
+            .as_deref()
+            .and_then(|d| crate::risk::parse_duration(d).ok())
+    }
 }
 
 impl Default for Settings {
@@ -60,6 +180,10 @@ impl Default for Settings {
             unbound_keys: Verdict::Pass,
             prefilter: true,
             action: Action::Drop,
+            idle_lock_after: None,
+            shared_key: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 }
@@ -143,6 +267,74 @@ pub struct Key {
     pub ipsets: Vec<String>,
     #[serde(default)]
     pub locked: bool,
+    /// Why it is locked (free text, one line, at most 200 bytes); only with `locked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_reason: Option<String>,
+    /// RFC 3339 instant at which the lock stops holding on its own; only with `locked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
+    /// This key's limits, overriding `settings` (0: none for this key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_connections_per_s: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_s: Option<RateLimit>,
+}
+
+impl Key {
+    /// `locked_until` in Unix seconds (None: no expiry, or not a valid time).
+    pub fn locked_until_unix(&self) -> Option<i64> {
+        self.locked_until
+            .as_deref()
+            .and_then(|t| crate::risk::parse_rfc3339(t).ok())
+    }
+
+    /// Whether the lock holds at `now` (Unix seconds): locked, and not past `locked_until`.
+    pub fn locked_at(&self, now: i64) -> bool {
+        self.locked && crate::risk::lock_holds(self.locked_until_unix(), now)
+    }
+
+    /// Locked with no expiry: the key refuses until a write unlocks it.
+    pub fn locked_for_good(&self) -> bool {
+        self.locked && self.locked_until.is_none()
+    }
+
+    /// What a `lock` or `unlock` op does to the key (the one place that says it).
+    pub fn set_lock(&mut self, lock: bool, reason: Option<&str>, until: Option<&str>) {
+        self.locked = lock;
+        self.lock_reason = if lock {
+            reason.map(str::to_owned)
+        } else {
+            None
+        };
+        self.locked_until = if lock { until.map(str::to_owned) } else { None };
+    }
+
+    /// Whether `set_lock` with these arguments would change nothing.
+    pub fn lock_is(&self, lock: bool, reason: Option<&str>, until: Option<&str>) -> bool {
+        let mut k = self.clone();
+        k.set_lock(lock, reason, until);
+        k == *self
+    }
+}
+
+impl PatchOp {
+    /// A lock or unlock op as `Key::set_lock` arguments: (lock, reason, until).
+    pub fn lock_args(&self) -> Option<(&str, bool, Option<&str>, Option<&str>)> {
+        match self {
+            PatchOp::Lock {
+                prefix,
+                lock_reason,
+                locked_until,
+            } => Some((
+                prefix,
+                true,
+                lock_reason.as_deref(),
+                locked_until.as_deref(),
+            )),
+            PatchOp::Unlock { prefix } => Some((prefix, false, None, None)),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,6 +757,28 @@ pub struct CompiledKey {
     pub own_set: Option<SetContent>,
     /// Bound ipsets, in the policy's order.
     pub ipsets: Vec<String>,
+    /// With `KEY_LOCKED`: when the lock ends on its own (Unix seconds); None: never.
+    pub locked_until: Option<i64>,
+    /// The key's limits as a `KW_RATE` entry (state zero); None: unlimited.
+    pub rate: Option<kernel::RateEntry>,
+}
+
+/// A key's effective limits as a `KW_RATE` entry; None when neither limits anything.
+pub fn rate_entry(conn: Option<RateLimit>, req: Option<RateLimit>) -> Option<kernel::RateEntry> {
+    let c = conn.and_then(RateLimit::gcra);
+    let r = req.and_then(RateLimit::gcra);
+    if c.is_none() && r.is_none() {
+        return None;
+    }
+    let (conn_t, conn_tau) = c.unwrap_or((0, 0));
+    let (req_t, req_tau) = r.unwrap_or((0, 0));
+    Some(kernel::RateEntry {
+        conn_t,
+        conn_tau,
+        req_t,
+        req_tau,
+        ..Default::default()
+    })
 }
 
 /// A validated policy in kernel form.
@@ -620,13 +834,51 @@ impl Policy {
                 format!("must be 4..=16, got {}", s.key_prefix_len),
             ));
         }
+        if let Some(d) = &s.idle_lock_after {
+            match crate::risk::parse_duration(d) {
+                Err(e) => errs.push(PolicyError::new("settings.idle_lock_after", e)),
+                Ok(n) if n < MIN_IDLE_LOCK_AFTER_S => errs.push(PolicyError::new(
+                    "settings.idle_lock_after",
+                    format!("{d:?} is shorter than {MIN_IDLE_LOCK_AFTER_S}s"),
+                )),
+                Ok(_) => {}
+            }
+        }
+        if let Some(l) = s.max_new_connections_per_s {
+            l.check("settings.max_new_connections_per_s", errs);
+        }
+        if let Some(l) = s.max_requests_per_s {
+            l.check("settings.max_requests_per_s", errs);
+        }
+        if let Some(sk) = &s.shared_key {
+            let max = kernel::ACTIVITY_NETS as u32 - 1;
+            if !(1..=max).contains(&sk.networks) {
+                errs.push(PolicyError::new(
+                    "settings.shared_key.networks",
+                    format!(
+                        "must be 1..={max}, got {} (the datapath remembers {} networks per key)",
+                        sk.networks,
+                        kernel::ACTIVITY_NETS
+                    ),
+                ));
+            }
+            match crate::risk::parse_duration(&sk.window) {
+                Err(e) => errs.push(PolicyError::new("settings.shared_key.window", e)),
+                Ok(n) if !(60..=MAX_SHARED_WINDOW_S).contains(&n) => errs.push(PolicyError::new(
+                    "settings.shared_key.window",
+                    format!("{:?} must be 1m to 7d", sk.window),
+                )),
+                Ok(_) => {}
+            }
+        }
         // The prefilter drops handshakes from sources no key allows; while some key passes
         // from anywhere, every source may be legitimate, so it must stay off (docs/REFERENCE.md "Policy").
+        // A lock that ends on its own counts as open: the prefilter is not rewritten when it ends.
         let open_key = s.unbound_keys == Verdict::Pass
             && self
                 .key
                 .iter()
-                .any(|k| !k.locked && k.allow.is_empty() && k.ipsets.is_empty());
+                .any(|k| !k.locked_for_good() && k.allow.is_empty() && k.ipsets.is_empty());
         let mut flags = kernel::SETTING_LOADED;
         for (on, bit) in [
             (s.enforce, kernel::SETTING_ENFORCE),
@@ -762,6 +1014,19 @@ impl Policy {
                 }
             }
 
+            let locked_until = check_lock_fields(key, &at, errs);
+            if let Some(l) = key.max_new_connections_per_s {
+                l.check(&format!("{at}.max_new_connections_per_s"), errs);
+            }
+            if let Some(l) = key.max_requests_per_s {
+                l.check(&format!("{at}.max_requests_per_s"), errs);
+            }
+            let rate = rate_entry(
+                key.max_new_connections_per_s
+                    .or(self.settings.max_new_connections_per_s),
+                key.max_requests_per_s.or(self.settings.max_requests_per_s),
+            );
+
             if prefix_ok && plen_ok {
                 let mut flags = kernel::KEY_PRESENT;
                 if key.locked {
@@ -772,6 +1037,8 @@ impl Policy {
                 }
                 let compiled = CompiledKey {
                     flags,
+                    locked_until,
+                    rate,
                     inline_v4,
                     own_set: (!own_set.is_empty()).then_some(own_set),
                     ipsets: key.ipsets.clone(),
@@ -780,6 +1047,36 @@ impl Policy {
             }
         }
         out
+    }
+}
+
+/// Checks a key's `lock_reason` and `locked_until` (places under `at`: `key[3]`, or the
+/// `ops[2]` that brought them), and returns `locked_until` in Unix seconds.
+pub fn check_lock_fields(key: &Key, at: &str, errs: &mut Vec<PolicyError>) -> Option<i64> {
+    if let Some(r) = &key.lock_reason {
+        if let Err(e) = crate::risk::check_lock_reason(r) {
+            errs.push(PolicyError::new(format!("{at}.lock_reason"), e));
+        } else if !key.locked {
+            errs.push(PolicyError::new(
+                format!("{at}.lock_reason"),
+                "only a locked key has a lock_reason (set locked = true)",
+            ));
+        }
+    }
+    let t = key.locked_until.as_ref()?;
+    match crate::risk::check_locked_until(t) {
+        Err(e) => {
+            errs.push(PolicyError::new(format!("{at}.locked_until"), e));
+            None
+        }
+        Ok(_) if !key.locked => {
+            errs.push(PolicyError::new(
+                format!("{at}.locked_until"),
+                "only a locked key has a locked_until (set locked = true)",
+            ));
+            None
+        }
+        Ok(t) => Some(t),
     }
 }
 
@@ -1064,8 +1361,13 @@ pub enum PatchOp {
     Delete {
         prefix: String,
     },
+    /// Locks the key; `lock_reason` and `locked_until` replace the key's (absent: none).
     Lock {
         prefix: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lock_reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        locked_until: Option<String>,
     },
     Unlock {
         prefix: String,
@@ -1118,9 +1420,20 @@ impl Policy {
                     }
                     None => errs.push(missing_key(prefix)),
                 },
-                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
                     match next.key_index(prefix) {
-                        Some(j) => next.key[j].locked = matches!(op, PatchOp::Lock { .. }),
+                        Some(j) => {
+                            let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                            let mut k = next.key[j].clone();
+                            k.set_lock(lock, reason, until);
+                            // Errors in what the op brought are placed at the op; the key
+                            // then stays as it was, so they are not reported twice.
+                            let n0 = errs.len();
+                            check_lock_fields(&k, &format!("ops[{n}]"), &mut errs);
+                            if errs.len() == n0 {
+                                next.key[j] = k;
+                            }
+                        }
                         None => errs.push(missing_key(prefix)),
                     }
                 }
@@ -1292,6 +1605,10 @@ locked = false
             allow: allow.iter().map(|s| s.to_string()).collect(),
             ipsets: ipsets.iter().map(|s| s.to_string()).collect(),
             locked: false,
+            lock_reason: None,
+            locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 
@@ -1620,6 +1937,10 @@ sni_suffix = ".x.com"
             unbound_keys: Verdict::Drop,
             prefilter: false,
             action: Action::Reset,
+            idle_lock_after: None,
+            shared_key: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         };
         p.key.clear();
         let s = p.compile().unwrap().settings;
@@ -1641,6 +1962,10 @@ sni_suffix = ".x.com"
         assert_eq!(flags(&p) & kernel::SETTING_PREFILTER, 0);
         p.key[1].locked = true;
         assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        // A lock that ends on its own ends without a write: the key is open already.
+        p.key[1].locked_until = Some("2030-01-01T00:00:00Z".into());
+        assert_eq!(flags(&p) & kernel::SETTING_PREFILTER, 0);
+        p.key[1].locked_until = None;
         p.key[1].locked = false;
         p.settings.unbound_keys = Verdict::Drop;
         assert_ne!(flags(&p) & kernel::SETTING_PREFILTER, 0);
@@ -1936,6 +2261,8 @@ sni_suffix = ".x.com"
                 },
                 PatchOp::Lock {
                     prefix: "0123abcd".into(),
+                    lock_reason: None,
+                    locked_until: None,
                 },
                 PatchOp::Upsert {
                     key: key("37c541a1", &["198.51.100.8"], &["tools"]),
@@ -1973,6 +2300,188 @@ sni_suffix = ".x.com"
     }
 
     #[test]
+    fn lock_fields_validate_compile_and_round_trip() {
+        let toml = r#"
+[settings]
+idle_lock_after = "14d"
+shared_key = { networks = 3, window = "1h", action = "lock" }
+
+[[key]]
+prefix = "aaaaaaaa"
+locked = true
+lock_reason = "leaked on a forum"
+locked_until = "2026-12-01T09:00:00+01:00"
+"#;
+        let p = Policy::from_toml_str(toml).expect("parses");
+        let c = p.compile().expect("valid");
+        let k = &c.keys[&key_prefix("aaaaaaaa")];
+        assert_eq!(k.locked_until, Some(1_796_112_000));
+        assert_ne!(k.flags & kernel::KEY_LOCKED, 0);
+        assert_eq!(p.settings.idle_lock_after_s(), Some(14 * 86_400));
+        assert_eq!(
+            p.settings.shared_key.as_ref().unwrap().action,
+            SharedAction::Lock
+        );
+        // JSON (API, etcd) and TOML carry the same names.
+        let j = serde_json::to_string(&p).unwrap();
+        assert!(j.contains(r#""lock_reason":"leaked on a forum""#), "{j}");
+        assert!(j.contains(r#""idle_lock_after":"14d""#), "{j}");
+        assert_eq!(Policy::from_json_str(&j).unwrap(), p);
+        // A lock that ends on its own still counts as one, until then.
+        let key = p.find_key("aaaaaaaa").unwrap();
+        assert!(key.locked_at(1_796_111_999));
+        assert!(!key.locked_at(1_796_112_000));
+        assert!(!key.locked_for_good());
+        // Unlocked keys and settings without the fields serialize as before.
+        assert!(
+            !serde_json::to_string(&spec())
+                .unwrap()
+                .contains("lock_reason")
+        );
+    }
+
+    #[test]
+    fn risk_errors_name_their_place() {
+        let got = errors(
+            r#"
+[settings]
+idle_lock_after = "2w"
+shared_key = { networks = 9, window = "30d" }
+
+[[key]]
+prefix = "aaaaaaaa"
+lock_reason = "no lock"
+
+[[key]]
+prefix = "bbbbbbbb"
+locked = true
+locked_until = "tomorrow"
+
+[[key]]
+prefix = "cccccccc"
+locked = true
+lock_reason = "two\nlines"
+"#,
+        );
+        let places: Vec<&str> = got.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            places,
+            [
+                "settings.idle_lock_after",
+                "settings.shared_key.networks",
+                "settings.shared_key.window",
+                "key[0].lock_reason",
+                "key[1].locked_until",
+                "key[2].lock_reason",
+            ],
+            "{got:#?}"
+        );
+        assert!(errors("[settings]\nidle_lock_after = \"1s\"\n")[0].contains("shorter than 5s"));
+    }
+
+    #[test]
+    fn rate_limits_parse_default_and_override() {
+        let p = Policy::from_toml_str(
+            r#"
+[settings]
+max_requests_per_s = 10
+max_new_connections_per_s = { rate = 2, burst = 5 }
+
+[[key]]
+prefix = "aaaaaaaa"
+
+[[key]]
+prefix = "bbbbbbbb"
+max_requests_per_s = { rate = 100, burst = 200 }
+max_new_connections_per_s = 0
+"#,
+        )
+        .unwrap();
+        let c = p.compile().unwrap();
+        let a = c.keys[&key_prefix("aaaaaaaa")].rate.unwrap();
+        assert_eq!((a.req_t, a.req_tau), (100_000_000, 900_000_000));
+        assert_eq!((a.conn_t, a.conn_tau), (500_000_000, 2_000_000_000));
+        let b = c.keys[&key_prefix("bbbbbbbb")].rate.unwrap();
+        assert_eq!((b.req_t, b.req_tau), (10_000_000, 1_990_000_000));
+        assert_eq!(b.conn_t, 0, "0 turns the default off for this key");
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(Policy::from_json_str(&j).unwrap(), p);
+        let got = errors(
+            "[settings]\nmax_requests_per_s = 2000000\n[[key]]\nprefix = \"cccccccc\"\nmax_new_connections_per_s = { rate = 5, burst = 0 }\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("settings.max_requests_per_s: rate 2000000"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with("key[0].max_new_connections_per_s: burst"),
+            "{got:?}"
+        );
+        // GCRA: a burst, then one per interval.
+        let (t, tau) = RateLimit::Burst(RateBurst { rate: 2, burst: 3 })
+            .gcra()
+            .unwrap();
+        let mut tat = 0;
+        let mut passed = 0;
+        for _ in 0..10 {
+            if let Some(n) = kernel::gcra(t, tau, tat, 1_000) {
+                tat = n;
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 3);
+        assert!(kernel::gcra(t, tau, tat, 1_000 + t).is_some());
+    }
+
+    #[test]
+    fn lock_ops_carry_reason_and_expiry() {
+        let p = spec();
+        let req = PatchRequest::from_json_str(
+            r#"{"ops":[{"op":"lock","prefix":"37c541a1","lock_reason":"shared","locked_until":"2026-12-01T08:00:00Z"}]}"#,
+        )
+        .unwrap();
+        let next = p
+            .apply_patch(&Patch {
+                revision: 8,
+                ops: req.ops.clone(),
+            })
+            .unwrap();
+        let k = next.find_key("37c541a1").unwrap();
+        assert!(k.locked);
+        assert_eq!(k.lock_reason.as_deref(), Some("shared"));
+        assert_eq!(k.locked_until.as_deref(), Some("2026-12-01T08:00:00Z"));
+        assert!(k.lock_is(true, Some("shared"), Some("2026-12-01T08:00:00Z")));
+        // A plain lock replaces both; an unlock clears them.
+        let mut k2 = k.clone();
+        k2.set_lock(true, None, None);
+        assert_eq!((k2.lock_reason, k2.locked_until), (None, None));
+        let unlocked = next
+            .apply_patch(&Patch {
+                revision: 9,
+                ops: vec![PatchOp::Unlock {
+                    prefix: "37c541a1".into(),
+                }],
+            })
+            .unwrap();
+        let k = unlocked.find_key("37c541a1").unwrap();
+        assert!(!k.locked && k.lock_reason.is_none() && k.locked_until.is_none());
+        // Bad fields are the op's, at the op.
+        let errs = p
+            .apply_patch(&Patch {
+                revision: 8,
+                ops: vec![PatchOp::Lock {
+                    prefix: "37c541a1".into(),
+                    lock_reason: None,
+                    locked_until: Some("2026-02-30T00:00:00Z".into()),
+                }],
+            })
+            .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].at, "ops[0].locked_until");
+    }
+
+    #[test]
     fn patch_is_all_or_nothing_and_places_errors_at_ops() {
         let p = spec();
         let patch = Patch {
@@ -1989,6 +2498,8 @@ sni_suffix = ".x.com"
                 },
                 PatchOp::Lock {
                     prefix: "nope0001".into(),
+                    lock_reason: None,
+                    locked_until: None,
                 },
                 PatchOp::SetIpset {
                     name: "tools".into(),

@@ -294,9 +294,12 @@ impl Replay {
                         self.keys.push(Some(key.clone()));
                     }
                 },
-                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
                     match self.index.get(prefix).and_then(|&i| self.keys[i].as_mut()) {
-                        Some(k) => k.locked = matches!(op, PatchOp::Lock { .. }),
+                        Some(k) => {
+                            let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                            k.set_lock(lock, reason, until)
+                        }
                         None => return Err(format!("no key {prefix:?}")),
                     }
                 }
@@ -347,8 +350,11 @@ pub fn replay_ops_indexed(
                     p.key.push(key.clone());
                 }
             },
-            PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => match index.get(prefix) {
-                Some(&i) => p.key[i].locked = matches!(op, PatchOp::Lock { .. }),
+            PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => match index.get(prefix) {
+                Some(&i) => {
+                    let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                    p.key[i].set_lock(lock, reason, until)
+                }
                 None => return Err(format!("no key {prefix:?}")),
             },
             PatchOp::Delete { prefix } => {
@@ -386,6 +392,9 @@ pub struct PolicyStatus {
     pub applied_unix: u64,
     pub keys: u64,
     pub locked_keys: u64,
+    /// Locked keys by `lock_reason` ("" for none), the most common first (at most 20).
+    #[serde(default)]
+    pub lock_reasons: Vec<(String, u64)>,
     /// Entries in the policy maps.
     pub fill: crate::dataplane::MapFill,
     /// The maps' generation when this was written, and whether `--audit` overrode the
@@ -473,6 +482,10 @@ mod tests {
             allow: allow.iter().map(|s| s.to_string()).collect(),
             ipsets: Vec::new(),
             locked: false,
+            lock_reason: None,
+            locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         }
     }
 
@@ -595,6 +608,8 @@ mod tests {
             applied_unix: 2,
             ops: vec![PatchOp::Lock {
                 prefix: prefix.into(),
+                lock_reason: None,
+                locked_until: None,
             }],
         };
         append_journal(&dir, &lock(4, "aaaaaaaa")).unwrap();

@@ -34,6 +34,16 @@ fn pid_is_keywall(pid: u32) -> bool {
 /// `status --json` (and `GET /v1/status`). Costs the same at 10 keys and at a million: the
 /// policy's figures come from the engine (`live`, in the daemon) or from the status file it
 /// keeps in the state dir, never from parsing the policy or walking the key map.
+/// `auto_locks` in status: how many, and the first ones with their reason and time.
+pub fn auto_locks_json(o: &crate::autolock::Overlay) -> Value {
+    serde_json::json!({
+        "count": o.locks.len(),
+        "keys": o.locks.iter().take(20).map(|(p, a)| serde_json::json!({
+            "prefix": p, "reason": a.reason, "at": crate::risk::format_rfc3339(a.at),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>) -> Result<Value> {
     let view = PinnedView::open(pin_dir)?;
     let ctl = view.control.get(&0, 0)?;
@@ -87,6 +97,7 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>)
         "active_slot": slot,
         "keys": keys,
         "locked_keys": locked,
+        "lock_reasons": policy.as_ref().map(|p| p.lock_reasons.iter().map(|(r, n)| json!({"reason": r, "keys": n})).collect::<Vec<_>>()),
         "listeners": listeners,
         "flows": flows,
         "maps": {
@@ -95,6 +106,10 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>)
         },
         "policy_error": runtime.as_ref().and_then(|r| r.policy_error.clone()),
         "etcd": crate::etcd::status_value(state_dir),
+        "auto_locks": auto_locks_json(&crate::autolock::Overlay::load(state_dir)),
+        "risk": std::fs::read(state_dir.join(crate::autolock::STATUS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
     }))
 }
 
@@ -143,6 +158,22 @@ pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
         "keys:       {} ({} locked), {} listeners",
         v["keys"], v["locked_keys"], v["listeners"]
     );
+    let reasons: Vec<String> = v["lock_reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let why = r["reason"].as_str().unwrap_or("");
+            format!(
+                "{} {}",
+                if why.is_empty() { "(no reason)" } else { why },
+                r["keys"]
+            )
+        })
+        .collect();
+    if !reasons.is_empty() {
+        println!("locks:      {}", reasons.join(", "));
+    }
     println!(
         "flows:      {} / {}",
         v["flows"], v["maps"]["flows"]["capacity"]
@@ -152,6 +183,32 @@ pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
         v["maps"]["keys"]["entries"], v["maps"]["keys"]["capacity"]
     );
     crate::etcd::print_status(&v["etcd"]);
+    let auto = &v["auto_locks"];
+    if auto["count"].as_u64().unwrap_or(0) > 0 {
+        let list: Vec<String> = auto["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|k| {
+                format!(
+                    "{} ({}, {})",
+                    k["prefix"].as_str().unwrap_or("?"),
+                    k["reason"].as_str().unwrap_or("?"),
+                    k["at"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "auto locks: {} (`keywall key unlock` undoes one): {}",
+            auto["count"],
+            list.join(", ")
+        );
+    }
+    if let Some(n) = v["risk"]["shared_suspect_count"].as_u64()
+        && n > 0
+    {
+        println!("shared:     {n} keys used from too many networks (`keywall keys shared`)");
+    }
     if let Some(e) = v["policy_error"].as_str() {
         println!("last error: {e}");
     }

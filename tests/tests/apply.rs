@@ -29,6 +29,10 @@ fn policy(locked: &BTreeSet<usize>, n: usize) -> Policy {
             ],
             ipsets: if i % 3 == 0 { vec!["b".into()] } else { vec![] },
             locked: locked.contains(&i),
+            lock_reason: None,
+            locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         });
     }
     p

@@ -44,6 +44,10 @@ fn key(prefix: &str, allow: &[&str], ipsets: &[&str], locked: bool) -> Key {
         allow: allow.iter().map(|s| s.to_string()).collect(),
         ipsets: ipsets.iter().map(|s| s.to_string()).collect(),
         locked,
+        lock_reason: None,
+        locked_until: None,
+        max_new_connections_per_s: None,
+        max_requests_per_s: None,
     }
 }
 

@@ -259,6 +259,10 @@ fn more_than_eight_prefix_lengths_are_coarsened_safely() {
             allow,
             ipsets: vec![],
             locked: false,
+            lock_reason: None,
+            locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         });
     }
     let mut l = Loaded::new("").unwrap();
@@ -368,6 +372,10 @@ fn random_policies_never_drop_an_allowed_source() {
                 allow: entries.into_iter().map(|e| e.0).collect(),
                 ipsets,
                 locked: rng.below(5) == 0,
+                lock_reason: None,
+                locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
             });
         }
         // Only ipsets some key binds are part of the union.
@@ -444,6 +452,10 @@ fn patches_add_sources_in_place_and_locks_leave_the_filter_alone() {
         allow: vec!["198.18.0.9".into(), "2001:db8:99::/48".into()],
         ipsets: vec![],
         locked: false,
+        lock_reason: None,
+        locked_until: None,
+        max_new_connections_per_s: None,
+        max_requests_per_s: None,
     });
     let changed = BTreeSet::from([key_prefix("newkey01")]);
     let c = p.compile().unwrap();

@@ -121,6 +121,10 @@ pub struct Maps {
     pub allow: HashMap<MapData, AllowKey, u8>,
     pub reasons: PerCpuArray<MapData, Counter>,
     pub key_stats: Array<MapData, KeyStats>,
+    /// Per-key activity (`KW_ACTIVITY`), indexed like `key_stats`.
+    pub activity: Array<MapData, filter_common::KeyActivity>,
+    /// Rate limits of limited keys (`KW_RATE`), by stat index.
+    pub rate: HashMap<MapData, u32, filter_common::RateEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// None while the loaded object has no prefilter (then nothing is written for it).
     pub prefilter: Option<PrefilterMap>,
@@ -245,6 +249,8 @@ impl Maps {
             allow: t(ebpf, maps::ALLOW)?.try_into()?,
             reasons: t(ebpf, maps::REASONS)?.try_into()?,
             key_stats: t(ebpf, maps::KEY_STATS)?.try_into()?,
+            activity: t(ebpf, maps::ACTIVITY)?.try_into()?,
+            rate: t(ebpf, maps::RATE)?.try_into()?,
             flows: t(ebpf, maps::FLOWS)?.try_into()?,
             prefilter: match ebpf.take_map(maps::PREFILTER) {
                 Some(Map::Array(data)) => Some(PrefilterMap::open(data)?),
@@ -263,6 +269,8 @@ impl Dataplane {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::KEYS, cap.keys)
             .map_max_entries(maps::KEY_STATS, cap.keys)
+            .map_max_entries(maps::ACTIVITY, cap.keys)
+            .map_max_entries(maps::RATE, cap.keys)
             .map_max_entries(maps::ALLOW, cap.allow)
             .map_max_entries(maps::SETS, cap.sets)
             .map_max_entries(maps::FLOWS, cap.flows)
@@ -385,6 +393,11 @@ pub struct Mirror {
     prefilter: [Half; 2],
     /// Entries in `KW_ALLOW` (the sum of every set's size).
     allow_entries: usize,
+    /// `KW_RATE` as written (limits only, state zero), by stat index.
+    rates: StdHashMap<u32, filter_common::RateEntry>,
+    /// The TAI offset lock expiries were written with (None: none written yet; after a
+    /// restart, taken as today's).
+    tai_offset: Option<i64>,
 }
 
 /// Entries in the policy maps, as the mirror knows them (no map walk).
@@ -518,6 +531,11 @@ impl Mirror {
                 .map(|(p, _)| *p)
                 .collect(),
         );
+        batch::for_each::<u32, filter_common::RateEntry>(m.rate.map(), |ids, vals| {
+            for (id, v) in ids.iter().zip(vals) {
+                mi.rates.insert(*id, rate_config(v));
+            }
+        })?;
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
         mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
         let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
@@ -608,6 +626,13 @@ impl Mirror {
             }
         };
         m.key_stats.set(idx, KeyStats::default(), 0)?;
+        // A slot handed to another key starts with no activity (a deleted key's history
+        // must not make a new key look used, or shared).
+        let fresh = filter_common::KeyActivity {
+            since_s: crate::risk::mono_now_s(),
+            ..Default::default()
+        };
+        m.activity.set(idx, fresh, 0)?;
         self.stat_idx.insert(*prefix, idx);
         Ok(idx)
     }
@@ -811,6 +836,7 @@ impl Mirror {
                 }
                 self.keys.remove(p);
                 if let Some(i) = self.stat_idx.remove(p) {
+                    self.sync_rate(m, i, None)?;
                     self.free_idx.push(i);
                 }
             } else {
@@ -864,8 +890,78 @@ impl Mirror {
             r.sets[i] = *s;
         }
         r.n_sets = sets.len() as u8;
+        if k.flags & filter_common::KEY_LOCKED != 0 && k.locked_until.is_some() {
+            let off = *self
+                .tai_offset
+                .get_or_insert_with(crate::risk::tai_offset_s);
+            r.locked_until = crate::risk::tai_until(k.locked_until, off);
+        }
         r.stat_idx = self.stat_for(m, p, key_cap)?;
+        self.sync_rate(m, r.stat_idx, k.rate)?;
         Ok(r)
+    }
+
+    /// Writes a key's limits (`KW_RATE` and the activity flag that sends the datapath there).
+    /// Not double-buffered: a changed limit holds from this write, a moment before the
+    /// slot flips (limits never decide whether a key is allowed).
+    fn sync_rate(
+        &mut self,
+        m: &mut Maps,
+        idx: u32,
+        want: Option<filter_common::RateEntry>,
+    ) -> Result<()> {
+        if self.rates.get(&idx) == want.as_ref() {
+            return Ok(());
+        }
+        let mut a = m.activity.get(&idx, 0).unwrap_or_default();
+        match want {
+            Some(cfg) => {
+                // The entry first, then the flag: a flagged key always finds its entry.
+                m.rate
+                    .insert(idx, cfg, 0)
+                    .context("writing a rate limit (KW_RATE)")?;
+                a.flags |= filter_common::ACT_RATE_LIMITED;
+                m.activity.set(idx, a, 0)?;
+                self.rates.insert(idx, cfg);
+            }
+            None => {
+                a.flags &= !filter_common::ACT_RATE_LIMITED;
+                m.activity.set(idx, a, 0)?;
+                let _ = m.rate.remove(&idx);
+                self.rates.remove(&idx);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps lock expiries on the wall clock when the kernel's TAI offset moves (an NTP
+    /// daemon sets it, usually once after boot): every record with an expiry is moved by the
+    /// change, in both slots, one element write per key. Returns the offsets and the keys
+    /// rewritten when it moved.
+    pub fn follow_tai_offset(&mut self, m: &mut Maps) -> Result<Option<(i64, i64, usize)>> {
+        let now = crate::risk::tai_offset_s();
+        let Some(old) = self.tai_offset else {
+            return Ok(None);
+        };
+        if old == now {
+            return Ok(None);
+        }
+        let mut n = 0;
+        for (p, e) in self.keys.iter_mut() {
+            let mut changed = false;
+            for r in e.slot.iter_mut() {
+                if r.locked_until != 0 {
+                    r.locked_until = crate::risk::shift_until(r.locked_until, now - old);
+                    changed = true;
+                }
+            }
+            if changed {
+                m.keys.insert(*p, *e, 0)?;
+                n += 1;
+            }
+        }
+        self.tai_offset = Some(now);
+        Ok(Some((old, now, n)))
     }
 
     /// Drops one record's references to its sets.
@@ -910,6 +1006,15 @@ impl Mirror {
     }
 }
 
+/// A `KW_RATE` entry's limits, without its state.
+fn rate_config(e: &filter_common::RateEntry) -> filter_common::RateEntry {
+    filter_common::RateEntry {
+        conn_tat: 0,
+        req_tat: 0,
+        ..*e
+    }
+}
+
 /// The set ids a record references.
 fn record_sets(r: &KeyRecord) -> &[u32] {
     if r.flags & KEY_PRESENT == 0 {
@@ -924,6 +1029,8 @@ pub struct PinnedView {
     pub settings: Array<MapData, Settings>,
     pub reasons: PerCpuArray<MapData, Counter>,
     pub key_stats: Array<MapData, KeyStats>,
+    /// None when the pinned object predates per-key activity.
+    pub activity: Option<Array<MapData, filter_common::KeyActivity>>,
     pub keys: HashMap<MapData, KeyPrefix, KeyEntry>,
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     pub listeners: Array<MapData, Listener>,
@@ -962,6 +1069,10 @@ impl PinnedView {
             settings: o(pin_dir, maps::SETTINGS)?.try_into()?,
             reasons: o(pin_dir, maps::REASONS)?.try_into()?,
             key_stats: o(pin_dir, maps::KEY_STATS)?.try_into()?,
+            activity: match MapData::from_pin(pin_dir.join(maps::ACTIVITY)) {
+                Ok(d) => Some(Map::from_map_data(d)?.try_into()?),
+                Err(_) => None,
+            },
             keys: o(pin_dir, maps::KEYS)?.try_into()?,
             flows: o(pin_dir, maps::FLOWS)?.try_into()?,
             listeners: o(pin_dir, maps::LISTENERS)?.try_into()?,

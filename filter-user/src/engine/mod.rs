@@ -48,6 +48,8 @@ pub struct Engine {
     pub open_keys: usize,
     /// Locked keys in the applied policy (for metrics, without a walk over every key).
     pub locked_keys: usize,
+    /// The same by `lock_reason` (for status).
+    pub lock_reasons: crate::risk::LockReasons,
     /// A whole-policy apply left the inactive slot behind on (possibly) every key.
     pub unsettled: bool,
     /// The applied policy's figures for readers (status, metrics), updated with every write
@@ -128,7 +130,9 @@ pub fn patch_prefixes(p: &Patch) -> Option<BTreeSet<KeyPrefix>> {
             PatchOp::Upsert { key } => {
                 out.insert(key_prefix(&key.prefix));
             }
-            PatchOp::Delete { prefix } | PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+            PatchOp::Delete { prefix }
+            | PatchOp::Lock { prefix, .. }
+            | PatchOp::Unlock { prefix } => {
                 out.insert(key_prefix(prefix));
             }
             PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => return None,
@@ -146,7 +150,7 @@ pub enum PatchFailure {
 }
 
 fn is_open(k: &Key) -> bool {
-    !k.locked && k.allow.is_empty() && k.ipsets.is_empty()
+    !k.locked_for_good() && k.allow.is_empty() && k.ipsets.is_empty()
 }
 
 /// How a write is made durable: a whole snapshot, or one journal line for a PATCH.
@@ -325,6 +329,7 @@ impl Engine {
             applied_unix: a.applied_unix,
             keys: self.index.len() as u64,
             locked_keys: self.locked_keys as u64,
+            lock_reasons: self.lock_reasons.top(20),
             fill: self.mirror.fill(),
             generation: self.mirror.generation(),
             audit: self.audit,
@@ -396,8 +401,11 @@ impl Engine {
         ops.iter().all(|op| match op {
             PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
             PatchOp::Delete { prefix } => self.key(prefix).is_none(),
-            PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
-            PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
+            PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
+                let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                self.key(prefix)
+                    .is_some_and(|k| k.lock_is(lock, reason, until))
+            }
             PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
             PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
         })
@@ -466,12 +474,36 @@ impl Engine {
                     }
                     None => errs.push(missing(prefix)),
                 },
-                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
                     match current(&after, prefix) {
                         Some(mut k) => {
-                            k.locked = matches!(op, PatchOp::Lock { .. });
-                            // Recompiled below from the record it had (only the flag moves).
-                            after.insert(prefix, Some((k, None)));
+                            let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                            k.set_lock(lock, reason, until);
+                            let n0 = errs.len();
+                            crate::policy::check_lock_fields(&k, &format!("ops[{n}]"), &mut errs);
+                            if errs.len() > n0 {
+                                continue;
+                            }
+                            // Recompiled below from the record it had (only the lock moves),
+                            // or from the one an earlier op of this patch compiled.
+                            let earlier = after
+                                .get(prefix.as_str())
+                                .and_then(|v| v.as_ref())
+                                .and_then(|(_, ck)| ck.clone());
+                            let ck = earlier.map(|mut ck| {
+                                if k.locked {
+                                    ck.flags |= filter_common::KEY_LOCKED;
+                                } else {
+                                    ck.flags &= !filter_common::KEY_LOCKED;
+                                }
+                                ck.locked_until = if k.locked {
+                                    k.locked_until_unix()
+                                } else {
+                                    None
+                                };
+                                ck
+                            });
+                            after.insert(prefix, Some((k, ck)));
                         }
                         None => errs.push(missing(prefix)),
                     }
@@ -515,6 +547,11 @@ impl Engine {
                             } else {
                                 ck.flags &= !filter_common::KEY_LOCKED;
                             }
+                            ck.locked_until = if k.locked {
+                                k.locked_until_unix()
+                            } else {
+                                None
+                            };
                             ck
                         }
                     };
@@ -525,12 +562,16 @@ impl Engine {
         }
         let open_after = (self.open_keys as isize + open_delta) as usize;
         let mut locked_delta: isize = 0;
+        // Applied to the engine's figures only once the maps enforce the patch.
+        let mut reasons_after = self.lock_reasons.clone();
         for (prefix, new) in &after {
             if let Some(&i) = self.index.get(*prefix) {
                 locked_delta -= base.key[i].locked as isize;
+                reasons_after.add(&base.key[i], -1);
             }
             if let Some((k, _)) = new {
                 locked_delta += k.locked as isize;
+                reasons_after.add(k, 1);
             }
         }
         let old_flags = compiled.settings.flags;
@@ -568,6 +609,7 @@ impl Engine {
         })?;
         self.open_keys = open_after;
         self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        self.lock_reasons = reasons_after;
         a.revision = patch.revision;
         a.policy.revision = Some(patch.revision);
         a.source = source.to_owned();
@@ -730,6 +772,7 @@ impl Engine {
             .collect();
         self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
         self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
+        self.lock_reasons = crate::risk::LockReasons::of(&applied.policy.key);
         self.compiled = Some(compiled);
         self.unsettled = changed.is_none();
         let t_save = Instant::now();

@@ -300,6 +300,10 @@ fn policy_with_keys(n: usize, shift: bool) -> Policy {
                 allow,
                 ipsets: Vec::new(),
                 locked: i == LOCKED_KEY,
+                lock_reason: None,
+                locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
             }
         })
         .collect();
@@ -2105,7 +2109,8 @@ fn memory_lines(b: &BigApply) -> String {
             .map_or(0, |(_, v)| *v)
     };
     let total: u64 = b.memory.iter().map(|(_, m)| m).sum();
-    let per_key = (get(maps::KEYS) + get(maps::KEY_STATS)) as f64 / b.keys as f64;
+    let per_key =
+        (get(maps::KEYS) + get(maps::KEY_STATS) + get(maps::ACTIVITY)) as f64 / b.keys as f64;
     let cidrs = b.keys.div_ceil(10);
     let per_allow = get(maps::ALLOW) as f64 / cidrs as f64;
     let per_set = get(maps::SETS) as f64 / b.sets_created.max(1) as f64;
@@ -2118,11 +2123,11 @@ fn memory_lines(b: &BigApply) -> String {
     format!(
         "- **kernel map memory with {} keys** (`memlock` of each map from its fdinfo, the figure `bpftool map show` prints): \
          {:.1} MiB in all ({}).\n\
-         - per key: {per_key:.0} B (`KW_KEYS` element holding both slots' records with 4 inline IPv4 hosts, plus its `KW_KEY_STATS` slot); \
+         - per key: {per_key:.0} B (`KW_KEYS` element holding both slots' records with 4 inline IPv4 hosts, plus its `KW_KEY_STATS` and `KW_ACTIVITY` slots); \
          an inline host costs nothing beyond the key record.\n\
          - per allow entry outside the record (CIDRs, IPv6, a fifth host; here {cidrs} /28s): {per_allow:.0} B in `KW_ALLOW`, \
          plus {per_set:.0} B per address set in `KW_SETS` ({} sets).\n\
-         - `KW_KEY_STATS`, `KW_FLOWS` and the listener tables are preallocated at capacity; the key, set and allow maps grow with the policy.\n",
+         - `KW_KEY_STATS`, `KW_ACTIVITY`, `KW_FLOWS` and the listener tables are preallocated at capacity; the key, set, allow and rate maps grow with the policy (plus their buckets).\n",
         keys_label(b.keys),
         mib(total),
         parts.join(", "),
