@@ -352,6 +352,10 @@ fn policy_with_entries(n: usize, entries: usize) -> Policy {
                 allow,
                 ipsets: Vec::new(),
                 locked: i == LOCKED_KEY,
+                lock_reason: None,
+                locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
             }
         })
         .collect();
@@ -1231,6 +1235,10 @@ fn flood_policy(keys: usize, attacker: bool) -> Policy {
             allow: vec![format!("{}/16", ip(FLOOD_NET))],
             ipsets: Vec::new(),
             locked: false,
+            lock_reason: None,
+            locked_until: None,
+            max_new_connections_per_s: None,
+            max_requests_per_s: None,
         });
     }
     p
