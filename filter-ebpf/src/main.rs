@@ -298,7 +298,10 @@ const AT_UNKNOWN: u8 = 4;
 /// the low byte, the bytes to judge from the first context in bits 8..24, and that context
 /// in `tmp[2]`.
 #[inline(never)]
-fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
+fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
+    let proxied = args & 1;
+    let enforce = args & 2 != 0;
+    let generation = (args >> 32) as u32;
     let seg = unsafe { &(*sc).seg };
     let len = (seg.payload_end - seg.payload_off) as u32 & 0xffff;
     let seq = seg.seq;
@@ -323,7 +326,21 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
         }
     } else {
         let f = unsafe { &*f };
-        if seq == f.next_seq {
+        let refused = match Reason::from_u8(f.reason) {
+            Some(r) => r.is_drop(),
+            None => true,
+        };
+        if refused
+            && enforce
+            && f.generation == generation
+            && (seq == f.next_seq || seq == f.last_seq)
+        {
+            // A connection the live policy refused: the server got none of its judged bytes,
+            // and whatever comes in their place is refused too (a TCP sender can only resend
+            // them), without a scan. After a policy change it is judged again; in audit mode
+            // (where the bytes did pass) every message is judged for the counters.
+            (AT_REFUSED, 0, fresh)
+        } else if seq == f.next_seq {
             (AT_NEXT, len, f.ctx_next)
         } else if seq == f.last_seq && seq.wrapping_add(len).wrapping_sub(f.next_seq) < 1 << 31 {
             // A retransmission of the last segment (maybe longer): its first `k` bytes are
@@ -339,10 +356,6 @@ fn position(sc: ScratchPtr, f: *mut Flow, proxied: u64) -> u64 {
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
             // server puts these bytes is not knowable here.
-            let refused = match Reason::from_u8(f.reason) {
-                Some(r) => r.is_drop(),
-                None => true,
-            };
             (if refused { AT_REFUSED } else { AT_UNKNOWN }, 0, fresh)
         }
     };
@@ -413,7 +426,13 @@ fn judge_segment(
     let proxied = l.flags & LISTENER_PROXY_PROTOCOL != 0;
     let mut known = FLOWS.get_ptr_mut(fk);
     // Where the segment sits: decided in a function of its own, off the locators' chain.
-    let pos = position(sc, known.unwrap_or(core::ptr::null_mut()), proxied as u64);
+    let pos = position(
+        sc,
+        known.unwrap_or(core::ptr::null_mut()),
+        proxied as u64
+            | ((settings.flags & SETTING_ENFORCE != 0) as u64) << 1
+            | (settings.generation as u64) << 32,
+    );
     let at = (pos & 0xff) as u8;
     if at == AT_REFUSED {
         return Verdict::of(Reason::DropFlow);

@@ -231,3 +231,33 @@ fn an_evicted_refused_connection_stays_refused() {
         "data at the near SYN's start",
     );
 }
+
+#[test]
+fn a_refused_connection_stays_refused_without_a_scan_until_the_policy_changes() {
+    let mut l = loaded();
+    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41006, 8080);
+    expect(&mut l, &c().seq(600).syn().build(), PassHandshake, "SYN");
+    expect(
+        &mut l,
+        &c().seq(601).payload(&request("a7c0ffee9999")).build(),
+        DropNotAllowed,
+        "refused",
+    );
+    // Other bytes in the refused ones' place (a TCP sender only resends them): refused
+    // whatever they say, before any scan.
+    expect(
+        &mut l,
+        &c().seq(601).payload(&request("37c541a1aaaa")).build(),
+        DropFlow,
+        "an allowed key in the refused request's place",
+    );
+    // A policy change: the connection is judged again.
+    l.apply(&POLICY.replace("allow = [\"203.0.113.9\"]", "allow = [\"198.51.100.7\"]"))
+        .unwrap();
+    expect(
+        &mut l,
+        &c().seq(601).payload(&request("a7c0ffee9999")).build(),
+        PassAllowed,
+        "after the policy allowed it",
+    );
+}
