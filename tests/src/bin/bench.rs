@@ -162,6 +162,9 @@ const PROXY: [u8; 4] = [192, 0, 2, 200];
 const PROBE_KEY: usize = 500;
 /// A locked key (also with a CIDR).
 const LOCKED_KEY: usize = 700;
+/// A key with a request rate limit far above what the bench sends: its first packets pay for
+/// the token bucket (issue 13), never for a refusal.
+const LIMITED_KEY: usize = 600;
 const API_KEY_TAIL: &str = "9f8e7d6c5b4a39281706f5e4";
 /// Flood sources: 10.77.0.0/16, one per frame, chosen by the generator.
 const FLOOD_NET: [u8; 4] = [10, 77, 0, 0];
@@ -303,7 +306,12 @@ fn policy_with_keys(n: usize, shift: bool) -> Policy {
                 lock_reason: None,
                 locked_until: None,
                 max_new_connections_per_s: None,
-                max_requests_per_s: None,
+                max_requests_per_s: (i == LIMITED_KEY).then_some(
+                    keywall::policy::RateLimit::Burst(keywall::policy::RateBurst {
+                        rate: 1_000_000,
+                        burst: 1_000_000,
+                    }),
+                ),
             }
         })
         .collect();
@@ -624,6 +632,21 @@ fn frames() -> Vec<Frame> {
             });
         }
     }
+    // The cost of a rate limit (issue 13): the allowed HTTP request of a key that has one.
+    let limited = api_request(LIMITED_KEY);
+    v.push(Frame {
+        name: "HTTP header, allowed source, key with a request rate limit (under it)".into(),
+        locator: Locator::Http,
+        variant: None,
+        bytes: Pkt::tcp4(host_of(LIMITED_KEY, 3), EDGE, 41900, PORT_HTTP)
+            .payload(&limited)
+            .build(),
+        expect: &[Reason::PassAllowed],
+        prime: None,
+        feature: None,
+        first_packet: true,
+        payload_len: limited.len(),
+    });
     v
 }
 
