@@ -397,7 +397,7 @@ impl Shared {
     pub fn get_policy(&self) -> Result<Bytes> {
         let eng = self.engine.lock().unwrap();
         let v = match &eng.applied {
-            Some(a) => serde_json::to_vec(&a.policy)?,
+            Some(a) => a.policy_json(),
             None => serde_json::to_vec(&Policy {
                 revision: Some(0),
                 ..Default::default()
@@ -410,12 +410,7 @@ impl Shared {
     pub fn get_key(&self, prefix: &str) -> Reply {
         let (key, revision) = {
             let eng = self.engine.lock().unwrap();
-            (
-                eng.applied
-                    .as_ref()
-                    .and_then(|a| a.policy.find_key(prefix).cloned()),
-                eng.revision(),
-            )
+            (eng.key(prefix), eng.revision())
         };
         let counters = PinnedView::open(&self.pin_dir)
             .ok()

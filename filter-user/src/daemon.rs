@@ -6,7 +6,6 @@
 //! new policy is validated completely before anything is written.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -23,7 +22,7 @@ use crate::{
     api::{self, ApiConfig, Shared, Source},
     dataplane::{Capacity, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Key, PatchOp, Policy},
+    policy::{PatchOp, Policy},
     state::{self, Runtime},
 };
 
@@ -149,9 +148,6 @@ pub fn run(o: RunOptions) -> Result<()> {
         last_patch: None,
         journal_len: 0,
         compiled: None,
-        index: HashMap::new(),
-        open_keys: 0,
-        locked_keys: 0,
         unsettled: false,
         published: Arc::new(Mutex::new(None)),
         fold_busy: Arc::new(AtomicBool::new(false)),
@@ -460,9 +456,9 @@ pub fn file_revision(file_rev: Option<u64>, applied: u64) -> u64 {
 fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
     let a = eng.applied.as_ref()?;
     eng.compiled.as_ref()?;
-    if pol.settings != a.policy.settings
-        || pol.listener != a.policy.listener
-        || pol.ipsets != a.policy.ipsets
+    if pol.settings != a.head.settings
+        || pol.listener != a.head.listener
+        || pol.ipsets != a.head.ipsets
     {
         return None;
     }
@@ -473,36 +469,29 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
         if !seen.insert(k.prefix.as_str()) {
             return None; // a duplicate: the whole path reports it with its place
         }
-        match eng.key(&k.prefix) {
-            Some(old) if old == k => {}
-            Some(old)
-                if Key {
-                    locked: k.locked,
-                    ..old.clone()
-                } == *k =>
-            {
-                ops.push(if k.locked {
-                    PatchOp::Lock {
-                        prefix: k.prefix.clone(),
-                    }
-                } else {
-                    PatchOp::Unlock {
-                        prefix: k.prefix.clone(),
-                    }
-                })
-            }
-            _ => ops.push(PatchOp::Upsert { key: k.clone() }),
-        }
+        // Bytes first (one key serialised), the parsed key only when they differ.
+        let lock_only = match a.keys.same(k) {
+            Some(true) => continue,
+            Some(false) => a.keys.get(&k.prefix).is_some_and(|mut old| {
+                old.locked = k.locked;
+                old == *k
+            }),
+            None => false,
+        };
+        let prefix = k.prefix.clone();
+        ops.push(match (lock_only, k.locked) {
+            (true, true) => PatchOp::Lock { prefix },
+            (true, false) => PatchOp::Unlock { prefix },
+            (false, _) => PatchOp::Upsert { key: k.clone() },
+        });
         if ops.len() > limit {
             return None;
         }
     }
-    if eng.index.len() + ops.len() > seen.len() {
-        for k in &a.policy.key {
-            if !seen.contains(k.prefix.as_str()) {
-                ops.push(PatchOp::Delete {
-                    prefix: k.prefix.clone(),
-                });
+    if a.keys.len() + ops.len() > seen.len() {
+        for prefix in a.keys.prefixes() {
+            if !seen.contains(prefix.as_str()) {
+                ops.push(PatchOp::Delete { prefix });
                 if ops.len() > limit {
                     return None;
                 }

@@ -83,7 +83,13 @@ pub struct JournalEntry {
 /// Writes the whole applied policy, then drops the journals it supersedes.
 pub fn save_applied(state_dir: &Path, a: &Applied) -> Result<()> {
     // Compact: at 1M keys pretty printing costs more than the write.
-    write_atomic(&state_dir.join(POLICY_FILE), &serde_json::to_vec(a)?)?;
+    save_applied_bytes(state_dir, &serde_json::to_vec(a)?)
+}
+
+/// `save_applied` of an `Applied` already serialised (the engine builds the bytes from its
+/// compact store: the same format).
+pub fn save_applied_bytes(state_dir: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(&state_dir.join(POLICY_FILE), bytes)?;
     // A crash before this removal leaves entries at or below the snapshot's revision, which
     // loading skips.
     remove_if_present(&state_dir.join(FOLDING_FILE))?;
@@ -330,51 +336,6 @@ pub fn replay_ops(p: &mut Policy, ops: &[PatchOp]) -> Result<(), String> {
     let res = r.apply(ops);
     *p = r.finish();
     res
-}
-
-/// `replay_ops` with the caller's prefix index of `p.key`, kept up to date.
-pub fn replay_ops_indexed(
-    p: &mut Policy,
-    index: &mut std::collections::HashMap<String, usize>,
-    ops: &[PatchOp],
-) -> Result<(), String> {
-    for op in ops {
-        match op {
-            PatchOp::Upsert { key } => match index.get(&key.prefix) {
-                Some(&i) => p.key[i] = key.clone(),
-                None => {
-                    index.insert(key.prefix.clone(), p.key.len());
-                    p.key.push(key.clone());
-                }
-            },
-            PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => match index.get(prefix) {
-                Some(&i) => p.key[i].locked = matches!(op, PatchOp::Lock { .. }),
-                None => return Err(format!("no key {prefix:?}")),
-            },
-            PatchOp::Delete { prefix } => {
-                let Some(i) = index.remove(prefix) else {
-                    return Err(format!("no key {prefix:?}"));
-                };
-                // Remove keeps the order of the rest, as apply_patch does (deletes are rare
-                // next to locks, so moving the tail is fine; the index is updated in place).
-                p.key.remove(i);
-                for (j, k) in p.key.iter().enumerate().skip(i) {
-                    if let Some(v) = index.get_mut(&k.prefix) {
-                        *v = j;
-                    }
-                }
-            }
-            PatchOp::SetIpset { name, cidrs } => {
-                p.ipsets.insert(name.clone(), cidrs.clone());
-            }
-            PatchOp::DeleteIpset { name } => {
-                if p.ipsets.remove(name).is_none() {
-                    return Err(format!("no ipset {name:?}"));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What `status` and `/metrics` say about the applied policy. The engine keeps it up to date

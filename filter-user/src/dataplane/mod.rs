@@ -370,7 +370,7 @@ pub struct Mirror {
     sets: StdHashMap<u32, SetContent>,
     set_ids: StdHashMap<SetContent, u32>,
     next_set: u32,
-    stat_idx: StdHashMap<KeyPrefix, u32>,
+    /// `KW_KEY_STATS` slots free below `next_idx` (a key's own slot is in its records).
     free_idx: Vec<u32>,
     next_idx: u32,
     /// Key records and listeners (over both slots) that reference each set; a set at zero is freed.
@@ -421,7 +421,8 @@ impl Mirror {
             keys: self.keys.len() as u64,
             allow: self.allow_entries as u64,
             sets: self.sets.len() as u64,
-            key_stats: self.stat_idx.len() as u64,
+            // Every key in the map holds one counter slot.
+            key_stats: self.keys.len() as u64,
         }
     }
 
@@ -463,12 +464,11 @@ impl Mirror {
                 mi.sets.entry(*id).or_default();
             }
         })?;
+        let mut used = Vec::new();
         batch::for_each::<KeyPrefix, KeyEntry>(m.keys.map(), |ks, es| {
             for (k, e) in ks.iter().zip(es) {
-                for r in &e.slot {
-                    if r.flags & KEY_PRESENT != 0 {
-                        mi.stat_idx.insert(*k, r.stat_idx);
-                    }
+                if let Some(r) = e.slot.iter().find(|r| r.flags & KEY_PRESENT != 0) {
+                    used.push(r.stat_idx);
                 }
                 mi.keys.insert(*k, *e);
             }
@@ -519,9 +519,12 @@ impl Mirror {
                 .collect(),
         );
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
-        mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
-        let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
-        mi.free_idx = (0..mi.next_idx).filter(|i| !used.contains(i)).collect();
+        used.sort_unstable();
+        used.dedup();
+        mi.next_idx = used.last().map_or(0, |m| m + 1);
+        mi.free_idx = (0..mi.next_idx)
+            .filter(|i| used.binary_search(i).is_err())
+            .collect();
         mi.set_ids = mi.sets.iter().map(|(id, c)| (c.clone(), *id)).collect();
         mi.allow_entries = mi.sets.values().map(|c| c.len()).sum();
         Ok(mi)
@@ -594,8 +597,12 @@ impl Mirror {
     }
 
     fn stat_for(&mut self, m: &mut Maps, prefix: &KeyPrefix, cap: u32) -> Result<u32> {
-        if let Some(i) = self.stat_idx.get(prefix) {
-            return Ok(*i);
+        if let Some(r) = self
+            .keys
+            .get(prefix)
+            .and_then(|e| e.slot.iter().find(|r| r.flags & KEY_PRESENT != 0))
+        {
+            return Ok(r.stat_idx);
         }
         let idx = match self.free_idx.pop() {
             Some(i) => i,
@@ -608,7 +615,6 @@ impl Mirror {
             }
         };
         m.key_stats.set(idx, KeyStats::default(), 0)?;
-        self.stat_idx.insert(*prefix, idx);
         Ok(idx)
     }
 
@@ -710,16 +716,27 @@ impl Mirror {
         let old_lag = self.lag.take();
         let pf_log2 = m.prefilter.as_ref().map(|p| p.words_log2);
         let built = std::thread::scope(|scope| -> Result<Option<(PlenPlan, Vec<u64>)>> {
-            let job = match (examined_all, pf_log2) {
+            // Only a whole policy (`changed` None) holds every key in `c`.
+            let whole = examined_all && changed.is_none();
+            let job = match (whole, pf_log2) {
                 (true, Some(log2)) => Some(
                     scope.spawn(move || prefilter::build(|| prefilter::compiled_entries(c), log2)),
                 ),
                 _ => None,
             };
-            if examined_all {
+            if whole {
                 self.prefilter[ti].expect_rebuild();
             }
-            self.write_keys(m, c, &candidates, ti, &ipset_ids, key_cap, &mut rep)?;
+            self.write_keys(
+                m,
+                c,
+                &candidates,
+                ti,
+                &ipset_ids,
+                key_cap,
+                changed,
+                &mut rep,
+            )?;
             Ok(job.map(|j| j.join().expect("the prefilter build panicked")))
         })?;
         // Keys that may now differ between the slots: what lagged before, and what changed.
@@ -791,12 +808,23 @@ impl Mirror {
         ti: usize,
         ipset_ids: &BTreeMap<String, u32>,
         key_cap: u32,
+        changed: Option<&BTreeSet<KeyPrefix>>,
         rep: &mut ApplyReport,
     ) -> Result<()> {
         for p in candidates {
-            let new = match c.keys.get(p) {
-                Some(k) => self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?,
-                None => KeyRecord::default(),
+            let new = if changed.is_some_and(|ch| !ch.contains(p)) {
+                // Not changed by this write (a key the target slot lags on): it gets the
+                // live slot's record, so `c` need not hold the keys a write leaves alone.
+                self.keys
+                    .get(p)
+                    .map_or(KeyRecord::default(), |e| e.slot[1 - ti])
+            } else {
+                match c.keys.get(p) {
+                    Some(k) => {
+                        self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?
+                    }
+                    None => KeyRecord::default(),
+                }
             };
             let mut e = self.keys.get(p).copied().unwrap_or_default();
             if e.slot[ti] == new {
@@ -810,8 +838,9 @@ impl Mirror {
                     m.keys.remove(p)?;
                 }
                 self.keys.remove(p);
-                if let Some(i) = self.stat_idx.remove(p) {
-                    self.free_idx.push(i);
+                // The key's counter slot was held by the record just replaced.
+                if old.flags & KEY_PRESENT != 0 {
+                    self.free_idx.push(old.stat_idx);
                 }
             } else {
                 m.keys

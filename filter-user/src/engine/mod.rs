@@ -22,16 +22,110 @@ use filter_common::KeyPrefix;
 use crate::{
     dataplane::{ApplyReport, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError, key_prefix},
-    state::{self, Applied, PolicyStatus},
+    policy::{Compiled, Key, Patch, PatchOp, Policy, PolicyError, Verdict, key_prefix},
+    state::{self, PolicyStatus},
 };
+
+pub mod store;
+pub use store::KeyStore;
+
+/// The applied policy, compact: everything but the keys as parsed, the keys in a
+/// [`KeyStore`] (one copy of each key, as JSON; the kernel form lives in the mirror).
+pub struct Live {
+    pub revision: u64,
+    /// `file:PATH`, `api` or `etcd`: the one source that owns the policy.
+    pub source: String,
+    pub applied_unix: u64,
+    /// The policy without its keys (`key` is empty): settings, listeners, ipsets.
+    pub head: Policy,
+    pub keys: KeyStore,
+}
+
+impl Live {
+    fn new(mut p: Policy, revision: u64, source: &str) -> Live {
+        p.revision = Some(revision);
+        let keys = KeyStore::from_keys(std::mem::take(&mut p.key));
+        Live {
+            revision,
+            source: source.to_owned(),
+            applied_unix: state::now_unix(),
+            head: p,
+            keys,
+        }
+    }
+
+    /// The whole policy, materialised (a million keys parsed: for rare callers only).
+    pub fn policy(&self) -> Policy {
+        Policy {
+            key: self.keys.iter().collect(),
+            ..self.head.clone()
+        }
+    }
+
+    /// The whole policy as JSON (what `GET /v1/policy` answers), from the stored keys'
+    /// bytes: nothing is parsed or serialised per key.
+    pub fn policy_json(&self) -> Vec<u8> {
+        let head = serde_json::to_vec(&Policy {
+            revision: Some(self.revision),
+            key: Vec::new(),
+            ..self.head.clone()
+        })
+        .expect("a policy serialises");
+        // Splice the keys into the empty list (the last one: every string before it is
+        // escaped, so `"key":[]` cannot occur inside one).
+        const EMPTY: &[u8] = b"\"key\":[]";
+        let at = head
+            .windows(EMPTY.len())
+            .rposition(|w| w == EMPTY)
+            .expect("a policy has a key list")
+            + EMPTY.len()
+            - 2;
+        let mut out = Vec::with_capacity(head.len() + self.keys.heap_bytes());
+        out.extend_from_slice(&head[..at]);
+        self.keys.write_json_array(&mut out);
+        out.extend_from_slice(&head[at + 2..]);
+        out
+    }
+
+    /// The state dir's snapshot: `state::Applied`'s serialisation, byte for byte.
+    pub fn snapshot_json(&self) -> Vec<u8> {
+        let mut out = format!(
+            "{{\"revision\":{},\"source\":{},\"applied_unix\":{},\"policy\":",
+            self.revision,
+            serde_json::to_string(&self.source).expect("a string serialises"),
+            self.applied_unix
+        )
+        .into_bytes();
+        out.extend_from_slice(&self.policy_json());
+        out.push(b'}');
+        out
+    }
+}
+
+/// The kernel settings' prefilter bit for `open` keys that pass from anywhere: while one
+/// does under `unbound_keys = "pass"`, every source may be legitimate, so it stays off.
+fn set_prefilter_flag(s: &mut filter_common::Settings, head: &Policy, open: usize) {
+    let on = head.settings.prefilter && !(head.settings.unbound_keys == Verdict::Pass && open > 0);
+    if on {
+        s.flags |= filter_common::SETTING_PREFILTER;
+    } else {
+        s.flags &= !filter_common::SETTING_PREFILTER;
+    }
+}
+
+/// Returns freed heap to the kernel: after a million keys were parsed and compiled, glibc
+/// keeps hundreds of MB of free chunks otherwise (the daemon's RSS must stay small).
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
+}
 
 /// The daemon's policy engine: the applied policy, its mirror in the maps, and persistence.
 /// One per daemon, behind a mutex: every writer (the file, the API) goes through it in turn.
 pub struct Engine {
     pub dp: Dataplane,
     pub mirror: Mirror,
-    pub applied: Option<Applied>,
+    pub applied: Option<Live>,
     pub state_dir: PathBuf,
     pub audit: bool,
     pub key_cap: u32,
@@ -39,15 +133,10 @@ pub struct Engine {
     pub last_patch: Option<Patch>,
     /// PATCHes in the state dir's journal since the last snapshot.
     pub journal_len: usize,
-    /// The applied policy in kernel form, kept so a PATCH recompiles only the keys it names.
+    /// The applied policy in kernel form *without its keys* (settings, listeners, ipsets):
+    /// a PATCH compiles only the keys it names, and keys it leaves alone keep the records
+    /// the mirror holds.
     pub compiled: Option<Compiled>,
-    /// Position of each key in the applied policy's `key` list.
-    pub index: HashMap<String, usize>,
-    /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
-    /// under `unbound_keys = "pass"`, the prefilter must stay off.
-    pub open_keys: usize,
-    /// Locked keys in the applied policy (for metrics, without a walk over every key).
-    pub locked_keys: usize,
     /// A whole-policy apply left the inactive slot behind on (possibly) every key.
     pub unsettled: bool,
     /// The applied policy's figures for readers (status, metrics), updated with every write
@@ -233,14 +322,19 @@ impl Engine {
         source: &str,
     ) -> std::result::Result<Submitted, Refused> {
         let applied = self.revision();
-        // The same content, whatever the revision (field by field: no copy of the policy).
+        // The same content, whatever the revision (field by field, keys in order, against
+        // the stored bytes: no copy of the policy).
         let same = |eng: &Engine| {
             eng.applied.as_ref().is_some_and(|a| {
-                let q = &a.policy;
+                let q = &a.head;
                 q.settings == p.settings
                     && q.listener == p.listener
                     && q.ipsets == p.ipsets
-                    && q.key == p.key
+                    && a.keys.len() == p.key.len()
+                    && a.keys.iter_raw().zip(&p.key).all(|(raw, k)| {
+                        serde_json::to_vec(k).is_ok_and(|b| b == raw)
+                            || serde_json::from_slice::<Key>(raw).is_ok_and(|q| q == *k)
+                    })
             })
         };
         let revision = match rev {
@@ -293,10 +387,12 @@ impl Engine {
                 Err(PatchFailure::Apply(e)) => Err(Refused::Failed(e)),
             };
         }
+        // Ipset changes reach every key bound to the set: the whole policy is materialised,
+        // patched, validated and applied (rare next to key changes).
         let base = self
             .applied
             .as_ref()
-            .map(|a| a.policy.clone())
+            .map(|a| a.policy())
             .unwrap_or_default();
         let next = base.apply_patch(&patch).map_err(Refused::Invalid)?;
         let compiled = next.compile().map_err(Refused::Invalid)?;
@@ -323,8 +419,8 @@ impl Engine {
             revision: a.revision,
             source: a.source.clone(),
             applied_unix: a.applied_unix,
-            keys: self.index.len() as u64,
-            locked_keys: self.locked_keys as u64,
+            keys: a.keys.len() as u64,
+            locked_keys: a.keys.locked() as u64,
             fill: self.mirror.fill(),
             generation: self.mirror.generation(),
             audit: self.audit,
@@ -342,22 +438,32 @@ impl Engine {
 
     /// Writes the policy restored from the state dir (which already holds it).
     /// When the pinned maps are still at the generation the state dir recorded with this
-    /// revision (a daemon restart over its own pins), they already enforce it: nothing is
-    /// rewritten, and the inactive slot is settled later, off the restart's path.
+    /// revision (a daemon restart over its own pins) and hold as many keys as the policy,
+    /// they already enforce it: nothing is compiled or rewritten beyond the policy's head
+    /// (settings, listeners, ipsets), and the inactive slot is settled later, off the
+    /// restart's path.
     pub fn restore(&mut self, p: Policy, revision: u64, source: &str) -> Result<ApplyReport> {
-        let compiled = p
-            .compile()
-            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
         let live = self.mirror.generation();
         let in_maps = state::load_policy_status(&self.state_dir).is_some_and(|st| {
             st.revision == revision
                 && st.generation != 0
                 && st.generation == live
                 && st.audit == self.audit
-        });
-        if in_maps {
-            log::info!("the pinned maps already enforce revision {revision} (generation {live})");
+                && st.keys == p.key.len() as u64
+        }) && self.mirror.key_count() == p.key.len();
+        if !in_maps {
+            let compiled = p
+                .compile()
+                .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
+            return self.apply_inner(p, compiled, None, revision, source, Persist::Restored, true);
         }
+        log::info!("the pinned maps already enforce revision {revision} (generation {live})");
+        let mut p = p;
+        let keys = std::mem::take(&mut p.key);
+        let compiled = p
+            .compile()
+            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
+        p.key = keys;
         self.apply_inner(
             p,
             compiled,
@@ -365,7 +471,7 @@ impl Engine {
             revision,
             source,
             Persist::Restored,
-            !in_maps,
+            false,
         )
     }
 
@@ -385,46 +491,44 @@ impl Engine {
     }
 
     /// The key with this prefix in the applied policy.
-    pub fn key(&self, prefix: &str) -> Option<&Key> {
-        let a = self.applied.as_ref()?;
-        self.index.get(prefix).map(|&i| &a.policy.key[i])
+    pub fn key(&self, prefix: &str) -> Option<Key> {
+        self.applied.as_ref()?.keys.get(prefix)
     }
 
     /// True if every op is already true of the applied policy (a retried PATCH).
     pub fn ops_hold(&self, ops: &[PatchOp]) -> bool {
         let Some(a) = &self.applied else { return false };
         ops.iter().all(|op| match op {
-            PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
-            PatchOp::Delete { prefix } => self.key(prefix).is_none(),
+            PatchOp::Upsert { key } => a.keys.same(key) == Some(true),
+            PatchOp::Delete { prefix } => !a.keys.contains(prefix),
             PatchOp::Lock { prefix } => self.key(prefix).is_some_and(|k| k.locked),
             PatchOp::Unlock { prefix } => self.key(prefix).is_some_and(|k| !k.locked),
-            PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
-            PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
+            PatchOp::SetIpset { name, cidrs } => a.head.ipsets.get(name) == Some(cidrs),
+            PatchOp::DeleteIpset { name } => !a.head.ipsets.contains_key(name),
         })
     }
 
     /// Applies a keys-only PATCH (`can_patch_keys`) at the cost of the keys it names: each
-    /// upserted key is validated on its own (against the settings and the ipsets it binds),
-    /// only those keys are recompiled and written, and the applied policy is changed in
-    /// place once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
+    /// key it leaves present is validated and compiled on its own (against the settings,
+    /// listeners and the ipsets it binds), only those are written, and the stored policy is
+    /// changed once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
     pub fn patch_keys(
         &mut self,
         patch: &Patch,
         source: &str,
     ) -> std::result::Result<ApplyReport, PatchFailure> {
         let a = self.applied.as_ref().expect("can_patch_keys");
-        let base = &a.policy;
-        // What each named key becomes (None: deleted), following the ops in order.
-        let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
+        let head = &a.head;
+        // What each named key becomes (None: deleted), following the ops in order, and the
+        // op that last wrote it (where its errors are placed).
+        let mut after: HashMap<&str, (Option<Key>, usize)> = HashMap::new();
         let mut errs = Vec::new();
         for (n, op) in patch.ops.iter().enumerate() {
-            let current =
-                |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| match after
-                    .get(p)
-                {
-                    Some(v) => v.as_ref().map(|(k, _)| k.clone()),
-                    None => self.index.get(p).map(|&i| base.key[i].clone()),
-                };
+            let current = |after: &HashMap<&str, (Option<Key>, usize)>, p: &str| match after.get(p)
+            {
+                Some((v, _)) => v.clone(),
+                None => a.keys.get(p),
+            };
             let missing = |prefix: &str| {
                 PolicyError::new(
                     format!("ops[{n}].prefix"),
@@ -433,36 +537,11 @@ impl Engine {
             };
             match op {
                 PatchOp::Upsert { key } => {
-                    let mini = Policy {
-                        settings: base.settings.clone(),
-                        ipsets: key
-                            .ipsets
-                            .iter()
-                            .filter_map(|n| base.ipsets.get_key_value(n))
-                            .map(|(n, c)| (n.clone(), c.clone()))
-                            .collect(),
-                        key: vec![key.clone()],
-                        // Listeners decide some key rules (lower-case prefixes for tls-sni).
-                        listener: base.listener.clone(),
-                        ..Default::default()
-                    };
-                    match mini.compile() {
-                        Ok(mut c) => {
-                            let ck = c.keys.pop_first().map(|(_, ck)| ck);
-                            after.insert(&key.prefix, Some((key.clone(), ck)));
-                        }
-                        Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
-                            at: match e.at.strip_prefix("key[0]") {
-                                Some(tail) => format!("ops[{n}].key{tail}"),
-                                None => e.at,
-                            },
-                            message: e.message,
-                        })),
-                    }
+                    after.insert(&key.prefix, (Some(key.clone()), n));
                 }
                 PatchOp::Delete { prefix } => match current(&after, prefix) {
                     Some(_) => {
-                        after.insert(prefix, None);
+                        after.insert(prefix, (None, n));
                     }
                     None => errs.push(missing(prefix)),
                 },
@@ -470,8 +549,8 @@ impl Engine {
                     match current(&after, prefix) {
                         Some(mut k) => {
                             k.locked = matches!(op, PatchOp::Lock { .. });
-                            // Recompiled below from the record it had (only the flag moves).
-                            after.insert(prefix, Some((k, None)));
+                            let at = after.get(prefix.as_str()).map_or(n, |(_, at)| *at);
+                            after.insert(prefix, (Some(k), at));
                         }
                         None => errs.push(missing(prefix)),
                     }
@@ -481,95 +560,87 @@ impl Engine {
                 }
             }
         }
+        // Each key that stays: validated and compiled alone, errors placed at its op.
+        let mut keys = std::collections::BTreeMap::new();
+        let mut changed = BTreeSet::new();
+        let mut open_after = a.keys.open() as isize;
+        for (prefix, (new, n)) in &after {
+            let kp = key_prefix(prefix);
+            changed.insert(kp);
+            if let Some(old) = a.keys.get(prefix) {
+                open_after -= is_open(&old) as isize;
+            }
+            let Some(k) = new else { continue };
+            open_after += is_open(k) as isize;
+            let mini = Policy {
+                settings: head.settings.clone(),
+                ipsets: k
+                    .ipsets
+                    .iter()
+                    .filter_map(|n| head.ipsets.get_key_value(n))
+                    .map(|(n, c)| (n.clone(), c.clone()))
+                    .collect(),
+                key: vec![k.clone()],
+                // Listeners decide some key rules (lower-case prefixes for tls-sni).
+                listener: head.listener.clone(),
+                ..Default::default()
+            };
+            match mini.compile() {
+                Ok(mut c) => {
+                    if let Some((_, ck)) = c.keys.pop_first() {
+                        keys.insert(kp, ck);
+                    }
+                }
+                Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
+                    at: match e.at.strip_prefix("key[0]") {
+                        Some(tail) => format!("ops[{n}].key{tail}"),
+                        None => e.at,
+                    },
+                    message: e.message,
+                })),
+            }
+        }
         if !errs.is_empty() {
             return Err(PatchFailure::Invalid(errs));
         }
 
-        // Kernel form of the result: the cached compile with the named keys replaced.
+        // Kernel form: the cached head with the named keys; every other key keeps its record.
         let compiled = self.compiled.as_mut().expect("can_patch_keys");
-        let mut undo: Vec<(KeyPrefix, Option<CompiledKey>)> = Vec::new();
-        let mut changed = BTreeSet::new();
-        let mut open_delta: isize = 0;
-        for (prefix, new) in &after {
-            let kp = crate::policy::key_prefix(prefix);
-            changed.insert(kp);
-            if let Some(&i) = self.index.get(*prefix) {
-                open_delta -= is_open(&base.key[i]) as isize;
-            }
-            let old = match new {
-                None => compiled.keys.remove(&kp),
-                Some((k, ck)) => {
-                    open_delta += is_open(k) as isize;
-                    let ck = match ck {
-                        Some(ck) => ck.clone(),
-                        None => {
-                            // A lock or unlock of a key that was valid: its record with the
-                            // lock flag set or cleared.
-                            let mut ck = compiled
-                                .keys
-                                .get(&kp)
-                                .cloned()
-                                .expect("a present key is compiled");
-                            if k.locked {
-                                ck.flags |= filter_common::KEY_LOCKED;
-                            } else {
-                                ck.flags &= !filter_common::KEY_LOCKED;
-                            }
-                            ck
-                        }
-                    };
-                    compiled.keys.insert(kp, ck)
-                }
-            };
-            undo.push((kp, old));
-        }
-        let open_after = (self.open_keys as isize + open_delta) as usize;
-        let mut locked_delta: isize = 0;
-        for (prefix, new) in &after {
-            if let Some(&i) = self.index.get(*prefix) {
-                locked_delta -= base.key[i].locked as isize;
-            }
-            if let Some((k, _)) = new {
-                locked_delta += k.locked as isize;
-            }
-        }
         let old_flags = compiled.settings.flags;
-        let prefilter = base.settings.prefilter
-            && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
-        if prefilter {
-            compiled.settings.flags |= filter_common::SETTING_PREFILTER;
-        } else {
-            compiled.settings.flags &= !filter_common::SETTING_PREFILTER;
-        }
-        let rep = match self.mirror.apply_changes(
-            &mut self.dp.maps,
-            compiled,
-            Some(&changed),
-            self.key_cap,
-        ) {
+        set_prefilter_flag(&mut compiled.settings, head, open_after.max(0) as usize);
+        compiled.keys = keys;
+        let applied =
+            self.mirror
+                .apply_changes(&mut self.dp.maps, compiled, Some(&changed), self.key_cap);
+        compiled.keys.clear();
+        let rep = match applied {
             Ok(rep) => rep,
             Err(e) => {
-                // The live slot is untouched; put the cached compile back as it was.
+                // The live slot is untouched; the cached head stays as it was.
                 compiled.settings.flags = old_flags;
-                for (kp, old) in undo {
-                    match old {
-                        Some(ck) => compiled.keys.insert(kp, ck),
-                        None => compiled.keys.remove(&kp),
-                    };
-                }
                 return Err(PatchFailure::Apply(e));
             }
         };
 
-        // The maps enforce it: change the applied policy in place, as apply_patch would.
+        // The maps enforce it: change the stored policy as apply_patch would, op by op.
         let a = self.applied.as_mut().expect("checked");
-        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops).map_err(|m| {
-            PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}"))
-        })?;
-        self.open_keys = open_after;
-        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        for op in &patch.ops {
+            match op {
+                PatchOp::Upsert { key } => a.keys.upsert(key),
+                PatchOp::Delete { prefix } => {
+                    a.keys.delete(prefix);
+                }
+                PatchOp::Lock { prefix } | PatchOp::Unlock { prefix } => {
+                    if let Some(mut k) = a.keys.get(prefix) {
+                        k.locked = matches!(op, PatchOp::Lock { .. });
+                        a.keys.upsert(&k);
+                    }
+                }
+                PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => {}
+            }
+        }
         a.revision = patch.revision;
-        a.policy.revision = Some(patch.revision);
+        a.head.revision = Some(patch.revision);
         a.source = source.to_owned();
         a.applied_unix = state::now_unix();
         let t_save = Instant::now();
@@ -616,6 +687,7 @@ impl Engine {
         self.unsettled = false;
         // The generation moved: keep the recorded one current (a restart compares it).
         self.publish();
+        trim_heap();
         log::debug!(
             "settled the inactive slot: {} keys written in {:?}",
             rep.keys_written,
@@ -649,7 +721,7 @@ impl Engine {
         };
         let t0 = Instant::now();
         state::rotate_journal(&self.state_dir)?;
-        let bytes = serde_json::to_vec(a)?;
+        let bytes = a.snapshot_json();
         let lines = std::mem::take(&mut self.journal_len);
         self.fold_busy.store(true, Ordering::SeqCst);
         log::debug!(
@@ -690,7 +762,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn apply_inner(
         &mut self,
-        mut p: Policy,
+        p: Policy,
         mut compiled: Compiled,
         changed: Option<&BTreeSet<KeyPrefix>>,
         revision: u64,
@@ -698,6 +770,11 @@ impl Engine {
         persist: Persist<'_>,
         write: bool,
     ) -> Result<ApplyReport> {
+        let t0 = Instant::now();
+        // The keys go into the compact store one by one (the parsed list is freed as it goes).
+        let applied = Live::new(p, revision, source);
+        let t_store = t0.elapsed();
+        set_prefilter_flag(&mut compiled.settings, &applied.head, applied.keys.open());
         // --audit overrides what the policy says in the kernel only: the stored policy stays
         // as written, so reads and retries see what the writer sent.
         if self.audit {
@@ -713,23 +790,9 @@ impl Engine {
                 ..Default::default()
             }
         };
-        p.revision = Some(revision);
-        let applied = Applied {
-            revision,
-            source: source.to_owned(),
-            applied_unix: state::now_unix(),
-            policy: p,
-        };
+        // Only the head is kept: the mirror holds every key's record.
+        compiled.keys.clear();
         self.last_patch = None;
-        self.index = applied
-            .policy
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.prefix.clone(), i))
-            .collect();
-        self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
-        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
         self.compiled = Some(compiled);
         self.unsettled = changed.is_none();
         let t_save = Instant::now();
@@ -737,7 +800,7 @@ impl Engine {
             Persist::Snapshot => {
                 self.journal_len = 0;
                 self.wait_fold();
-                state::save_applied(&self.state_dir, &applied)
+                state::save_applied_bytes(&self.state_dir, &applied.snapshot_json())
             }
             Persist::Restored => {
                 self.journal_len = state::journal_lines(&self.state_dir);
@@ -757,12 +820,14 @@ impl Engine {
             }
         };
         log::debug!(
-            "revision {revision}: maps {:?}, state dir {:?}",
+            "revision {revision}: store {t_store:?}, maps {:?}, state dir {:?}",
             rep.elapsed,
             t_save.elapsed()
         );
+        // The previous policy is freed here, before the heap is trimmed.
         self.applied = Some(applied);
         self.publish();
+        trim_heap();
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
     }
