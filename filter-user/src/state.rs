@@ -96,6 +96,55 @@ pub fn save_applied_bytes(state_dir: &Path, bytes: &[u8]) -> Result<()> {
     remove_if_present(&state_dir.join(JOURNAL_FILE))
 }
 
+/// A snapshot written and synced under a temporary name, not yet the state dir's: a whole
+/// apply stages it while the maps are written, and commits it once they enforce it (a crash
+/// before the commit leaves the previous snapshot, which is what a restart must restore).
+/// Dropped uncommitted, the temporary file is removed.
+pub struct Staged {
+    tmp: PathBuf,
+    state_dir: PathBuf,
+    committed: bool,
+}
+
+pub fn stage_applied_bytes(state_dir: &Path, bytes: &[u8]) -> Result<Staged> {
+    fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    // Not write_atomic's temporary name: a fold may be writing that one meanwhile.
+    let tmp = state_dir.join(format!(".{POLICY_FILE}.staged"));
+    let st = Staged {
+        tmp,
+        state_dir: state_dir.to_owned(),
+        committed: false,
+    };
+    let mut f =
+        fs::File::create(&st.tmp).with_context(|| format!("creating {}", st.tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", st.tmp.display()))?;
+    Ok(st)
+}
+
+impl Staged {
+    /// Makes the staged snapshot the state dir's, then drops the journals it supersedes.
+    pub fn commit(mut self) -> Result<()> {
+        let path = self.state_dir.join(POLICY_FILE);
+        fs::rename(&self.tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        self.committed = true;
+        if let Ok(d) = fs::File::open(&self.state_dir) {
+            let _ = d.sync_all();
+        }
+        remove_if_present(&self.state_dir.join(FOLDING_FILE))?;
+        remove_if_present(&self.state_dir.join(JOURNAL_FILE))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 fn remove_if_present(p: &Path) -> Result<()> {
     match fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

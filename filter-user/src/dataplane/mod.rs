@@ -511,13 +511,7 @@ impl Mirror {
             .filter(|id| !mi.set_refs.contains_key(id))
             .copied()
             .collect();
-        mi.lag = Some(
-            mi.keys
-                .iter()
-                .filter(|(_, e)| e.slot[0] != e.slot[1])
-                .map(|(p, _)| *p)
-                .collect(),
-        );
+        mi.lag = lag_of(&mi.keys);
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
         used.sort_unstable();
         used.dedup();
@@ -648,14 +642,13 @@ impl Mirror {
             let id = self.intern_set(m, content, &mut rep.sets_created)?;
             ipset_ids.insert(name.clone(), id);
         }
-        let (candidates, examined_all): (BTreeSet<KeyPrefix>, bool) = match (changed, &self.lag) {
+        // Sorted and without repeats; a whole apply merges two sorted key lists (a Vec, not a
+        // set: at 1M keys the set's nodes cost more than the writes).
+        let (candidates, examined_all): (Vec<KeyPrefix>, bool) = match (changed, &self.lag) {
             (Some(ch), Some(lag)) if self.ipsets[ti].as_ref() == Some(&ipset_ids) => {
                 (ch.union(lag).copied().collect(), false)
             }
-            _ => (
-                self.keys.keys().chain(c.keys.keys()).copied().collect(),
-                true,
-            ),
+            _ => (merge_sorted(self.keys.keys(), c.keys.keys()), true),
         };
 
         // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
@@ -740,10 +733,17 @@ impl Mirror {
             Ok(job.map(|j| j.join().expect("the prefilter build panicked")))
         })?;
         // Keys that may now differ between the slots: what lagged before, and what changed.
-        let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
-        lag.extend(candidates.iter().copied());
-        lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
-        self.lag = Some(lag);
+        // After a whole apply that is most keys: then "unknown" (None) is as good, and the
+        // settle that follows examines every key anyway.
+        self.lag = if examined_all {
+            lag_of(&self.keys)
+        } else {
+            let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
+            lag.extend(candidates.iter().copied());
+            lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
+            Some(lag)
+        };
+        drop(candidates);
         // The slot holds its ipsets even when no key binds one, so an unused ipset keeps its
         // id and a PATCH does not fall back to examining every key.
         for id in ipset_ids.values() {
@@ -804,7 +804,7 @@ impl Mirror {
         &mut self,
         m: &mut Maps,
         c: &Compiled,
-        candidates: &BTreeSet<KeyPrefix>,
+        candidates: &[KeyPrefix],
         ti: usize,
         ipset_ids: &BTreeMap<String, u32>,
         key_cap: u32,
@@ -937,6 +937,44 @@ impl Mirror {
         }
         Ok(dead.len())
     }
+}
+
+/// The keys whose two slots differ, or None (examine every key) when more than a quarter do.
+fn lag_of(keys: &BTreeMap<KeyPrefix, KeyEntry>) -> Option<BTreeSet<KeyPrefix>> {
+    let mut lag = BTreeSet::new();
+    for (p, e) in keys {
+        if e.slot[0] != e.slot[1] {
+            lag.insert(*p);
+            if lag.len() > 1024 && lag.len() > keys.len() / 4 {
+                return None;
+            }
+        }
+    }
+    Some(lag)
+}
+
+/// The union of two sorted lists, sorted, each element once.
+fn merge_sorted<'a>(
+    a: impl Iterator<Item = &'a KeyPrefix>,
+    b: impl Iterator<Item = &'a KeyPrefix>,
+) -> Vec<KeyPrefix> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::with_capacity(a.size_hint().0.max(b.size_hint().0));
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(x), Some(y)) if x > y => b.next(),
+            (Some(_), Some(_)) => {
+                b.next();
+                a.next()
+            }
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        out.extend(next.copied());
+    }
+    out
 }
 
 /// The set ids a record references.

@@ -770,26 +770,43 @@ impl Engine {
         persist: Persist<'_>,
         write: bool,
     ) -> Result<ApplyReport> {
-        let t0 = Instant::now();
-        // The keys go into the compact store one by one (the parsed list is freed as it goes).
-        let applied = Live::new(p, revision, source);
-        let t_store = t0.elapsed();
-        set_prefilter_flag(&mut compiled.settings, &applied.head, applied.keys.open());
         // --audit overrides what the policy says in the kernel only: the stored policy stays
         // as written, so reads and retries see what the writer sent.
         if self.audit {
             compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
         }
-        let rep = if write {
-            self.mirror
-                .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?
-        } else {
-            ApplyReport {
-                generation: self.mirror.generation(),
-                slot: self.mirror.active_slot(),
-                ..Default::default()
-            }
-        };
+        // The keys go into the compact store (the parsed list freed as it goes), and a new
+        // snapshot is staged from it, on another thread while the maps are written: at 1M
+        // keys each of the three takes about a second. The snapshot is committed only once
+        // the maps enforce the policy.
+        let stage = matches!(persist, Persist::Snapshot);
+        let state_dir = self.state_dir.clone();
+        let (applied, t_store, rep) = std::thread::scope(|sc| {
+            let store = sc.spawn(move || {
+                let t0 = Instant::now();
+                let live = Live::new(p, revision, source);
+                let staged =
+                    stage.then(|| state::stage_applied_bytes(&state_dir, &live.snapshot_json()));
+                ((live, staged), t0.elapsed())
+            });
+            let rep = if write {
+                self.mirror
+                    .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)
+            } else {
+                Ok(ApplyReport {
+                    generation: self.mirror.generation(),
+                    slot: self.mirror.active_slot(),
+                    ..Default::default()
+                })
+            };
+            let (live, t) = store.join().expect("building the key store panicked");
+            (live, t, rep)
+        });
+        let (applied, staged) = applied;
+        let rep = rep?;
+        // A whole compile already has it right; a head compiled alone (a restore) learns
+        // from the keys whether the prefilter may be on.
+        set_prefilter_flag(&mut compiled.settings, &applied.head, applied.keys.open());
         // Only the head is kept: the mirror holds every key's record.
         compiled.keys.clear();
         self.last_patch = None;
@@ -798,9 +815,14 @@ impl Engine {
         let t_save = Instant::now();
         let saved = match persist {
             Persist::Snapshot => {
-                self.journal_len = 0;
+                // After any fold being written: a fold's older snapshot must not win.
                 self.wait_fold();
-                state::save_applied_bytes(&self.state_dir, &applied.snapshot_json())
+                self.journal_len = 0;
+                match staged {
+                    Some(Ok(st)) => st.commit(),
+                    Some(Err(e)) => Err(e),
+                    None => unreachable!("staged for a snapshot"),
+                }
             }
             Persist::Restored => {
                 self.journal_len = state::journal_lines(&self.state_dir);
