@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::engine::{Change, Refused, Rev, Submitted};
+use crate::engine::{Change, Refused, Restored, Rev, Submitted};
 pub use crate::engine::{Engine, Fold, JOURNAL_COMPACT, PatchFailure, Persist};
 use crate::{
     api::{self, ApiConfig, Shared, Source},
@@ -136,8 +136,41 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating state dir {}", o.state_dir.display()))?;
+    // The state dir is read (and its policy compiled, or stored compactly) on a thread of
+    // its own while the program loads and the pinned maps are read: at 1M keys each takes
+    // seconds.
+    let restoring = {
+        let state_dir = o.state_dir.clone();
+        let pins = o.pin_dir.join(filter_common::maps::CONTROL).exists();
+        std::thread::Builder::new()
+            .name("keywall-restore".into())
+            .spawn(move || -> Result<Option<Restored>> {
+                // Before anything appends to the journal.
+                if let Err(e) = state::repair_journal(&state_dir) {
+                    log::error!("repairing the policy journal: {e:#}");
+                }
+                let t = Instant::now();
+                let Some(a) = state::load_applied(&state_dir)? else {
+                    return Ok(None);
+                };
+                log::info!("read the applied policy in {:?}", t.elapsed());
+                let likely = pins
+                    && state::load_policy_status(&state_dir).is_some_and(|st| {
+                        st.revision == a.revision && st.keys == a.policy.key.len() as u64
+                    });
+                Ok(Some(Restored::prepare(a, likely)))
+            })?
+    };
+    let t_load = Instant::now();
     let dp = Dataplane::load(&o.pin_dir, o.capacity)?;
+    log::info!("loaded the program in {:?}", t_load.elapsed());
+    let t_read = Instant::now();
     let mirror = Mirror::read(&dp.maps).context("reading the pinned maps")?;
+    log::info!(
+        "read the pinned maps in {:?} ({} keys)",
+        t_read.elapsed(),
+        mirror.fill().keys
+    );
     let mut eng = Engine {
         dp,
         mirror,
@@ -157,23 +190,19 @@ pub fn run(o: RunOptions) -> Result<()> {
     eng.metrics = Some(metrics.clone());
 
     // 1. Restore the last applied policy before anything is attached or taken over.
-    if let Err(e) = state::repair_journal(&o.state_dir) {
-        log::error!("repairing the policy journal: {e:#}");
-    }
     let t_restore = Instant::now();
-    match state::load_applied(&o.state_dir) {
-        Ok(Some(a)) => {
-            let (revision, source) = (a.revision, a.source.clone());
-            log::info!("read the applied policy in {:?}", t_restore.elapsed());
+    match restoring.join().expect("the restore thread panicked") {
+        Ok(Some(r)) => {
+            let (revision, source) = (r.revision(), r.source().to_owned());
             let pb = crate::progress::spinner(format!(
                 "restoring revision {revision} ({} keys)",
-                a.policy.key.len()
+                r.keys()
             ));
-            let rep = eng.restore(a.policy, revision, &source);
+            let rep = eng.restore(r);
             crate::progress::done(pb);
             let rep = rep?;
             log::info!(
-                "restored revision {revision} ({source}) from {} in {:?}: generation {}",
+                "restored revision {revision} ({source}) from {} ({:?} after the maps were read): generation {}",
                 o.state_dir.display(),
                 t_restore.elapsed(),
                 rep.generation

@@ -35,6 +35,7 @@ use filter_common::{
 };
 
 pub mod batch;
+pub mod statkeys;
 
 use aya::maps::IterableMap as _;
 
@@ -124,6 +125,8 @@ pub struct Maps {
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// None while the loaded object has no prefilter (then nothing is written for it).
     pub prefilter: Option<PrefilterMap>,
+    /// Counter slot -> key (`stats --by key --top N`); None if it could not be created.
+    pub stat_keys: Option<statkeys::StatKeys>,
 }
 
 /// `KW_PREFILTER`, memory-mapped: an `Array<u64>` with `BPF_F_MMAPABLE`, slot s owning words
@@ -251,6 +254,7 @@ impl Maps {
                 Some(_) => bail!("{} is not an array", maps::PREFILTER),
                 None => None,
             },
+            stat_keys: None,
         })
     }
 }
@@ -275,7 +279,13 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("the kernel verifier rejected the XDP program")?;
-        let maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        // Only readers' speed depends on it: without it `stats --by key` joins the maps.
+        maps.stat_keys = statkeys::StatKeys::open_or_create(pin_dir, cap.keys)
+            .map_err(|e| {
+                log::warn!("no counter-slot index ({e:#}): `stats --by key` reads every key")
+            })
+            .ok();
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -465,14 +475,24 @@ impl Mirror {
             }
         })?;
         let mut used = Vec::new();
+        let mut entries = Vec::new();
         batch::for_each::<KeyPrefix, KeyEntry>(m.keys.map(), |ks, es| {
             for (k, e) in ks.iter().zip(es) {
                 if let Some(r) = e.slot.iter().find(|r| r.flags & KEY_PRESENT != 0) {
                     used.push(r.stat_idx);
+                    // Refilled whole at every start: maps pinned before the index existed
+                    // (or an index lost) are covered too.
+                    if let Some(sk) = &m.stat_keys {
+                        sk.set(r.stat_idx, *k);
+                    }
                 }
-                mi.keys.insert(*k, *e);
+                entries.push((*k, *e));
             }
         })?;
+        // Built in one pass from sorted entries (inserting a million in hash order costs
+        // seconds).
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        mi.keys = entries.into_iter().collect();
         for e in mi.keys.values() {
             for r in &e.slot {
                 for id in record_sets(r) {
@@ -488,11 +508,27 @@ impl Mirror {
             }
         }
         if let Some(pf) = &m.prefilter {
-            for s in 0..2usize {
-                let mut h = Half::default();
-                for e in mi.keys.values() {
-                    h.record_changed(&KeyRecord::default(), &e.slot[s], &mi.sets);
-                }
+            // The two halves are counted at once, each on its own thread.
+            let counted: Vec<Half> = std::thread::scope(|sc| {
+                let (keys, sets) = (&mi.keys, &mi.sets);
+                let jobs: Vec<_> = (0..2usize)
+                    .map(|s| {
+                        sc.spawn(move || {
+                            let mut h = Half::default();
+                            // Counting only: the words are read back below, not rebuilt.
+                            h.expect_rebuild();
+                            for e in keys.values() {
+                                h.record_changed(&KeyRecord::default(), &e.slot[s], sets);
+                            }
+                            h
+                        })
+                    })
+                    .collect();
+                jobs.into_iter()
+                    .map(|j| j.join().expect("counting a prefilter half panicked"))
+                    .collect()
+            });
+            for (s, mut h) in counted.into_iter().enumerate() {
                 let st = mi.slots[s].settings;
                 let plan = PlenPlan {
                     v4: st.pf_v4_plens[..(st.pf_n_v4 as usize).min(MAX_PLENS)].to_vec(),
@@ -609,6 +645,9 @@ impl Mirror {
             }
         };
         m.key_stats.set(idx, KeyStats::default(), 0)?;
+        if let Some(sk) = &m.stat_keys {
+            sk.set(idx, *prefix);
+        }
         Ok(idx)
     }
 
@@ -996,6 +1035,8 @@ pub struct PinnedView {
     pub listeners: Array<MapData, Listener>,
     /// None when the pinned object has no prefilter.
     pub prefilter: Option<PrefilterMap>,
+    /// None when no daemon made it (an older one): readers join the maps instead.
+    pub stat_keys: Option<statkeys::StatKeys>,
 }
 
 impl PinnedView {
@@ -1036,6 +1077,7 @@ impl PinnedView {
                 Ok(d) => Some(PrefilterMap::open(d)?),
                 Err(_) => None,
             },
+            stat_keys: statkeys::StatKeys::open(pin_dir).ok(),
         })
     }
 }

@@ -113,6 +113,54 @@ fn set_prefilter_flag(s: &mut filter_common::Settings, head: &Policy, open: usiz
     }
 }
 
+/// The state dir's policy, read and made ready for [`Engine::restore`] off the engine (on a
+/// thread of its own while the program loads and the pinned maps are read).
+pub enum Restored {
+    /// Likely already in the pinned maps: the compact store, built from the parsed keys.
+    Live(Live),
+    /// Not in the maps (no pins: a reboot; or another revision): parsed and compiled.
+    Parsed(
+        state::Applied,
+        std::result::Result<Compiled, Vec<PolicyError>>,
+    ),
+}
+
+impl Restored {
+    /// `likely_in_maps`: the pins exist and the status file recorded this revision with as
+    /// many keys (the engine checks the maps' generation and key count before trusting it).
+    pub fn prepare(a: state::Applied, likely_in_maps: bool) -> Restored {
+        if likely_in_maps {
+            let mut live = Live::new(a.policy, a.revision, &a.source);
+            live.applied_unix = a.applied_unix;
+            Restored::Live(live)
+        } else {
+            let c = a.policy.compile();
+            Restored::Parsed(a, c)
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        match self {
+            Restored::Live(l) => l.revision,
+            Restored::Parsed(a, _) => a.revision,
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        match self {
+            Restored::Live(l) => &l.source,
+            Restored::Parsed(a, _) => &a.source,
+        }
+    }
+
+    pub fn keys(&self) -> usize {
+        match self {
+            Restored::Live(l) => l.keys.len(),
+            Restored::Parsed(a, _) => a.policy.key.len(),
+        }
+    }
+}
+
 /// Returns freed heap to the kernel: after a million keys were parsed and compiled, glibc
 /// keeps hundreds of MB of free chunks otherwise (the daemon's RSS must stay small).
 pub fn trim_heap() {
@@ -441,38 +489,69 @@ impl Engine {
     /// revision (a daemon restart over its own pins) and hold as many keys as the policy,
     /// they already enforce it: nothing is compiled or rewritten beyond the policy's head
     /// (settings, listeners, ipsets), and the inactive slot is settled later, off the
-    /// restart's path.
-    pub fn restore(&mut self, p: Policy, revision: u64, source: &str) -> Result<ApplyReport> {
-        let live = self.mirror.generation();
+    /// restart's path. The expensive part ([`Restored::prepare`]) runs on another thread
+    /// while the program loads and the maps are read.
+    pub fn restore(&mut self, r: Restored) -> Result<ApplyReport> {
+        let invalid =
+            |errs: Vec<PolicyError>| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]);
+        let live = match r {
+            Restored::Parsed(a, compiled) => {
+                let compiled = compiled.map_err(invalid)?;
+                return self.apply_inner(
+                    a.policy,
+                    compiled,
+                    None,
+                    a.revision,
+                    &a.source,
+                    Persist::Restored,
+                    true,
+                );
+            }
+            Restored::Live(live) => live,
+        };
+        let generation = self.mirror.generation();
         let in_maps = state::load_policy_status(&self.state_dir).is_some_and(|st| {
-            st.revision == revision
+            st.revision == live.revision
                 && st.generation != 0
-                && st.generation == live
+                && st.generation == generation
                 && st.audit == self.audit
-                && st.keys == p.key.len() as u64
-        }) && self.mirror.key_count() == p.key.len();
+                && st.keys == live.keys.len() as u64
+        }) && self.mirror.key_count() == live.keys.len();
         if !in_maps {
-            let compiled = p
-                .compile()
-                .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
-            return self.apply_inner(p, compiled, None, revision, source, Persist::Restored, true);
+            let p = live.policy();
+            let compiled = p.compile().map_err(invalid)?;
+            return self.apply_inner(
+                p,
+                compiled,
+                None,
+                live.revision,
+                &live.source,
+                Persist::Restored,
+                true,
+            );
         }
-        log::info!("the pinned maps already enforce revision {revision} (generation {live})");
-        let mut p = p;
-        let keys = std::mem::take(&mut p.key);
-        let compiled = p
-            .compile()
-            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
-        p.key = keys;
-        self.apply_inner(
-            p,
-            compiled,
-            None,
-            revision,
-            source,
-            Persist::Restored,
-            false,
-        )
+        log::info!(
+            "the pinned maps already enforce revision {} (generation {generation})",
+            live.revision
+        );
+        let mut compiled = live.head.compile().map_err(invalid)?;
+        set_prefilter_flag(&mut compiled.settings, &live.head, live.keys.open());
+        if self.audit {
+            compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
+        }
+        self.compiled = Some(compiled);
+        self.last_patch = None;
+        // The inactive slot may lag (a crash between a write and its settle).
+        self.unsettled = true;
+        self.journal_len = state::journal_lines(&self.state_dir);
+        self.applied = Some(live);
+        self.publish();
+        trim_heap();
+        Ok(ApplyReport {
+            generation,
+            slot: self.mirror.active_slot(),
+            ..Default::default()
+        })
     }
 
     /// True if `patch` touches keys only and the engine can apply it key by key.
