@@ -436,6 +436,33 @@ impl Mirror {
         }
     }
 
+    /// After a restart over pinned maps the mirror does not know which set each ipset name
+    /// was written as, so the next write to each slot would examine every key. A set's id
+    /// follows from its content (sets are interned by content): when every ipset of the
+    /// restored policy is in the maps, the live slot used those ids; so did the other slot
+    /// for every key it does not lag on, when the lag is known. Returns whether it adopted.
+    pub fn adopt_ipsets(&mut self, ipsets: &BTreeMap<String, SetContent>) -> bool {
+        let mut ids = BTreeMap::new();
+        for (name, content) in ipsets {
+            match self.set_ids.get(content) {
+                Some(id) => ids.insert(name.clone(), *id),
+                None => return false,
+            };
+        }
+        let active = self.active as usize;
+        for s in 0..2 {
+            if s == active || self.lag.is_some() {
+                if self.ipsets[s].is_none() {
+                    for id in ids.values() {
+                        *self.set_refs.entry(*id).or_default() += 1;
+                    }
+                }
+                self.ipsets[s] = Some(ids.clone());
+            }
+        }
+        true
+    }
+
     pub fn key_count(&self) -> usize {
         let a = self.active as usize;
         self.keys
@@ -742,6 +769,7 @@ impl Mirror {
             self.slots[ti].listeners = want;
         }
 
+        let t_keys = Instant::now();
         // 3. Keys: only entries whose target record changes are written. A full apply builds
         //    the prefilter half from the policy itself meanwhile, on another thread (it walks
         //    every allow entry; the key writes wait on syscalls).
@@ -782,6 +810,7 @@ impl Mirror {
             lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
             Some(lag)
         };
+        let candidates_len = candidates.len();
         drop(candidates);
         // The slot holds its ipsets even when no key binds one, so an unused ipset keeps its
         // id and a PATCH does not fall back to examining every key.
@@ -797,6 +826,8 @@ impl Mirror {
         }
         self.ipsets[ti] = Some(ipset_ids);
 
+        let d_keys = t_keys.elapsed();
+        let t_pf = Instant::now();
         // 4. The prefilter half of the target slot: new sources added in place; rebuilt from
         //    the whole union on a full apply or once too much of it is stale.
         let mut s = c.settings;
@@ -831,9 +862,21 @@ impl Mirror {
         self.active = target;
         rep.generation = s.generation;
 
+        let d_pf = t_pf.elapsed();
         // 6. Free what neither slot references any more.
+        let t_gc = Instant::now();
         rep.sets_freed = self.gc(m)?;
         rep.elapsed = t0.elapsed();
+        if rep.elapsed > std::time::Duration::from_millis(100) {
+            log::debug!(
+                "apply: {} candidates, {} keys written in {d_keys:?}, prefilter {d_pf:?}, {} sets freed in {:?}, {:?} in all",
+                candidates_len,
+                rep.keys_written,
+                rep.sets_freed,
+                t_gc.elapsed(),
+                rep.elapsed
+            );
+        }
         Ok(rep)
     }
 
@@ -849,6 +892,46 @@ impl Mirror {
         key_cap: u32,
         changed: Option<&BTreeSet<KeyPrefix>>,
         rep: &mut ApplyReport,
+    ) -> Result<()> {
+        // Records go to the kernel in batches (a syscall per entry cost about a third of a
+        // 1M-key apply); the mirror is updated as they are queued.
+        let mut pending = (Vec::new(), Vec::new());
+        let r = self
+            .queue_keys(
+                m,
+                c,
+                candidates,
+                ti,
+                ipset_ids,
+                key_cap,
+                changed,
+                rep,
+                &mut pending,
+            )
+            .and_then(|_| flush_keys(m, &mut pending));
+        if r.is_err() {
+            // Some queued records may not be in the map: read the mirror back from the maps,
+            // so it describes them exactly again (the live slot was not touched).
+            match Mirror::read(m) {
+                Ok(fresh) => *self = fresh,
+                Err(e) => log::error!("re-reading the maps after a failed write: {e:#}"),
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn queue_keys(
+        &mut self,
+        m: &mut Maps,
+        c: &Compiled,
+        candidates: &[KeyPrefix],
+        ti: usize,
+        ipset_ids: &BTreeMap<String, u32>,
+        key_cap: u32,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        rep: &mut ApplyReport,
+        pending: &mut (Vec<KeyPrefix>, Vec<KeyEntry>),
     ) -> Result<()> {
         for p in candidates {
             let new = if changed.is_some_and(|ch| !ch.contains(p)) {
@@ -882,9 +965,11 @@ impl Mirror {
                     self.free_idx.push(old.stat_idx);
                 }
             } else {
-                m.keys
-                    .insert(*p, e, 0)
-                    .context("writing a key (KW_KEYS full?)")?;
+                pending.0.push(*p);
+                pending.1.push(e);
+                if pending.0.len() >= KEY_BATCH {
+                    flush_keys(m, pending)?;
+                }
                 self.keys.insert(*p, e);
             }
             self.release(&old);
@@ -976,6 +1061,20 @@ impl Mirror {
         }
         Ok(dead.len())
     }
+}
+
+/// Key records per `BPF_MAP_UPDATE_BATCH`.
+const KEY_BATCH: usize = 4096;
+
+fn flush_keys(m: &Maps, pending: &mut (Vec<KeyPrefix>, Vec<KeyEntry>)) -> Result<()> {
+    if pending.0.is_empty() {
+        return Ok(());
+    }
+    batch::update_all(m.keys.map(), &pending.0, &pending.1)
+        .context("writing keys (KW_KEYS full?)")?;
+    pending.0.clear();
+    pending.1.clear();
+    Ok(())
 }
 
 /// The keys whose two slots differ, or None (examine every key) when more than a quarter do.

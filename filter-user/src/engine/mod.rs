@@ -535,6 +535,8 @@ impl Engine {
             live.revision
         );
         let mut compiled = live.head.compile().map_err(invalid)?;
+        // So that the settle and the next PATCH examine only the keys that lag.
+        self.mirror.adopt_ipsets(&compiled.ipsets);
         set_prefilter_flag(&mut compiled.settings, &live.head, live.keys.open());
         if self.audit {
             compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
