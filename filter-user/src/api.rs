@@ -318,7 +318,7 @@ impl Shared {
         let Ok(text) = std::str::from_utf8(body) else {
             return reject(bad_input(&[PolicyError::new("", "body is not UTF-8")]));
         };
-        let p = match Policy::from_json_str(text) {
+        let mut p = match Policy::from_json_str(text) {
             Ok(p) => p,
             Err(errs) => return reject(bad_input(&errs)),
         };
@@ -329,7 +329,7 @@ impl Shared {
             )]));
         };
         // Validation is the expensive part at 1M keys: done before taking the lock.
-        let compiled = match p.compile() {
+        let compiled = match crate::engine::compile_whole(&mut p) {
             Ok(c) => c,
             Err(errs) => return reject(bad_input(&errs)),
         };

@@ -538,7 +538,7 @@ fn apply_file(
     metrics: &Metrics,
 ) {
     let source = format!("file:{}", p.display());
-    let pol = match parsed {
+    let mut pol = match parsed {
         Ok(pol) => pol,
         Err(e) => {
             log::error!("policy file rejected, the running policy stays: {e:#}");
@@ -565,7 +565,7 @@ fn apply_file(
     }
     let res = match res {
         Some(r) => r,
-        None => match pol.compile() {
+        None => match crate::engine::compile_whole(&mut pol) {
             Ok(c) => eng.submit(
                 Change::Policy(Box::new(pol), Box::new(c)),
                 Rev::Set(rev),

@@ -161,6 +161,48 @@ impl Restored {
     }
 }
 
+/// `Policy::compile` for a whole policy, on two threads when it is big: each half of the keys
+/// is compiled with the rest of the policy, and the halves are merged. The result is the
+/// serial compile's; on any error (a duplicate across the halves included) the policy is
+/// compiled again serially, so errors keep their places and order.
+pub fn compile_whole(p: &mut Policy) -> std::result::Result<Compiled, Vec<PolicyError>> {
+    compile_split(p, 1 << 16)
+}
+
+fn compile_split(
+    p: &mut Policy,
+    min_keys: usize,
+) -> std::result::Result<Compiled, Vec<PolicyError>> {
+    if p.key.len() < min_keys.max(2) {
+        return p.compile();
+    }
+    let keys = std::mem::take(&mut p.key);
+    let mut q = p.clone();
+    p.key = keys;
+    q.key = p.key.split_off(p.key.len() / 2);
+    let (a, b) = std::thread::scope(|sc| {
+        let second = sc.spawn(|| q.compile());
+        let first = p.compile();
+        (
+            first,
+            second.join().expect("compiling half a policy panicked"),
+        )
+    });
+    p.key.append(&mut q.key);
+    let (Ok(mut a), Ok(mut b)) = (a, b) else {
+        return p.compile();
+    };
+    let (na, nb) = (a.keys.len(), b.keys.len());
+    a.keys.append(&mut b.keys);
+    if a.keys.len() != na + nb {
+        return p.compile(); // a prefix in both halves: the serial compile places it
+    }
+    // Each half turned the prefilter off if one of its keys passes from anywhere.
+    let pf = filter_common::SETTING_PREFILTER;
+    a.settings.flags = (a.settings.flags & !pf) | (a.settings.flags & b.settings.flags & pf);
+    Ok(a)
+}
+
 /// Returns freed heap to the kernel: after a million keys were parsed and compiled, glibc
 /// keeps hundreds of MB of free chunks otherwise (the daemon's RSS must stay small).
 pub fn trim_heap() {
@@ -933,5 +975,65 @@ impl Engine {
         trim_heap();
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(n: usize, open_at: Option<usize>) -> Policy {
+        let mut p = Policy::from_json_str(
+            r#"{"settings":{"key_prefix_len":8},"listener":[{"port":80,"locator":"http-header","headers":["X-Key"]}],"ipsets":{"office":["192.0.2.0/24"]}}"#,
+        )
+        .unwrap();
+        p.key = (0..n)
+            .map(|i| Key {
+                prefix: format!("k{i:07}"),
+                allow: if Some(i) == open_at {
+                    Vec::new()
+                } else {
+                    vec![format!("10.0.{}.{}", i / 256 % 256, i % 256)]
+                },
+                ipsets: if i % 7 == 0 {
+                    vec!["office".into()]
+                } else {
+                    Vec::new()
+                },
+                locked: i % 5 == 0,
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn split_compile_equals_the_serial_one() {
+        for open_at in [None, Some(3), Some(991)] {
+            let mut p = policy(1000, open_at);
+            let want = p.compile().unwrap();
+            let before = p.clone();
+            let got = compile_split(&mut p, 10).unwrap();
+            assert_eq!(got, want, "open key at {open_at:?}");
+            assert_eq!(p, before, "the policy is given back as it was");
+        }
+        // The prefilter bit follows an open key in either half.
+        let mut p = policy(1000, Some(991));
+        assert_eq!(
+            compile_split(&mut p, 10).unwrap().settings.flags & filter_common::SETTING_PREFILTER,
+            0
+        );
+    }
+
+    #[test]
+    fn split_compile_errors_are_the_serial_ones() {
+        // A duplicate across the halves, and an invalid entry in the second half.
+        let mut p = policy(1000, None);
+        p.key[900].prefix = p.key[10].prefix.clone();
+        p.key[950].allow = vec!["10.0.0.1/8".into()];
+        let want = p.compile().unwrap_err();
+        let got = compile_split(&mut p, 10).unwrap_err();
+        assert_eq!(got, want);
+        assert!(got.iter().any(|e| e.at == "key[900].prefix"), "{got:?}");
+        assert!(got.iter().any(|e| e.at == "key[950].allow[0]"), "{got:?}");
     }
 }
