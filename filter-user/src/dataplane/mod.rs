@@ -1375,3 +1375,55 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kp(s: &str) -> KeyPrefix {
+        crate::policy::key_prefix(s)
+    }
+
+    #[test]
+    fn merge_sorted_is_the_sorted_union() {
+        let a: Vec<KeyPrefix> = ["a", "c", "d", "f"].map(kp).to_vec();
+        let b: Vec<KeyPrefix> = ["b", "c", "f", "g"].map(kp).to_vec();
+        let got = merge_sorted(a.iter(), b.iter());
+        assert_eq!(got, ["a", "b", "c", "d", "f", "g"].map(kp).to_vec());
+        assert_eq!(merge_sorted(a.iter(), [].iter()), a);
+        assert!(merge_sorted([].iter(), [].iter()).is_empty());
+    }
+
+    #[test]
+    fn lag_lists_the_keys_whose_slots_differ_or_gives_up() {
+        let rec = |f: u8| KeyRecord {
+            flags: KEY_PRESENT | f,
+            ..Default::default()
+        };
+        let mut keys = BTreeMap::new();
+        for i in 0..5000u32 {
+            let differs = i % 10 == 0;
+            let e = KeyEntry {
+                slot: [
+                    rec(0),
+                    rec(if differs {
+                        filter_common::KEY_LOCKED
+                    } else {
+                        0
+                    }),
+                ],
+            };
+            keys.insert(kp(&format!("k{i:07}")), e);
+        }
+        let lag = lag_of(&keys).expect("a tenth differs: listed");
+        assert_eq!(lag.len(), 500);
+        assert!(lag.contains(&kp("k0000010")) && !lag.contains(&kp("k0000011")));
+        for e in keys.values_mut() {
+            e.slot[1] = rec(filter_common::KEY_LOCKED);
+        }
+        assert!(
+            lag_of(&keys).is_none(),
+            "most differ: unknown (examine every key)"
+        );
+    }
+}

@@ -1025,6 +1025,37 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_and_policy_bytes_are_serde_s() {
+        // The state dir's format is `state::Applied` as serde writes it: an old daemon's
+        // snapshot loads in a new one and the other way round.
+        let mut p = policy(50, Some(3));
+        p.listener[0].headers.push("X-\"odd\" key".into());
+        let live = Live::new(p.clone(), 7, "file:/etc/keywall/policy \"x\".toml");
+        p.revision = Some(7);
+        let want = state::Applied {
+            revision: 7,
+            source: live.source.clone(),
+            applied_unix: live.applied_unix,
+            policy: p.clone(),
+        };
+        assert_eq!(live.snapshot_json(), serde_json::to_vec(&want).unwrap());
+        assert_eq!(live.policy_json(), serde_json::to_vec(&p).unwrap());
+        assert_eq!(live.policy(), p);
+        assert_eq!((live.keys.len(), live.keys.open()), (50, 1));
+        assert_eq!(live.keys.locked(), 10);
+        // And an empty policy.
+        let empty = Live::new(Policy::default(), 1, "api");
+        let back: Policy = serde_json::from_slice(&empty.policy_json()).unwrap();
+        assert_eq!(
+            back,
+            Policy {
+                revision: Some(1),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
     fn split_compile_errors_are_the_serial_ones() {
         // A duplicate across the halves, and an invalid entry in the second half.
         let mut p = policy(1000, None);
