@@ -320,7 +320,7 @@ impl Shared {
         let Ok(text) = std::str::from_utf8(body) else {
             return reject(bad_input(&[PolicyError::new("", "body is not UTF-8")]));
         };
-        let p = match Policy::from_json_str(text) {
+        let mut p = match Policy::from_json_str(text) {
             Ok(p) => p,
             Err(errs) => return reject(bad_input(&errs)),
         };
@@ -331,7 +331,7 @@ impl Shared {
             )]));
         };
         // Validation is the expensive part at 1M keys: done before taking the lock.
-        let compiled = match p.compile() {
+        let compiled = match crate::engine::compile_whole(&mut p) {
             Ok(c) => c,
             Err(errs) => return reject(bad_input(&errs)),
         };
@@ -444,7 +444,7 @@ impl Shared {
     pub fn get_policy(&self) -> Result<Bytes> {
         let eng = self.engine.lock().unwrap();
         let v = match &eng.applied {
-            Some(a) => serde_json::to_vec(&a.policy)?,
+            Some(a) => a.policy_json(),
             None => serde_json::to_vec(&Policy {
                 revision: Some(0),
                 ..Default::default()
@@ -457,12 +457,7 @@ impl Shared {
     pub fn get_key(&self, prefix: &str) -> Reply {
         let (key, revision) = {
             let eng = self.engine.lock().unwrap();
-            (
-                eng.applied
-                    .as_ref()
-                    .and_then(|a| a.policy.find_key(prefix).cloned()),
-                eng.revision(),
-            )
+            (eng.key(prefix), eng.revision())
         };
         let view = PinnedView::open(&self.pin_dir).ok();
         let counters = view
@@ -476,7 +471,7 @@ impl Shared {
         }
         let window_s = {
             let eng = self.engine.lock().unwrap();
-            crate::activity::shared_rule(eng.applied.as_ref().map(|a| &a.policy)).0
+            crate::activity::shared_rule(eng.applied.as_ref().map(|a| &a.head)).0
         };
         let clocks = crate::activity::Clocks::now();
         let act = view.as_ref().and_then(|v| {
@@ -513,7 +508,7 @@ impl Shared {
         // The policy is read under the lock; the maps after it, so writers are not held up.
         let policy = {
             let eng = self.engine.lock().unwrap();
-            eng.applied.as_ref().map(|a| a.policy.clone())
+            eng.applied.as_ref().map(|a| a.policy())
         };
         match crate::activity::listing(&view, policy.as_ref(), &q, &crate::activity::Clocks::now())
         {

@@ -161,7 +161,7 @@ pub fn run(sh: std::sync::Arc<crate::api::Shared>, stop: &std::sync::atomic::Ato
     while !stop.load(Ordering::Relaxed) {
         let settings = {
             let eng = sh.engine.lock().unwrap();
-            eng.applied.as_ref().map(|a| a.policy.settings.clone())
+            eng.applied.as_ref().map(|a| a.head.settings.clone())
         };
         let idle = settings.as_ref().and_then(|s| s.idle_lock_after_s());
         let shared_rule = settings.as_ref().and_then(|s| s.shared_key.clone());
@@ -214,7 +214,7 @@ pub fn run(sh: std::sync::Arc<crate::api::Shared>, stop: &std::sync::atomic::Ato
         let mut new_alerts = Vec::new();
         let mut overlay = sh.overlay.lock().unwrap();
         let mut eng = sh.engine.lock().unwrap();
-        let mut changed = overlay.reconcile(|p| eng.key(p).cloned(), c.now_unix);
+        let mut changed = overlay.reconcile(|p| eng.key(p), c.now_unix);
         for (prefix, idle_s, networks) in &rows {
             let Some(k) = eng.key(prefix) else { continue };
             let since_clear = overlay

@@ -6,7 +6,6 @@
 //! new policy is validated completely before anything is written.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -17,13 +16,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::engine::{Change, Refused, Rev, Submitted};
+use crate::engine::{Change, Refused, Restored, Rev, Submitted};
 pub use crate::engine::{Engine, Fold, JOURNAL_COMPACT, PatchFailure, Persist};
 use crate::{
     api::{self, ApiConfig, Shared, Source},
     dataplane::{Capacity, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Key, PatchOp, Policy},
+    policy::{PatchOp, Policy},
     state::{self, Runtime},
 };
 
@@ -119,6 +118,12 @@ fn parse_policy_file(p: &Path, text: &str) -> Result<Policy> {
 }
 
 pub fn run(o: RunOptions) -> Result<()> {
+    // Two malloc arenas, not one per thread that ever allocated: the API workers, the
+    // settle and the apply's helper threads each churn the mirror's nodes, and free pages
+    // scattered over 8+ arenas kept 100 MB more resident at 1M keys (trim_heap returns what
+    // the arenas hold free).
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     if o.ifaces.is_empty() {
         bail!("keywall run needs at least one --iface");
     }
@@ -140,8 +145,41 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&o.state_dir)
         .with_context(|| format!("creating state dir {}", o.state_dir.display()))?;
+    // The state dir is read (and its policy compiled, or stored compactly) on a thread of
+    // its own while the program loads and the pinned maps are read: at 1M keys each takes
+    // seconds.
+    let restoring = {
+        let state_dir = o.state_dir.clone();
+        let pins = o.pin_dir.join(filter_common::maps::CONTROL).exists();
+        std::thread::Builder::new()
+            .name("keywall-restore".into())
+            .spawn(move || -> Result<Option<Restored>> {
+                // Before anything appends to the journal.
+                if let Err(e) = state::repair_journal(&state_dir) {
+                    log::error!("repairing the policy journal: {e:#}");
+                }
+                let t = Instant::now();
+                let Some(a) = state::load_applied(&state_dir)? else {
+                    return Ok(None);
+                };
+                log::info!("read the applied policy in {:?}", t.elapsed());
+                let likely = pins
+                    && state::load_policy_status(&state_dir).is_some_and(|st| {
+                        st.revision == a.revision && st.keys == a.policy.key.len() as u64
+                    });
+                Ok(Some(Restored::prepare(a, likely)))
+            })?
+    };
+    let t_load = Instant::now();
     let dp = Dataplane::load(&o.pin_dir, o.capacity)?;
+    log::info!("loaded the program in {:?}", t_load.elapsed());
+    let t_read = Instant::now();
     let mirror = Mirror::read(&dp.maps).context("reading the pinned maps")?;
+    log::info!(
+        "read the pinned maps in {:?} ({} keys)",
+        t_read.elapsed(),
+        mirror.fill().keys
+    );
     let mut eng = Engine {
         dp,
         mirror,
@@ -152,9 +190,6 @@ pub fn run(o: RunOptions) -> Result<()> {
         last_patch: None,
         journal_len: 0,
         compiled: None,
-        index: HashMap::new(),
-        open_keys: 0,
-        locked_keys: 0,
         lock_reasons: Default::default(),
         unsettled: false,
         published: Arc::new(Mutex::new(None)),
@@ -165,23 +200,19 @@ pub fn run(o: RunOptions) -> Result<()> {
     eng.metrics = Some(metrics.clone());
 
     // 1. Restore the last applied policy before anything is attached or taken over.
-    if let Err(e) = state::repair_journal(&o.state_dir) {
-        log::error!("repairing the policy journal: {e:#}");
-    }
     let t_restore = Instant::now();
-    match state::load_applied(&o.state_dir) {
-        Ok(Some(a)) => {
-            let (revision, source) = (a.revision, a.source.clone());
-            log::info!("read the applied policy in {:?}", t_restore.elapsed());
+    match restoring.join().expect("the restore thread panicked") {
+        Ok(Some(r)) => {
+            let (revision, source) = (r.revision(), r.source().to_owned());
             let pb = crate::progress::spinner(format!(
                 "restoring revision {revision} ({} keys)",
-                a.policy.key.len()
+                r.keys()
             ));
-            let rep = eng.restore(a.policy, revision, &source);
+            let rep = eng.restore(r);
             crate::progress::done(pb);
             let rep = rep?;
             log::info!(
-                "restored revision {revision} ({source}) from {} in {:?}: generation {}",
+                "restored revision {revision} ({source}) from {} ({:?} after the maps were read): generation {}",
                 o.state_dir.display(),
                 t_restore.elapsed(),
                 rep.generation
@@ -485,9 +516,9 @@ pub fn file_revision(file_rev: Option<u64>, applied: u64) -> u64 {
 fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
     let a = eng.applied.as_ref()?;
     eng.compiled.as_ref()?;
-    if pol.settings != a.policy.settings
-        || pol.listener != a.policy.listener
-        || pol.ipsets != a.policy.ipsets
+    if pol.settings != a.head.settings
+        || pol.listener != a.head.listener
+        || pol.ipsets != a.head.ipsets
     {
         return None;
     }
@@ -498,40 +529,37 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
         if !seen.insert(k.prefix.as_str()) {
             return None; // a duplicate: the whole path reports it with its place
         }
-        match eng.key(&k.prefix) {
-            Some(old) if old == k => {}
-            Some(old)
-                if Key {
+        // Bytes first (one key serialised), the parsed key only when they differ.
+        let lock_only = match a.keys.same(k) {
+            Some(true) => continue,
+            Some(false) => a.keys.get(&k.prefix).is_some_and(|old| {
+                crate::policy::Key {
                     locked: k.locked,
                     lock_reason: k.lock_reason.clone(),
                     locked_until: k.locked_until.clone(),
-                    ..old.clone()
-                } == *k =>
-            {
-                ops.push(if k.locked {
-                    PatchOp::Lock {
-                        prefix: k.prefix.clone(),
-                        lock_reason: k.lock_reason.clone(),
-                        locked_until: k.locked_until.clone(),
-                    }
-                } else {
-                    PatchOp::Unlock {
-                        prefix: k.prefix.clone(),
-                    }
-                })
-            }
-            _ => ops.push(PatchOp::Upsert { key: k.clone() }),
-        }
+                    ..old
+                } == *k
+            }),
+            None => false,
+        };
+        let prefix = k.prefix.clone();
+        ops.push(match (lock_only, k.locked) {
+            (true, true) => PatchOp::Lock {
+                prefix,
+                lock_reason: k.lock_reason.clone(),
+                locked_until: k.locked_until.clone(),
+            },
+            (true, false) => PatchOp::Unlock { prefix },
+            (false, _) => PatchOp::Upsert { key: k.clone() },
+        });
         if ops.len() > limit {
             return None;
         }
     }
-    if eng.index.len() + ops.len() > seen.len() {
-        for k in &a.policy.key {
-            if !seen.contains(k.prefix.as_str()) {
-                ops.push(PatchOp::Delete {
-                    prefix: k.prefix.clone(),
-                });
+    if a.keys.len() + ops.len() > seen.len() {
+        for prefix in a.keys.prefixes() {
+            if !seen.contains(prefix.as_str()) {
+                ops.push(PatchOp::Delete { prefix });
                 if ops.len() > limit {
                     return None;
                 }
@@ -549,7 +577,7 @@ fn apply_file(
     metrics: &Metrics,
 ) {
     let source = format!("file:{}", p.display());
-    let pol = match parsed {
+    let mut pol = match parsed {
         Ok(pol) => pol,
         Err(e) => {
             log::error!("policy file rejected, the running policy stays: {e:#}");
@@ -576,7 +604,7 @@ fn apply_file(
     }
     let res = match res {
         Some(r) => r,
-        None => match pol.compile() {
+        None => match crate::engine::compile_whole(&mut pol) {
             Ok(c) => eng.submit(
                 Change::Policy(Box::new(pol), Box::new(c)),
                 Rev::Set(rev),

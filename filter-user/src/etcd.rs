@@ -773,7 +773,7 @@ pub fn spawn(cfg: EtcdConfig, shared: Arc<Shared>) -> Result<()> {
     let seed = {
         let eng = shared.engine.lock().unwrap();
         match &eng.applied {
-            Some(a) if a.source == "etcd" => Reconciler::from_policy(&a.policy),
+            Some(a) if a.source == "etcd" => Reconciler::from_policy(&a.policy()),
             _ => Reconciler::default(),
         }
     };
@@ -1152,7 +1152,7 @@ impl Sync {
                     && eng.applied.as_ref().is_some_and(|a| {
                         Policy {
                             revision: None,
-                            ..a.policy.clone()
+                            ..a.policy()
                         } == policy
                     });
                 if same {

@@ -299,8 +299,8 @@ pub fn spawn_publisher(
                         .applied
                         .as_ref()
                         .is_some_and(|a| {
-                            a.policy.settings.idle_lock_after.is_some()
-                                || a.policy.settings.shared_key.is_some()
+                            a.head.settings.idle_lock_after.is_some()
+                                || a.head.settings.shared_key.is_some()
                         });
                     if !wanted {
                         tokio::time::sleep(every).await;

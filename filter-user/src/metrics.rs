@@ -136,8 +136,10 @@ impl Metrics {
     /// Records the applied policy's figures.
     pub fn set_policy(&self, eng: &crate::daemon::Engine) {
         self.revision.set(eng.revision() as i64);
-        self.keys.set(eng.index.len() as i64);
-        self.locked_keys.set(eng.locked_keys as i64);
+        let a = eng.applied.as_ref();
+        self.keys.set(a.map_or(0, |a| a.keys.len()) as i64);
+        self.locked_keys
+            .set(a.map_or(0, |a| a.keys.locked()) as i64);
     }
 
     /// The text exposition (OpenMetrics).

@@ -694,7 +694,11 @@ fn host_bits_zero(addr: &[u8; 16], plen: u8) -> bool {
 }
 
 /// Parses a list of entries, placing errors at `at[i]`. Duplicates collapse silently.
-fn parse_entries(entries: &[String], at: &str, errs: &mut Vec<PolicyError>) -> Vec<Cidr> {
+fn parse_entries(
+    entries: &[String],
+    at: &dyn fmt::Display,
+    errs: &mut Vec<PolicyError>,
+) -> Vec<Cidr> {
     let mut out: Vec<Cidr> = Vec::with_capacity(entries.len());
     for (i, s) in entries.iter().enumerate() {
         match parse_cidr(s) {
@@ -707,13 +711,13 @@ fn parse_entries(entries: &[String], at: &str, errs: &mut Vec<PolicyError>) -> V
 }
 
 /// The kernel probes each prefix length of a set in turn, up to `MAX_PLENS` per family.
-fn check_plens(set: &SetContent, at: &str, errs: &mut Vec<PolicyError>) {
+fn check_plens(set: &SetContent, at: &dyn fmt::Display, errs: &mut Vec<PolicyError>) {
     for (family, name) in [(kernel::FAMILY_V4, "IPv4"), (kernel::FAMILY_V6, "IPv6")] {
         let plens: BTreeSet<u8> = set.iter().filter(|c| c.0 == family).map(|c| c.1).collect();
         if plens.len() > kernel::MAX_PLENS {
             let list: Vec<String> = plens.iter().map(|p| format!("/{p}")).collect();
             errs.push(PolicyError::new(
-                at,
+                at.to_string(),
                 format!(
                     "{} distinct {name} prefix lengths ({}); at most {} per address set",
                     plens.len(),
@@ -933,7 +937,11 @@ impl Policy {
     ) -> BTreeMap<kernel::KeyPrefix, CompiledKey> {
         let plen = self.settings.key_prefix_len;
         let plen_ok = KEY_PREFIX_LENS.contains(&plen);
-        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(self.key.len());
+        let mut seen: HashMap<
+            &str,
+            usize,
+            std::hash::BuildHasherDefault<crate::prefilter::U32Hasher>,
+        > = HashMap::with_capacity_and_hasher(self.key.len(), Default::default());
         let mut out = BTreeMap::new();
         // A tls-sni listener reads the key from a DNS name, which is case-insensitive: a
         // server may map `k-ABCD1234` to either case of a prefix, so prefixes must be lower
@@ -944,7 +952,8 @@ impl Policy {
             .find(|l| l.locator == Locator::TlsSni)
             .map(|l| l.port);
         for (j, key) in self.key.iter().enumerate() {
-            let at = format!("key[{j}]");
+            // Formatted only when an error is placed (a million keys are mostly valid).
+            let at = KeyAt(j);
             let bytes = key.prefix.as_bytes();
             let mut prefix_ok = true;
             if let Some(port) = sni_port
@@ -987,9 +996,9 @@ impl Policy {
                 seen.insert(&key.prefix, first);
             }
 
-            let own = parse_entries(&key.allow, &format!("{at}.allow"), errs);
+            let own = parse_entries(&key.allow, &format_args!("{at}.allow"), errs);
             let (inline_v4, own_set) = split_own(&own);
-            check_plens(&own_set, &format!("{at}.allow"), errs);
+            check_plens(&own_set, &format_args!("{at}.allow"), errs);
 
             if key.ipsets.len() > MAX_KEY_IPSETS {
                 errs.push(PolicyError::new(
@@ -1014,7 +1023,7 @@ impl Policy {
                 }
             }
 
-            let locked_until = check_lock_fields(key, &at, errs);
+            let locked_until = check_lock_fields(key, &at.to_string(), errs);
             if let Some(l) = key.max_new_connections_per_s {
                 l.check(&format!("{at}.max_new_connections_per_s"), errs);
             }
@@ -1077,6 +1086,15 @@ pub fn check_lock_fields(key: &Key, at: &str, errs: &mut Vec<PolicyError>) -> Op
             None
         }
         Ok(t) => Some(t),
+    }
+}
+
+/// `key[j]`, the place of a policy's j-th key.
+struct KeyAt(usize);
+
+impl fmt::Display for KeyAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key[{}]", self.0)
     }
 }
 
@@ -1193,7 +1211,7 @@ fn compile_listeners(
             // The kernel probes the trusted set like any address set: few prefix lengths.
             let set: SetContent = trusted.into_iter().collect();
             let mut found = Vec::new();
-            check_plens(&set, "", &mut found);
+            check_plens(&set, &"", &mut found);
             for e in found {
                 err("trusted_proxies", e.message);
             }

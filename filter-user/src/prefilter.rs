@@ -326,6 +326,17 @@ impl Half {
         self.rebuild_next = false;
     }
 
+    /// The other slot's half, for a slot whose key records all equal that slot's (a settle):
+    /// the same counts and words, every word to be written. Saves rebuilding from the union.
+    pub fn copy_of(other: &Half) -> Half {
+        let mut h = other.clone();
+        h.pending.clear();
+        h.rebuild_next = false;
+        h.dirty.clear();
+        h.dirty_all = true;
+        h
+    }
+
     /// The words to write to the map since the last call: None means all of them. Keeps a
     /// PATCH (a lock above all) from comparing the whole half.
     pub fn take_dirty(&mut self) -> Option<Vec<u32>> {

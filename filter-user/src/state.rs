@@ -83,11 +83,66 @@ pub struct JournalEntry {
 /// Writes the whole applied policy, then drops the journals it supersedes.
 pub fn save_applied(state_dir: &Path, a: &Applied) -> Result<()> {
     // Compact: at 1M keys pretty printing costs more than the write.
-    write_atomic(&state_dir.join(POLICY_FILE), &serde_json::to_vec(a)?)?;
+    save_applied_bytes(state_dir, &serde_json::to_vec(a)?)
+}
+
+/// `save_applied` of an `Applied` already serialised (the engine builds the bytes from its
+/// compact store: the same format).
+pub fn save_applied_bytes(state_dir: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(&state_dir.join(POLICY_FILE), bytes)?;
     // A crash before this removal leaves entries at or below the snapshot's revision, which
     // loading skips.
     remove_if_present(&state_dir.join(FOLDING_FILE))?;
     remove_if_present(&state_dir.join(JOURNAL_FILE))
+}
+
+/// A snapshot written and synced under a temporary name, not yet the state dir's: a whole
+/// apply stages it while the maps are written, and commits it once they enforce it (a crash
+/// before the commit leaves the previous snapshot, which is what a restart must restore).
+/// Dropped uncommitted, the temporary file is removed.
+pub struct Staged {
+    tmp: PathBuf,
+    state_dir: PathBuf,
+    committed: bool,
+}
+
+pub fn stage_applied_bytes(state_dir: &Path, bytes: &[u8]) -> Result<Staged> {
+    fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    // Not write_atomic's temporary name: a fold may be writing that one meanwhile.
+    let tmp = state_dir.join(format!(".{POLICY_FILE}.staged"));
+    let st = Staged {
+        tmp,
+        state_dir: state_dir.to_owned(),
+        committed: false,
+    };
+    let mut f =
+        fs::File::create(&st.tmp).with_context(|| format!("creating {}", st.tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", st.tmp.display()))?;
+    Ok(st)
+}
+
+impl Staged {
+    /// Makes the staged snapshot the state dir's, then drops the journals it supersedes.
+    pub fn commit(mut self) -> Result<()> {
+        let path = self.state_dir.join(POLICY_FILE);
+        fs::rename(&self.tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        self.committed = true;
+        if let Ok(d) = fs::File::open(&self.state_dir) {
+            let _ = d.sync_all();
+        }
+        remove_if_present(&self.state_dir.join(FOLDING_FILE))?;
+        remove_if_present(&self.state_dir.join(JOURNAL_FILE))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn remove_if_present(p: &Path) -> Result<()> {
@@ -333,54 +388,6 @@ pub fn replay_ops(p: &mut Policy, ops: &[PatchOp]) -> Result<(), String> {
     let res = r.apply(ops);
     *p = r.finish();
     res
-}
-
-/// `replay_ops` with the caller's prefix index of `p.key`, kept up to date.
-pub fn replay_ops_indexed(
-    p: &mut Policy,
-    index: &mut std::collections::HashMap<String, usize>,
-    ops: &[PatchOp],
-) -> Result<(), String> {
-    for op in ops {
-        match op {
-            PatchOp::Upsert { key } => match index.get(&key.prefix) {
-                Some(&i) => p.key[i] = key.clone(),
-                None => {
-                    index.insert(key.prefix.clone(), p.key.len());
-                    p.key.push(key.clone());
-                }
-            },
-            PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => match index.get(prefix) {
-                Some(&i) => {
-                    let (_, lock, reason, until) = op.lock_args().expect("a lock op");
-                    p.key[i].set_lock(lock, reason, until)
-                }
-                None => return Err(format!("no key {prefix:?}")),
-            },
-            PatchOp::Delete { prefix } => {
-                let Some(i) = index.remove(prefix) else {
-                    return Err(format!("no key {prefix:?}"));
-                };
-                // Remove keeps the order of the rest, as apply_patch does (deletes are rare
-                // next to locks, so moving the tail is fine; the index is updated in place).
-                p.key.remove(i);
-                for (j, k) in p.key.iter().enumerate().skip(i) {
-                    if let Some(v) = index.get_mut(&k.prefix) {
-                        *v = j;
-                    }
-                }
-            }
-            PatchOp::SetIpset { name, cidrs } => {
-                p.ipsets.insert(name.clone(), cidrs.clone());
-            }
-            PatchOp::DeleteIpset { name } => {
-                if p.ipsets.remove(name).is_none() {
-                    return Err(format!("no ipset {name:?}"));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What `status` and `/metrics` say about the applied policy. The engine keeps it up to date

@@ -79,6 +79,12 @@ pub fn prefix_str(p: &filter_common::KeyPrefix) -> String {
 /// `top` rows are sorted and named.
 pub fn key_counts(view: &PinnedView, top: Option<usize>) -> Result<Vec<KeyCount>> {
     let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
+    let order = |a: &Row, b: &Row| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.3.cmp(&b.3));
+    if let (Some(n), Some(sk)) = (top, &view.stat_keys)
+        && let Some(rows) = top_by_index(view, sk, slot, n, order)?
+    {
+        return Ok(rows.into_iter().map(key_count_row).collect());
+    }
     let mut stats: Vec<KeyStats> = Vec::new();
     batch::for_each::<u32, KeyStats>(view.key_stats.map(), |idx, vals| {
         for (i, v) in idx.iter().zip(vals) {
@@ -101,9 +107,6 @@ pub fn key_counts(view: &PinnedView, top: Option<usize>) -> Result<Vec<KeyCount>
             rows.push((s.dropped, s.passed, s.last_seen_ns, *k));
         }
     })?;
-    let order = |a: &(u64, u64, u64, KeyPrefix), b: &(u64, u64, u64, KeyPrefix)| {
-        b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.3.cmp(&b.3))
-    };
     if let Some(n) = top
         && n < rows.len()
     {
@@ -115,15 +118,91 @@ pub fn key_counts(view: &PinnedView, top: Option<usize>) -> Result<Vec<KeyCount>
         }
     }
     rows.sort_unstable_by(order);
-    Ok(rows
-        .into_iter()
-        .map(|(dropped, passed, last_seen_ns, k)| KeyCount {
-            prefix: prefix_str(&k),
-            passed,
-            dropped,
-            last_seen_unix: last_seen_unix(last_seen_ns),
-        })
-        .collect())
+    Ok(rows.into_iter().map(key_count_row).collect())
+}
+
+fn key_count_row((dropped, passed, last_seen_ns, k): (u64, u64, u64, KeyPrefix)) -> KeyCount {
+    KeyCount {
+        prefix: prefix_str(&k),
+        passed,
+        dropped,
+        last_seen_unix: last_seen_unix(last_seen_ns),
+    }
+}
+
+type Row = (u64, u64, u64, KeyPrefix);
+
+/// The top `n` rows from the counters alone, named through `KW_STAT_KEYS`: the counters are
+/// streamed in batches through a bounded heap of the best candidates (each named by the
+/// index), which are then checked against `KW_KEYS` in rank order (present in the live
+/// slot, owning this counter slot) until `n` pass. Only those few keys are looked up, not
+/// the whole key map, and nothing the size of the policy is held. None when stale index
+/// entries crowd the candidates out (then the caller joins the maps).
+fn top_by_index(
+    view: &PinnedView,
+    sk: &crate::dataplane::statkeys::StatKeys,
+    slot: usize,
+    n: usize,
+    order: impl Fn(&Row, &Row) -> std::cmp::Ordering + Copy,
+) -> Result<Option<Vec<Row>>> {
+    const ZERO: KeyPrefix = KeyPrefix { bytes: [0; 16] };
+    /// Ordered so that the heap's top is the worst candidate kept.
+    struct Cand<F>(Row, u32, F);
+    impl<F: Fn(&Row, &Row) -> std::cmp::Ordering> PartialEq for Cand<F> {
+        fn eq(&self, o: &Self) -> bool {
+            (self.2)(&self.0, &o.0).is_eq()
+        }
+    }
+    impl<F: Fn(&Row, &Row) -> std::cmp::Ordering> Eq for Cand<F> {}
+    impl<F: Fn(&Row, &Row) -> std::cmp::Ordering> PartialOrd for Cand<F> {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl<F: Fn(&Row, &Row) -> std::cmp::Ordering> Ord for Cand<F> {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            (self.2)(&self.0, &o.0)
+        }
+    }
+    // A window a little wider than n, for entries that fail the check.
+    let window = n * 2 + 64;
+    let mut heap = std::collections::BinaryHeap::with_capacity(window + 1);
+    let mut named = 0usize;
+    batch::for_each::<u32, KeyStats>(view.key_stats.map(), |idx, vals| {
+        for (i, s) in idx.iter().zip(vals) {
+            let Some(p) = sk.get(*i).filter(|p| *p != ZERO) else {
+                continue;
+            };
+            named += 1;
+            let c = Cand((s.dropped, s.passed, s.last_seen_ns, p), *i, order);
+            if heap.len() < window {
+                heap.push(c);
+            } else if heap.peek().is_some_and(|w| c < *w) {
+                heap.pop();
+                heap.push(c);
+            }
+        }
+    })?;
+    let mut out = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::new();
+    for Cand(row, idx, _) in heap.into_sorted_vec() {
+        if out.len() == n {
+            break;
+        }
+        let live = view.keys.get(&row.3, 0).ok().is_some_and(|e| {
+            let r = e.slot[slot];
+            r.flags & KEY_PRESENT != 0 && r.stat_idx == idx
+        });
+        if live && seen.insert(row.3) {
+            out.push(row);
+        }
+    }
+    // Fewer than asked while candidates were cut: stale entries crowded the window; join
+    // instead. (A window that held every named slot is exact.)
+    if out.len() < n && named > window {
+        return Ok(None);
+    }
+    Ok(Some(out))
 }
 
 /// One key's counters in the live slot, looked up directly (no walk over every key).

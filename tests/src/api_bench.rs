@@ -193,6 +193,17 @@ impl<'a> ApiDaemon<'a> {
     /// Starts it with `extra` arguments (e.g. `--policy FILE`, `--metrics ADDR`) and waits
     /// until the API answers.
     pub fn start(sb: &'a Sandbox, n: u32, extra: &[&str]) -> Result<ApiDaemon<'a>> {
+        Self::start_waiting(sb, n, extra, Duration::from_secs(20))
+    }
+
+    /// `start`, waiting up to `wait` for the API (a restart over a million keys takes
+    /// seconds on a loaded machine).
+    pub fn start_waiting(
+        sb: &'a Sandbox,
+        n: u32,
+        extra: &[&str],
+        wait: Duration,
+    ) -> Result<ApiDaemon<'a>> {
         let log = sb.tmp_dir().join(format!("keywall-api-{n}.log"));
         let sock = sb.tmp_dir().join(format!("api-{n}.sock"));
         let f = fs::File::create(&log)?;
@@ -225,7 +236,7 @@ impl<'a> ApiDaemon<'a> {
             log,
             sock,
         };
-        d.wait_api()?;
+        d.wait_api_for(wait)?;
         Ok(d)
     }
 
@@ -235,7 +246,11 @@ impl<'a> ApiDaemon<'a> {
 
     /// Waits (20 s at most) for `GET /v1/status` to answer 200.
     pub fn wait_api(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_api_for(Duration::from_secs(20))
+    }
+
+    pub fn wait_api_for(&mut self, wait: Duration) -> Result<()> {
+        let deadline = Instant::now() + wait;
         loop {
             if let Some(p) = self.proc.as_mut()
                 && let Some(st) = p.try_wait()?
@@ -247,11 +262,11 @@ impl<'a> ApiDaemon<'a> {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the API did not answer within 20 s; log:\n{}",
+                    "the API did not answer within {wait:?}; log:\n{}",
                     self.log_text()
                 );
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -363,11 +378,16 @@ pub fn lock_to_drop_with(n: usize, keys: usize, state_on_tmpfs: bool) -> Result<
 }
 
 fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<Duration>> {
-    let mut rev = 1u64;
+    let rev = 1u64;
     let (st, v) = d.call("PUT", "/v1/policy", Some(&bench_policy(keys, rev)))?;
     if st != 200 {
         bail!("PUT the bench policy: {st} {v}");
     }
+    lock_loop_from(sb, d, n, rev)
+}
+
+/// The lock loop on a daemon that enforces `bench_policy` at revision `rev`.
+fn lock_loop_from(sb: &Sandbox, d: &ApiDaemon, n: usize, mut rev: u64) -> Result<Vec<Duration>> {
     let prog = Xdp::from_pin(sb.pin_dir().join("prog"), XdpAttachType::Interface)
         .context("opening the daemon's pinned program")?;
     let first = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
@@ -388,6 +408,7 @@ fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<D
     // One untimed lock and unlock first: after a big PUT the daemon settles the inactive
     // slot (seconds at 1M keys) before it takes the next write; the figure is steady state.
     let mut out = Vec::with_capacity(n + 1);
+    let first_timed = rev + 2;
     for _ in 0..=n {
         rev += 1;
         let lock = json!({"revision": rev, "ops": [{"op": "lock", "prefix": "bk000000"}]});
@@ -404,7 +425,7 @@ fn lock_loop(sb: &Sandbox, d: &ApiDaemon, n: usize, keys: usize) -> Result<Vec<D
                 bail!("the connection still passes 5 s after the lock was answered");
             }
         }
-        if rev > 2 {
+        if out.len() < n && rev > first_timed {
             out.push(t0.elapsed());
         }
         rev += 1;
@@ -531,6 +552,134 @@ pub fn put_snapshot(keys: usize) -> Result<PutFigures> {
         put,
         status: p50_p99(status),
         metrics: p50_p99(metrics),
+        rss_loaded_mib,
+        rss_reapplied_mib,
+    })
+}
+
+/// The daemon's control plane at one policy size (one daemon, the state dir on the
+/// sandbox's disk, fdatasync included).
+#[derive(Clone, Copy, Debug)]
+pub struct ControlPlane {
+    pub keys: usize,
+    /// PUT of `keys` keys onto a daemon enforcing another policy of that size (every key's
+    /// allowlist changes), answered once the maps enforce it and the state dir holds it.
+    pub put: Duration,
+    /// PATCH lock of one key to the next packet of its connection dropped, p50 and p99.
+    pub lock: (Duration, Duration),
+    /// `GET /v1/status`, p50 and p99.
+    pub status: (Duration, Duration),
+    /// `GET /metrics` (curl's own total time, in the daemon's namespace), p50 and p99.
+    pub metrics: (Duration, Duration),
+    /// SIGTERM, then a new `keywall run` until `GET /v1/status` answers (the pinned maps
+    /// still enforce the policy: it is verified, not rewritten).
+    pub restart: Duration,
+    /// Daemon RSS once the load settled, and after 3 more whole re-applies.
+    pub rss_loaded_mib: f64,
+    pub rss_reapplied_mib: f64,
+}
+
+/// CPU seconds the process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits (60 s at most) until the daemon used no CPU for 500 ms: a whole apply is followed
+/// by the settle of the inactive slot, after its answer.
+fn wait_idle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = cpu_secs(pid);
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(500));
+        let now = cpu_secs(pid);
+        if now - last < 0.02 {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// PUT, lock latency, status latency, restart and RSS with `keys` keys (see
+/// [`ControlPlane`]); `locks` PATCH locks are timed.
+pub fn control_plane(keys: usize, locks: usize) -> Result<ControlPlane> {
+    let sb = Sandbox::new("apicp")?;
+    let cap = keys.max(1024).to_string();
+    let extra = ["--max-keys", cap.as_str(), "--metrics", "127.0.0.1:9478"];
+    let mut d = ApiDaemon::start(&sb, 1, &extra)?;
+    let pid = d.proc.as_ref().map(|p| p.id()).context("daemon pid")?;
+    let put = |d: &ApiDaemon, body: &[u8]| -> Result<Duration> {
+        let t0 = Instant::now();
+        let (st, resp) = http_unix(&d.sock, "PUT", "/v1/policy", Some(body), &[])?;
+        if st != 200 {
+            bail!("PUT: {st} {}", String::from_utf8_lossy(&resp));
+        }
+        Ok(t0.elapsed())
+    };
+    // A policy of this size first, then the timed one moves every key (back to the bench
+    // client's host, which the lock loop needs).
+    put(&d, &moved_policy(keys, 1)?)?;
+    wait_idle(pid);
+    let put_time = put(&d, &serde_json::to_vec(&bench_policy(keys, 2))?)?;
+    wait_idle(pid);
+    let rss_loaded_mib = rss_mib(pid)?;
+    let lock = lock_loop_from(&sb, &d, locks, 2)?;
+    let rev = 2 + 2 * (locks as u64 + 1);
+    let mut status = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (st, v) = d.call("GET", "/v1/status", None)?;
+        status.push(t.elapsed());
+        if st != 200 || v["keys"].as_u64() != Some(keys as u64) {
+            bail!("GET /v1/status: {st} {v}");
+        }
+    }
+    let mut metrics = Vec::new();
+    for _ in 0..20 {
+        let out = sb.run_edge(
+            "curl",
+            [
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "http://127.0.0.1:9478/metrics",
+            ],
+        )?;
+        let secs: f64 = out.trim().parse().context("curl time_total")?;
+        metrics.push(Duration::from_secs_f64(secs));
+    }
+    for r in 1..=3 {
+        put(&d, &moved_policy(keys, rev + r)?)?;
+        wait_idle(pid);
+    }
+    let rss_reapplied_mib = rss_mib(pid)?;
+    d.stop()?;
+    let t0 = Instant::now();
+    let d2 = ApiDaemon::start_waiting(&sb, 2, &extra, Duration::from_secs(120))?;
+    let restart = t0.elapsed();
+    let (st, v) = d2.call("GET", "/v1/status", None)?;
+    if st != 200
+        || v["revision"].as_u64() != Some(rev + 3)
+        || v["keys"].as_u64() != Some(keys as u64)
+    {
+        bail!("after the restart: {st} {v}");
+    }
+    drop(d2);
+    drop(d);
+    Ok(ControlPlane {
+        keys,
+        put: put_time,
+        lock: p50_p99(lock),
+        status: p50_p99(status),
+        metrics: p50_p99(metrics),
+        restart,
         rss_loaded_mib,
         rss_reapplied_mib,
     })

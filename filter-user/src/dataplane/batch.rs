@@ -195,3 +195,76 @@ pub fn count<K: Pod, V: Pod>(map: &MapData) -> Result<usize> {
 
 const _: () = assert!(size_of::<BatchAttr>() == 56);
 const _: () = assert!(size_of::<ElemAttr>() == 32);
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] -> vals[i]` for every i with `BPF_MAP_UPDATE_BATCH` (one syscall for
+/// thousands of entries), in order; falls back to one update per entry where the kernel has
+/// no batch support. On an error, the entries before the failing one are written.
+pub fn update_all<K: Pod, V: Pod>(map: &MapData, keys: &[K], vals: &[V]) -> Result<()> {
+    assert_eq!(keys.len(), vals.len(), "one value per key");
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: vals[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix for BPF_MAP_UPDATE_BATCH; the kernel
+        // reads `count` keys and values from buffers holding at least that many (the caller's
+        // sizes match the map's: a mismatch fails with EINVAL before any read past them,
+        // since the kernel reads key_size/value_size-sized elements and K/V are those).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        done += attr.count as usize;
+        match err.raw_os_error() {
+            // Interrupted part way (a signal, or the kernel yielding): carry on from there.
+            Some(libc::EINTR) | Some(libc::EAGAIN) if attr.count > 0 => continue,
+            Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524) if done == 0 => {
+                return slow_update(map, keys, vals);
+            }
+            _ => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// One `BPF_MAP_UPDATE_ELEM` per entry.
+fn slow_update<K: Pod, V: Pod>(map: &MapData, keys: &[K], vals: &[V]) -> Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let fd = map.fd().as_fd().as_raw_fd();
+    for (k, v) in keys.iter().zip(vals) {
+        let mut attr = ElemAttr {
+            map_fd: fd as u32,
+            key: k as *const K as u64,
+            value: v as *const V as u64,
+            ..Default::default()
+        };
+        // SAFETY: a `map_elem` attr pointing at one key and one value of the map's sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                &mut attr as *mut ElemAttr,
+                size_of::<ElemAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
+}

@@ -35,6 +35,7 @@ use filter_common::{
 };
 
 pub mod batch;
+pub mod statkeys;
 
 use aya::maps::IterableMap as _;
 
@@ -128,6 +129,8 @@ pub struct Maps {
     pub flows: HashMap<MapData, filter_common::FlowKey, filter_common::Flow>,
     /// None while the loaded object has no prefilter (then nothing is written for it).
     pub prefilter: Option<PrefilterMap>,
+    /// Counter slot -> key (`stats --by key --top N`); None if it could not be created.
+    pub stat_keys: Option<statkeys::StatKeys>,
 }
 
 /// `KW_PREFILTER`, memory-mapped: an `Array<u64>` with `BPF_F_MMAPABLE`, slot s owning words
@@ -257,6 +260,7 @@ impl Maps {
                 Some(_) => bail!("{} is not an array", maps::PREFILTER),
                 None => None,
             },
+            stat_keys: None,
         })
     }
 }
@@ -283,7 +287,13 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("the kernel verifier rejected the XDP program")?;
-        let maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        // Only readers' speed depends on it: without it `stats --by key` joins the maps.
+        maps.stat_keys = statkeys::StatKeys::open_or_create(pin_dir, cap.keys)
+            .map_err(|e| {
+                log::warn!("no counter-slot index ({e:#}): `stats --by key` reads every key")
+            })
+            .ok();
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -378,7 +388,7 @@ pub struct Mirror {
     sets: StdHashMap<u32, SetContent>,
     set_ids: StdHashMap<SetContent, u32>,
     next_set: u32,
-    stat_idx: StdHashMap<KeyPrefix, u32>,
+    /// `KW_KEY_STATS` slots free below `next_idx` (a key's own slot is in its records).
     free_idx: Vec<u32>,
     next_idx: u32,
     /// Key records and listeners (over both slots) that reference each set; a set at zero is freed.
@@ -434,8 +444,36 @@ impl Mirror {
             keys: self.keys.len() as u64,
             allow: self.allow_entries as u64,
             sets: self.sets.len() as u64,
-            key_stats: self.stat_idx.len() as u64,
+            // Every key in the map holds one counter slot.
+            key_stats: self.keys.len() as u64,
         }
+    }
+
+    /// After a restart over pinned maps the mirror does not know which set each ipset name
+    /// was written as, so the next write to each slot would examine every key. A set's id
+    /// follows from its content (sets are interned by content): when every ipset of the
+    /// restored policy is in the maps, the live slot used those ids; so did the other slot
+    /// for every key it does not lag on, when the lag is known. Returns whether it adopted.
+    pub fn adopt_ipsets(&mut self, ipsets: &BTreeMap<String, SetContent>) -> bool {
+        let mut ids = BTreeMap::new();
+        for (name, content) in ipsets {
+            match self.set_ids.get(content) {
+                Some(id) => ids.insert(name.clone(), *id),
+                None => return false,
+            };
+        }
+        let active = self.active as usize;
+        for s in 0..2 {
+            if s == active || self.lag.is_some() {
+                if self.ipsets[s].is_none() {
+                    for id in ids.values() {
+                        *self.set_refs.entry(*id).or_default() += 1;
+                    }
+                }
+                self.ipsets[s] = Some(ids.clone());
+            }
+        }
+        true
     }
 
     pub fn key_count(&self) -> usize {
@@ -476,16 +514,25 @@ impl Mirror {
                 mi.sets.entry(*id).or_default();
             }
         })?;
+        let mut used = Vec::new();
+        let mut entries = Vec::new();
         batch::for_each::<KeyPrefix, KeyEntry>(m.keys.map(), |ks, es| {
             for (k, e) in ks.iter().zip(es) {
-                for r in &e.slot {
-                    if r.flags & KEY_PRESENT != 0 {
-                        mi.stat_idx.insert(*k, r.stat_idx);
+                if let Some(r) = e.slot.iter().find(|r| r.flags & KEY_PRESENT != 0) {
+                    used.push(r.stat_idx);
+                    // Refilled whole at every start: maps pinned before the index existed
+                    // (or an index lost) are covered too.
+                    if let Some(sk) = &m.stat_keys {
+                        sk.set(r.stat_idx, *k);
                     }
                 }
-                mi.keys.insert(*k, *e);
+                entries.push((*k, *e));
             }
         })?;
+        // Built in one pass from sorted entries (inserting a million in hash order costs
+        // seconds).
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        mi.keys = entries.into_iter().collect();
         for e in mi.keys.values() {
             for r in &e.slot {
                 for id in record_sets(r) {
@@ -501,11 +548,27 @@ impl Mirror {
             }
         }
         if let Some(pf) = &m.prefilter {
-            for s in 0..2usize {
-                let mut h = Half::default();
-                for e in mi.keys.values() {
-                    h.record_changed(&KeyRecord::default(), &e.slot[s], &mi.sets);
-                }
+            // The two halves are counted at once, each on its own thread.
+            let counted: Vec<Half> = std::thread::scope(|sc| {
+                let (keys, sets) = (&mi.keys, &mi.sets);
+                let jobs: Vec<_> = (0..2usize)
+                    .map(|s| {
+                        sc.spawn(move || {
+                            let mut h = Half::default();
+                            // Counting only: the words are read back below, not rebuilt.
+                            h.expect_rebuild();
+                            for e in keys.values() {
+                                h.record_changed(&KeyRecord::default(), &e.slot[s], sets);
+                            }
+                            h
+                        })
+                    })
+                    .collect();
+                jobs.into_iter()
+                    .map(|j| j.join().expect("counting a prefilter half panicked"))
+                    .collect()
+            });
+            for (s, mut h) in counted.into_iter().enumerate() {
                 let st = mi.slots[s].settings;
                 let plan = PlenPlan {
                     v4: st.pf_v4_plens[..(st.pf_n_v4 as usize).min(MAX_PLENS)].to_vec(),
@@ -524,22 +587,19 @@ impl Mirror {
             .filter(|id| !mi.set_refs.contains_key(id))
             .copied()
             .collect();
-        mi.lag = Some(
-            mi.keys
-                .iter()
-                .filter(|(_, e)| e.slot[0] != e.slot[1])
-                .map(|(p, _)| *p)
-                .collect(),
-        );
+        mi.lag = lag_of(&mi.keys);
         batch::for_each::<u32, filter_common::RateEntry>(m.rate.map(), |ids, vals| {
             for (id, v) in ids.iter().zip(vals) {
                 mi.rates.insert(*id, rate_config(v));
             }
         })?;
         mi.next_set = mi.sets.keys().copied().max().unwrap_or(0) + 1;
-        mi.next_idx = mi.stat_idx.values().copied().max().map_or(0, |m| m + 1);
-        let used: BTreeSet<u32> = mi.stat_idx.values().copied().collect();
-        mi.free_idx = (0..mi.next_idx).filter(|i| !used.contains(i)).collect();
+        used.sort_unstable();
+        used.dedup();
+        mi.next_idx = used.last().map_or(0, |m| m + 1);
+        mi.free_idx = (0..mi.next_idx)
+            .filter(|i| used.binary_search(i).is_err())
+            .collect();
         mi.set_ids = mi.sets.iter().map(|(id, c)| (c.clone(), *id)).collect();
         mi.allow_entries = mi.sets.values().map(|c| c.len()).sum();
         Ok(mi)
@@ -612,8 +672,12 @@ impl Mirror {
     }
 
     fn stat_for(&mut self, m: &mut Maps, prefix: &KeyPrefix, cap: u32) -> Result<u32> {
-        if let Some(i) = self.stat_idx.get(prefix) {
-            return Ok(*i);
+        if let Some(r) = self
+            .keys
+            .get(prefix)
+            .and_then(|e| e.slot.iter().find(|r| r.flags & KEY_PRESENT != 0))
+        {
+            return Ok(r.stat_idx);
         }
         let idx = match self.free_idx.pop() {
             Some(i) => i,
@@ -633,7 +697,9 @@ impl Mirror {
             ..Default::default()
         };
         m.activity.set(idx, fresh, 0)?;
-        self.stat_idx.insert(*prefix, idx);
+        if let Some(sk) = &m.stat_keys {
+            sk.set(idx, *prefix);
+        }
         Ok(idx)
     }
 
@@ -667,14 +733,13 @@ impl Mirror {
             let id = self.intern_set(m, content, &mut rep.sets_created)?;
             ipset_ids.insert(name.clone(), id);
         }
-        let (candidates, examined_all): (BTreeSet<KeyPrefix>, bool) = match (changed, &self.lag) {
+        // Sorted and without repeats; a whole apply merges two sorted key lists (a Vec, not a
+        // set: at 1M keys the set's nodes cost more than the writes).
+        let (candidates, examined_all): (Vec<KeyPrefix>, bool) = match (changed, &self.lag) {
             (Some(ch), Some(lag)) if self.ipsets[ti].as_ref() == Some(&ipset_ids) => {
                 (ch.union(lag).copied().collect(), false)
             }
-            _ => (
-                self.keys.keys().chain(c.keys.keys()).copied().collect(),
-                true,
-            ),
+            _ => (merge_sorted(self.keys.keys(), c.keys.keys()), true),
         };
 
         // 2. Listeners of the target slot: numbered in port order, rewritten when they differ.
@@ -729,29 +794,49 @@ impl Mirror {
             self.slots[ti].listeners = want;
         }
 
+        let t_keys = Instant::now();
         // 3. Keys: only entries whose target record changes are written. A full apply builds
         //    the prefilter half from the policy itself meanwhile, on another thread (it walks
         //    every allow entry; the key writes wait on syscalls).
         let old_lag = self.lag.take();
         let pf_log2 = m.prefilter.as_ref().map(|p| p.words_log2);
         let built = std::thread::scope(|scope| -> Result<Option<(PlenPlan, Vec<u64>)>> {
-            let job = match (examined_all, pf_log2) {
+            // Only a whole policy (`changed` None) holds every key in `c`.
+            let whole = examined_all && changed.is_none();
+            let job = match (whole, pf_log2) {
                 (true, Some(log2)) => Some(
                     scope.spawn(move || prefilter::build(|| prefilter::compiled_entries(c), log2)),
                 ),
                 _ => None,
             };
-            if examined_all {
+            if whole {
                 self.prefilter[ti].expect_rebuild();
             }
-            self.write_keys(m, c, &candidates, ti, &ipset_ids, key_cap, &mut rep)?;
+            self.write_keys(
+                m,
+                c,
+                &candidates,
+                ti,
+                &ipset_ids,
+                key_cap,
+                changed,
+                &mut rep,
+            )?;
             Ok(job.map(|j| j.join().expect("the prefilter build panicked")))
         })?;
         // Keys that may now differ between the slots: what lagged before, and what changed.
-        let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
-        lag.extend(candidates.iter().copied());
-        lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
-        self.lag = Some(lag);
+        // After a whole apply that is most keys: then "unknown" (None) is as good, and the
+        // settle that follows examines every key anyway.
+        self.lag = if examined_all {
+            lag_of(&self.keys)
+        } else {
+            let mut lag: BTreeSet<KeyPrefix> = old_lag.unwrap_or_default();
+            lag.extend(candidates.iter().copied());
+            lag.retain(|p| self.keys.get(p).is_some_and(|e| e.slot[0] != e.slot[1]));
+            Some(lag)
+        };
+        let candidates_len = candidates.len();
+        drop(candidates);
         // The slot holds its ipsets even when no key binds one, so an unused ipset keeps its
         // id and a PATCH does not fall back to examining every key.
         for id in ipset_ids.values() {
@@ -766,10 +851,21 @@ impl Mirror {
         }
         self.ipsets[ti] = Some(ipset_ids);
 
+        let d_keys = t_keys.elapsed();
+        let t_pf = Instant::now();
         // 4. The prefilter half of the target slot: new sources added in place; rebuilt from
         //    the whole union on a full apply or once too much of it is stale.
         let mut s = c.settings;
         if let Some(pf) = m.prefilter.as_mut() {
+            // A settle that left no key lagging: this slot now holds exactly the live slot's
+            // records, so it takes the live half as it is (at 1M keys rebuilding it took
+            // over a second of the engine lock).
+            let settled = changed.is_some_and(|ch| ch.is_empty())
+                && self.lag.as_ref().is_some_and(|l| l.is_empty())
+                && self.slots[ti].listeners == self.slots[1 - ti].listeners;
+            if settled {
+                self.prefilter[ti] = Half::copy_of(&self.prefilter[1 - ti]);
+            }
             let half = &mut self.prefilter[ti];
             let (keys, sets) = (&self.keys, &self.sets);
             let entries =
@@ -800,9 +896,21 @@ impl Mirror {
         self.active = target;
         rep.generation = s.generation;
 
+        let d_pf = t_pf.elapsed();
         // 6. Free what neither slot references any more.
+        let t_gc = Instant::now();
         rep.sets_freed = self.gc(m)?;
         rep.elapsed = t0.elapsed();
+        if rep.elapsed > std::time::Duration::from_millis(100) {
+            log::debug!(
+                "apply: {} candidates, {} keys written in {d_keys:?}, prefilter {d_pf:?}, {} sets freed in {:?}, {:?} in all",
+                candidates_len,
+                rep.keys_written,
+                rep.sets_freed,
+                t_gc.elapsed(),
+                rep.elapsed
+            );
+        }
         Ok(rep)
     }
 
@@ -812,16 +920,67 @@ impl Mirror {
         &mut self,
         m: &mut Maps,
         c: &Compiled,
-        candidates: &BTreeSet<KeyPrefix>,
+        candidates: &[KeyPrefix],
         ti: usize,
         ipset_ids: &BTreeMap<String, u32>,
         key_cap: u32,
+        changed: Option<&BTreeSet<KeyPrefix>>,
         rep: &mut ApplyReport,
     ) -> Result<()> {
+        // Records go to the kernel in batches (a syscall per entry cost about a third of a
+        // 1M-key apply); the mirror is updated as they are queued.
+        let mut pending = (Vec::new(), Vec::new());
+        let r = self
+            .queue_keys(
+                m,
+                c,
+                candidates,
+                ti,
+                ipset_ids,
+                key_cap,
+                changed,
+                rep,
+                &mut pending,
+            )
+            .and_then(|_| flush_keys(m, &mut pending));
+        if r.is_err() {
+            // Some queued records may not be in the map: read the mirror back from the maps,
+            // so it describes them exactly again (the live slot was not touched).
+            match Mirror::read(m) {
+                Ok(fresh) => *self = fresh,
+                Err(e) => log::error!("re-reading the maps after a failed write: {e:#}"),
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn queue_keys(
+        &mut self,
+        m: &mut Maps,
+        c: &Compiled,
+        candidates: &[KeyPrefix],
+        ti: usize,
+        ipset_ids: &BTreeMap<String, u32>,
+        key_cap: u32,
+        changed: Option<&BTreeSet<KeyPrefix>>,
+        rep: &mut ApplyReport,
+        pending: &mut (Vec<KeyPrefix>, Vec<KeyEntry>),
+    ) -> Result<()> {
         for p in candidates {
-            let new = match c.keys.get(p) {
-                Some(k) => self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?,
-                None => KeyRecord::default(),
+            let new = if changed.is_some_and(|ch| !ch.contains(p)) {
+                // Not changed by this write (a key the target slot lags on): it gets the
+                // live slot's record, so `c` need not hold the keys a write leaves alone.
+                self.keys
+                    .get(p)
+                    .map_or(KeyRecord::default(), |e| e.slot[1 - ti])
+            } else {
+                match c.keys.get(p) {
+                    Some(k) => {
+                        self.record_for(m, p, k, ipset_ids, key_cap, &mut rep.sets_created)?
+                    }
+                    None => KeyRecord::default(),
+                }
             };
             let mut e = self.keys.get(p).copied().unwrap_or_default();
             if e.slot[ti] == new {
@@ -835,14 +994,17 @@ impl Mirror {
                     m.keys.remove(p)?;
                 }
                 self.keys.remove(p);
-                if let Some(i) = self.stat_idx.remove(p) {
-                    self.sync_rate(m, i, None)?;
-                    self.free_idx.push(i);
+                // The key's counter slot was held by the record just replaced.
+                if old.flags & KEY_PRESENT != 0 {
+                    self.sync_rate(m, old.stat_idx, None)?;
+                    self.free_idx.push(old.stat_idx);
                 }
             } else {
-                m.keys
-                    .insert(*p, e, 0)
-                    .context("writing a key (KW_KEYS full?)")?;
+                pending.0.push(*p);
+                pending.1.push(e);
+                if pending.0.len() >= KEY_BATCH {
+                    flush_keys(m, pending)?;
+                }
                 self.keys.insert(*p, e);
             }
             self.release(&old);
@@ -1015,6 +1177,58 @@ fn rate_config(e: &filter_common::RateEntry) -> filter_common::RateEntry {
     }
 }
 
+/// Key records per `BPF_MAP_UPDATE_BATCH`.
+const KEY_BATCH: usize = 4096;
+
+fn flush_keys(m: &Maps, pending: &mut (Vec<KeyPrefix>, Vec<KeyEntry>)) -> Result<()> {
+    if pending.0.is_empty() {
+        return Ok(());
+    }
+    batch::update_all(m.keys.map(), &pending.0, &pending.1)
+        .context("writing keys (KW_KEYS full?)")?;
+    pending.0.clear();
+    pending.1.clear();
+    Ok(())
+}
+
+/// The keys whose two slots differ, or None (examine every key) when more than a quarter do.
+fn lag_of(keys: &BTreeMap<KeyPrefix, KeyEntry>) -> Option<BTreeSet<KeyPrefix>> {
+    let mut lag = BTreeSet::new();
+    for (p, e) in keys {
+        if e.slot[0] != e.slot[1] {
+            lag.insert(*p);
+            if lag.len() > 1024 && lag.len() > keys.len() / 4 {
+                return None;
+            }
+        }
+    }
+    Some(lag)
+}
+
+/// The union of two sorted lists, sorted, each element once.
+fn merge_sorted<'a>(
+    a: impl Iterator<Item = &'a KeyPrefix>,
+    b: impl Iterator<Item = &'a KeyPrefix>,
+) -> Vec<KeyPrefix> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    let mut out = Vec::with_capacity(a.size_hint().0.max(b.size_hint().0));
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(x), Some(y)) if x > y => b.next(),
+            (Some(_), Some(_)) => {
+                b.next();
+                a.next()
+            }
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        out.extend(next.copied());
+    }
+    out
+}
+
 /// The set ids a record references.
 fn record_sets(r: &KeyRecord) -> &[u32] {
     if r.flags & KEY_PRESENT == 0 {
@@ -1036,6 +1250,8 @@ pub struct PinnedView {
     pub listeners: Array<MapData, Listener>,
     /// None when the pinned object has no prefilter.
     pub prefilter: Option<PrefilterMap>,
+    /// None when no daemon made it (an older one): readers join the maps instead.
+    pub stat_keys: Option<statkeys::StatKeys>,
 }
 
 impl PinnedView {
@@ -1080,6 +1296,7 @@ impl PinnedView {
                 Ok(d) => Some(PrefilterMap::open(d)?),
                 Err(_) => None,
             },
+            stat_keys: statkeys::StatKeys::open(pin_dir).ok(),
         })
     }
 }
@@ -1269,4 +1486,56 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kp(s: &str) -> KeyPrefix {
+        crate::policy::key_prefix(s)
+    }
+
+    #[test]
+    fn merge_sorted_is_the_sorted_union() {
+        let a: Vec<KeyPrefix> = ["a", "c", "d", "f"].map(kp).to_vec();
+        let b: Vec<KeyPrefix> = ["b", "c", "f", "g"].map(kp).to_vec();
+        let got = merge_sorted(a.iter(), b.iter());
+        assert_eq!(got, ["a", "b", "c", "d", "f", "g"].map(kp).to_vec());
+        assert_eq!(merge_sorted(a.iter(), [].iter()), a);
+        assert!(merge_sorted([].iter(), [].iter()).is_empty());
+    }
+
+    #[test]
+    fn lag_lists_the_keys_whose_slots_differ_or_gives_up() {
+        let rec = |f: u8| KeyRecord {
+            flags: KEY_PRESENT | f,
+            ..Default::default()
+        };
+        let mut keys = BTreeMap::new();
+        for i in 0..5000u32 {
+            let differs = i % 10 == 0;
+            let e = KeyEntry {
+                slot: [
+                    rec(0),
+                    rec(if differs {
+                        filter_common::KEY_LOCKED
+                    } else {
+                        0
+                    }),
+                ],
+            };
+            keys.insert(kp(&format!("k{i:07}")), e);
+        }
+        let lag = lag_of(&keys).expect("a tenth differs: listed");
+        assert_eq!(lag.len(), 500);
+        assert!(lag.contains(&kp("k0000010")) && !lag.contains(&kp("k0000011")));
+        for e in keys.values_mut() {
+            e.slot[1] = rec(filter_common::KEY_LOCKED);
+        }
+        assert!(
+            lag_of(&keys).is_none(),
+            "most differ: unknown (examine every key)"
+        );
+    }
 }

@@ -22,16 +22,200 @@ use filter_common::KeyPrefix;
 use crate::{
     dataplane::{ApplyReport, Dataplane, Mirror},
     metrics::Metrics,
-    policy::{Compiled, CompiledKey, Key, Patch, PatchOp, Policy, PolicyError, key_prefix},
-    state::{self, Applied, PolicyStatus},
+    policy::{Compiled, Key, Patch, PatchOp, Policy, PolicyError, Verdict, key_prefix},
+    state::{self, PolicyStatus},
 };
+
+pub mod store;
+pub use store::KeyStore;
+
+/// The applied policy, compact: everything but the keys as parsed, the keys in a
+/// [`KeyStore`] (one copy of each key, as JSON; the kernel form lives in the mirror).
+pub struct Live {
+    pub revision: u64,
+    /// `file:PATH`, `api` or `etcd`: the one source that owns the policy.
+    pub source: String,
+    pub applied_unix: u64,
+    /// The policy without its keys (`key` is empty): settings, listeners, ipsets.
+    pub head: Policy,
+    pub keys: KeyStore,
+}
+
+impl Live {
+    fn new(mut p: Policy, revision: u64, source: &str) -> Live {
+        p.revision = Some(revision);
+        let keys = KeyStore::from_keys(std::mem::take(&mut p.key));
+        Live {
+            revision,
+            source: source.to_owned(),
+            applied_unix: state::now_unix(),
+            head: p,
+            keys,
+        }
+    }
+
+    /// The whole policy, materialised (a million keys parsed: for rare callers only).
+    pub fn policy(&self) -> Policy {
+        Policy {
+            key: self.keys.iter().collect(),
+            ..self.head.clone()
+        }
+    }
+
+    /// The whole policy as JSON (what `GET /v1/policy` answers), from the stored keys'
+    /// bytes: nothing is parsed or serialised per key.
+    pub fn policy_json(&self) -> Vec<u8> {
+        let head = serde_json::to_vec(&Policy {
+            revision: Some(self.revision),
+            key: Vec::new(),
+            ..self.head.clone()
+        })
+        .expect("a policy serialises");
+        // Splice the keys into the empty list (the last one: every string before it is
+        // escaped, so `"key":[]` cannot occur inside one).
+        const EMPTY: &[u8] = b"\"key\":[]";
+        let at = head
+            .windows(EMPTY.len())
+            .rposition(|w| w == EMPTY)
+            .expect("a policy has a key list")
+            + EMPTY.len()
+            - 2;
+        let mut out = Vec::with_capacity(head.len() + self.keys.heap_bytes());
+        out.extend_from_slice(&head[..at]);
+        self.keys.write_json_array(&mut out);
+        out.extend_from_slice(&head[at + 2..]);
+        out
+    }
+
+    /// The state dir's snapshot: `state::Applied`'s serialisation, byte for byte.
+    pub fn snapshot_json(&self) -> Vec<u8> {
+        let mut out = format!(
+            "{{\"revision\":{},\"source\":{},\"applied_unix\":{},\"policy\":",
+            self.revision,
+            serde_json::to_string(&self.source).expect("a string serialises"),
+            self.applied_unix
+        )
+        .into_bytes();
+        out.extend_from_slice(&self.policy_json());
+        out.push(b'}');
+        out
+    }
+}
+
+/// The kernel settings' prefilter bit for `open` keys that pass from anywhere: while one
+/// does under `unbound_keys = "pass"`, every source may be legitimate, so it stays off.
+fn set_prefilter_flag(s: &mut filter_common::Settings, head: &Policy, open: usize) {
+    let on = head.settings.prefilter && !(head.settings.unbound_keys == Verdict::Pass && open > 0);
+    if on {
+        s.flags |= filter_common::SETTING_PREFILTER;
+    } else {
+        s.flags &= !filter_common::SETTING_PREFILTER;
+    }
+}
+
+/// The state dir's policy, read and made ready for [`Engine::restore`] off the engine (on a
+/// thread of its own while the program loads and the pinned maps are read).
+pub enum Restored {
+    /// Likely already in the pinned maps: the compact store, built from the parsed keys.
+    Live(Live),
+    /// Not in the maps (no pins: a reboot; or another revision): parsed and compiled.
+    Parsed(
+        state::Applied,
+        std::result::Result<Compiled, Vec<PolicyError>>,
+    ),
+}
+
+impl Restored {
+    /// `likely_in_maps`: the pins exist and the status file recorded this revision with as
+    /// many keys (the engine checks the maps' generation and key count before trusting it).
+    pub fn prepare(a: state::Applied, likely_in_maps: bool) -> Restored {
+        if likely_in_maps {
+            let mut live = Live::new(a.policy, a.revision, &a.source);
+            live.applied_unix = a.applied_unix;
+            Restored::Live(live)
+        } else {
+            let c = a.policy.compile();
+            Restored::Parsed(a, c)
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        match self {
+            Restored::Live(l) => l.revision,
+            Restored::Parsed(a, _) => a.revision,
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        match self {
+            Restored::Live(l) => &l.source,
+            Restored::Parsed(a, _) => &a.source,
+        }
+    }
+
+    pub fn keys(&self) -> usize {
+        match self {
+            Restored::Live(l) => l.keys.len(),
+            Restored::Parsed(a, _) => a.policy.key.len(),
+        }
+    }
+}
+
+/// `Policy::compile` for a whole policy, on two threads when it is big: each half of the keys
+/// is compiled with the rest of the policy, and the halves are merged. The result is the
+/// serial compile's; on any error (a duplicate across the halves included) the policy is
+/// compiled again serially, so errors keep their places and order.
+pub fn compile_whole(p: &mut Policy) -> std::result::Result<Compiled, Vec<PolicyError>> {
+    compile_split(p, 1 << 16)
+}
+
+fn compile_split(
+    p: &mut Policy,
+    min_keys: usize,
+) -> std::result::Result<Compiled, Vec<PolicyError>> {
+    if p.key.len() < min_keys.max(2) {
+        return p.compile();
+    }
+    let keys = std::mem::take(&mut p.key);
+    let mut q = p.clone();
+    p.key = keys;
+    q.key = p.key.split_off(p.key.len() / 2);
+    let (a, b) = std::thread::scope(|sc| {
+        let second = sc.spawn(|| q.compile());
+        let first = p.compile();
+        (
+            first,
+            second.join().expect("compiling half a policy panicked"),
+        )
+    });
+    p.key.append(&mut q.key);
+    let (Ok(mut a), Ok(mut b)) = (a, b) else {
+        return p.compile();
+    };
+    let (na, nb) = (a.keys.len(), b.keys.len());
+    a.keys.append(&mut b.keys);
+    if a.keys.len() != na + nb {
+        return p.compile(); // a prefix in both halves: the serial compile places it
+    }
+    // Each half turned the prefilter off if one of its keys passes from anywhere.
+    let pf = filter_common::SETTING_PREFILTER;
+    a.settings.flags = (a.settings.flags & !pf) | (a.settings.flags & b.settings.flags & pf);
+    Ok(a)
+}
+
+/// Returns freed heap to the kernel: after a million keys were parsed and compiled, glibc
+/// keeps hundreds of MB of free chunks otherwise (the daemon's RSS must stay small).
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
+}
 
 /// The daemon's policy engine: the applied policy, its mirror in the maps, and persistence.
 /// One per daemon, behind a mutex: every writer (the file, the API) goes through it in turn.
 pub struct Engine {
     pub dp: Dataplane,
     pub mirror: Mirror,
-    pub applied: Option<Applied>,
+    pub applied: Option<Live>,
     pub state_dir: PathBuf,
     pub audit: bool,
     pub key_cap: u32,
@@ -39,16 +223,11 @@ pub struct Engine {
     pub last_patch: Option<Patch>,
     /// PATCHes in the state dir's journal since the last snapshot.
     pub journal_len: usize,
-    /// The applied policy in kernel form, kept so a PATCH recompiles only the keys it names.
+    /// The applied policy in kernel form *without its keys* (settings, listeners, ipsets):
+    /// a PATCH compiles only the keys it names, and keys it leaves alone keep the records
+    /// the mirror holds.
     pub compiled: Option<Compiled>,
-    /// Position of each key in the applied policy's `key` list.
-    pub index: HashMap<String, usize>,
-    /// Keys that pass from anywhere (unlocked, no allow entry, no ipset): while there is one
-    /// under `unbound_keys = "pass"`, the prefilter must stay off.
-    pub open_keys: usize,
-    /// Locked keys in the applied policy (for metrics, without a walk over every key).
-    pub locked_keys: usize,
-    /// The same by `lock_reason` (for status).
+    /// Locked keys by `lock_reason` (for status), kept with every write.
     pub lock_reasons: crate::risk::LockReasons,
     /// A whole-policy apply left the inactive slot behind on (possibly) every key.
     pub unsettled: bool,
@@ -237,14 +416,19 @@ impl Engine {
         source: &str,
     ) -> std::result::Result<Submitted, Refused> {
         let applied = self.revision();
-        // The same content, whatever the revision (field by field: no copy of the policy).
+        // The same content, whatever the revision (field by field, keys in order, against
+        // the stored bytes: no copy of the policy).
         let same = |eng: &Engine| {
             eng.applied.as_ref().is_some_and(|a| {
-                let q = &a.policy;
+                let q = &a.head;
                 q.settings == p.settings
                     && q.listener == p.listener
                     && q.ipsets == p.ipsets
-                    && q.key == p.key
+                    && a.keys.len() == p.key.len()
+                    && a.keys.iter_raw().zip(&p.key).all(|(raw, k)| {
+                        serde_json::to_vec(k).is_ok_and(|b| b == raw)
+                            || serde_json::from_slice::<Key>(raw).is_ok_and(|q| q == *k)
+                    })
             })
         };
         let revision = match rev {
@@ -297,10 +481,12 @@ impl Engine {
                 Err(PatchFailure::Apply(e)) => Err(Refused::Failed(e)),
             };
         }
+        // Ipset changes reach every key bound to the set: the whole policy is materialised,
+        // patched, validated and applied (rare next to key changes).
         let base = self
             .applied
             .as_ref()
-            .map(|a| a.policy.clone())
+            .map(|a| a.policy())
             .unwrap_or_default();
         let next = base.apply_patch(&patch).map_err(Refused::Invalid)?;
         let compiled = next.compile().map_err(Refused::Invalid)?;
@@ -327,8 +513,8 @@ impl Engine {
             revision: a.revision,
             source: a.source.clone(),
             applied_unix: a.applied_unix,
-            keys: self.index.len() as u64,
-            locked_keys: self.locked_keys as u64,
+            keys: a.keys.len() as u64,
+            locked_keys: a.keys.locked() as u64,
             lock_reasons: self.lock_reasons.top(20),
             fill: self.mirror.fill(),
             generation: self.mirror.generation(),
@@ -347,31 +533,74 @@ impl Engine {
 
     /// Writes the policy restored from the state dir (which already holds it).
     /// When the pinned maps are still at the generation the state dir recorded with this
-    /// revision (a daemon restart over its own pins), they already enforce it: nothing is
-    /// rewritten, and the inactive slot is settled later, off the restart's path.
-    pub fn restore(&mut self, p: Policy, revision: u64, source: &str) -> Result<ApplyReport> {
-        let compiled = p
-            .compile()
-            .map_err(|errs| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]))?;
-        let live = self.mirror.generation();
+    /// revision (a daemon restart over its own pins) and hold as many keys as the policy,
+    /// they already enforce it: nothing is compiled or rewritten beyond the policy's head
+    /// (settings, listeners, ipsets), and the inactive slot is settled later, off the
+    /// restart's path. The expensive part ([`Restored::prepare`]) runs on another thread
+    /// while the program loads and the maps are read.
+    pub fn restore(&mut self, r: Restored) -> Result<ApplyReport> {
+        let invalid =
+            |errs: Vec<PolicyError>| anyhow::anyhow!("the restored policy is invalid: {}", errs[0]);
+        let live = match r {
+            Restored::Parsed(a, compiled) => {
+                let compiled = compiled.map_err(invalid)?;
+                return self.apply_inner(
+                    a.policy,
+                    compiled,
+                    None,
+                    a.revision,
+                    &a.source,
+                    Persist::Restored,
+                    true,
+                );
+            }
+            Restored::Live(live) => live,
+        };
+        let generation = self.mirror.generation();
         let in_maps = state::load_policy_status(&self.state_dir).is_some_and(|st| {
-            st.revision == revision
+            st.revision == live.revision
                 && st.generation != 0
-                && st.generation == live
+                && st.generation == generation
                 && st.audit == self.audit
-        });
-        if in_maps {
-            log::info!("the pinned maps already enforce revision {revision} (generation {live})");
+                && st.keys == live.keys.len() as u64
+        }) && self.mirror.key_count() == live.keys.len();
+        if !in_maps {
+            let p = live.policy();
+            let compiled = p.compile().map_err(invalid)?;
+            return self.apply_inner(
+                p,
+                compiled,
+                None,
+                live.revision,
+                &live.source,
+                Persist::Restored,
+                true,
+            );
         }
-        self.apply_inner(
-            p,
-            compiled,
-            None,
-            revision,
-            source,
-            Persist::Restored,
-            !in_maps,
-        )
+        log::info!(
+            "the pinned maps already enforce revision {} (generation {generation})",
+            live.revision
+        );
+        let mut compiled = live.head.compile().map_err(invalid)?;
+        // So that the settle and the next PATCH examine only the keys that lag.
+        self.mirror.adopt_ipsets(&compiled.ipsets);
+        set_prefilter_flag(&mut compiled.settings, &live.head, live.keys.open());
+        if self.audit {
+            compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
+        }
+        self.compiled = Some(compiled);
+        self.last_patch = None;
+        // The inactive slot may lag (a crash between a write and its settle).
+        self.unsettled = true;
+        self.journal_len = state::journal_lines(&self.state_dir);
+        self.applied = Some(live);
+        self.publish();
+        trim_heap();
+        Ok(ApplyReport {
+            generation,
+            slot: self.mirror.active_slot(),
+            ..Default::default()
+        })
     }
 
     /// True if `patch` touches keys only and the engine can apply it key by key.
@@ -390,49 +619,47 @@ impl Engine {
     }
 
     /// The key with this prefix in the applied policy.
-    pub fn key(&self, prefix: &str) -> Option<&Key> {
-        let a = self.applied.as_ref()?;
-        self.index.get(prefix).map(|&i| &a.policy.key[i])
+    pub fn key(&self, prefix: &str) -> Option<Key> {
+        self.applied.as_ref()?.keys.get(prefix)
     }
 
     /// True if every op is already true of the applied policy (a retried PATCH).
     pub fn ops_hold(&self, ops: &[PatchOp]) -> bool {
         let Some(a) = &self.applied else { return false };
         ops.iter().all(|op| match op {
-            PatchOp::Upsert { key } => self.key(&key.prefix) == Some(key),
-            PatchOp::Delete { prefix } => self.key(prefix).is_none(),
+            PatchOp::Upsert { key } => a.keys.same(key) == Some(true),
+            PatchOp::Delete { prefix } => !a.keys.contains(prefix),
             PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
                 let (_, lock, reason, until) = op.lock_args().expect("a lock op");
                 self.key(prefix)
                     .is_some_and(|k| k.lock_is(lock, reason, until))
             }
-            PatchOp::SetIpset { name, cidrs } => a.policy.ipsets.get(name) == Some(cidrs),
-            PatchOp::DeleteIpset { name } => !a.policy.ipsets.contains_key(name),
+            PatchOp::SetIpset { name, cidrs } => a.head.ipsets.get(name) == Some(cidrs),
+            PatchOp::DeleteIpset { name } => !a.head.ipsets.contains_key(name),
         })
     }
 
     /// Applies a keys-only PATCH (`can_patch_keys`) at the cost of the keys it names: each
-    /// upserted key is validated on its own (against the settings and the ipsets it binds),
-    /// only those keys are recompiled and written, and the applied policy is changed in
-    /// place once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
+    /// key it leaves present is validated and compiled on its own (against the settings,
+    /// listeners and the ipsets it binds), only those are written, and the stored policy is
+    /// changed once the maps enforce it. Same result as `Policy::apply_patch` + a full apply.
     pub fn patch_keys(
         &mut self,
         patch: &Patch,
         source: &str,
     ) -> std::result::Result<ApplyReport, PatchFailure> {
         let a = self.applied.as_ref().expect("can_patch_keys");
-        let base = &a.policy;
-        // What each named key becomes (None: deleted), following the ops in order.
-        let mut after: HashMap<&str, Option<(Key, Option<CompiledKey>)>> = HashMap::new();
+        let head = &a.head;
+        // What each named key becomes (None: deleted), following the ops in order, and the
+        // op that last wrote it (where its errors are placed).
+        let mut after: HashMap<&str, (Option<Key>, usize)> = HashMap::new();
         let mut errs = Vec::new();
         for (n, op) in patch.ops.iter().enumerate() {
-            let current =
-                |after: &HashMap<&str, Option<(Key, Option<CompiledKey>)>>, p: &str| match after
-                    .get(p)
-                {
-                    Some(v) => v.as_ref().map(|(k, _)| k.clone()),
-                    None => self.index.get(p).map(|&i| base.key[i].clone()),
-                };
+            let current = |after: &HashMap<&str, (Option<Key>, usize)>, p: &str| match after.get(p)
+            {
+                Some((v, _)) => v.clone(),
+                None => a.keys.get(p),
+            };
             let missing = |prefix: &str| {
                 PolicyError::new(
                     format!("ops[{n}].prefix"),
@@ -441,36 +668,11 @@ impl Engine {
             };
             match op {
                 PatchOp::Upsert { key } => {
-                    let mini = Policy {
-                        settings: base.settings.clone(),
-                        ipsets: key
-                            .ipsets
-                            .iter()
-                            .filter_map(|n| base.ipsets.get_key_value(n))
-                            .map(|(n, c)| (n.clone(), c.clone()))
-                            .collect(),
-                        key: vec![key.clone()],
-                        // Listeners decide some key rules (lower-case prefixes for tls-sni).
-                        listener: base.listener.clone(),
-                        ..Default::default()
-                    };
-                    match mini.compile() {
-                        Ok(mut c) => {
-                            let ck = c.keys.pop_first().map(|(_, ck)| ck);
-                            after.insert(&key.prefix, Some((key.clone(), ck)));
-                        }
-                        Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
-                            at: match e.at.strip_prefix("key[0]") {
-                                Some(tail) => format!("ops[{n}].key{tail}"),
-                                None => e.at,
-                            },
-                            message: e.message,
-                        })),
-                    }
+                    after.insert(&key.prefix, (Some(key.clone()), n));
                 }
                 PatchOp::Delete { prefix } => match current(&after, prefix) {
                     Some(_) => {
-                        after.insert(prefix, None);
+                        after.insert(prefix, (None, n));
                     }
                     None => errs.push(missing(prefix)),
                 },
@@ -479,31 +681,8 @@ impl Engine {
                         Some(mut k) => {
                             let (_, lock, reason, until) = op.lock_args().expect("a lock op");
                             k.set_lock(lock, reason, until);
-                            let n0 = errs.len();
-                            crate::policy::check_lock_fields(&k, &format!("ops[{n}]"), &mut errs);
-                            if errs.len() > n0 {
-                                continue;
-                            }
-                            // Recompiled below from the record it had (only the lock moves),
-                            // or from the one an earlier op of this patch compiled.
-                            let earlier = after
-                                .get(prefix.as_str())
-                                .and_then(|v| v.as_ref())
-                                .and_then(|(_, ck)| ck.clone());
-                            let ck = earlier.map(|mut ck| {
-                                if k.locked {
-                                    ck.flags |= filter_common::KEY_LOCKED;
-                                } else {
-                                    ck.flags &= !filter_common::KEY_LOCKED;
-                                }
-                                ck.locked_until = if k.locked {
-                                    k.locked_until_unix()
-                                } else {
-                                    None
-                                };
-                                ck
-                            });
-                            after.insert(prefix, Some((k, ck)));
+                            let at = after.get(prefix.as_str()).map_or(n, |(_, at)| *at);
+                            after.insert(prefix, (Some(k), at));
                         }
                         None => errs.push(missing(prefix)),
                     }
@@ -513,105 +692,99 @@ impl Engine {
                 }
             }
         }
+        // Each key that stays: validated and compiled alone, errors placed at its op.
+        let mut keys = std::collections::BTreeMap::new();
+        let mut changed = BTreeSet::new();
+        let mut open_after = a.keys.open() as isize;
+        for (prefix, (new, n)) in &after {
+            let kp = key_prefix(prefix);
+            changed.insert(kp);
+            if let Some(old) = a.keys.get(prefix) {
+                open_after -= is_open(&old) as isize;
+            }
+            let Some(k) = new else { continue };
+            open_after += is_open(k) as isize;
+            let mini = Policy {
+                settings: head.settings.clone(),
+                ipsets: k
+                    .ipsets
+                    .iter()
+                    .filter_map(|n| head.ipsets.get_key_value(n))
+                    .map(|(n, c)| (n.clone(), c.clone()))
+                    .collect(),
+                key: vec![k.clone()],
+                // Listeners decide some key rules (lower-case prefixes for tls-sni).
+                listener: head.listener.clone(),
+                ..Default::default()
+            };
+            match mini.compile() {
+                Ok(mut c) => {
+                    if let Some((_, ck)) = c.keys.pop_first() {
+                        keys.insert(kp, ck);
+                    }
+                }
+                Err(found) => errs.extend(found.into_iter().map(|e| PolicyError {
+                    at: match e.at.strip_prefix("key[0]") {
+                        Some(tail) => format!("ops[{n}].key{tail}"),
+                        None => e.at,
+                    },
+                    message: e.message,
+                })),
+            }
+        }
         if !errs.is_empty() {
             return Err(PatchFailure::Invalid(errs));
         }
 
-        // Kernel form of the result: the cached compile with the named keys replaced.
+        // Kernel form: the cached head with the named keys; every other key keeps its record.
         let compiled = self.compiled.as_mut().expect("can_patch_keys");
-        let mut undo: Vec<(KeyPrefix, Option<CompiledKey>)> = Vec::new();
-        let mut changed = BTreeSet::new();
-        let mut open_delta: isize = 0;
-        for (prefix, new) in &after {
-            let kp = crate::policy::key_prefix(prefix);
-            changed.insert(kp);
-            if let Some(&i) = self.index.get(*prefix) {
-                open_delta -= is_open(&base.key[i]) as isize;
-            }
-            let old = match new {
-                None => compiled.keys.remove(&kp),
-                Some((k, ck)) => {
-                    open_delta += is_open(k) as isize;
-                    let ck = match ck {
-                        Some(ck) => ck.clone(),
-                        None => {
-                            // A lock or unlock of a key that was valid: its record with the
-                            // lock flag set or cleared.
-                            let mut ck = compiled
-                                .keys
-                                .get(&kp)
-                                .cloned()
-                                .expect("a present key is compiled");
-                            if k.locked {
-                                ck.flags |= filter_common::KEY_LOCKED;
-                            } else {
-                                ck.flags &= !filter_common::KEY_LOCKED;
-                            }
-                            ck.locked_until = if k.locked {
-                                k.locked_until_unix()
-                            } else {
-                                None
-                            };
-                            ck
-                        }
-                    };
-                    compiled.keys.insert(kp, ck)
-                }
-            };
-            undo.push((kp, old));
-        }
-        let open_after = (self.open_keys as isize + open_delta) as usize;
-        let mut locked_delta: isize = 0;
         // Applied to the engine's figures only once the maps enforce the patch.
         let mut reasons_after = self.lock_reasons.clone();
-        for (prefix, new) in &after {
-            if let Some(&i) = self.index.get(*prefix) {
-                locked_delta -= base.key[i].locked as isize;
-                reasons_after.add(&base.key[i], -1);
+        for (prefix, (new, _)) in &after {
+            if let Some(old) = self.applied.as_ref().and_then(|a| a.keys.get(prefix)) {
+                reasons_after.add(&old, -1);
             }
-            if let Some((k, _)) = new {
-                locked_delta += k.locked as isize;
+            if let Some(k) = new {
                 reasons_after.add(k, 1);
             }
         }
         let old_flags = compiled.settings.flags;
-        let prefilter = base.settings.prefilter
-            && !(base.settings.unbound_keys == crate::policy::Verdict::Pass && open_after > 0);
-        if prefilter {
-            compiled.settings.flags |= filter_common::SETTING_PREFILTER;
-        } else {
-            compiled.settings.flags &= !filter_common::SETTING_PREFILTER;
-        }
-        let rep = match self.mirror.apply_changes(
-            &mut self.dp.maps,
-            compiled,
-            Some(&changed),
-            self.key_cap,
-        ) {
+        set_prefilter_flag(&mut compiled.settings, head, open_after.max(0) as usize);
+        compiled.keys = keys;
+        let applied =
+            self.mirror
+                .apply_changes(&mut self.dp.maps, compiled, Some(&changed), self.key_cap);
+        compiled.keys.clear();
+        let rep = match applied {
             Ok(rep) => rep,
             Err(e) => {
-                // The live slot is untouched; put the cached compile back as it was.
+                // The live slot is untouched; the cached head stays as it was.
                 compiled.settings.flags = old_flags;
-                for (kp, old) in undo {
-                    match old {
-                        Some(ck) => compiled.keys.insert(kp, ck),
-                        None => compiled.keys.remove(&kp),
-                    };
-                }
                 return Err(PatchFailure::Apply(e));
             }
         };
 
-        // The maps enforce it: change the applied policy in place, as apply_patch would.
+        // The maps enforce it: change the stored policy as apply_patch would, op by op.
         let a = self.applied.as_mut().expect("checked");
-        state::replay_ops_indexed(&mut a.policy, &mut self.index, &patch.ops).map_err(|m| {
-            PatchFailure::Apply(anyhow::anyhow!("replaying a validated patch: {m}"))
-        })?;
-        self.open_keys = open_after;
-        self.locked_keys = (self.locked_keys as isize + locked_delta) as usize;
+        for op in &patch.ops {
+            match op {
+                PatchOp::Upsert { key } => a.keys.upsert(key),
+                PatchOp::Delete { prefix } => {
+                    a.keys.delete(prefix);
+                }
+                PatchOp::Lock { prefix, .. } | PatchOp::Unlock { prefix } => {
+                    if let Some(mut k) = a.keys.get(prefix) {
+                        let (_, lock, reason, until) = op.lock_args().expect("a lock op");
+                        k.set_lock(lock, reason, until);
+                        a.keys.upsert(&k);
+                    }
+                }
+                PatchOp::SetIpset { .. } | PatchOp::DeleteIpset { .. } => {}
+            }
+        }
         self.lock_reasons = reasons_after;
         a.revision = patch.revision;
-        a.policy.revision = Some(patch.revision);
+        a.head.revision = Some(patch.revision);
         a.source = source.to_owned();
         a.applied_unix = state::now_unix();
         let t_save = Instant::now();
@@ -658,6 +831,7 @@ impl Engine {
         self.unsettled = false;
         // The generation moved: keep the recorded one current (a restart compares it).
         self.publish();
+        trim_heap();
         log::debug!(
             "settled the inactive slot: {} keys written in {:?}",
             rep.keys_written,
@@ -691,7 +865,7 @@ impl Engine {
         };
         let t0 = Instant::now();
         state::rotate_journal(&self.state_dir)?;
-        let bytes = serde_json::to_vec(a)?;
+        let bytes = a.snapshot_json();
         let lines = std::mem::take(&mut self.journal_len);
         self.fold_busy.store(true, Ordering::SeqCst);
         log::debug!(
@@ -732,7 +906,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn apply_inner(
         &mut self,
-        mut p: Policy,
+        p: Policy,
         mut compiled: Compiled,
         changed: Option<&BTreeSet<KeyPrefix>>,
         revision: u64,
@@ -745,42 +919,56 @@ impl Engine {
         if self.audit {
             compiled.settings.flags &= !filter_common::SETTING_ENFORCE;
         }
-        let rep = if write {
-            self.mirror
-                .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)?
-        } else {
-            ApplyReport {
-                generation: self.mirror.generation(),
-                slot: self.mirror.active_slot(),
-                ..Default::default()
-            }
-        };
-        p.revision = Some(revision);
-        let applied = Applied {
-            revision,
-            source: source.to_owned(),
-            applied_unix: state::now_unix(),
-            policy: p,
-        };
+        let lock_reasons = crate::risk::LockReasons::of(&p.key);
+        // The keys go into the compact store (the parsed list freed as it goes), and a new
+        // snapshot is staged from it, on another thread while the maps are written: at 1M
+        // keys each of the three takes about a second. The snapshot is committed only once
+        // the maps enforce the policy.
+        let stage = matches!(persist, Persist::Snapshot);
+        let state_dir = self.state_dir.clone();
+        let (applied, t_store, rep) = std::thread::scope(|sc| {
+            let store = sc.spawn(move || {
+                let t0 = Instant::now();
+                let live = Live::new(p, revision, source);
+                let staged =
+                    stage.then(|| state::stage_applied_bytes(&state_dir, &live.snapshot_json()));
+                ((live, staged), t0.elapsed())
+            });
+            let rep = if write {
+                self.mirror
+                    .apply_changes(&mut self.dp.maps, &compiled, changed, self.key_cap)
+            } else {
+                Ok(ApplyReport {
+                    generation: self.mirror.generation(),
+                    slot: self.mirror.active_slot(),
+                    ..Default::default()
+                })
+            };
+            let (live, t) = store.join().expect("building the key store panicked");
+            (live, t, rep)
+        });
+        let (applied, staged) = applied;
+        let rep = rep?;
+        // A whole compile already has it right; a head compiled alone (a restore) learns
+        // from the keys whether the prefilter may be on.
+        set_prefilter_flag(&mut compiled.settings, &applied.head, applied.keys.open());
+        // Only the head is kept: the mirror holds every key's record.
+        compiled.keys.clear();
         self.last_patch = None;
-        self.index = applied
-            .policy
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.prefix.clone(), i))
-            .collect();
-        self.open_keys = applied.policy.key.iter().filter(|k| is_open(k)).count();
-        self.locked_keys = applied.policy.key.iter().filter(|k| k.locked).count();
-        self.lock_reasons = crate::risk::LockReasons::of(&applied.policy.key);
+        self.lock_reasons = lock_reasons;
         self.compiled = Some(compiled);
         self.unsettled = changed.is_none();
         let t_save = Instant::now();
         let saved = match persist {
             Persist::Snapshot => {
-                self.journal_len = 0;
+                // After any fold being written: a fold's older snapshot must not win.
                 self.wait_fold();
-                state::save_applied(&self.state_dir, &applied)
+                self.journal_len = 0;
+                match staged {
+                    Some(Ok(st)) => st.commit(),
+                    Some(Err(e)) => Err(e),
+                    None => unreachable!("staged for a snapshot"),
+                }
             }
             Persist::Restored => {
                 self.journal_len = state::journal_lines(&self.state_dir);
@@ -800,13 +988,110 @@ impl Engine {
             }
         };
         log::debug!(
-            "revision {revision}: maps {:?}, state dir {:?}",
+            "revision {revision}: store {t_store:?}, maps {:?}, state dir {:?}",
             rep.elapsed,
             t_save.elapsed()
         );
+        // The previous policy is freed here, before the heap is trimmed.
         self.applied = Some(applied);
         self.publish();
+        trim_heap();
         saved.context("the maps enforce it, but saving it to the state dir failed")?;
         Ok(rep)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(n: usize, open_at: Option<usize>) -> Policy {
+        let mut p = Policy::from_json_str(
+            r#"{"settings":{"key_prefix_len":8},"listener":[{"port":80,"locator":"http-header","headers":["X-Key"]}],"ipsets":{"office":["192.0.2.0/24"]}}"#,
+        )
+        .unwrap();
+        p.key = (0..n)
+            .map(|i| Key {
+                prefix: format!("k{i:07}"),
+                allow: if Some(i) == open_at {
+                    Vec::new()
+                } else {
+                    vec![format!("10.0.{}.{}", i / 256 % 256, i % 256)]
+                },
+                ipsets: if i % 7 == 0 {
+                    vec!["office".into()]
+                } else {
+                    Vec::new()
+                },
+                locked: i % 5 == 0,
+                lock_reason: None,
+                locked_until: None,
+                max_new_connections_per_s: None,
+                max_requests_per_s: None,
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn split_compile_equals_the_serial_one() {
+        for open_at in [None, Some(3), Some(991)] {
+            let mut p = policy(1000, open_at);
+            let want = p.compile().unwrap();
+            let before = p.clone();
+            let got = compile_split(&mut p, 10).unwrap();
+            assert_eq!(got, want, "open key at {open_at:?}");
+            assert_eq!(p, before, "the policy is given back as it was");
+        }
+        // The prefilter bit follows an open key in either half.
+        let mut p = policy(1000, Some(991));
+        assert_eq!(
+            compile_split(&mut p, 10).unwrap().settings.flags & filter_common::SETTING_PREFILTER,
+            0
+        );
+    }
+
+    #[test]
+    fn snapshot_and_policy_bytes_are_serde_s() {
+        // The state dir's format is `state::Applied` as serde writes it: an old daemon's
+        // snapshot loads in a new one and the other way round.
+        let mut p = policy(50, Some(3));
+        p.listener[0].headers.push("X-\"odd\" key".into());
+        let live = Live::new(p.clone(), 7, "file:/etc/keywall/policy \"x\".toml");
+        p.revision = Some(7);
+        let want = state::Applied {
+            revision: 7,
+            source: live.source.clone(),
+            applied_unix: live.applied_unix,
+            policy: p.clone(),
+        };
+        assert_eq!(live.snapshot_json(), serde_json::to_vec(&want).unwrap());
+        assert_eq!(live.policy_json(), serde_json::to_vec(&p).unwrap());
+        assert_eq!(live.policy(), p);
+        assert_eq!((live.keys.len(), live.keys.open()), (50, 1));
+        assert_eq!(live.keys.locked(), 10);
+        // And an empty policy.
+        let empty = Live::new(Policy::default(), 1, "api");
+        let back: Policy = serde_json::from_slice(&empty.policy_json()).unwrap();
+        assert_eq!(
+            back,
+            Policy {
+                revision: Some(1),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn split_compile_errors_are_the_serial_ones() {
+        // A duplicate across the halves, and an invalid entry in the second half.
+        let mut p = policy(1000, None);
+        p.key[900].prefix = p.key[10].prefix.clone();
+        p.key[950].allow = vec!["10.0.0.1/8".into()];
+        let want = p.compile().unwrap_err();
+        let got = compile_split(&mut p, 10).unwrap_err();
+        assert_eq!(got, want);
+        assert!(got.iter().any(|e| e.at == "key[900].prefix"), "{got:?}");
+        assert!(got.iter().any(|e| e.at == "key[950].allow[0]"), "{got:?}");
     }
 }

@@ -78,6 +78,11 @@ struct Args {
     /// one makes a shorter, noisier run.
     #[arg(long)]
     repeat: Option<u32>,
+    /// Run only the daemon's control plane at 10k, 100k and 1M keys (1k with --quick): PUT,
+    /// lock latency, status and metrics latency, restart, RSS. Prints its table; leaves
+    /// BENCHMARKS.md alone.
+    #[arg(long)]
+    control_plane: bool,
     /// Flood: run the edge's NAPI thread SCHED_FIFO (priority 1) so that other load on a
     /// shared machine does not take the edge core from it. Off by default: it starves other
     /// work on that core (to the kernel's 5% RT-throttling share) while the flood runs.
@@ -1856,11 +1861,7 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
 /// edges. Each runs real daemons in namespace sandboxes (tests/src/api_bench.rs,
 /// tests/src/fleet_bench.rs).
 fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
-    let (locks, put_keys, writes) = if plan.quick {
-        (20, 1_000, 10)
-    } else {
-        (1_000, 1_000_000, 500)
-    };
+    let (locks, writes) = if plan.quick { (20, 10) } else { (1_000, 500) };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut out = String::new();
     println!("  API: {locks} locks, lock to the next packet dropped");
@@ -1880,42 +1881,8 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
             "missed"
         }
     )?;
-    println!("  API: PUT of {} keys", keys_label(put_keys));
-    let f = tests::api_bench::put_snapshot(put_keys)?;
-    let put = f.put;
-    writeln!(
-        out,
-        "- **PUT of a {}-key policy** (every key's allowlist changes; answered once the maps enforce it, the state dir written): {:.2} s (target < 5 s at 1M: {}).",
-        keys_label(put_keys),
-        put.as_secs_f64(),
-        if put_keys < 1_000_000 {
-            "not the 1M run"
-        } else if put < Duration::from_secs(5) {
-            "met"
-        } else {
-            "missed"
-        }
-    )?;
-    writeln!(
-        out,
-        "- **Reads at {} keys** (20 each, daemon idle): `GET /v1/status` p50 {:.2} ms, p99 {:.2} ms; `GET /metrics` p50 {:.2} ms, p99 {:.2} ms (target < 50 ms).",
-        keys_label(put_keys),
-        ms(f.status.0),
-        ms(f.status.1),
-        ms(f.metrics.0),
-        ms(f.metrics.1),
-    )?;
-    writeln!(
-        out,
-        "- **Daemon memory at {} keys**: {:.0} MiB RSS after the load, {:.0} MiB after 3 more whole re-applies (target ≤ 512 MiB at 1M).",
-        keys_label(put_keys),
-        f.rss_loaded_mib,
-        f.rss_reapplied_mib,
-    )?;
-    ensure!(
-        f.status.0 > Duration::ZERO && f.metrics.0 > Duration::ZERO && f.rss_loaded_mib > 0.0,
-        "a zero control-plane reading"
-    );
+    out.push_str(&control_plane_sizes(plan)?);
+    out.push('\n');
     println!("  etcd: {writes} locks to 3 edges");
     let prop = tests::fleet_bench::propagation(writes)?;
     for e in 0..prop.first().map_or(0, |w| w.len()) {
@@ -1929,6 +1896,86 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
         )?;
     }
     Ok(Some(out))
+}
+
+/// The daemon end to end at each policy size (tests/src/api_bench.rs `control_plane`): one
+/// daemon per size in a namespace sandbox, state dir on disk. Returns the markdown table and
+/// the 1M targets; every figure must be non-zero (the quick run's whole check).
+fn control_plane_sizes(plan: &Plan) -> Result<String> {
+    let (sizes, locks): (&[usize], usize) = if plan.quick {
+        (&[1_000], 10)
+    } else {
+        (&[10_000, 100_000, 1_000_000], 200)
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "- **The control plane by policy size** (one `keywall run` per size on a veth in a namespace, API on a unix socket, state dir on disk; keys as in the lock row, each allowed from two IPv4 hosts). PUT: a whole policy of that size onto one of that size, every key's allowlist changed, timed to the answer (maps enforce it, snapshot synced). Lock: {locks} PATCH locks of one key, each timed to the next packet of its connection dropped. Status and metrics: 20 reads each, idle. Restart: SIGTERM, then a new daemon until `GET /v1/status` answers (the pinned maps still enforce the policy). RSS: `VmRSS` once the daemon is idle after the load, and after 3 more whole re-applies.\n"
+    )?;
+    writeln!(
+        out,
+        "| keys | PUT | lock p50 / p99 | status p50 / p99 | metrics p50 / p99 | restart to API | RSS after load | RSS after 3 re-applies |"
+    )?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    let mut big = None;
+    for &k in sizes {
+        println!("  control plane at {} keys", keys_label(k));
+        let c = tests::api_bench::control_plane(k, locks)?;
+        println!("    {c:?}");
+        ensure!(
+            c.put > Duration::ZERO
+                && c.lock.0 > Duration::ZERO
+                && c.status.0 > Duration::ZERO
+                && c.metrics.0 > Duration::ZERO
+                && c.restart > Duration::ZERO
+                && c.rss_loaded_mib > 0.0
+                && c.rss_reapplied_mib > 0.0,
+            "a zero control-plane figure at {k} keys: {c:?}"
+        );
+        writeln!(
+            out,
+            "| {} | {:.2} s | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} s | {:.0} MiB | {:.0} MiB |",
+            keys_label(k),
+            c.put.as_secs_f64(),
+            ms(c.lock.0),
+            ms(c.lock.1),
+            ms(c.status.0),
+            ms(c.status.1),
+            ms(c.metrics.0),
+            ms(c.metrics.1),
+            c.restart.as_secs_f64(),
+            c.rss_loaded_mib,
+            c.rss_reapplied_mib
+        )?;
+        if k == 1_000_000 {
+            big = Some(c);
+        }
+    }
+    if let Some(c) = big {
+        let met = |ok: bool| if ok { "met" } else { "missed" };
+        writeln!(
+            out,
+            "\nTargets at 1M keys: PUT < 5 s: {:.2} s, {}; lock p99 < 10 ms: {:.2} ms, {}; status p99 < 50 ms: {:.2} ms, {}; metrics p99 < 50 ms: {:.2} ms, {}; restart to API < 10 s: {:.2} s, {}; RSS ≤ 512 MiB: {:.0} / {:.0} MiB, {}.",
+            c.put.as_secs_f64(),
+            met(c.put < Duration::from_secs(5)),
+            ms(c.lock.1),
+            met(c.lock.1 < Duration::from_millis(10)),
+            ms(c.status.1),
+            met(c.status.1 < Duration::from_millis(50)),
+            ms(c.metrics.1),
+            met(c.metrics.1 < Duration::from_millis(50)),
+            c.restart.as_secs_f64(),
+            met(c.restart < Duration::from_secs(10)),
+            c.rss_loaded_mib,
+            c.rss_reapplied_mib,
+            met(c.rss_loaded_mib <= 512.0 && c.rss_reapplied_mib <= 512.0),
+        )?;
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3175,6 +3222,12 @@ fn run(args: &Args) -> Result<()> {
         plan.repeat = n;
     }
     let t_start = Instant::now();
+    if args.control_plane {
+        println!("keywall-bench: control plane only; {}", machine());
+        println!("\n{}", control_plane_sizes(&plan)?);
+        println!("done in {:.1} s", t_start.elapsed().as_secs_f64());
+        return Ok(());
+    }
     println!(
         "keywall-bench{}: {}; BPF_PROG_TEST_RUN repeat {}, {} reps",
         if args.quick { " --quick" } else { "" },
