@@ -358,35 +358,3 @@ mod tests {
     }
 }
 
-/// Timings of the whole-policy path's pure steps on a policy file (`KEYWALL_TIMING_POLICY`):
-/// `cargo test --release -p filter-user --lib -- --ignored --nocapture timing`.
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use std::time::Instant;
-
-    #[test]
-    #[ignore]
-    fn timing() {
-        let Ok(path) = std::env::var("KEYWALL_TIMING_POLICY") else {
-            return;
-        };
-        let text = std::fs::read_to_string(path).unwrap();
-        let t = Instant::now();
-        let p = crate::policy::Policy::from_json_str(&text).unwrap();
-        eprintln!("parse {:?}", t.elapsed());
-        let t = Instant::now();
-        let c = p.compile().unwrap();
-        eprintln!("compile {:?} ({} keys)", t.elapsed(), c.keys.len());
-        let t = Instant::now();
-        drop(c);
-        eprintln!("drop compiled {:?}", t.elapsed());
-        let t = Instant::now();
-        let s = KeyStore::from_keys(p.key);
-        eprintln!("store {:?} ({} MB)", t.elapsed(), s.heap_bytes() >> 20);
-        let t = Instant::now();
-        let mut out = Vec::new();
-        s.write_json_array(&mut out);
-        eprintln!("json {:?} ({} MB)", t.elapsed(), out.len() >> 20);
-    }
-}
