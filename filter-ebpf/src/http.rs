@@ -393,6 +393,38 @@ fn avail_mask(avail: usize, word_idx: usize) -> u64 {
     low_bytes(have as u64)
 }
 
+/// Spaces read past at a line start; a line with as many fails closed.
+const LEAD_MAX: usize = 24;
+
+/// The spaces at `off` (an offset from the frame start), up to `LEAD_MAX`.
+#[inline(always)]
+fn leading_spaces(data: usize, data_end: usize, sc: ScratchPtr, off: usize, end: usize) -> usize {
+    let mut n = 0;
+    for _ in 0..LEAD_MAX / 8 {
+        let o = (off + n) & 0x3fff;
+        if o >= end {
+            return n;
+        }
+        let p = data + o;
+        let w = if p + 8 <= data_end && o + 8 <= end {
+            ld64(p as *const u64)
+        } else {
+            let rem = (((end - o).wrapping_sub(1)) & 7) as u64 + 1;
+            match last_bytes(sc, data, data_end, end, rem) {
+                Some(w) => w,
+                None => return LEAD_MAX,
+            }
+        };
+        // Past the payload's end the word is zero padded: no spaces there.
+        let k = leading_bytes(!eq_mask(w, b' ') & HIGH) as usize;
+        n += k;
+        if k < 8 {
+            return n;
+        }
+    }
+    n
+}
+
 /// Checks one line start (`off`, from the frame start) against the listener's header names.
 /// Branch-light on purpose: the verifier walks it once per recorded line.
 #[inline(always)]
@@ -402,6 +434,20 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
     let plen = acc.plen & 0x1f;
     let data = ctx.data();
     let data_end = ctx.data_end();
+    // Spaces before a name (HTTP): lenient servers read a header after them, or fold the line
+    // into the previous value. The name is compared after them, and a key header there fails
+    // closed (which of the two the server does is not knowable here).
+    let lead = if acc.fix == 0 {
+        leading_spaces(data, data_end, sc, off, end)
+    } else {
+        0
+    };
+    if lead >= LEAD_MAX {
+        acc.malformed = 1;
+        return;
+    }
+    let folded = lead != 0;
+    let off = (off + lead) & 0x3fff;
     let p = data + off;
     // The first 8 bytes of the line (fewer at the payload end, zero padded), for a cheap
     // first comparison.
@@ -545,6 +591,10 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
         return;
     }
     if hit >= MAX_HEADERS {
+        return;
+    }
+    if folded {
+        acc.malformed = 1;
         return;
     }
     let hlen = (l.header_len[hit] as u64) & 31;

@@ -481,3 +481,22 @@ fn unknown_key_pass_setting() {
         .build();
     expect(&mut l, &f, DropLocked);
 }
+
+#[test]
+fn spaces_before_a_key_header_name_fail_closed() {
+    let mut l = Loaded::new(POLICY).unwrap();
+    // Lenient servers read a header after leading spaces, or fold the line into the one
+    // before: a key header there cannot be judged.
+    for lead in [" ", "   ", "         ", "                     "] {
+        let p = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{lead}X-MBX-APIKEY: 37c541a1deadbeef\r\n\r\n"
+        );
+        expect(&mut l, &n4(OTHER4, p.as_bytes()), DropMalformed);
+    }
+    // Too many to read past: fails closed too.
+    let p = format!("GET / HTTP/1.1\r\nHost: a\r\n{}x\r\n\r\n", " ".repeat(30));
+    expect(&mut l, &n4(ALLOWED4, p.as_bytes()), DropMalformed);
+    // Indented lines that name no key header are fine (a pretty-printed body).
+    let p = "POST / HTTP/1.1\r\nHost: a\r\nX-MBX-APIKEY: 37c541a1deadbeef\r\n\r\n{\r\n    \"a\": 1,\r\n        \"b\": [2]\r\n}";
+    expect(&mut l, &n4(ALLOWED4, p.as_bytes()), PassAllowed);
+}
