@@ -1759,7 +1759,7 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
     let fr = frames();
     let probes: Vec<(Vec<u8>, u32, String)> = fr
         .iter()
-        .filter(|f| f.locator == Locator::Http)
+        .filter(|f| f.locator == Locator::Http && f.variant.is_some())
         .map(|f| {
             let want = if f.variant == Some(Variant::Allowed) {
                 XDP_PASS
