@@ -230,7 +230,12 @@ fn scan(
 
     // Pass 1, in a BPF function of its own: its frame is not on the stack while pass 2's
     // callback runs (the chain shares 512 bytes).
-    let n = record_lines(ctx, sc, start as u64 | (end as u64) << 16, seps2 << 8 | seps);
+    let n = record_lines(
+        ctx,
+        sc,
+        start as u64 | (end as u64) << 16,
+        seps2 << 8 | seps,
+    );
     if n == NO_LINES {
         return Found::Malformed;
     }

@@ -343,4 +343,3 @@ max_requests_per_s = 0
         expect(&mut l, &conn(ALLOWED4, "nolimit1xxxx"), PassAllowed);
     }
 }
-

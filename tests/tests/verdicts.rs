@@ -488,9 +488,8 @@ fn spaces_before_a_key_header_name_fail_closed() {
     // Lenient servers read a header after leading spaces, or fold the line into the one
     // before: a key header there cannot be judged.
     for lead in [" ", "   ", "         ", "                     "] {
-        let p = format!(
-            "GET / HTTP/1.1\r\nHost: a\r\n{lead}X-MBX-APIKEY: 37c541a1deadbeef\r\n\r\n"
-        );
+        let p =
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{lead}X-MBX-APIKEY: 37c541a1deadbeef\r\n\r\n");
         expect(&mut l, &n4(OTHER4, p.as_bytes()), DropMalformed);
     }
     // Too many to read past: fails closed too.
