@@ -100,6 +100,15 @@ impl Loaded {
         }
     }
 
+    /// Runs one frame and asserts its reason and the action that goes with it (`what` names
+    /// the step in a failure).
+    pub fn expect(&mut self, frame: &[u8], reason: Reason, what: &str) {
+        let (action, got, _) = self.run(frame);
+        assert_eq!(got, reason, "{what}");
+        let want = if reason.is_drop() { XDP_DROP } else { XDP_PASS };
+        assert_eq!(action, want, "{what}: action");
+    }
+
     /// Runs one frame; returns the XDP action and the single reason counted for it.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Reason, bool) {
         let (action, reason, audit, _) = self.run_out(frame);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use filter_common::Reason::{self, *};
 use keywall::dataplane::HeldGc;
 use tests::{
-    harness::{Loaded, XDP_DROP, XDP_PASS},
+    harness::Loaded,
     packet::{Pkt, http_request},
 };
 
@@ -32,10 +32,7 @@ allow = ["198.51.100.7"]
 "#;
 
 fn expect(l: &mut Loaded, frame: &[u8], reason: Reason, what: &str) {
-    let (action, got, _) = l.run(frame);
-    assert_eq!(got, reason, "{what}");
-    let want = if reason.is_drop() { XDP_DROP } else { XDP_PASS };
-    assert_eq!(action, want, "{what}: action");
+    l.expect(frame, reason, what);
 }
 
 fn request() -> Vec<u8> {

@@ -4,7 +4,7 @@
 
 use filter_common::Reason::{self, *};
 use tests::{
-    harness::{Loaded, XDP_DROP, XDP_PASS},
+    harness::Loaded,
     packet::{Pkt, http_request},
 };
 
@@ -41,10 +41,7 @@ allow = ["203.0.113.9"]
 "#;
 
 fn expect(l: &mut Loaded, frame: &[u8], reason: Reason, what: &str) {
-    let (action, got, _) = l.run(frame);
-    assert_eq!(got, reason, "{what}");
-    let want = if reason.is_drop() { XDP_DROP } else { XDP_PASS };
-    assert_eq!(action, want, "{what}: action");
+    l.expect(frame, reason, what);
 }
 
 fn request(key: &str) -> Vec<u8> {
