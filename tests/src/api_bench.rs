@@ -217,7 +217,10 @@ impl<'a> ApiDaemon<'a> {
         }
         cmd.arg("--api")
             .arg(format!("unix:{}", sock.display()))
-            .args(["--xdp-mode", "native", "--poll-ms", "100"]);
+            .args(["--xdp-mode", "native"]);
+        if !extra.contains(&"--poll-ms") {
+            cmd.args(["--poll-ms", "100"]);
+        }
         if !extra.contains(&"--metrics") {
             cmd.args(["--metrics", "off"]);
         }
@@ -323,7 +326,7 @@ pub fn bench_policy(n: usize, revision: u64) -> Value {
 }
 
 /// Runs one frame through the daemon's pinned program; returns the XDP action.
-fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
+pub fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
     // Its connection's SYN first (the filter judges a stream only from a recorded start);
     // a repeat of the same SYN changes nothing.
     if let Some(syn) = crate::packet::syn_for(frame) {
@@ -465,7 +468,7 @@ fn rss_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-fn p50_p99(mut xs: Vec<Duration>) -> (Duration, Duration) {
+pub fn p50_p99(mut xs: Vec<Duration>) -> (Duration, Duration) {
     xs.sort();
     let at = |p: f64| xs[(((p / 100.0) * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1];
     (at(50.0), at(99.0))
@@ -685,6 +688,203 @@ pub fn control_plane(keys: usize, locks: usize) -> Result<ControlPlane> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Lock to enforced through a policy-file edit
+
+/// How an edit reaches the policy file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileWrite {
+    /// A temporary file beside it, then `rename(2)` over it (editors, config management).
+    Rename,
+    /// Truncated and rewritten in place (`>` in a shell): the daemon may read it half written.
+    InPlace,
+}
+
+/// The policy file's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Toml,
+    Json,
+}
+
+/// [`bench_policy`] as a policy file with no `revision` (each edit is one past the applied),
+/// `bk000000` locked when `locked`. The two texts differ in that one key only.
+pub fn bench_policy_file(n: usize, locked: bool, fmt: FileFormat) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let host = |i: usize| format!("10.{}.{}.{}", 64 + (i >> 16) % 64, (i >> 8) & 255, i & 255);
+    let mut s = String::with_capacity(n * 72 + 512);
+    match fmt {
+        FileFormat::Toml => {
+            s.push_str("[settings]\nkey_prefix_len = 8\nunknown_key = \"drop\"\nno_key = \"pass\"\nprefilter = false\n\n");
+            let _ = writeln!(
+                s,
+                "[[listener]]\nport = {BENCH_PORT}\nlocator = \"http-header\"\nheaders = [\"X-MBX-APIKEY\"]\n"
+            );
+            for i in 0..n {
+                let _ = writeln!(
+                    s,
+                    "[[key]]\nprefix = \"bk{i:06}\"\nallow = [\"{}\", \"10.200.0.7\"]",
+                    host(i)
+                );
+                if i == 0 && locked {
+                    s.push_str("locked = true\n");
+                }
+                s.push('\n');
+            }
+        }
+        FileFormat::Json => {
+            let _ = write!(
+                s,
+                "{{\"settings\": {{\"key_prefix_len\": 8, \"unknown_key\": \"drop\", \"no_key\": \"pass\", \"prefilter\": false}},\n\"listener\": [{{\"port\": {BENCH_PORT}, \"locator\": \"http-header\", \"headers\": [\"X-MBX-APIKEY\"]}}],\n\"key\": [\n"
+            );
+            for i in 0..n {
+                let _ = write!(
+                    s,
+                    "{{\"prefix\": \"bk{i:06}\", \"allow\": [\"{}\", \"10.200.0.7\"]{}}}{}\n",
+                    host(i),
+                    if i == 0 && locked { ", \"locked\": true" } else { "" },
+                    if i + 1 < n { "," } else { "" }
+                );
+            }
+            s.push_str("]}\n");
+        }
+    }
+    s.into_bytes()
+}
+
+fn write_policy_file(path: &Path, text: &[u8], how: FileWrite) -> Result<()> {
+    match how {
+        FileWrite::Rename => {
+            let tmp = path.with_extension("tmp");
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(text)?;
+            f.sync_data()?;
+            drop(f);
+            fs::rename(&tmp, path)?;
+        }
+        FileWrite::InPlace => {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(path)?;
+            f.write_all(text)?;
+            f.sync_data()?;
+        }
+    }
+    Ok(())
+}
+
+/// A policy-file edit at one policy size.
+#[derive(Clone, Debug)]
+pub struct FileEdits {
+    pub keys: usize,
+    pub format: FileFormat,
+    pub how: FileWrite,
+    /// From the edit complete on disk (rename done, or the rewrite written and synced) to the
+    /// next packet of the key's established connection dropped.
+    pub lock: Vec<Duration>,
+    /// Writing the edit (the file of `keys` keys, fsync included), median.
+    pub write: Duration,
+    /// Daemon CPU used per edit (lock and unlock together), mean.
+    pub cpu_per_edit: f64,
+    /// Daemon RSS after the edits.
+    pub rss_mib: f64,
+}
+
+/// `keywall run --policy FILE` (the daemon's default 200 ms poll) enforcing [`bench_policy`]
+/// of `keys` keys; `edits` times: lock `bk000000` by writing the file `how`, timed from the
+/// edit complete on disk to the next packet of that key's established connection dropped
+/// (BPF_PROG_TEST_RUN on the daemon's pinned program, polled every 0.2 ms), then unlock it
+/// the same way, untimed, until the connection passes again. The first lock is untimed.
+pub fn file_lock_to_drop(
+    keys: usize,
+    edits: usize,
+    fmt: FileFormat,
+    how: FileWrite,
+) -> Result<FileEdits> {
+    let sb = Sandbox::new("apibf")?;
+    let path = sb.tmp_dir().join(match fmt {
+        FileFormat::Toml => "policy.toml",
+        FileFormat::Json => "policy.json",
+    });
+    let open = bench_policy_file(keys, false, fmt);
+    let locked = bench_policy_file(keys, true, fmt);
+    fs::write(&path, &open)?;
+    let cap = keys.max(1024).to_string();
+    let path_arg = path.display().to_string();
+    let d = ApiDaemon::start_waiting(
+        &sb,
+        1,
+        &["--max-keys", &cap, "--policy", &path_arg, "--poll-ms", "200"],
+        Duration::from_secs(600),
+    )?;
+    let pid = d.proc.as_ref().map(|p| p.id()).context("daemon pid")?;
+    wait_idle(pid);
+    let prog = Xdp::from_pin(sb.pin_dir().join("prog"), XdpAttachType::Interface)
+        .context("opening the daemon's pinned program")?;
+    let first = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
+        .payload(&http_request(
+            "GET",
+            "/api/v3/account",
+            &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
+        ))
+        .build();
+    let later = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
+        .payload(b"{\"ping\":1}")
+        .build();
+    if run_frame(&prog, &first)? != XDP_PASS || run_frame(&prog, &later)? != XDP_PASS {
+        bail!("the bench connection is not allowed before the lock");
+    }
+    let wait_for = |want: u32, t0: Instant, what: &str| -> Result<Duration> {
+        loop {
+            if run_frame(&prog, &later)? == want {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "{what}: the connection's verdict did not change 120 s after the edit; log:\n{}",
+                    d.log_text()
+                );
+            }
+            // Leaves the CPU to the daemon (2 cores here): 0.2 ms resolution.
+            thread::sleep(Duration::from_micros(200));
+        }
+    };
+    let mut lock = Vec::with_capacity(edits);
+    let mut writes = Vec::with_capacity(edits);
+    let cpu0 = cpu_secs(pid);
+    for i in 0..=edits {
+        let tw = Instant::now();
+        write_policy_file(&path, &locked, how)?;
+        let t0 = Instant::now();
+        let took = wait_for(XDP_DROP, t0, "lock")?;
+        if i > 0 {
+            lock.push(took);
+            writes.push(t0 - tw);
+        }
+        let t1 = Instant::now();
+        write_policy_file(&path, &open, how)?;
+        wait_for(XDP_PASS, t1, "unlock")?;
+    }
+    // The last unlock's settle.
+    wait_idle(pid);
+    let cpu_per_edit = (cpu_secs(pid) - cpu0) / (edits + 1) as f64;
+    let rss_mib = rss_mib(pid)?;
+    if std::env::var_os("KEYWALL_BENCH_LOG").is_some() {
+        eprintln!("{}", d.log_text());
+    }
+    drop(d);
+    Ok(FileEdits {
+        keys,
+        format: fmt,
+        how,
+        lock,
+        write: p50_p99(writes).0,
+        cpu_per_edit,
+        rss_mib,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,5 +906,21 @@ mod tests {
             .expect("parses");
         p.validate().expect("valid");
         assert_eq!(p.key.len(), 300);
+    }
+
+    #[test]
+    fn bench_policy_files_parse() {
+        for (fmt, name) in [(FileFormat::Toml, "p.toml"), (FileFormat::Json, "p.json")] {
+            for locked in [false, true] {
+                let text = String::from_utf8(bench_policy_file(300, locked, fmt)).unwrap();
+                let p = keywall::policy::Policy::from_file_text(Path::new(name), &text)
+                    .unwrap_or_else(|e| panic!("{fmt:?}: {e:?}"));
+                p.validate().expect("valid");
+                assert_eq!(p.key.len(), 300);
+                assert_eq!(p.key[0].locked, locked);
+                assert!(!p.key[1].locked);
+                assert_eq!(p.revision, None);
+            }
+        }
     }
 }

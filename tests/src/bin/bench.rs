@@ -78,11 +78,15 @@ struct Args {
     /// one makes a shorter, noisier run.
     #[arg(long)]
     repeat: Option<u32>,
-    /// Run only the daemon's control plane at 10k, 100k and 1M keys (1k with --quick): PUT,
-    /// lock latency, status and metrics latency, restart, RSS. Prints its table; leaves
-    /// BENCHMARKS.md alone.
-    #[arg(long)]
+    /// Run only the daemon's control plane ("Control-plane API": 10k, 100k and 1M keys, 1k
+    /// with --quick): PUT, lock to enforced through the API, a policy-file edit and etcd,
+    /// etcd to three edges, status and metrics latency, restart, RSS. A full run replaces
+    /// that section of the report (BENCHMARKS.md) and leaves the rest as it is.
+    #[arg(long, visible_alias = "only-control-plane")]
     control_plane: bool,
+    /// With --control-plane: the policy sizes, e.g. `10k,100k,1M` (the default).
+    #[arg(long, value_delimiter = ',', value_parser = parse_keys)]
+    cp_sizes: Option<Vec<usize>>,
     /// Flood: run the edge's NAPI thread SCHED_FIFO (priority 1) so that other load on a
     /// shared machine does not take the edge core from it. Off by default: it starves other
     /// work on that core (to the kernel's 5% RT-throttling share) while the flood runs.
@@ -173,6 +177,21 @@ const LIMITED_KEY: usize = 600;
 const API_KEY_TAIL: &str = "9f8e7d6c5b4a39281706f5e4";
 /// Flood sources: 10.77.0.0/16, one per frame, chosen by the generator.
 const FLOOD_NET: [u8; 4] = [10, 77, 0, 0];
+
+/// `10k`, `1M` or a plain number of keys.
+fn parse_keys(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1_000),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1_000_000),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .map(|n| n * mul)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("not a number of keys: {s}"))
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -1854,14 +1873,12 @@ fn snapshot_under_traffic(l: &mut Loaded, keys: usize) -> Result<Snapshot> {
     })
 }
 
-/// Hook for the control-plane API figures (tests/src/api_bench.rs, wired in by the lead):
-/// returns markdown bullet lines for the "Control-plane API" section, or None when this build
-/// has no API bench. The table and BENCHMARKS.md print whatever it returns.
-/// The daemon end to end: locks over the API, a 1M-key PUT, and etcd propagation to three
-/// edges. Each runs real daemons in namespace sandboxes (tests/src/api_bench.rs,
-/// tests/src/fleet_bench.rs).
-fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
-    let (locks, writes) = if plan.quick { (20, 10) } else { (1_000, 500) };
+/// The "Control-plane API" section: the daemon end to end. Locks over the API (1k keys),
+/// then per policy size (tests/src/api_bench.rs, tests/src/fleet_bench.rs): PUT, lock to
+/// enforced through the API, a policy-file edit and an etcd write, etcd to three edges,
+/// status and metrics, restart, RSS. Each runs real daemons in namespace sandboxes.
+fn control_plane_api_section(plan: &Plan, sizes: Option<&[usize]>) -> Result<Option<String>> {
+    let locks = if plan.quick { 20 } else { 1_000 };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut out = String::new();
     println!("  API: {locks} locks, lock to the next packet dropped");
@@ -1881,51 +1898,104 @@ fn control_plane_api_section(plan: &Plan) -> Result<Option<String>> {
             "missed"
         }
     )?;
-    out.push_str(&control_plane_sizes(plan)?);
-    out.push('\n');
-    println!("  etcd: {writes} locks to 3 edges");
-    let prop = tests::fleet_bench::propagation(writes)?;
-    for e in 0..prop.first().map_or(0, |w| w.len()) {
-        let xs: Vec<Duration> = prop.iter().map(|w| w[e]).collect();
-        writeln!(
-            out,
-            "- **etcd write to drop on edge {}** ({writes} lock writes with etcdctl's client API, each timed to that edge's next packet dropped): p50 {:.2} ms, p99 {:.2} ms.",
-            e + 1,
-            ms(tests::fleet_bench::percentile(&xs, 50.0)),
-            ms(tests::fleet_bench::percentile(&xs, 99.0)),
-        )?;
-    }
+    out.push_str(&control_plane_sizes(plan, sizes)?);
     Ok(Some(out))
 }
 
-/// The daemon end to end at each policy size (tests/src/api_bench.rs `control_plane`): one
-/// daemon per size in a namespace sandbox, state dir on disk. Returns the markdown table and
-/// the 1M targets; every figure must be non-zero (the quick run's whole check).
-fn control_plane_sizes(plan: &Plan) -> Result<String> {
-    let (sizes, locks): (&[usize], usize) = if plan.quick {
-        (&[1_000], 10)
-    } else {
-        (&[10_000, 100_000, 1_000_000], 200)
-    };
+/// Policy-file edits per size: (rename, in place).
+fn file_edits(plan: &Plan, keys: usize) -> (usize, usize) {
+    match (plan.quick, keys) {
+        (true, _) => (5, 5),
+        (false, k) if k >= 1_000_000 => (30, 10),
+        (false, k) if k >= 100_000 => (100, 30),
+        _ => (100, 50),
+    }
+}
+
+/// Everything measured at one policy size.
+struct SizeFigures {
+    api: tests::api_bench::ControlPlane,
+    file: tests::api_bench::FileEdits,
+    file_inplace: tests::api_bench::FileEdits,
+    fleet: tests::fleet_bench::FleetFigures,
+}
+
+impl SizeFigures {
+    /// etcd to three edges: per write, the last edge's drop.
+    fn fleet_all(&self) -> Vec<Duration> {
+        self.fleet
+            .prop
+            .iter()
+            .map(|r| r.iter().copied().max().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// The daemon end to end at each policy size: per size, one API daemon
+/// (tests/src/api_bench.rs `control_plane`), one daemon on a policy file per way of writing
+/// it (`file_lock_to_drop`), and one etcd with three edges (tests/src/fleet_bench.rs
+/// `propagation_at`). Returns the markdown tables and the 1M targets; every figure must be
+/// non-zero (the quick run's whole check).
+fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
+    use tests::api_bench::{FileFormat, FileWrite};
+    let (default_sizes, locks, etcd_locks, etcd_writes): (&[usize], usize, usize, usize) =
+        if plan.quick {
+            (&[1_000], 10, 10, 10)
+        } else {
+            (&[10_000, 100_000, 1_000_000], 200, 200, 200)
+        };
+    let sizes = sizes.unwrap_or(default_sizes);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let mut out = String::new();
-    writeln!(
-        out,
-        "- **The control plane by policy size** (one `keywall run` per size on a veth in a namespace, API on a unix socket, state dir on disk; keys as in the lock row, each allowed from two IPv4 hosts). PUT: a whole policy of that size onto one of that size, every key's allowlist changed, timed to the answer (maps enforce it, snapshot synced). Lock: {locks} PATCH locks of one key, each timed to the next packet of its connection dropped. Status and metrics: 20 reads each, idle. Restart: SIGTERM, then a new daemon until `GET /v1/status` answers (the pinned maps still enforce the policy). RSS: `VmRSS` once the daemon is idle after the load, and after 3 more whole re-applies.\n"
-    )?;
-    writeln!(
-        out,
-        "| keys | PUT | lock p50 / p99 | status p50 / p99 | metrics p50 / p99 | restart to API | RSS after load | RSS after 3 re-applies |"
-    )?;
-    writeln!(
-        out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    )?;
-    let mut big = None;
+    let pct = |xs: &[Duration]| {
+        (
+            tests::fleet_bench::percentile(xs, 50.0),
+            tests::fleet_bench::percentile(xs, 99.0),
+        )
+    };
+    let mut figs = Vec::new();
     for &k in sizes {
-        println!("  control plane at {} keys", keys_label(k));
-        let c = tests::api_bench::control_plane(k, locks)?;
-        println!("    {c:?}");
+        let label = keys_label(k);
+        println!("  control plane at {label} keys: API");
+        let api = tests::api_bench::control_plane(k, locks)?;
+        println!("    {api:?}");
+        let (n_rename, n_inplace) = file_edits(plan, k);
+        println!("  control plane at {label} keys: {n_rename} policy-file edits (rename)");
+        let file = tests::api_bench::file_lock_to_drop(k, n_rename, FileFormat::Toml, FileWrite::Rename)?;
+        println!(
+            "    lock p50/p99 {:?}, write {:?}, {:.3} CPU s per edit, RSS {:.0} MiB",
+            pct(&file.lock),
+            file.write,
+            file.cpu_per_edit,
+            file.rss_mib
+        );
+        println!("  control plane at {label} keys: {n_inplace} policy-file edits (in place)");
+        let file_inplace =
+            tests::api_bench::file_lock_to_drop(k, n_inplace, FileFormat::Toml, FileWrite::InPlace)?;
+        println!(
+            "    lock p50/p99 {:?}, write {:?}, {:.3} CPU s per edit",
+            pct(&file_inplace.lock),
+            file_inplace.write,
+            file_inplace.cpu_per_edit
+        );
+        println!(
+            "  control plane at {label} keys: etcd, {etcd_locks} locks on one edge, {etcd_writes} to three"
+        );
+        let fleet = tests::fleet_bench::propagation_at(k, etcd_locks, etcd_writes)?;
+        println!(
+            "    populate {:?}, load {:?} (2 more: {:?}), lock p50/p99 {:?}, RSS {:?}",
+            fleet.populate,
+            fleet.load,
+            fleet.load_pair,
+            pct(&fleet.lock),
+            fleet.rss_mib
+        );
+        let f = SizeFigures {
+            api,
+            file,
+            file_inplace,
+            fleet,
+        };
+        let c = &f.api;
         ensure!(
             c.put > Duration::ZERO
                 && c.lock.0 > Duration::ZERO
@@ -1933,16 +2003,55 @@ fn control_plane_sizes(plan: &Plan) -> Result<String> {
                 && c.metrics.0 > Duration::ZERO
                 && c.restart > Duration::ZERO
                 && c.rss_loaded_mib > 0.0
-                && c.rss_reapplied_mib > 0.0,
+                && c.rss_reapplied_mib > 0.0
+                && pct(&f.file.lock).0 > Duration::ZERO
+                && pct(&f.file_inplace.lock).0 > Duration::ZERO
+                && pct(&f.fleet.lock).0 > Duration::ZERO
+                && pct(&f.fleet_all()).0 > Duration::ZERO
+                && f.fleet.load > Duration::ZERO,
             "a zero control-plane figure at {k} keys: {c:?}"
+        );
+        figs.push((k, f));
+    }
+
+    let mut out = String::new();
+    let (n_rename, n_inplace) = file_edits(plan, 1_000_000);
+    let (s_rename, s_inplace) = file_edits(plan, 10_000);
+    writeln!(
+        out,
+        "- **The control plane by policy size** (keys `bk000000`.. each allowed from two IPv4 hosts; every daemon a `keywall run` on a veth in a namespace, API on a unix socket, state dir on disk; release build). Every lock is timed to the next packet of the locked key's established connection dropped, polled through BPF_PROG_TEST_RUN on the daemon's pinned program, and undone (untimed) before the next.\n  - *PUT*: a whole policy of that size onto one of that size, every key's allowlist changed, timed to the answer (maps enforce it, snapshot synced).\n  - *API lock*: {locks} PATCH locks of one key, from the request.\n  - *file edit lock*: `keywall run --policy policy.toml` at its default 200 ms poll, detection included; the file is rewritten with one key's `locked = true` added, timed from the edit complete on disk to the drop. *rename*: a temporary file written and fsynced, then renamed over the policy file (editors, config management); *in place*: truncated, rewritten and fsynced (the daemon may read it half written, reject it and take the whole file at its next poll). {s_rename} and {s_inplace} edits at 10k keys, {n_rename} and {n_inplace} at 1M (each costs a parse of the whole file).\n  - *etcd lock*: `keywall run --etcd` alone on an etcd holding the policy in the layout of docs/REFERENCE.md (written with the client API in transactions of 128 puts); {etcd_locks} puts of the locked key, from the put.\n  - *etcd to 3 edges*: two more edges join that etcd; {etcd_writes} puts, each timed until the last of the three edges drops.\n  - *status* and *metrics*: 20 reads each, idle. *Restart*: SIGTERM, then a new daemon until `GET /v1/status` answers (the pinned maps still enforce the policy). *RSS*: `VmRSS` of the API daemon once idle after the load, and after 3 more whole re-applies.\n"
+    )?;
+    writeln!(
+        out,
+        "| keys | PUT | API lock p50 / p99 | file edit lock (rename) p50 / p99 | file edit lock (in place) p50 / p99 | etcd lock p50 / p99 | etcd to 3 edges p50 / p99 | status p50 / p99 | metrics p50 / p99 | restart to API | RSS after load | RSS after 3 re-applies |"
+    )?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    for (k, f) in &figs {
+        let c = &f.api;
+        let (fr, fi, el, ea) = (
+            pct(&f.file.lock),
+            pct(&f.file_inplace.lock),
+            pct(&f.fleet.lock),
+            pct(&f.fleet_all()),
         );
         writeln!(
             out,
-            "| {} | {:.2} s | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} s | {:.0} MiB | {:.0} MiB |",
-            keys_label(k),
+            "| {} | {:.2} s | {:.2} / {:.2} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} s | {:.0} MiB | {:.0} MiB |",
+            keys_label(*k),
             c.put.as_secs_f64(),
             ms(c.lock.0),
             ms(c.lock.1),
+            ms(fr.0),
+            ms(fr.1),
+            ms(fi.0),
+            ms(fi.1),
+            ms(el.0),
+            ms(el.1),
+            ms(ea.0),
+            ms(ea.1),
             ms(c.status.0),
             ms(c.status.1),
             ms(c.metrics.0),
@@ -1951,19 +2060,59 @@ fn control_plane_sizes(plan: &Plan) -> Result<String> {
             c.rss_loaded_mib,
             c.rss_reapplied_mib
         )?;
-        if k == 1_000_000 {
-            big = Some(c);
-        }
     }
-    if let Some(c) = big {
-        let met = |ok: bool| if ok { "met" } else { "missed" };
+    writeln!(
+        out,
+        "\nThe file and etcd sources beside it: the policy file's size and its write (median), the daemon's CPU per file edit (lock and unlock, each a parse of the whole file), writing the policy into etcd, an etcd edge from `keywall run` to the snapshot enforced (every key in status, the bench connection passing), and the RSS of the file daemon and of the three etcd edges at the end.\n"
+    )?;
+    writeln!(
+        out,
+        "| keys | policy file | file write | daemon CPU per file edit | file daemon RSS | etcd written in | etcd snapshot to enforcing (edge 1 alone) | edges 2 and 3 together | etcd edges' RSS |"
+    )?;
+    writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    for (k, f) in &figs {
+        let size = tests::api_bench::bench_policy_file(*k, false, FileFormat::Toml).len();
         writeln!(
             out,
-            "\nTargets at 1M keys: PUT < 5 s: {:.2} s, {}; lock p99 < 10 ms: {:.2} ms, {}; status p99 < 50 ms: {:.2} ms, {}; metrics p99 < 50 ms: {:.2} ms, {}; restart to API < 10 s: {:.2} s, {}; RSS ≤ 512 MiB: {:.0} / {:.0} MiB, {}.",
+            "| {} | {:.1} MB | {:.0} ms | {:.2} s | {:.0} MiB | {:.1} s | {:.2} s | {:.2} s | {} MiB |",
+            keys_label(*k),
+            size as f64 / 1e6,
+            ms(f.file.write),
+            f.file.cpu_per_edit,
+            f.file.rss_mib,
+            f.fleet.populate.as_secs_f64(),
+            f.fleet.load.as_secs_f64(),
+            f.fleet.load_pair.as_secs_f64(),
+            f.fleet
+                .rss_mib
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )?;
+    }
+    if let Some((_, f)) = figs.iter().find(|(k, _)| *k == 1_000_000) {
+        let c = &f.api;
+        let met = |ok: bool| if ok { "met" } else { "missed" };
+        let fr = pct(&f.file.lock).1;
+        let fi = pct(&f.file_inplace.lock).1;
+        let el = pct(&f.fleet.lock).1;
+        let ea = pct(&f.fleet_all()).1;
+        writeln!(
+            out,
+            "\nTargets at 1M keys: PUT < 5 s: {:.2} s, {}; API lock p99 < 10 ms: {:.2} ms, {}; file edit lock p99 < 500 ms: {:.0} ms (rename), {}, {:.0} ms (in place), {}; etcd lock p99 < 10 ms: {:.2} ms, {}; etcd to 3 edges p99 < 100 ms: {:.2} ms, {}; status p99 < 50 ms: {:.2} ms, {}; metrics p99 < 50 ms: {:.2} ms, {}; restart to API < 10 s: {:.2} s, {}; RSS ≤ 512 MiB: {:.0} / {:.0} MiB, {}.",
             c.put.as_secs_f64(),
             met(c.put < Duration::from_secs(5)),
             ms(c.lock.1),
             met(c.lock.1 < Duration::from_millis(10)),
+            ms(fr),
+            met(fr < Duration::from_millis(500)),
+            ms(fi),
+            met(fi < Duration::from_millis(500)),
+            ms(el),
+            met(el < Duration::from_millis(10)),
+            ms(ea),
+            met(ea < Duration::from_millis(100)),
             ms(c.status.1),
             met(c.status.1 < Duration::from_millis(50)),
             ms(c.metrics.1),
@@ -1976,6 +2125,18 @@ fn control_plane_sizes(plan: &Plan) -> Result<String> {
         )?;
     }
     Ok(out)
+}
+
+/// `doc` with its "## Control-plane API" section (up to the next "## " heading) replaced by
+/// `section`.
+fn replace_api_section(doc: &str, section: &str) -> Result<String> {
+    const HEAD: &str = "\n## Control-plane API\n";
+    let start = doc
+        .find(HEAD)
+        .context("the report has no \"## Control-plane API\" section")?;
+    let body = start + HEAD.len();
+    let end = doc[body..].find("\n## ").map_or(doc.len(), |i| body + i);
+    Ok(format!("{}{HEAD}\n{section}{}", &doc[..start], &doc[end..]))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3224,7 +3385,22 @@ fn run(args: &Args) -> Result<()> {
     let t_start = Instant::now();
     if args.control_plane {
         println!("keywall-bench: control plane only; {}", machine());
-        println!("\n{}", control_plane_sizes(&plan)?);
+        let section = control_plane_api_section(&plan, args.cp_sizes.as_deref())?
+            .unwrap_or_default();
+        println!("\n{section}");
+        if !plan.quick && !args.no_doc {
+            let doc = args.doc.clone().unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .parent()
+                    .expect("workspace root")
+                    .join("BENCHMARKS.md")
+            });
+            let old = fs::read_to_string(&doc)
+                .with_context(|| format!("reading {}", doc.display()))?;
+            fs::write(&doc, replace_api_section(&old, &section)?)
+                .with_context(|| format!("writing {}", doc.display()))?;
+            println!("\nreplaced the \"Control-plane API\" section of {}", doc.display());
+        }
         println!("done in {:.1} s", t_start.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -3387,7 +3563,7 @@ fn run(args: &Args) -> Result<()> {
         snapshot = Some(snapshot_under_traffic(l, *keys)?);
     }
     let big = big.map(|(b, _)| b);
-    let api = control_plane_api_section(&plan)?;
+    let api = control_plane_api_section(&plan, None)?;
     let t = Instant::now();
     drop(sets);
     println!("  unload: {:.2} s", t.elapsed().as_secs_f64());
