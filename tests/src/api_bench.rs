@@ -795,7 +795,9 @@ pub struct FileEdits {
 /// of `keys` keys; `edits` times: lock `bk000000` by writing the file `how`, timed from the
 /// edit complete on disk to the next packet of that key's established connection dropped
 /// (BPF_PROG_TEST_RUN on the daemon's pinned program, polled every 0.2 ms), then unlock it
-/// the same way, untimed, until the connection passes again. The first lock is untimed.
+/// the same way, untimed, until the connection passes again. Each lock is written after a
+/// pause spread over one poll period, so the edits fall at every phase of the poll. The
+/// first lock is untimed.
 pub fn file_lock_to_drop(
     keys: usize,
     edits: usize,
@@ -854,6 +856,12 @@ pub fn file_lock_to_drop(
     let mut writes = Vec::with_capacity(edits);
     let cpu0 = cpu_secs(pid);
     for i in 0..=edits {
+        // The unlock was just seen, so the daemon has just polled: without a pause every
+        // edit would land right after a poll and wait a whole period. A pause spread over
+        // one poll period (golden-ratio steps) samples every phase, as an operator's edits
+        // do.
+        let phase = (i as f64 * 0.618_033_988_75).fract();
+        thread::sleep(Duration::from_secs_f64(0.2 * phase));
         let tw = Instant::now();
         write_policy_file(&path, &locked, how)?;
         let t0 = Instant::now();
