@@ -824,22 +824,25 @@ pub fn file_lock_to_drop(
     wait_idle(pid);
     let prog = Xdp::from_pin(sb.pin_dir().join("prog"), XdpAttachType::Interface)
         .context("opening the daemon's pinned program")?;
-    let first = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
-        .payload(&http_request(
-            "GET",
-            "/api/v3/account",
-            &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
-        ))
-        .build();
-    let later = Pkt::tcp4(CLIENT, SERVER, 40000, BENCH_PORT)
-        .payload(b"{\"ping\":1}")
-        .build();
-    if run_frame(&prog, &first)? != XDP_PASS || run_frame(&prog, &later)? != XDP_PASS {
-        bail!("the bench connection is not allowed before the lock");
-    }
-    let wait_for = |want: u32, t0: Instant, what: &str| -> Result<Duration> {
+    // Each edit on a connection of its own, opened once the key passes again: a connection
+    // kept for minutes of edits was forgotten by the daemon's held-connection sweep.
+    let conn = |i: usize| {
+        let port = 40000 + (i % 20000) as u16;
+        let first = Pkt::tcp4(CLIENT, SERVER, port, BENCH_PORT)
+            .payload(&http_request(
+                "GET",
+                "/api/v3/account",
+                &[("Host", "x"), ("X-MBX-APIKEY", "bk000000-secret")],
+            ))
+            .build();
+        let later = Pkt::tcp4(CLIENT, SERVER, port, BENCH_PORT)
+            .payload(b"{\"ping\":1}")
+            .build();
+        (first, later)
+    };
+    let wait_for = |frame: &[u8], want: u32, t0: Instant, what: &str| -> Result<Duration> {
         loop {
-            if run_frame(&prog, &later)? == want {
+            if run_frame(&prog, frame)? == want {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > Duration::from_secs(120) {
@@ -855,7 +858,15 @@ pub fn file_lock_to_drop(
     let mut lock = Vec::with_capacity(edits);
     let mut writes = Vec::with_capacity(edits);
     let cpu0 = cpu_secs(pid);
+    let mut unlocked = Instant::now();
     for i in 0..=edits {
+        // A new connection of the key (its first packet judged by the live policy: it passes
+        // once the last unlock is enforced), then its next packet.
+        let (first, later) = conn(i);
+        wait_for(&first, XDP_PASS, unlocked, "unlock")?;
+        if run_frame(&prog, &later)? != XDP_PASS {
+            bail!("the bench connection does not pass before the lock");
+        }
         // The unlock was just seen, so the daemon has just polled: without a pause every
         // edit would land right after a poll and wait a whole period. A pause spread over
         // one poll period (golden-ratio steps) samples every phase, as an operator's edits
@@ -865,15 +876,15 @@ pub fn file_lock_to_drop(
         let tw = Instant::now();
         write_policy_file(&path, &locked, how)?;
         let t0 = Instant::now();
-        let took = wait_for(XDP_DROP, t0, "lock")?;
+        let took = wait_for(&later, XDP_DROP, t0, "lock")?;
         if i > 0 {
             lock.push(took);
             writes.push(t0 - tw);
         }
-        let t1 = Instant::now();
         write_policy_file(&path, &open, how)?;
-        wait_for(XDP_PASS, t1, "unlock")?;
+        unlocked = Instant::now();
     }
+    wait_for(&conn(edits + 1).0, XDP_PASS, unlocked, "unlock")?;
     // The last unlock's settle.
     wait_idle(pid);
     let cpu_per_edit = (cpu_secs(pid) - cpu0) / (edits + 1) as f64;
