@@ -67,6 +67,9 @@ extern "C" fn on_sighup(_: libc::c_int) {
 struct FileWatch {
     meta: Option<(SystemTime, i64, i64, u64, u64)>,
     hash: Option<u64>,
+    /// The text last applied and the revision its head says: the next edit is compared
+    /// with it (file_edit.rs). None after a rejected text or a SIGHUP.
+    applied: Option<(String, Option<u64>)>,
 }
 
 impl FileWatch {
@@ -231,10 +234,12 @@ pub fn run(o: RunOptions) -> Result<()> {
         ..Default::default()
     };
     if let Some(p) = &o.policy {
-        let parsed = match watch.changed(p) {
-            Some(text) => parse_policy_file(p, &text),
+        let text = watch.changed(p);
+        let parsed = match &text {
+            Some(text) => parse_policy_file(p, text),
             None => Err(anyhow::anyhow!("cannot read {}", p.display())),
         };
+        let file_rev = parsed.as_ref().ok().map(|p| p.revision);
         // The daemon's automatic locks lie over the file (autolock.rs).
         let overlay = crate::autolock::Overlay::load(&o.state_dir);
         let parsed = parsed.map(|mut pol| {
@@ -244,6 +249,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         let pb = crate::progress::spinner(format!("applying {}", p.display()));
         apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         crate::progress::done(pb);
+        if runtime.policy_error.is_none() {
+            watch.applied = text.zip(file_rev);
+        }
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
             // filter that passes everything.
@@ -418,10 +426,40 @@ pub fn run(o: RunOptions) -> Result<()> {
                 // Unreadable: the running policy stays; tell systemd the reload is over.
                 crate::host::notify("READY=1");
             }
+            // An edit of `[[key]]` tables only: those tables parsed, their keys submitted as
+            // ops, without parsing the whole file (seconds at 1M keys).
+            let changed = match changed {
+                Some(text) => {
+                    let applied = watch.applied.take();
+                    let edit = applied.as_ref().and_then(|(old, rev)| {
+                        let edit = crate::file_edit::toml_key_edit(old, &text)
+                            .filter(|_| p.extension().is_none_or(|e| e != "json"))?;
+                        Some((edit, *rev))
+                    });
+                    let done = match edit {
+                        Some((edit, rev)) => {
+                            apply_file_edit(&shared, p, edit, rev, &metrics, &o.state_dir)?
+                                .then_some(rev)
+                        }
+                        None => None,
+                    };
+                    match done {
+                        Some(rev) => {
+                            watch.applied = Some((text, rev));
+                            if reload {
+                                crate::host::notify("READY=1");
+                            }
+                            None
+                        }
+                        None => Some(text),
+                    }
+                }
+                None => None,
+            };
             if let Some(text) = changed {
                 // Parsed before the engine is locked: readers and the API go on meanwhile.
                 let parsed = parse_policy_file(p, &text);
-                drop(text);
+                let file_rev = parsed.as_ref().ok().map(|p| p.revision);
                 // The daemon's automatic locks lie over the file (autolock.rs).
                 let parsed = parsed.map(|mut pol| {
                     shared.overlay.lock().unwrap().apply(&mut pol);
@@ -430,6 +468,9 @@ pub fn run(o: RunOptions) -> Result<()> {
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
+                if runtime.policy_error.is_none() {
+                    watch.applied = Some(text).zip(file_rev);
+                }
                 // Report the outcome as soon as the maps enforce it; settling the inactive
                 // slot afterwards changes no verdict.
                 metrics.set_sync("file", runtime.policy_error.is_none());
@@ -529,29 +570,9 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
         if !seen.insert(k.prefix.as_str()) {
             return None; // a duplicate: the whole path reports it with its place
         }
-        // Bytes first (one key serialised), the parsed key only when they differ.
-        let lock_only = match a.keys.same(k) {
-            Some(true) => continue,
-            Some(false) => a.keys.get(&k.prefix).is_some_and(|old| {
-                crate::policy::Key {
-                    locked: k.locked,
-                    lock_reason: k.lock_reason.clone(),
-                    locked_until: k.locked_until.clone(),
-                    ..old
-                } == *k
-            }),
-            None => false,
-        };
-        let prefix = k.prefix.clone();
-        ops.push(match (lock_only, k.locked) {
-            (true, true) => PatchOp::Lock {
-                prefix,
-                lock_reason: k.lock_reason.clone(),
-                locked_until: k.locked_until.clone(),
-            },
-            (true, false) => PatchOp::Unlock { prefix },
-            (false, _) => PatchOp::Upsert { key: k.clone() },
-        });
+        if let Some(op) = key_op(&a.keys, k) {
+            ops.push(op);
+        }
         if ops.len() > limit {
             return None;
         }
@@ -567,6 +588,119 @@ fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
         }
     }
     Some(ops)
+}
+
+/// The op that makes the applied key `k.prefix` into `k` (None: they are the same).
+fn key_op(keys: &crate::engine::store::KeyStore, k: &crate::policy::Key) -> Option<PatchOp> {
+    // Bytes first (one key serialised), the parsed key only when they differ.
+    let lock_only = match keys.same(k) {
+        Some(true) => return None,
+        Some(false) => keys.get(&k.prefix).is_some_and(|old| {
+            crate::policy::Key {
+                locked: k.locked,
+                lock_reason: k.lock_reason.clone(),
+                locked_until: k.locked_until.clone(),
+                ..old
+            } == *k
+        }),
+        None => false,
+    };
+    let prefix = k.prefix.clone();
+    Some(match (lock_only, k.locked) {
+        (true, true) => PatchOp::Lock {
+            prefix,
+            lock_reason: k.lock_reason.clone(),
+            locked_until: k.locked_until.clone(),
+        },
+        (true, false) => PatchOp::Unlock { prefix },
+        (false, _) => PatchOp::Upsert { key: k.clone() },
+    })
+}
+
+/// The ops of a key-table edit (file_edit.rs): the new tables' keys against the applied
+/// ones, and the old tables' keys that are gone. None (the whole path decides) for a key
+/// named twice in the tables, or a new key that another table of the file already holds.
+fn edit_ops(eng: &Engine, edit: &crate::file_edit::KeyEdit) -> Option<Vec<PatchOp>> {
+    use std::collections::HashSet;
+    let a = eng.applied.as_ref()?;
+    eng.compiled.as_ref()?;
+    let old: HashSet<&str> = edit.old.iter().map(|k| k.prefix.as_str()).collect();
+    if old.len() != edit.old.len() {
+        return None;
+    }
+    let mut seen = HashSet::with_capacity(edit.new.len());
+    let mut ops = Vec::new();
+    for k in &edit.new {
+        if !seen.insert(k.prefix.as_str())
+            || (!old.contains(k.prefix.as_str()) && a.keys.contains(&k.prefix))
+        {
+            return None;
+        }
+        ops.extend(key_op(&a.keys, k));
+    }
+    for prefix in old {
+        if !seen.contains(prefix) && a.keys.contains(prefix) {
+            ops.push(PatchOp::Delete {
+                prefix: prefix.to_owned(),
+            });
+        }
+    }
+    Some(ops)
+}
+
+/// Applies a key-table edit of the policy file as ops, as `apply_file` would have after
+/// parsing the whole file; `file_rev` is the revision the file's (unchanged) head says.
+/// False: not applied, the caller parses the whole file (which reports any error in it).
+fn apply_file_edit(
+    shared: &Shared,
+    p: &Path,
+    mut edit: crate::file_edit::KeyEdit,
+    file_rev: Option<u64>,
+    metrics: &Metrics,
+    state_dir: &Path,
+) -> Result<bool> {
+    // The daemon's automatic locks lie over the file (autolock.rs).
+    {
+        let mut pol = Policy {
+            key: std::mem::take(&mut edit.new),
+            ..Default::default()
+        };
+        shared.overlay.lock().unwrap().apply(&mut pol);
+        edit.new = pol.key;
+    }
+    let mut eng = shared.engine.lock().unwrap();
+    let Some(ops) = edit_ops(&eng, &edit) else {
+        return Ok(false);
+    };
+    let source = format!("file:{}", p.display());
+    let mut runtime = shared.runtime.lock().unwrap();
+    let same = file_rev.is_none_or(|r| r == eng.revision())
+        && eng.applied.as_ref().is_some_and(|a| a.source == source);
+    if ops.is_empty() && same {
+        runtime.policy_error = None;
+        return Ok(true);
+    }
+    let rev = file_revision(file_rev, eng.revision());
+    match eng.submit(Change::Ops(ops), Rev::Set(rev), &source) {
+        Ok(Submitted::Applied { revision, report }) => log::info!(
+            "applied an edit of {} key tables in {} as revision {revision} (generation {}, {} keys written, {:?})",
+            edit.new.len().max(edit.old.len()),
+            p.display(),
+            report.generation,
+            report.keys_written,
+            report.elapsed
+        ),
+        Ok(Submitted::Unchanged { .. }) => {}
+        // Invalid, or in conflict: the whole path reports it with its file place.
+        Err(_) => return Ok(false),
+    }
+    runtime.policy_error = None;
+    metrics.set_sync("file", true);
+    state::save_runtime(state_dir, &runtime)?;
+    if let Err(e) = eng.settle() {
+        log::error!("settling the inactive slot: {e:#}");
+    }
+    Ok(true)
 }
 
 fn apply_file(

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod engine;
 pub mod etcd;
 pub mod events;
+pub mod file_edit;
 pub mod fleet;
 pub mod host;
 pub mod metrics;
