@@ -76,18 +76,26 @@ impl FileWatch {
     /// The file's text if it changed since the last call (None: unchanged or unreadable).
     fn changed(&mut self, p: &Path) -> Option<String> {
         use std::os::unix::fs::MetadataExt as _;
-        let m = std::fs::metadata(p).ok()?;
-        let meta = (
-            m.modified().ok()?,
-            m.ctime(),
-            m.ctime_nsec(),
-            m.ino(),
-            m.len(),
-        );
+        let stat = || {
+            let m = std::fs::metadata(p).ok()?;
+            Some((
+                m.modified().ok()?,
+                m.ctime(),
+                m.ctime_nsec(),
+                m.ino(),
+                m.len(),
+            ))
+        };
+        let meta = stat()?;
         if self.meta == Some(meta) {
             return None;
         }
         let bytes = std::fs::read(p).ok()?;
+        if stat()? != meta {
+            // Written while we read it (rewritten in place): read it at the next poll, once
+            // it holds still, rather than parse half a file.
+            return None;
+        }
         self.meta = Some(meta);
         let hash = {
             use std::hash::{Hash as _, Hasher as _};
@@ -428,6 +436,7 @@ pub fn run(o: RunOptions) -> Result<()> {
             }
             // An edit of `[[key]]` tables only: those tables parsed, their keys submitted as
             // ops, without parsing the whole file (seconds at 1M keys).
+            let mut applied_before = None;
             let changed = match changed {
                 Some(text) => {
                     let applied = watch.applied.take();
@@ -451,7 +460,10 @@ pub fn run(o: RunOptions) -> Result<()> {
                             }
                             None
                         }
-                        None => Some(text),
+                        None => {
+                            applied_before = applied;
+                            Some(text)
+                        }
                     }
                 }
                 None => None,
@@ -460,6 +472,8 @@ pub fn run(o: RunOptions) -> Result<()> {
                 // Parsed before the engine is locked: readers and the API go on meanwhile.
                 let parsed = parse_policy_file(p, &text);
                 let file_rev = parsed.as_ref().ok().map(|p| p.revision);
+                // The text the engine enforces, should this one be rejected.
+                let before = applied_before.take();
                 // The daemon's automatic locks lie over the file (autolock.rs).
                 let parsed = parsed.map(|mut pol| {
                     shared.overlay.lock().unwrap().apply(&mut pol);
@@ -468,9 +482,11 @@ pub fn run(o: RunOptions) -> Result<()> {
                 let mut eng = shared.engine.lock().unwrap();
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
-                if runtime.policy_error.is_none() {
-                    watch.applied = Some(text).zip(file_rev);
-                }
+                watch.applied = if runtime.policy_error.is_none() {
+                    Some(text).zip(file_rev)
+                } else {
+                    before
+                };
                 // Report the outcome as soon as the maps enforce it; settling the inactive
                 // slot afterwards changes no verdict.
                 metrics.set_sync("file", runtime.policy_error.is_none());
