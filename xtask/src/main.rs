@@ -94,7 +94,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Extra arguments for keywall-bench (`-- --help` lists them: --no-flood,
-        /// --require-all, --no-doc, --doc FILE).
+        /// --require-all, --no-doc, --doc FILE; `-- --control-plane` runs only the
+        /// control-plane section and replaces it in BENCHMARKS.md, `--cp-sizes 1M` picks sizes).
         #[arg(last = true)]
         args: Vec<String>,
     },
