@@ -87,6 +87,10 @@ struct Args {
     /// With --control-plane: the policy sizes, e.g. `10k,100k,1M` (the default).
     #[arg(long, value_delimiter = ',', value_parser = parse_keys)]
     cp_sizes: Option<Vec<usize>>,
+    /// With --control-plane and --no-doc: only these parts (`api`, `file`, `etcd`), printed
+    /// as they are measured.
+    #[arg(long, value_delimiter = ',', requires = "no_doc")]
+    cp_parts: Option<Vec<String>>,
     /// Flood: run the edge's NAPI thread SCHED_FIFO (priority 1) so that other load on a
     /// shared machine does not take the edge core from it. Off by default: it starves other
     /// work on that core (to the kernel's 5% RT-throttling share) while the flood runs.
@@ -1912,6 +1916,57 @@ fn file_edits(plan: &Plan, keys: usize) -> (usize, usize) {
     }
 }
 
+/// Some parts of the control plane, printed only (`--cp-parts`).
+fn control_plane_parts(plan: &Plan, sizes: Option<&[usize]>, parts: &[String]) -> Result<()> {
+    use tests::api_bench::{FileFormat, FileWrite};
+    let pct = |xs: &[Duration]| {
+        (
+            tests::fleet_bench::percentile(xs, 50.0),
+            tests::fleet_bench::percentile(xs, 99.0),
+        )
+    };
+    for &k in sizes.unwrap_or(&[10_000, 100_000, 1_000_000]) {
+        for part in parts {
+            println!("{} keys, {part}:", keys_label(k));
+            match part.as_str() {
+                "api" => println!("  {:?}", tests::api_bench::control_plane(k, 200)?),
+                "file" => {
+                    let (r, i) = file_edits(plan, k);
+                    for (n, how) in [(r, FileWrite::Rename), (i, FileWrite::InPlace)] {
+                        let f = tests::api_bench::file_lock_to_drop(k, n, FileFormat::Toml, how)?;
+                        println!(
+                            "  {how:?}: lock p50/p99 {:?}, write {:?}, {:.3} CPU s per edit, RSS {:.0} MiB",
+                            pct(&f.lock),
+                            f.write,
+                            f.cpu_per_edit,
+                            f.rss_mib
+                        );
+                    }
+                }
+                "etcd" => {
+                    let f = tests::fleet_bench::propagation_at(k, 200, 200)?;
+                    let all: Vec<Duration> = f
+                        .prop
+                        .iter()
+                        .map(|r| r.iter().copied().max().unwrap_or_default())
+                        .collect();
+                    println!(
+                        "  populate {:?}, load {:?} (2 more: {:?}), lock p50/p99 {:?}, to 3 edges p50/p99 {:?}, RSS {:?}",
+                        f.populate,
+                        f.load,
+                        f.load_pair,
+                        pct(&f.lock),
+                        pct(&all),
+                        f.rss_mib
+                    );
+                }
+                other => bail!("unknown control-plane part {other} (api, file, etcd)"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Everything measured at one policy size.
 struct SizeFigures {
     api: tests::api_bench::ControlPlane,
@@ -3383,6 +3438,10 @@ fn run(args: &Args) -> Result<()> {
         plan.repeat = n;
     }
     let t_start = Instant::now();
+    if let Some(parts) = &args.cp_parts {
+        ensure!(args.control_plane, "--cp-parts goes with --control-plane");
+        return control_plane_parts(&plan, args.cp_sizes.as_deref(), parts);
+    }
     if args.control_plane {
         println!("keywall-bench: control plane only; {}", machine());
         let section = control_plane_api_section(&plan, args.cp_sizes.as_deref())?
