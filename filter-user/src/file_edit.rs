@@ -46,7 +46,10 @@ fn key_header_before(t: &[u8], at: usize) -> Option<usize> {
             return None;
         }
         // The start of the line before.
-        i = t[..i - 1].iter().rposition(|&b| b == b'\n').map_or(0, |n| n + 1);
+        i = t[..i - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |n| n + 1);
     }
 }
 
@@ -144,7 +147,11 @@ fn common_head(a: &[u8], b: &[u8]) -> usize {
     while i + B <= len && a[i..i + B] == b[i..i + B] {
         i += B;
     }
-    i + a[i..len].iter().zip(&b[i..len]).take_while(|(x, y)| x == y).count()
+    i + a[i..len]
+        .iter()
+        .zip(&b[i..len])
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 /// The length of the common end of `a` and `b`.
@@ -226,7 +233,11 @@ mod tests {
         let a = file(&[("aaaaaaaa", false), ("bbbbbbbb", false)]);
         let b = file(&[("aaaaaaaa", false), ("bbbbbbbb", false), ("cccccccc", true)]);
         let c = file(&[("bbbbbbbb", false)]);
-        let d = file(&[("aaaaaaaa", false), ("cccccccc", false), ("bbbbbbbb", false)]);
+        let d = file(&[
+            ("aaaaaaaa", false),
+            ("cccccccc", false),
+            ("bbbbbbbb", false),
+        ]);
         for (x, y) in [(&a, &b), (&b, &a), (&a, &c), (&c, &a), (&a, &d), (&d, &b)] {
             check(x, y);
         }
@@ -252,7 +263,11 @@ mod tests {
         assert_eq!(toml_key_edit(&a, &b), None);
         assert_eq!(toml_key_edit(&b, &a), None);
         // The first key's header itself, and multi-line strings.
-        let c = a.replacen("[[key]]\nprefix = \"aaaaaaaa\"", "[[key]]\nprefix = \"aaaaaaab\"", 1);
+        let c = a.replacen(
+            "[[key]]\nprefix = \"aaaaaaaa\"",
+            "[[key]]\nprefix = \"aaaaaaab\"",
+            1,
+        );
         check(&a, &c);
         let d = a.replace("allow = [\"10.0.0.1\"]\n\n[[key]]\nprefix = \"bbbbbbbb\"", "allow = [\"10.0.0.1\"]\nlock_reason = \"\"\"x\n[[key]]\"\"\"\n\n[[key]]\nprefix = \"bbbbbbbb\"");
         assert_eq!(toml_key_edit(&a, &d), None);

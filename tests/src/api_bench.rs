@@ -742,7 +742,11 @@ pub fn bench_policy_file(n: usize, locked: bool, fmt: FileFormat) -> Vec<u8> {
                     s,
                     "{{\"prefix\": \"bk{i:06}\", \"allow\": [\"{}\", \"10.200.0.7\"]{}}}{}\n",
                     host(i),
-                    if i == 0 && locked { ", \"locked\": true" } else { "" },
+                    if i == 0 && locked {
+                        ", \"locked\": true"
+                    } else {
+                        ""
+                    },
                     if i + 1 < n { "," } else { "" }
                 );
             }
@@ -817,7 +821,14 @@ pub fn file_lock_to_drop(
     let d = ApiDaemon::start_waiting(
         &sb,
         1,
-        &["--max-keys", &cap, "--policy", &path_arg, "--poll-ms", "200"],
+        &[
+            "--max-keys",
+            &cap,
+            "--policy",
+            &path_arg,
+            "--poll-ms",
+            "200",
+        ],
         Duration::from_secs(600),
     )?;
     let pid = d.proc.as_ref().map(|p| p.id()).context("daemon pid")?;

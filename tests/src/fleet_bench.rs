@@ -66,7 +66,11 @@ fn run_frame(prog: &Xdp, frame: &[u8]) -> Result<u32> {
 /// Writes `p` (the API JSON of [`bench_policy`]) into etcd's layout under `prefix` with the
 /// client API: the settings first, then the keys in transactions of 128 puts (etcd's default
 /// `--max-txn-ops`), 8 transactions in flight. Returns the time it took.
-pub fn put_policy_batched(etcd: &EtcdServer, prefix: &str, p: &serde_json::Value) -> Result<Duration> {
+pub fn put_policy_batched(
+    etcd: &EtcdServer,
+    prefix: &str,
+    p: &serde_json::Value,
+) -> Result<Duration> {
     use etcd_client::{Txn, TxnOp};
     let settings = json!({"settings": p["settings"], "listener": p["listener"]}).to_string();
     let mut ops: Vec<(String, String)> = Vec::new();
@@ -83,8 +87,7 @@ pub fn put_policy_batched(etcd: &EtcdServer, prefix: &str, p: &serde_json::Value
             let mut c = Client::connect([ETCD_URL], None).await?;
             c.put(format!("{prefix}settings"), settings, None).await?;
             const WORKERS: usize = 8;
-            let chunks: Vec<Vec<(String, String)>> =
-                ops.chunks(128).map(|c| c.to_vec()).collect();
+            let chunks: Vec<Vec<(String, String)>> = ops.chunks(128).map(|c| c.to_vec()).collect();
             let mut set = tokio::task::JoinSet::new();
             let chunks = std::sync::Arc::new(chunks);
             for w in 0..WORKERS {
@@ -210,8 +213,7 @@ fn fleet_at(keys: usize, locks: usize, writes: usize) -> Result<FleetFigures> {
         let limit = Duration::from_secs(60 + keys as u64 / 2_000);
         loop {
             let v = d.call("GET", "/v1/status", None)?.1;
-            if v["revision"].as_u64().unwrap_or(0) != 0 && v["keys"].as_u64() == Some(keys as u64)
-            {
+            if v["revision"].as_u64().unwrap_or(0) != 0 && v["keys"].as_u64() == Some(keys as u64) {
                 break;
             }
             if t0.elapsed() > limit {
@@ -247,7 +249,12 @@ fn fleet_at(keys: usize, locks: usize, writes: usize) -> Result<FleetFigures> {
     };
     let t0 = Instant::now();
     for (i, sb) in sbs.iter().enumerate().skip(1) {
-        daemons.push(ApiDaemon::start_waiting(sb, 1 + i as u32, &args, start_wait)?);
+        daemons.push(ApiDaemon::start_waiting(
+            sb,
+            1 + i as u32,
+            &args,
+            start_wait,
+        )?);
     }
     let mut load_pair = Duration::ZERO;
     for (i, sb) in sbs.iter().enumerate().skip(1) {
@@ -255,7 +262,9 @@ fn fleet_at(keys: usize, locks: usize, writes: usize) -> Result<FleetFigures> {
         load_pair = load_pair.max(wait_enforcing(&daemons[i], &p, t0)?);
         progs.push(p);
     }
-    let prop = lock_rounds(&etcd, &progs, &later, &key, &locked, &base, writes, &daemons)?;
+    let prop = lock_rounds(
+        &etcd, &progs, &later, &key, &locked, &base, writes, &daemons,
+    )?;
     let rss_mib = daemons
         .iter()
         .map(|d| d.proc.as_ref().map_or(0.0, |p| rss_mib(p.id())))

@@ -2015,7 +2015,8 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
         println!("    {api:?}");
         let (n_rename, n_inplace) = file_edits(plan, k);
         println!("  control plane at {label} keys: {n_rename} policy-file edits (rename)");
-        let file = tests::api_bench::file_lock_to_drop(k, n_rename, FileFormat::Toml, FileWrite::Rename)?;
+        let file =
+            tests::api_bench::file_lock_to_drop(k, n_rename, FileFormat::Toml, FileWrite::Rename)?;
         println!(
             "    lock p50/p99 {:?}, write {:?}, {:.3} CPU s per edit, RSS {:.0} MiB",
             pct(&file.lock),
@@ -2024,8 +2025,12 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
             file.rss_mib
         );
         println!("  control plane at {label} keys: {n_inplace} policy-file edits (in place)");
-        let file_inplace =
-            tests::api_bench::file_lock_to_drop(k, n_inplace, FileFormat::Toml, FileWrite::InPlace)?;
+        let file_inplace = tests::api_bench::file_lock_to_drop(
+            k,
+            n_inplace,
+            FileFormat::Toml,
+            FileWrite::InPlace,
+        )?;
         println!(
             "    lock p50/p99 {:?}, write {:?}, {:.3} CPU s per edit",
             pct(&file_inplace.lock),
@@ -2124,7 +2129,10 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
         out,
         "| keys | policy file | file write | daemon CPU per file edit | file daemon RSS | etcd written in | etcd snapshot to enforcing (edge 1 alone) | edges 2 and 3 together | etcd edges' RSS |"
     )?;
-    writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
     for (k, f) in &figs {
         let size = tests::api_bench::bench_policy_file(*k, false, FileFormat::Toml).len();
         writeln!(
@@ -3444,8 +3452,8 @@ fn run(args: &Args) -> Result<()> {
     }
     if args.control_plane {
         println!("keywall-bench: control plane only; {}", machine());
-        let section = control_plane_api_section(&plan, args.cp_sizes.as_deref())?
-            .unwrap_or_default();
+        let section =
+            control_plane_api_section(&plan, args.cp_sizes.as_deref())?.unwrap_or_default();
         println!("\n{section}");
         if !plan.quick && !args.no_doc {
             let doc = args.doc.clone().unwrap_or_else(|| {
@@ -3454,11 +3462,14 @@ fn run(args: &Args) -> Result<()> {
                     .expect("workspace root")
                     .join("BENCHMARKS.md")
             });
-            let old = fs::read_to_string(&doc)
-                .with_context(|| format!("reading {}", doc.display()))?;
+            let old =
+                fs::read_to_string(&doc).with_context(|| format!("reading {}", doc.display()))?;
             fs::write(&doc, replace_api_section(&old, &section)?)
                 .with_context(|| format!("writing {}", doc.display()))?;
-            println!("\nreplaced the \"Control-plane API\" section of {}", doc.display());
+            println!(
+                "\nreplaced the \"Control-plane API\" section of {}",
+                doc.display()
+            );
         }
         println!("done in {:.1} s", t_start.elapsed().as_secs_f64());
         return Ok(());
