@@ -70,7 +70,13 @@ struct FileWatch {
     /// The text last applied and the revision its head says: the next edit is compared
     /// with it (file_edit.rs). None after a rejected text or a SIGHUP.
     applied: Option<(String, Option<u64>)>,
+    /// The last call found the file being written: look again soon.
+    settling: bool,
 }
+
+/// A file modified less than this long ago may be between a writer's truncate and its
+/// write (an empty file is a valid, empty policy): it is read once it holds still.
+const FILE_SETTLE: Duration = Duration::from_millis(20);
 
 impl FileWatch {
     /// The file's text if it changed since the last call (None: unchanged or unreadable).
@@ -86,14 +92,23 @@ impl FileWatch {
                 m.len(),
             ))
         };
+        self.settling = false;
         let meta = stat()?;
         if self.meta == Some(meta) {
             return None;
         }
+        // Rewritten in place (truncated, then written), the file can be read empty or half
+        // written: read it once it holds still rather than apply part of it.
+        if SystemTime::now()
+            .duration_since(meta.0)
+            .is_ok_and(|d| d < FILE_SETTLE)
+        {
+            self.settling = true;
+            return None;
+        }
         let bytes = std::fs::read(p).ok()?;
         if stat()? != meta {
-            // Written while we read it (rewritten in place): read it at the next poll, once
-            // it holds still, rather than parse half a file.
+            self.settling = true;
             return None;
         }
         self.meta = Some(meta);
@@ -242,7 +257,14 @@ pub fn run(o: RunOptions) -> Result<()> {
         ..Default::default()
     };
     if let Some(p) = &o.policy {
-        let text = watch.changed(p);
+        let mut text = watch.changed(p);
+        for _ in 0..100 {
+            if text.is_some() || !watch.settling {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            text = watch.changed(p);
+        }
         let parsed = match &text {
             Some(text) => parse_policy_file(p, text),
             None => Err(anyhow::anyhow!("cannot read {}", p.display())),
@@ -430,6 +452,10 @@ pub fn run(o: RunOptions) -> Result<()> {
                 watch = FileWatch::default();
             }
             let changed = watch.changed(p);
+            if watch.settling {
+                // Looked at again after the next nap, not a whole poll period later.
+                next_poll = Instant::now();
+            }
             if reload && changed.is_none() {
                 // Unreadable: the running policy stays; tell systemd the reload is over.
                 crate::host::notify("READY=1");
