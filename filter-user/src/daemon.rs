@@ -429,6 +429,8 @@ pub fn run(o: RunOptions) -> Result<()> {
         shared.source.describe()
     ));
     let mut next_poll = Instant::now() + o.poll;
+    // The hash of a text that needs a whole apply, read once (see below).
+    let mut whole_candidate: Option<u64> = None;
     while !STOP.load(Ordering::SeqCst) {
         // Short naps: a signal does not cut a sleep short, and SIGHUP/SIGTERM should not
         // wait for a long --poll-ms.
@@ -486,7 +488,19 @@ pub fn run(o: RunOptions) -> Result<()> {
                             }
                             None
                         }
+                        // Not an edit of key tables: the whole file is parsed, once the
+                        // same bytes were read at two polls in a row. A file rewritten in
+                        // place can be read cut short, and cut at a line end it is a valid
+                        // policy missing keys; a whole apply takes seconds anyway.
+                        None if !reload && whole_candidate != watch.hash => {
+                            whole_candidate = watch.hash;
+                            watch.meta = None;
+                            watch.hash = None;
+                            watch.applied = applied;
+                            None
+                        }
                         None => {
+                            whole_candidate = None;
                             applied_before = applied;
                             Some(text)
                         }
