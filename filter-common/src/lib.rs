@@ -351,6 +351,9 @@ pub const FLOW_HAS_KEY: u8 = 1 << 0;
 pub const FLOW_PROXIED: u8 = 1 << 1;
 /// The connection passed bytes to the server (`HELD_PASSED` is set in its `KW_HELD` record).
 pub const FLOW_HELD: u8 = 1 << 3;
+/// The stream has passed 2 GiB or more since `start_seq`: the server may be anywhere in the
+/// sequence space, so no second stream is started on the tuple.
+pub const FLOW_LONG: u8 = 1 << 4;
 
 /// `KW_HELD` value: what the filter knows of every connection the server may hold on a
 /// 5-tuple, recorded from its SYN on. The map never evicts (the daemon's sweep forgets
@@ -423,7 +426,10 @@ pub struct Flow {
     pub client: [u8; 16],
     /// Where the last passed data segment began (a retransmission may start here).
     pub last_seq: u32,
-    pub _pad4: u32,
+    /// Where the followed stream began (its ISN + 1; 0: unknown). The server's `rcv_nxt`
+    /// lies somewhere between it and `next_seq`: it may have dropped bytes the filter passed
+    /// (a bad checksum, a closed window).
+    pub start_seq: u32,
     /// The parse context at `next_seq` and at `last_seq`.
     pub ctx_next: StreamCtx,
     pub ctx_last: StreamCtx,
@@ -446,7 +452,7 @@ impl Default for Flow {
             prefix: KeyPrefix { bytes: [0; 16] },
             client: [0; 16],
             last_seq: 0,
-            _pad4: 0,
+            start_seq: 0,
             ctx_next: StreamCtx {
                 flags: 0,
                 hdr_len: 0,

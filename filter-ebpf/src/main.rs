@@ -32,9 +32,9 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, CTX_HELLO, CTX_LINE, CTX_PROXY, CTX_START, Control,
     Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS,
-    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_PROXIED, Flow,
-    FlowKey, HELD_PASSED, HELD_POISON, HELD_SECOND, Held, KeyEntry, KeyPrefix, KeyStats,
-    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
+    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_LONG,
+    FLOW_PROXIED, Flow, FlowKey, HELD_PASSED, HELD_POISON, HELD_SECOND, Held, KeyEntry, KeyPrefix,
+    KeyStats, LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
     SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, StreamCtx, TLS_CARRY, TlsPending,
 };
@@ -346,12 +346,13 @@ fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
             // A retransmission of the last segment (maybe longer): its first `k` bytes are
             // judged from where that segment began, the rest from where it ended.
             (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
-        } else if far(seq, f.next_seq) && far(seq, f.last_seq) && second_start(sc, seq) {
+        } else if outside_stream(seq, f) && second_start(sc, seq) {
             // A second connection on this 5-tuple, judged from its stream start: the server
             // may still hold the old one (it answers a SYN on a live connection with a
-            // challenge ACK), but these bytes lie outside any window of it, and of the first
-            // SYN's. Only once: the flow now follows the new stream, and a third ISN could
-            // bounce back into the forgotten one's window.
+            // challenge ACK), but these bytes lie outside any window of it, wherever in its
+            // stream the server stands, and of the first SYN's. Only once: the flow now
+            // follows the new stream, and a third ISN could bounce back into the forgotten
+            // one's window.
             (AT_FRESH, len, fresh)
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -646,18 +647,24 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
     }
     fl.generation = settings.generation;
     fl._pad = 0;
-    fl._pad4 = 0;
     match known {
         Some(f) => {
             let f = unsafe { &*f };
             (fl.next_seq, fl.last_seq, fl.ctx_next, fl.ctx_last) =
                 (f.next_seq, f.last_seq, f.ctx_next, f.ctx_last);
+            fl.start_seq = f.start_seq;
+            fl.flags |= f.flags & FLOW_LONG;
             if passes && (at == AT_NEXT || k < len) {
                 (fl.last_seq, fl.ctx_last) = (f.next_seq, f.ctx_next);
                 (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
             }
+            if fl.next_seq.wrapping_sub(fl.start_seq) >= 1 << 31 {
+                // Each segment moves it by less than 64 KiB: set long before it could wrap.
+                fl.flags |= FLOW_LONG;
+            }
         }
         None => {
+            fl.start_seq = seq;
             (fl.last_seq, fl.ctx_last) = (seq, fresh_ctx);
             if passes {
                 (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
@@ -755,6 +762,22 @@ fn held_passed(fk: &FlowKey) -> bool {
             )
             .is_ok(),
     }
+}
+
+/// Whether `seq` lies more than a receive window away from every byte the server may be
+/// waiting for on the flow's stream: its `rcv_nxt` is somewhere in `[start_seq, next_seq]`
+/// (the server may have dropped passed bytes: a bad checksum, a closed window), not only
+/// near the filter's own positions.
+#[inline(always)]
+fn outside_stream(seq: u32, f: &Flow) -> bool {
+    if f.flags & FLOW_LONG != 0 || f.start_seq == 0 {
+        // Past 2 GiB the span may have wrapped; 0: a flow from before the start was kept.
+        return false;
+    }
+    let lo = f.start_seq.wrapping_sub(MAX_WINDOW);
+    // Below 2^31 + 2 windows: `FLOW_LONG` is set before the stream passes 2 GiB.
+    let span = f.next_seq.wrapping_sub(lo).wrapping_add(MAX_WINDOW);
+    seq.wrapping_sub(lo) > span
 }
 
 /// Receive windows stay below this (Linux caps them by tcp_rmem, 6 MiB by default).

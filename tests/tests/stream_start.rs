@@ -162,6 +162,106 @@ fn a_second_connection_on_a_tuple_starts_once_and_only_far_from_the_first() {
     );
 }
 
+/// Passes `bytes` of body in 1448-byte segments after `seq` on the connection `c` (one frame
+/// whose sequence number is rewritten: the filter does not read the checksum); returns the
+/// next sequence number.
+fn pass_body(l: &mut Loaded, c: &Pkt, mut seq: u32, bytes: u32) -> u32 {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut frame = c.clone().seq(seq).payload(&[b'a'; 1448]).build();
+    let seq_at = c.l4_offset() + 4;
+    let prog = l.dp.program().expect("program");
+    let end = seq.wrapping_add(bytes);
+    while end.wrapping_sub(seq) < 1 << 31 && seq != end {
+        frame[seq_at..seq_at + 4].copy_from_slice(&seq.to_be_bytes());
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, tests::harness::XDP_PASS, "body at {seq}");
+        seq = seq.wrapping_add(1448);
+    }
+    seq
+}
+
+#[test]
+fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
+    let mut l = loaded();
+    const MIB: u32 = 1 << 20;
+    // Connection 1 passes 140 MiB. The server may have taken only part of it (segments
+    // with a bad checksum, or sent into a closed window, pass the filter and are dropped
+    // by the server), so it may wait anywhere between the stream start and the last byte.
+    let c = Pkt::tcp4(ALLOWED4, EDGE4, 41010, 8080);
+    expect(
+        &mut l,
+        &c.clone().seq(100).syn().build(),
+        PassHandshake,
+        "SYN 1",
+    );
+    let req = request("37c541a1aaaa");
+    expect(
+        &mut l,
+        &c.clone().seq(101).payload(&req).build(),
+        PassAllowed,
+        "connection 1",
+    );
+    let next = pass_body(&mut l, &c, 101 + req.len() as u32, 140 * MIB);
+    // A second ISN 70 MiB into that span: more than a window from the first ISN and from
+    // the filter's positions, but a server that stopped at 70 MiB would splice its data
+    // onto connection 1.
+    let isn2 = 101 + 70 * MIB;
+    expect(
+        &mut l,
+        &c.clone().seq(isn2).syn().build(),
+        PassHandshake,
+        "SYN 2",
+    );
+    expect(
+        &mut l,
+        &c.clone()
+            .seq(isn2 + 1)
+            .payload(&request("37c541a1bbbb"))
+            .build(),
+        DropMalformed,
+        "a stream start inside connection 1's span",
+    );
+
+    // The same, with the second ISN beyond every byte connection 1 sent: a start.
+    let c = Pkt::tcp4(ALLOWED4, EDGE4, 41011, 8080);
+    expect(
+        &mut l,
+        &c.clone().seq(100).syn().build(),
+        PassHandshake,
+        "SYN 1'",
+    );
+    expect(
+        &mut l,
+        &c.clone().seq(101).payload(&req).build(),
+        PassAllowed,
+        "connection 1'",
+    );
+    let next2 = pass_body(&mut l, &c, 101 + req.len() as u32, 140 * MIB);
+    assert_eq!(next, next2);
+    let isn2 = next2.wrapping_add(70 * MIB);
+    expect(
+        &mut l,
+        &c.clone().seq(isn2).syn().build(),
+        PassHandshake,
+        "SYN 2'",
+    );
+    expect(
+        &mut l,
+        &c.clone()
+            .seq(isn2 + 1)
+            .payload(&request("37c541a1bbbb"))
+            .build(),
+        PassAllowed,
+        "a stream start beyond connection 1's span",
+    );
+}
+
 #[test]
 fn a_syn_near_the_recorded_one_loses_the_stream_start() {
     let mut l = loaded();
