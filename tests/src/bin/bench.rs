@@ -3070,6 +3070,7 @@ fn report(r: &Results, for_doc: bool) -> String {
         }
     } else {
         d.push('\n');
+        d.push_str(tests::bench::profile::ISSUE11);
         d.push_str(PROFILE_NOTES);
     }
     d
