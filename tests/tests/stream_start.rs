@@ -186,80 +186,51 @@ fn pass_body(l: &mut Loaded, c: &Pkt, mut seq: u32, bytes: u32) -> u32 {
     seq
 }
 
-#[test]
-fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
-    let mut l = loaded();
-    const MIB: u32 = 1 << 20;
-    // Connection 1 passes 140 MiB. The server may have taken only part of it (segments
-    // with a bad checksum, or sent into a closed window, pass the filter and are dropped
-    // by the server), so it may wait anywhere between the stream start and the last byte.
-    let c = Pkt::tcp4(ALLOWED4, EDGE4, 41010, 8080);
-    expect(
-        &mut l,
-        &c.clone().seq(100).syn().build(),
-        PassHandshake,
-        "SYN 1",
-    );
+const MIB: u32 = 1 << 20;
+
+/// A connection on `sport` (SYN at 100) that passes a request and then 140 MiB of body: the
+/// server may have taken only part of it (segments with a bad checksum, or sent into a
+/// closed window, pass the filter and are dropped by the server), so it may wait anywhere
+/// between the stream start and the last byte. Returns the connection and its next byte.
+fn long_connection(l: &mut Loaded, sport: u16) -> (Pkt, u32) {
+    let c = Pkt::tcp4(ALLOWED4, EDGE4, sport, 8080);
+    expect(l, &c.clone().seq(100).syn().build(), PassHandshake, "SYN 1");
     let req = request("37c541a1aaaa");
     expect(
-        &mut l,
+        l,
         &c.clone().seq(101).payload(&req).build(),
         PassAllowed,
         "connection 1",
     );
-    let next = pass_body(&mut l, &c, 101 + req.len() as u32, 140 * MIB);
-    // A second ISN 70 MiB into that span: more than a window from the first ISN and from
-    // the filter's positions, but a server that stopped at 70 MiB would splice its data
-    // onto connection 1.
-    let isn2 = 101 + 70 * MIB;
-    expect(
-        &mut l,
-        &c.clone().seq(isn2).syn().build(),
-        PassHandshake,
-        "SYN 2",
-    );
-    expect(
-        &mut l,
-        &c.clone()
-            .seq(isn2 + 1)
-            .payload(&request("37c541a1bbbb"))
-            .build(),
-        DropMalformed,
-        "a stream start inside connection 1's span",
-    );
+    let next = pass_body(l, &c, 101 + req.len() as u32, 140 * MIB);
+    (c, next)
+}
 
-    // The same, with the second ISN beyond every byte connection 1 sent: a start.
-    let c = Pkt::tcp4(ALLOWED4, EDGE4, 41011, 8080);
+/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
+fn second_start(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
+    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, "SYN 2");
+    let req = request("37c541a1bbbb");
     expect(
-        &mut l,
-        &c.clone().seq(100).syn().build(),
-        PassHandshake,
-        "SYN 1'",
+        l,
+        &c.clone().seq(isn + 1).payload(&req).build(),
+        reason,
+        what,
     );
-    expect(
-        &mut l,
-        &c.clone().seq(101).payload(&req).build(),
-        PassAllowed,
-        "connection 1'",
-    );
-    let next2 = pass_body(&mut l, &c, 101 + req.len() as u32, 140 * MIB);
-    assert_eq!(next, next2);
-    let isn2 = next2.wrapping_add(70 * MIB);
-    expect(
-        &mut l,
-        &c.clone().seq(isn2).syn().build(),
-        PassHandshake,
-        "SYN 2'",
-    );
-    expect(
-        &mut l,
-        &c.clone()
-            .seq(isn2 + 1)
-            .payload(&request("37c541a1bbbb"))
-            .build(),
-        PassAllowed,
-        "a stream start beyond connection 1's span",
-    );
+}
+
+#[test]
+fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
+    let mut l = loaded();
+    // A second ISN 70 MiB into connection 1's span: more than a window from the first ISN
+    // and from the filter's positions, but a server that stopped at 70 MiB would splice its
+    // data onto connection 1.
+    let (c, _) = long_connection(&mut l, 41010);
+    let inside = 101 + 70 * MIB;
+    second_start(&mut l, &c, inside, DropMalformed, "a start inside the span");
+    // The same with the second ISN beyond every byte connection 1 sent: a start.
+    let (c, next) = long_connection(&mut l, 41011);
+    let beyond = next.wrapping_add(70 * MIB);
+    second_start(&mut l, &c, beyond, PassAllowed, "a start beyond the span");
 }
 
 #[test]
