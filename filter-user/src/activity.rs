@@ -32,7 +32,7 @@ impl Query {
         let mut out = Query::default();
         for kv in q.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = crate::api::percent_decode(v);
+            let v = crate::source::api::percent_decode(v);
             match k {
                 "idle_for" if v.is_empty() => out.idle_from_policy = true,
                 "idle_for" => {
@@ -169,7 +169,7 @@ pub fn entries(view: &PinnedView) -> Result<Vec<(String, KeyActivity)>> {
                 continue;
             }
             let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
-            rows.push((crate::stats::prefix_str(k), a));
+            rows.push((crate::dataplane::counters::prefix_str(k), a));
         }
     })?;
     Ok(rows)
@@ -201,7 +201,7 @@ pub fn scan(view: &PinnedView, window_s: u64, c: &Clocks) -> Result<Vec<(String,
             }
             let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
             rows.push((
-                crate::stats::prefix_str(k),
+                crate::dataplane::counters::prefix_str(k),
                 (c.now_unix - idle_since(&a, c)).max(0) as u64,
                 risk::networks_in_window(&a.nets, c.now_mono, window_s),
             ));
@@ -294,7 +294,7 @@ pub fn listing(view: &PinnedView, policy: Option<&Policy>, q: &Query, c: &Clocks
     let keys: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let prefix = crate::stats::prefix_str(&r.prefix);
+            let prefix = crate::dataplane::counters::prefix_str(&r.prefix);
             let key = policy.and_then(|p| p.find_key(&prefix));
             let a = Activity::from_kernel(&r.act, c.mono_off, c.now_mono, window_s);
             let mut v = a.to_json();

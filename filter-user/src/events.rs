@@ -17,7 +17,7 @@ use filter_common::{DropEvent, EVENT_AUDIT, EVENT_HAS_KEY, FAMILY_V4, Reason, ma
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::stats::prefix_str;
+use crate::dataplane::counters::prefix_str;
 
 /// One drop event as operators see it.
 #[derive(Clone, Debug, PartialEq, Eq)]

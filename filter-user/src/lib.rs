@@ -1,13 +1,11 @@
 //! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
 pub mod activity;
-pub mod api;
 pub mod autolock;
 pub mod chain;
-pub mod client;
+pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod engine;
-pub mod etcd;
 pub mod events;
 pub mod fleet;
 pub mod host;
@@ -16,6 +14,6 @@ pub mod policy;
 pub mod prefilter;
 pub mod progress;
 pub mod risk;
+pub mod source;
 pub mod state;
-pub mod stats;
 pub mod status;

@@ -35,6 +35,7 @@ use filter_common::{
 };
 
 pub mod batch;
+pub mod counters;
 pub mod statkeys;
 
 use aya::maps::IterableMap as _;
@@ -1486,6 +1487,12 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A pinned map's capacity, from the kernel's own map info.
+pub fn map_capacity(pin_dir: &Path, name: &str) -> Option<u32> {
+    let d = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
+    d.info().ok().map(|i| i.max_entries())
 }
 
 #[cfg(test)]
