@@ -34,6 +34,7 @@ use filter_common::{
     Settings, maps,
 };
 
+pub mod activity;
 pub mod batch;
 pub mod counters;
 pub mod statkeys;

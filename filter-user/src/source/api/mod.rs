@@ -460,13 +460,24 @@ impl Shared {
                 );
             }
         };
-        // The policy is read under the lock; the maps after it, so writers are not held up.
-        let policy = {
+        // The head (settings, listeners, ipsets: no keys) is copied under the lock; the maps
+        // are read without it; then the rows answered (at most `top`) are looked up in the
+        // engine's key store: the policy is never materialised.
+        let head = {
             let eng = self.engine.lock().unwrap();
-            eng.applied.as_ref().map(|a| a.policy())
+            eng.applied.as_ref().map(|a| a.head.clone())
         };
-        match crate::activity::listing(&view, policy.as_ref(), &q, &crate::activity::Clocks::now())
-        {
+        let keys = |prefixes: &[String]| {
+            let eng = self.engine.lock().unwrap();
+            prefixes.iter().map(|p| eng.key(p)).collect()
+        };
+        match crate::activity::listing(
+            &view,
+            head.as_ref(),
+            keys,
+            &q,
+            &crate::activity::Clocks::now(),
+        ) {
             Ok(v) => (StatusCode::OK, v),
             Err(e) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
