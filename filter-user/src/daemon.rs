@@ -243,7 +243,7 @@ pub fn run(o: RunOptions) -> Result<()> {
 
     // 5. Serve: drop events, the API, metrics.
     let (events_tx, _) = tokio::sync::broadcast::channel(4096);
-    let events_error = match crate::events::open_ring(&o.pin_dir) {
+    let events_error = match crate::dataplane::events::open_ring(&o.pin_dir) {
         Ok(ring) => {
             let tx = events_tx.clone();
             std::thread::Builder::new()

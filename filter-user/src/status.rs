@@ -4,12 +4,11 @@
 use std::path::Path;
 
 use anyhow::Result;
-use aya::maps::IterableMap as _;
 use filter_common::{SETTING_ENFORCE, SETTING_LOADED};
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::{PinnedView, batch, pinned_ifaces},
+    dataplane::{LiveSlot, PinnedView, pinned_ifaces},
     state::{self, PolicyStatus},
 };
 
@@ -41,17 +40,12 @@ pub fn auto_locks_json(o: &crate::autolock::Overlay) -> Value {
 /// keeps in the state dir, never from parsing the policy or walking the key map.
 pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>) -> Result<Value> {
     let view = PinnedView::open(pin_dir)?;
-    let ctl = view.control.get(&0, 0)?;
-    let slot = ctl.active_slot & 1;
-    let s = view.settings.get(&slot, 0)?;
-    let flows = batch::count::<filter_common::FlowKey, filter_common::Flow>(view.flows.map())?;
-    let listeners = (1..=filter_common::MAX_LISTENERS as u16)
-        .filter(|n| {
-            view.listeners
-                .get(&filter_common::listener_slot(slot, *n), 0)
-                .is_ok_and(|l| l.locator != 0)
-        })
-        .count();
+    let LiveSlot {
+        slot,
+        settings: s,
+        listeners,
+    } = view.live_slot()?;
+    let flows = view.flow_count()?;
     let runtime = state::load_runtime(state_dir);
     let policy = live
         .or_else(|| state::load_policy_status(state_dir))
