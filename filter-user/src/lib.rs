@@ -1,4 +1,7 @@
-//! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
+//! keywall's userspace. Its rooms, bottom up: `policy` (the pure model), `dataplane` (the
+//! kernel boundary: every map write and every decoding of the kernel layout), `engine` (the
+//! one write path), `source` (the policy file, the API, etcd: each submits to the engine),
+//! `daemon` (`keywall run`) and `cli` (the operator verbs). HACKING.md has the map.
 pub mod activity;
 pub mod autolock;
 pub mod chain;
