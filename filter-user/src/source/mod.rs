@@ -1,6 +1,6 @@
 //! The policy sources: the policy file (`file/`), the HTTP API (`api/`) and etcd (`etcd/`).
-//! Exactly one owns a daemon's policy. Each turns its input into an [`Change`](crate::engine::Change) and
-//! calls [`Engine::submit`](crate::engine::Engine::submit); none writes a map itself.
+//! Exactly one owns a daemon's policy. Each turns its input into a
+//! [`Change`](crate::engine::Change) and calls [`Engine::submit`]; none writes a map itself.
 //!
 //! [`Shared`] is what the running daemon's threads share: the engine behind its lock, the
 //! runtime record, the figures readers use without the lock, drop events and metrics.
