@@ -488,6 +488,10 @@ const _: () = assert!(core::mem::size_of::<RateEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<SetMeta>() == 20);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<TlsPending>() == 16 + TLS_CARRY);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<KeyStats>() == 24);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 
 /// `KW_TLS_PENDING` value: where a ClientHello that outgrew its first segment goes on. Kept
 /// apart from `Flow` so the common flow entry stays small.

@@ -153,8 +153,8 @@ pub fn interval(idle_lock_after: Option<u64>) -> std::time::Duration {
 }
 
 /// The daemon's risk loop: runs until `stop`.
-pub fn run(sh: std::sync::Arc<crate::api::Shared>, stop: &std::sync::atomic::AtomicBool) {
-    use crate::api::Source;
+pub fn run(sh: std::sync::Arc<crate::source::Shared>, stop: &std::sync::atomic::AtomicBool) {
+    use crate::source::Source;
     use std::sync::atomic::Ordering;
     let mut alerted: BTreeMap<String, i64> = BTreeMap::new();
     let mut view = None;
