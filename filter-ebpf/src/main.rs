@@ -95,14 +95,23 @@ const NO_STAT: u32 = u32::MAX;
 /// `read_unaligned` would be split into eight byte loads: LLVM's BPF backend assumes aligned
 /// access only. The x86-64 JIT and the verifier (with efficient unaligned access) are fine with
 /// a single unaligned load, and a volatile read keeps LLVM from splitting it.
+///
+/// # Safety
+/// `p..p + 8` must be readable: bounds checked against the packet end, or inside a map value
+/// or scratch.
 #[inline(always)]
-pub fn ld64(p: *const u64) -> u64 {
+pub unsafe fn ld64(p: *const u64) -> u64 {
+    // SAFETY: the caller's bounds check (see above).
     unsafe { core::ptr::read_volatile(p) }
 }
 
 /// One 2-byte load at `p`, whatever its alignment (see `ld64`).
+///
+/// # Safety
+/// `p..p + 2` must be readable (see `ld64`).
 #[inline(always)]
-pub fn ld16(p: *const u16) -> u16 {
+pub unsafe fn ld16(p: *const u16) -> u16 {
+    // SAFETY: the caller's bounds check (see above).
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -114,14 +123,22 @@ pub type ScratchPtr = *mut Scratch;
 /// Paths that reach the same point with different offsets (VLAN tags, IP options, extension
 /// headers) then look alike and are verified once, instead of once per combination. Every
 /// use is bounds checked after this, so nothing is trusted that was not checked.
+///
+/// # Safety
+/// `sc` must be this CPU's scratch, from the `SCRATCH` lookup.
 #[inline(always)]
-pub fn forget(sc: ScratchPtr, x: usize) -> usize {
-    forget_in(sc, 0, x)
+pub unsafe fn forget(sc: ScratchPtr, x: usize) -> usize {
+    // SAFETY: passed on from the caller.
+    unsafe { forget_in(sc, 0, x) }
 }
 
 /// `forget` through word `i` of the scratch, for several values at once.
+///
+/// # Safety
+/// `sc` must be this CPU's scratch (see `forget`).
 #[inline(always)]
-pub fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
+pub unsafe fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
+    // SAFETY: `sc` is valid (the caller's contract); `i & 3` stays inside `tmp`.
     unsafe {
         let p = core::ptr::addr_of_mut!((*sc).tmp[i & 3]);
         core::ptr::write_volatile(p, x as u64);
@@ -204,12 +221,6 @@ fn on_drop(ctx: &XdpContext, v: &Verdict, flags: u8, action: u32) -> u32 {
 #[xdp]
 pub fn keywall_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-/// The ceiling for benchmarks: drop everything.
-#[xdp]
-pub fn keywall_baseline_drop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
 }
 
 /// The live slot's settings, or None before any policy was applied.
