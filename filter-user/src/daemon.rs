@@ -328,7 +328,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("keywall-risk".into())
-            .spawn(move || crate::autolock::run(sh, &STOP))?;
+            .spawn(move || crate::source::autolock::run(sh, &STOP))?;
     }
     // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
     crate::host::notify(&format!(

@@ -15,6 +15,7 @@ use tokio::sync::broadcast;
 use crate::{engine::Engine, events::EventRecord, metrics::Metrics, state::Runtime};
 
 pub mod api;
+pub mod autolock;
 pub mod etcd;
 pub mod file;
 
