@@ -38,6 +38,8 @@ pub mod maps {
     pub const EVENTS: &str = "KW_EVENTS";
     pub const TLS_PENDING: &str = "KW_TLS_PENDING";
     pub const HELD: &str = "KW_HELD";
+    /// One `u32`: the daemon's `KEYWALL_HELD_IDLE_SECS` (0 until a daemon wrote it).
+    pub const HELD_IDLE: &str = "KW_HELD_IDLE";
     /// Per-key activity (issue 13), indexed like `KW_KEY_STATS`.
     pub const ACTIVITY: &str = "KW_ACTIVITY";
     /// Per-key rate limits and their state (issue 13), only for limited keys.
@@ -436,7 +438,10 @@ pub struct Flow {
     /// When the client last sent data (coarse clock, seconds): the daemon forgets connections
     /// idle for longer than servers keep them.
     pub seen_s: u32,
-    pub _pad3: u32,
+    /// When the stream this flow replaced on its tuple last passed data (coarse seconds;
+    /// 0: it replaced none). The server closes that one once it has been idle for the
+    /// daemon's idle time, and then the tuple may start another stream.
+    pub prev_seen_s: u32,
 }
 
 impl Default for Flow {
@@ -466,7 +471,7 @@ impl Default for Flow {
                 hdr: [0; 4],
             },
             seen_s: 0,
-            _pad3: 0,
+            prev_seen_s: 0,
         }
     }
 }

@@ -77,6 +77,10 @@ static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, 
 #[map(name = "KW_HELD")]
 static HELD: HashMap<FlowKey, Held> =
     HashMap::pinned(filter_common::DEFAULT_MAX_HELD, BPF_F_NO_PREALLOC);
+/// The daemon's idle time (`KEYWALL_HELD_IDLE_SECS`; 0: none written): the time after which
+/// a server has closed a connection whose client sent no data.
+#[map(name = "KW_HELD_IDLE")]
+static HELD_IDLE: Array<u32> = Array::pinned(1, 0);
 /// ClientHellos followed into a next segment.
 #[map(name = "KW_TLS_PENDING")]
 static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
@@ -331,6 +335,7 @@ fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
             Some(r)
                 if r.flags & (HELD_PASSED | HELD_POISON) == 0 && seq == r.isn.wrapping_add(1) =>
             {
+                unsafe { (*sc).prev_seen = 0 };
                 (AT_FRESH, len, fresh)
             }
             _ => (AT_UNKNOWN, 0, fresh),
@@ -363,7 +368,9 @@ fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
             // challenge ACK), but these bytes lie outside any window of it, wherever in its
             // stream the server stands, and of the first SYN's. Only once: the flow now
             // follows the new stream, and a third ISN could bounce back into the forgotten
-            // one's window.
+            // one's window, unless that one has been idle for as long as servers keep
+            // connections (`renewable`).
+            unsafe { (*sc).prev_seen = f.seen_s.max(1) };
             (AT_FRESH, len, fresh)
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -664,6 +671,7 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
             (fl.next_seq, fl.last_seq, fl.ctx_next, fl.ctx_last) =
                 (f.next_seq, f.last_seq, f.ctx_next, f.ctx_last);
             fl.start_seq = f.start_seq;
+            fl.prev_seen_s = f.prev_seen_s;
             fl.flags |= f.flags & FLOW_LONG;
             if passes && (at == AT_NEXT || k < len) {
                 (fl.last_seq, fl.ctx_last) = (f.next_seq, f.ctx_next);
@@ -676,6 +684,7 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         }
         None => {
             fl.start_seq = seq;
+            fl.prev_seen_s = unsafe { (*sc).prev_seen };
             (fl.last_seq, fl.ctx_last) = (seq, fresh_ctx);
             if passes {
                 (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
@@ -685,7 +694,6 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         }
     }
     fl.seen_s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    fl._pad3 = 0;
     let pending_next = fl.ctx_next.flags & CTX_HELLO != 0;
     match known {
         // Rewritten in place: replacing an LRU element costs a node swap.
@@ -718,15 +726,39 @@ fn note_syn(fk: &FlowKey, isn: u32) -> bool {
     };
     let r = unsafe { &mut *r };
     if r.isn != isn {
-        if r.flags & (HELD_SECOND | HELD_POISON) == 0 && far(isn, r.isn) {
+        let second = r.flags & (HELD_SECOND | HELD_POISON);
+        if second == 0 && far(isn, r.isn) {
             r.isn = isn;
             held_or(r, HELD_SECOND);
+        } else if second == HELD_SECOND && far(isn, r.isn) && renewable(fk, r.isn) {
+            // The stream before the flow's is closed: the server may hold only the flow's
+            // stream, so the tuple may start one more, as it could its second.
+            r.isn = isn;
         } else {
             // Two ISNs it cannot tell apart, or a third: where a stream starts is lost.
             held_or(r, HELD_POISON);
         }
     }
     true
+}
+
+/// Whether the tuple's flow follows the stream of the last recorded SYN (`isn`), and the
+/// stream it replaced has sent no data for the daemon's idle time: the same assumption the
+/// daemon's sweep forgets whole tuples on (servers close connections idle that long).
+#[inline(always)]
+fn renewable(fk: &FlowKey, isn: u32) -> bool {
+    let idle = match HELD_IDLE.get(0) {
+        Some(&i) if i != 0 => i,
+        _ => return false,
+    };
+    let Some(f) = (unsafe { FLOWS.get(fk) }) else {
+        return false;
+    };
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    f.flags & FLOW_LONG == 0
+        && f.start_seq == isn.wrapping_add(1)
+        && f.prev_seen_s != 0
+        && now.wrapping_sub(f.prev_seen_s) >= idle
 }
 
 #[inline(always)]

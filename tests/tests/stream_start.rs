@@ -233,6 +233,63 @@ fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
     second_start(&mut l, &c, beyond, PassAllowed, "a start beyond the span");
 }
 
+/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
+fn connection(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
+    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, what);
+    let req = request("37c541a1aaaa");
+    expect(
+        l,
+        &c.clone().seq(isn.wrapping_add(1)).payload(&req).build(),
+        reason,
+        what,
+    );
+}
+
+#[test]
+fn a_further_stream_starts_once_the_one_before_the_flows_has_been_idle() {
+    let mut l = loaded();
+    // What the daemon does: the sweep writes the idle time after which servers have closed
+    // a connection whose client sent nothing (1 s here).
+    let _gc = keywall::dataplane::HeldGc::open(&l.pin_dir, std::time::Duration::from_secs(1))
+        .expect("sweep");
+    // Four ISNs a quarter of the sequence space apart: each far from the others.
+    let isn = |i: u32| 100u32.wrapping_add(i << 30);
+    // Connection 1 sent data a moment ago: a third stream could still meet it at the server.
+    let a = Pkt::tcp4(ALLOWED4, EDGE4, 41020, 8080);
+    connection(&mut l, &a, isn(0), PassAllowed, "A: connection 1");
+    connection(&mut l, &a, isn(2), PassAllowed, "A: connection 2");
+    connection(
+        &mut l,
+        &a,
+        isn(1),
+        DropMalformed,
+        "A: connection 3, too soon",
+    );
+    // Once connection 1 has been idle for that long, the server holds connection 2 at most.
+    let b = Pkt::tcp4(ALLOWED4, EDGE4, 41021, 8080);
+    connection(&mut l, &b, isn(0), PassAllowed, "B: connection 1");
+    connection(&mut l, &b, isn(2), PassAllowed, "B: connection 2");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // Connection 2 goes on sending; connection 1 has been idle since the sleep.
+    let req = request("37c541a1aaaa");
+    let next = isn(2) + 1 + req.len() as u32;
+    expect(
+        &mut l,
+        &b.clone().seq(next).payload(&req).build(),
+        PassAllowed,
+        "B: 2 again",
+    );
+    connection(&mut l, &b, isn(1), PassAllowed, "B: connection 3, 1 idle");
+    // Connection 2 sent data just before it: a fourth must wait.
+    connection(
+        &mut l,
+        &b,
+        isn(3),
+        DropMalformed,
+        "B: connection 4, too soon",
+    );
+}
+
 #[test]
 fn a_syn_near_the_recorded_one_loses_the_stream_start() {
     let mut l = loaded();

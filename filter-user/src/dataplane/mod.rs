@@ -1357,6 +1357,13 @@ impl HeldGc {
                 .with_context(|| format!("opening the pinned {name}"))?;
             Ok(Map::from_map_data(d)?)
         };
+        // The program starts a further stream on a tuple once the one before has been idle
+        // this long (the assumption this sweep rests on too); 0 until written.
+        let idle_s = idle.as_secs().min(u32::MAX as u64) as u32;
+        let mut held_idle: aya::maps::Array<MapData, u32> = o(maps::HELD_IDLE)?.try_into()?;
+        held_idle
+            .set(0, idle_s, 0)
+            .context("writing the idle time to KW_HELD_IDLE")?;
         Ok(HeldGc {
             held: o(maps::HELD)?.try_into()?,
             flows: o(maps::FLOWS)?.try_into()?,
