@@ -38,6 +38,8 @@ pub mod maps {
     pub const EVENTS: &str = "KW_EVENTS";
     pub const TLS_PENDING: &str = "KW_TLS_PENDING";
     pub const HELD: &str = "KW_HELD";
+    /// One `u32`: the daemon's `KEYWALL_HELD_IDLE_SECS` (0 until a daemon wrote it).
+    pub const HELD_IDLE: &str = "KW_HELD_IDLE";
     /// Per-key activity (issue 13), indexed like `KW_KEY_STATS`.
     pub const ACTIVITY: &str = "KW_ACTIVITY";
     /// Per-key rate limits and their state (issue 13), only for limited keys.
@@ -351,6 +353,9 @@ pub const FLOW_HAS_KEY: u8 = 1 << 0;
 pub const FLOW_PROXIED: u8 = 1 << 1;
 /// The connection passed bytes to the server (`HELD_PASSED` is set in its `KW_HELD` record).
 pub const FLOW_HELD: u8 = 1 << 3;
+/// The stream has passed 2 GiB or more since `start_seq`: the server may be anywhere in the
+/// sequence space, so no second stream is started on the tuple.
+pub const FLOW_LONG: u8 = 1 << 4;
 
 /// `KW_HELD` value: what the filter knows of every connection the server may hold on a
 /// 5-tuple, recorded from its SYN on. The map never evicts (the daemon's sweep forgets
@@ -423,14 +428,20 @@ pub struct Flow {
     pub client: [u8; 16],
     /// Where the last passed data segment began (a retransmission may start here).
     pub last_seq: u32,
-    pub _pad4: u32,
+    /// Where the followed stream began (its ISN + 1; 0: unknown). The server's `rcv_nxt`
+    /// lies somewhere between it and `next_seq`: it may have dropped bytes the filter passed
+    /// (a bad checksum, a closed window).
+    pub start_seq: u32,
     /// The parse context at `next_seq` and at `last_seq`.
     pub ctx_next: StreamCtx,
     pub ctx_last: StreamCtx,
     /// When the client last sent data (coarse clock, seconds): the daemon forgets connections
     /// idle for longer than servers keep them.
     pub seen_s: u32,
-    pub _pad3: u32,
+    /// When the stream this flow replaced on its tuple last passed data (coarse seconds;
+    /// 0: it replaced none). The server closes that one once it has been idle for the
+    /// daemon's idle time, and then the tuple may start another stream.
+    pub prev_seen_s: u32,
 }
 
 impl Default for Flow {
@@ -446,7 +457,7 @@ impl Default for Flow {
             prefix: KeyPrefix { bytes: [0; 16] },
             client: [0; 16],
             last_seq: 0,
-            _pad4: 0,
+            start_seq: 0,
             ctx_next: StreamCtx {
                 flags: 0,
                 hdr_len: 0,
@@ -460,7 +471,7 @@ impl Default for Flow {
                 hdr: [0; 4],
             },
             seen_s: 0,
-            _pad3: 0,
+            prev_seen_s: 0,
         }
     }
 }
@@ -482,6 +493,10 @@ const _: () = assert!(core::mem::size_of::<RateEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<SetMeta>() == 20);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<TlsPending>() == 16 + TLS_CARRY);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<KeyStats>() == 24);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 48);
 
 /// `KW_TLS_PENDING` value: where a ClientHello that outgrew its first segment goes on. Kept
 /// apart from `Flow` so the common flow entry stays small.

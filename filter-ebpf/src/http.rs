@@ -53,11 +53,13 @@ fn last_bytes(sc: ScratchPtr, data: usize, data_end: usize, end: usize, rem: u64
         return None;
     }
     // Laundered so LLVM keeps the offset non-negative in the verifier's eyes.
-    let q = data + (forget_in(sc, 0, end - 8) & 0x3fff);
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let q = data + (unsafe { forget_in(sc, 0, end - 8) } & 0x3fff);
     if q + 8 > data_end {
         return None;
     }
-    Some(ld64(q as *const u64) >> (8 * (8 - rem)))
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    Some(unsafe { ld64(q as *const u64) } >> (8 * (8 - rem)))
 }
 
 /// How far to advance past the first newline in `w` (8 if none), and whether there was one.
@@ -105,7 +107,8 @@ extern "C" fn line_cb(i: u64, lc: *mut c_void) -> i64 {
 fn step4(p: usize, seps: u64, fold: u64, skip: usize) -> (usize, usize) {
     // Each word's flags (high bit per separator byte) gathered into one byte, bit j = byte j.
     let gather = |o: usize| {
-        let m = newline_mask(ld64((p + o) as *const u64) | fold, seps);
+        // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+        let m = newline_mask(unsafe { ld64((p + o) as *const u64) } | fold, seps);
         ((m >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
     };
     let s = gather(0) | gather(8) << 8 | gather(16) << 16 | gather(24) << 24;
@@ -193,7 +196,8 @@ fn stream_start_ok(ctx: &XdpContext, start: usize, end: usize, fix: bool) -> boo
     if start + 8 > end || p + 8 > ctx.data_end() {
         return false;
     }
-    let w = ld64(p as *const u64);
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let w = unsafe { ld64(p as *const u64) };
     if fix {
         return w & low_bytes(5) == u64::from_le_bytes(*b"8=FIX\0\0\0");
     }
@@ -240,7 +244,8 @@ fn scan(
         return Found::Malformed;
     }
     let n = n as usize & 0xff;
-    let len = forget_in(sc, 3, len) & 0x3fff;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let len = unsafe { forget_in(sc, 3, len) } & 0x3fff;
     if n > MAX_LINES {
         return Found::Malformed;
     }
@@ -334,7 +339,8 @@ fn record_lines(ctx: &XdpContext, sc: ScratchPtr, bounds: u64, sepfold: u64) -> 
         let at = start + pos;
         // min(at, last) without a select (BPF turns selects into branches, and LLVM finds a
         // min in any arithmetic form of it: the sign bit is laundered so it cannot).
-        let d = forget_in(sc, 0, last.wrapping_sub(at));
+        // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+        let d = unsafe { forget_in(sc, 0, last.wrapping_sub(at)) };
         let r = at.wrapping_sub((((d as i64) >> 63) as usize) & at.wrapping_sub(last));
         let p = data + (r & 0x3fff);
         if p + 32 > data_end {
@@ -348,9 +354,12 @@ fn record_lines(ctx: &XdpContext, sc: ScratchPtr, bounds: u64, sepfold: u64) -> 
     }
     // Each iteration leaves the loop with its own pos and n; launder them so those exits
     // become one state for the verifier.
-    let pos = forget_in(sc, 1, pos) & 0x3fff;
-    let n = forget_in(sc, 2, n) & 0xff;
-    let len = forget_in(sc, 3, len) & 0x3fff;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let pos = unsafe { forget_in(sc, 1, pos) } & 0x3fff;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let n = unsafe { forget_in(sc, 2, n) } & 0xff;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let len = unsafe { forget_in(sc, 3, len) } & 0x3fff;
     if pos < len {
         // More payload (or more line starts) than the scan budget.
         return NO_LINES;
@@ -412,7 +421,8 @@ fn leading_spaces(data: usize, data_end: usize, sc: ScratchPtr, off: usize, end:
         }
         let p = data + o;
         let w = if p + 8 <= data_end && o + 8 <= end {
-            ld64(p as *const u64)
+            // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+            unsafe { ld64(p as *const u64) }
         } else {
             let rem = (((end - o).wrapping_sub(1)) & 7) as u64 + 1;
             match last_bytes(sc, data, data_end, end, rem) {
@@ -457,7 +467,8 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
     // The first 8 bytes of the line (fewer at the payload end, zero padded), for a cheap
     // first comparison.
     let (w0, have) = if p + 8 <= data_end && off + 8 <= end {
-        (ld64(p as *const u64), 8u64)
+        // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+        (unsafe { ld64(p as *const u64) }, 8u64)
     } else {
         if off >= end {
             return;
@@ -495,9 +506,12 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
                 break;
             }
             let (name, fold, mask) = (
-                ld64(l.header_names[h].as_ptr() as *const u64),
-                ld64(l.header_fold[h].as_ptr() as *const u64),
-                ld64(l.header_mask[h].as_ptr() as *const u64),
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                unsafe { ld64(l.header_names[h].as_ptr() as *const u64) },
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                unsafe { ld64(l.header_fold[h].as_ptr() as *const u64) },
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                unsafe { ld64(l.header_mask[h].as_ptr() as *const u64) },
             );
             // The colon (`=` for FIX) is left out here: a blank before it is checked below.
             let hl1 = (l.header_len[h] as u64).wrapping_sub(1) & 31;
@@ -516,7 +530,8 @@ fn check_line(ctx: &XdpContext, off: usize, l: &Listener, sc: ScratchPtr, true_s
     if p + WINDOW <= data_end && off + WINDOW <= end {
         let s = p as *const u64;
         for j in 0..WINDOW / 8 {
-            buf[j] = ld64(unsafe { s.add(j) });
+            // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+            buf[j] = unsafe { ld64(s.add(j)) };
         }
         // load8 may read one word past the window.
         buf[WINDOW / 8] = 0;

@@ -32,9 +32,9 @@ use aya_ebpf::{
 use filter_common::{
     AUDIT_OFFSET, AllowKey, COUNTER_SLOTS, CTX_HELLO, CTX_LINE, CTX_PROXY, CTX_START, Control,
     Counter, DEFAULT_MAX_ALLOW, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KEYS, DEFAULT_MAX_SETS,
-    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_PROXIED, Flow,
-    FlowKey, HELD_PASSED, HELD_POISON, HELD_SECOND, Held, KeyEntry, KeyPrefix, KeyStats,
-    LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
+    DEFAULT_PREFILTER_WORDS_LOG2, EVENTS_RING_BYTES, FLOW_HAS_KEY, FLOW_HELD, FLOW_LONG,
+    FLOW_PROXIED, Flow, FlowKey, HELD_PASSED, HELD_POISON, HELD_SECOND, Held, KeyEntry, KeyPrefix,
+    KeyStats, LISTENER_PROXY_PROTOCOL, LOCATOR_FIX, LOCATOR_HTTP_HEADER, LOCATOR_TLS_SNI, Listener,
     MAX_LISTENERS, Reason, SETTING_ACTION_RESET, SETTING_ENFORCE, SETTING_LOADED,
     SETTING_NO_KEY_DROP, SETTING_PREFILTER, SetMeta, Settings, StreamCtx, TLS_CARRY, TlsPending,
 };
@@ -77,6 +77,10 @@ static PREFILTER: Array<u64> = Array::pinned(2 << DEFAULT_PREFILTER_WORDS_LOG2, 
 #[map(name = "KW_HELD")]
 static HELD: HashMap<FlowKey, Held> =
     HashMap::pinned(filter_common::DEFAULT_MAX_HELD, BPF_F_NO_PREALLOC);
+/// The daemon's idle time (`KEYWALL_HELD_IDLE_SECS`; 0: none written): the time after which
+/// a server has closed a connection whose client sent no data.
+#[map(name = "KW_HELD_IDLE")]
+static HELD_IDLE: Array<u32> = Array::pinned(1, 0);
 /// ClientHellos followed into a next segment.
 #[map(name = "KW_TLS_PENDING")]
 static TLS_PENDING: LruHashMap<FlowKey, TlsPending> =
@@ -95,14 +99,23 @@ const NO_STAT: u32 = u32::MAX;
 /// `read_unaligned` would be split into eight byte loads: LLVM's BPF backend assumes aligned
 /// access only. The x86-64 JIT and the verifier (with efficient unaligned access) are fine with
 /// a single unaligned load, and a volatile read keeps LLVM from splitting it.
+///
+/// # Safety
+/// `p..p + 8` must be readable: bounds checked against the packet end, or inside a map value
+/// or scratch.
 #[inline(always)]
-pub fn ld64(p: *const u64) -> u64 {
+pub unsafe fn ld64(p: *const u64) -> u64 {
+    // SAFETY: the caller's bounds check (see above).
     unsafe { core::ptr::read_volatile(p) }
 }
 
 /// One 2-byte load at `p`, whatever its alignment (see `ld64`).
+///
+/// # Safety
+/// `p..p + 2` must be readable (see `ld64`).
 #[inline(always)]
-pub fn ld16(p: *const u16) -> u16 {
+pub unsafe fn ld16(p: *const u16) -> u16 {
+    // SAFETY: the caller's bounds check (see above).
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -114,14 +127,22 @@ pub type ScratchPtr = *mut Scratch;
 /// Paths that reach the same point with different offsets (VLAN tags, IP options, extension
 /// headers) then look alike and are verified once, instead of once per combination. Every
 /// use is bounds checked after this, so nothing is trusted that was not checked.
+///
+/// # Safety
+/// `sc` must be this CPU's scratch, from the `SCRATCH` lookup.
 #[inline(always)]
-pub fn forget(sc: ScratchPtr, x: usize) -> usize {
-    forget_in(sc, 0, x)
+pub unsafe fn forget(sc: ScratchPtr, x: usize) -> usize {
+    // SAFETY: passed on from the caller.
+    unsafe { forget_in(sc, 0, x) }
 }
 
 /// `forget` through word `i` of the scratch, for several values at once.
+///
+/// # Safety
+/// `sc` must be this CPU's scratch (see `forget`).
 #[inline(always)]
-pub fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
+pub unsafe fn forget_in(sc: ScratchPtr, i: usize, x: usize) -> usize {
+    // SAFETY: `sc` is valid (the caller's contract); `i & 3` stays inside `tmp`.
     unsafe {
         let p = core::ptr::addr_of_mut!((*sc).tmp[i & 3]);
         core::ptr::write_volatile(p, x as u64);
@@ -204,12 +225,6 @@ fn on_drop(ctx: &XdpContext, v: &Verdict, flags: u8, action: u32) -> u32 {
 #[xdp]
 pub fn keywall_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-/// The ceiling for benchmarks: drop everything.
-#[xdp]
-pub fn keywall_baseline_drop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
 }
 
 /// The live slot's settings, or None before any policy was applied.
@@ -320,6 +335,7 @@ fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
             Some(r)
                 if r.flags & (HELD_PASSED | HELD_POISON) == 0 && seq == r.isn.wrapping_add(1) =>
             {
+                unsafe { (*sc).prev_seen = 0 };
                 (AT_FRESH, len, fresh)
             }
             _ => (AT_UNKNOWN, 0, fresh),
@@ -346,12 +362,15 @@ fn position(sc: ScratchPtr, f: *mut Flow, args: u64) -> u64 {
             // A retransmission of the last segment (maybe longer): its first `k` bytes are
             // judged from where that segment began, the rest from where it ended.
             (AT_RETRANS, f.next_seq.wrapping_sub(seq), f.ctx_last)
-        } else if far(seq, f.next_seq) && far(seq, f.last_seq) && second_start(sc, seq) {
+        } else if outside_stream(seq, f) && second_start(sc, seq) {
             // A second connection on this 5-tuple, judged from its stream start: the server
             // may still hold the old one (it answers a SYN on a live connection with a
-            // challenge ACK), but these bytes lie outside any window of it, and of the first
-            // SYN's. Only once: the flow now follows the new stream, and a third ISN could
-            // bounce back into the forgotten one's window.
+            // challenge ACK), but these bytes lie outside any window of it, wherever in its
+            // stream the server stands, and of the first SYN's. Only once: the flow now
+            // follows the new stream, and a third ISN could bounce back into the forgotten
+            // one's window, unless that one has been idle for as long as servers keep
+            // connections (`renewable`).
+            unsafe { (*sc).prev_seen = f.seen_s.max(1) };
             (AT_FRESH, len, fresh)
         } else {
             // Ahead of what was judged, behind it, or overlapping part of it: where the
@@ -646,18 +665,26 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
     }
     fl.generation = settings.generation;
     fl._pad = 0;
-    fl._pad4 = 0;
     match known {
         Some(f) => {
             let f = unsafe { &*f };
             (fl.next_seq, fl.last_seq, fl.ctx_next, fl.ctx_last) =
                 (f.next_seq, f.last_seq, f.ctx_next, f.ctx_last);
+            fl.start_seq = f.start_seq;
+            fl.prev_seen_s = f.prev_seen_s;
+            fl.flags |= f.flags & FLOW_LONG;
             if passes && (at == AT_NEXT || k < len) {
                 (fl.last_seq, fl.ctx_last) = (f.next_seq, f.ctx_next);
                 (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
             }
+            if fl.next_seq.wrapping_sub(fl.start_seq) >= 1 << 31 {
+                // Each segment moves it by less than 64 KiB: set long before it could wrap.
+                fl.flags |= FLOW_LONG;
+            }
         }
         None => {
+            fl.start_seq = seq;
+            fl.prev_seen_s = unsafe { (*sc).prev_seen };
             (fl.last_seq, fl.ctx_last) = (seq, fresh_ctx);
             if passes {
                 (fl.next_seq, fl.ctx_next) = (seq.wrapping_add(len), out.ctx);
@@ -667,7 +694,6 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
         }
     }
     fl.seen_s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    fl._pad3 = 0;
     let pending_next = fl.ctx_next.flags & CTX_HELLO != 0;
     match known {
         // Rewritten in place: replacing an LRU element costs a node swap.
@@ -700,15 +726,39 @@ fn note_syn(fk: &FlowKey, isn: u32) -> bool {
     };
     let r = unsafe { &mut *r };
     if r.isn != isn {
-        if r.flags & (HELD_SECOND | HELD_POISON) == 0 && far(isn, r.isn) {
+        let second = r.flags & (HELD_SECOND | HELD_POISON);
+        if second == 0 && far(isn, r.isn) {
             r.isn = isn;
             held_or(r, HELD_SECOND);
+        } else if second == HELD_SECOND && far(isn, r.isn) && renewable(fk, r.isn) {
+            // The stream before the flow's is closed: the server may hold only the flow's
+            // stream, so the tuple may start one more, as it could its second.
+            r.isn = isn;
         } else {
             // Two ISNs it cannot tell apart, or a third: where a stream starts is lost.
             held_or(r, HELD_POISON);
         }
     }
     true
+}
+
+/// Whether the tuple's flow follows the stream of the last recorded SYN (`isn`), and the
+/// stream it replaced has sent no data for the daemon's idle time: the same assumption the
+/// daemon's sweep forgets whole tuples on (servers close connections idle that long).
+#[inline(always)]
+fn renewable(fk: &FlowKey, isn: u32) -> bool {
+    let idle = match HELD_IDLE.get(0) {
+        Some(&i) if i != 0 => i,
+        _ => return false,
+    };
+    let Some(f) = (unsafe { FLOWS.get(fk) }) else {
+        return false;
+    };
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    f.flags & FLOW_LONG == 0
+        && f.start_seq == isn.wrapping_add(1)
+        && f.prev_seen_s != 0
+        && now.wrapping_sub(f.prev_seen_s) >= idle
 }
 
 #[inline(always)]
@@ -755,6 +805,22 @@ fn held_passed(fk: &FlowKey) -> bool {
             )
             .is_ok(),
     }
+}
+
+/// Whether `seq` lies more than a receive window away from every byte the server may be
+/// waiting for on the flow's stream: its `rcv_nxt` is somewhere in `[start_seq, next_seq]`
+/// (the server may have dropped passed bytes: a bad checksum, a closed window), not only
+/// near the filter's own positions.
+#[inline(always)]
+fn outside_stream(seq: u32, f: &Flow) -> bool {
+    if f.flags & FLOW_LONG != 0 || f.start_seq == 0 {
+        // Past 2 GiB the span may have wrapped; 0: a flow from before the start was kept.
+        return false;
+    }
+    let lo = f.start_seq.wrapping_sub(MAX_WINDOW);
+    // Below 2^31 + 2 windows: `FLOW_LONG` is set before the stream passes 2 GiB.
+    let span = f.next_seq.wrapping_sub(lo).wrapping_add(MAX_WINDOW);
+    seq.wrapping_sub(lo) > span
 }
 
 /// Receive windows stay below this (Linux caps them by tcp_rmem, 6 MiB by default).

@@ -56,7 +56,8 @@ pub enum Parsed {
 
 #[inline(always)]
 fn be16(p: usize) -> u16 {
-    u16::from_be(ld16(p as *const u16))
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    u16::from_be(unsafe { ld16(p as *const u16) })
 }
 
 #[inline(always)]
@@ -78,7 +79,8 @@ pub fn parse(sc: ScratchPtr, data: usize, end: usize) -> Parsed {
         proto = be16(p + 2);
         off += 4;
     }
-    let off = forget(sc, off) & 0x3f;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let off = unsafe { forget(sc, off) } & 0x3f;
     match proto {
         ETH_P_IP => parse_v4(sc, data, end, off),
         ETH_P_IPV6 => parse_v6(sc, data, end, off),
@@ -165,7 +167,8 @@ fn parse_v6(sc: ScratchPtr, data: usize, end: usize, l3: usize) -> Parsed {
                     return Parsed::BadTcp { dport: None };
                 }
                 // One read of the whole 8 bytes through the checked pointer.
-                let hdr = ld64(h as *const u64).to_le_bytes();
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                let hdr = unsafe { ld64(h as *const u64) }.to_le_bytes();
                 let (next, hlen) = (hdr[0], hdr[1] as usize);
                 let len = match nh {
                     44 => {
@@ -191,7 +194,8 @@ fn parse_v6(sc: ScratchPtr, data: usize, end: usize, l3: usize) -> Parsed {
         if done {
             break;
         }
-        off = forget(sc, off + len) & 0xfff;
+        // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+        off = unsafe { forget(sc, off + len) } & 0xfff;
     }
     if !done {
         // Still inside the extension chain: whatever follows may be TCP.

@@ -76,7 +76,8 @@ pub extern "C" fn keywall_proxy(ctx: *mut xdp_md, io: *mut ProxyIo) -> i64 {
     if p + 16 > data_end || start + 16 > end {
         return 0;
     }
-    let w0 = ld64(p as *const u64).to_le_bytes();
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let w0 = unsafe { ld64(p as *const u64) }.to_le_bytes();
     if w0
         == [
             V2_SIG[0], V2_SIG[1], V2_SIG[2], V2_SIG[3], V2_SIG[4], V2_SIG[5], V2_SIG[6], V2_SIG[7],
@@ -91,7 +92,8 @@ pub extern "C" fn keywall_proxy(ctx: *mut xdp_md, io: *mut ProxyIo) -> i64 {
 
 #[inline(always)]
 fn v2(io: &mut ProxyIo, p: usize, data_end: usize, start: usize, end: usize) {
-    let h = ld64((p + 8) as *const u64).to_le_bytes();
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let h = unsafe { ld64((p + 8) as *const u64) }.to_le_bytes();
     if h[..4] != V2_SIG[8..12] {
         return;
     }
@@ -116,8 +118,10 @@ fn v2(io: &mut ProxyIo, p: usize, data_end: usize, start: usize, end: usize) {
             }
             0x21 if len >= 36 && p + 32 <= data_end => {
                 io.family = FAMILY_V6 as u64;
-                let a = ld64((p + 16) as *const u64).to_le_bytes();
-                let b = ld64((p + 24) as *const u64).to_le_bytes();
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                let a = unsafe { ld64((p + 16) as *const u64) }.to_le_bytes();
+                // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+                let b = unsafe { ld64((p + 24) as *const u64) }.to_le_bytes();
                 io.addr[..8].copy_from_slice(&a);
                 io.addr[8..].copy_from_slice(&b);
                 io.result = PROXY_CLIENT;
@@ -139,7 +143,8 @@ struct V1Loop {
 #[inline(always)]
 fn v1(ctx: &XdpContext, sc: ScratchPtr, io: &mut ProxyIo, p: usize, start: usize, end: usize) {
     // "PROXY " is checked; the next 8 bytes say which protocol.
-    let w = ld64((p + 6) as *const u64).to_le_bytes();
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let w = unsafe { ld64((p + 6) as *const u64) }.to_le_bytes();
     let six = if &w[..5] == b"TCP4 " {
         0
     } else if &w[..5] == b"TCP6 " {
@@ -238,7 +243,8 @@ extern "C" fn v1_cb(i: u64, lc: *mut c_void) -> i64 {
         st.bad = 1;
         return 1;
     }
-    let c = (ld64(q as *const u64) >> 56) as u8;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let c = (unsafe { ld64(q as *const u64) } >> 56) as u8;
     if st.phase == 1 {
         if c == b'\n' {
             if st.prev != b'\r' as u64 {

@@ -46,7 +46,8 @@ fn sum16(p: usize, n: usize) -> u64 {
         if i >= n {
             break;
         }
-        s += ld16((p + 2 * i) as *const u16) as u64;
+        // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+        s += unsafe { ld16((p + 2 * i) as *const u16) } as u64;
     }
     s
 }
@@ -77,7 +78,8 @@ pub fn rewrite(ctx: &XdpContext, sc: ScratchPtr) -> bool {
         return false;
     }
     let v4 = seg.family == FAMILY_V4;
-    let l3 = forget_in(sc, 0, seg.l3_off) & 0x3f;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let l3 = unsafe { forget_in(sc, 0, seg.l3_off) } & 0x3f;
     let l4 = if v4 { l3 + 20 } else { l3 + 40 };
     if seg.l4_off != l4 {
         return false;
@@ -101,7 +103,8 @@ pub fn rewrite(ctx: &XdpContext, sc: ScratchPtr) -> bool {
     // The packet moved: every pointer is taken, and checked, again.
     let data = ctx.data();
     let end = ctx.data_end();
-    let l3 = forget_in(sc, 0, l3) & 0x3f;
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    let l3 = unsafe { forget_in(sc, 0, l3) } & 0x3f;
     let l4 = if v4 { l3 + 20 } else { l3 + 40 };
     // Two checks: the fixed one covers the Ethernet header (the smallest frame here is 54
     // bytes), the variable one the TCP header; LLVM would fold a 12-byte check into the latter.

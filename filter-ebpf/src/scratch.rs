@@ -71,7 +71,9 @@ pub struct Scratch {
     pub tmp: [u64; 4],
     /// Which of `seg`/`ev_*` describe the current packet (`SEEN_*`).
     pub seen: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// `seen_s` of the flow a second stream replaces (0: none), from `position` to `settle`.
+    pub prev_seen: u32,
     /// Key and client of a key-bearing drop, for its event.
     pub ev_prefix: KeyPrefix,
     pub ev_client: [u8; 16],

@@ -773,7 +773,8 @@ fn carried(
 /// The 8 bytes of `ext` at `o` (little endian).
 #[inline(always)]
 fn at(ext: &[u8; EXT_BUF], o: u64) -> u64 {
-    ld64(unsafe { ext.as_ptr().add((o & 0xff) as usize) } as *const u64)
+    // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+    unsafe { ld64(ext.as_ptr().add((o & 0xff) as usize) as *const u64) }
 }
 
 /// Judges the server_name extension held in `ext[..n]` against the listener.
@@ -803,7 +804,8 @@ fn sni(io: &mut TlsIo, l: &Listener, sc: ScratchPtr, n: u64) {
         }
         let mut d = 0u64;
         for j in 0..2u64 {
-            let want = ld64(unsafe { (l.label_prefix.as_ptr() as *const u64).add(j as usize) });
+            // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+            let want = unsafe { ld64((l.label_prefix.as_ptr() as *const u64).add(j as usize)) };
             d |= (lower(at(ext, 9 + 8 * j)) ^ want) & low_bytes(lp.saturating_sub(8 * j));
         }
         d == 0
@@ -816,7 +818,8 @@ fn sni(io: &mut TlsIo, l: &Listener, sc: ScratchPtr, n: u64) {
             if 8 * j >= sl {
                 break;
             }
-            let want = ld64(unsafe { (l.sni_suffix.as_ptr() as *const u64).add(j as usize) });
+            // SAFETY: a read the verifier proved in bounds, or the per-CPU scratch.
+            let want = unsafe { ld64((l.sni_suffix.as_ptr() as *const u64).add(j as usize)) };
             diff |= (lower(at(ext, s + 8 * j)) ^ want) & low_bytes(sl - 8 * j);
         }
         suffix_ok = diff == 0;

@@ -1,13 +1,13 @@
 //! Per-key activity read from the pinned `KW_ACTIVITY` map (issue 13): one key for
 //! `key show` and `GET /v1/keys/{prefix}`, and the listings of `keywall keys idle|shared|top`
-//! (`GET /v1/activity`). Whole-map reads go in batches, like `stats --by key`.
+//! (`GET /v1/activity`). The map reads are `dataplane/activity.rs`'s (batched, like
+//! `stats --by key`); this is what they mean (idle, shared) and how they are answered.
 
-use anyhow::{Result, anyhow};
-use aya::maps::IterableMap as _;
-use filter_common::{KEY_PRESENT, KeyActivity, KeyEntry, KeyPrefix};
+use anyhow::{Result, bail};
+use filter_common::{KeyActivity, KeyPrefix};
 use serde_json::{Value, json};
 
-use crate::dataplane::{PinnedView, batch};
+use crate::dataplane::{self, PinnedView, counters::prefix_str};
 use crate::policy::{Key, Policy};
 use crate::risk::{self, Activity};
 
@@ -32,7 +32,7 @@ impl Query {
         let mut out = Query::default();
         for kv in q.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = crate::api::percent_decode(v);
+            let v = crate::source::api::percent_decode(v);
             match k {
                 "idle_for" if v.is_empty() => out.idle_from_policy = true,
                 "idle_for" => {
@@ -95,22 +95,12 @@ pub fn key_activity(
     window_s: u64,
     c: &Clocks,
 ) -> Result<Option<(Activity, i64)>> {
-    let Some(act) = &view.activity else {
-        return Ok(None);
-    };
-    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
-    let Ok(e) = view.keys.get(&crate::policy::key_prefix(prefix), 0) else {
-        return Ok(None);
-    };
-    let r = e.slot[slot];
-    if r.flags & KEY_PRESENT == 0 {
-        return Ok(None);
-    }
-    let a = act.get(&r.stat_idx, 0).unwrap_or_default();
-    Ok(Some((
-        Activity::from_kernel(&a, c.mono_off, c.now_mono, window_s),
-        idle_since(&a, c),
-    )))
+    Ok(dataplane::activity::key_activity(view, prefix)?.map(|a| {
+        (
+            Activity::from_kernel(&a, c.mono_off, c.now_mono, window_s),
+            idle_since(&a, c),
+        )
+    }))
 }
 
 /// When a key last passed, or (never passed) when this edge's maps got it: Unix seconds.
@@ -147,65 +137,21 @@ pub fn key_fields(key: Option<&Key>, act: Option<&(Activity, i64)>, c: &Clocks) 
 
 /// Every key of the live slot with its raw activity entry (the edge's digest).
 pub fn entries(view: &PinnedView) -> Result<Vec<(String, KeyActivity)>> {
-    let Some(act_map) = &view.activity else {
-        return Ok(Vec::new());
-    };
-    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
-    let mut acts: Vec<KeyActivity> = Vec::new();
-    batch::for_each::<u32, KeyActivity>(act_map.map(), |idx, vals| {
-        for (i, v) in idx.iter().zip(vals) {
-            let i = *i as usize;
-            if acts.len() <= i {
-                acts.resize(i + 1, KeyActivity::default());
-            }
-            acts[i] = *v;
-        }
-    })?;
     let mut rows = Vec::new();
-    batch::for_each::<KeyPrefix, KeyEntry>(view.keys.map(), |ks, es| {
-        for (k, e) in ks.iter().zip(es) {
-            let r = e.slot[slot];
-            if r.flags & KEY_PRESENT == 0 {
-                continue;
-            }
-            let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
-            rows.push((crate::stats::prefix_str(k), a));
-        }
-    })?;
+    dataplane::activity::for_each_key_activity(view, |k, a| rows.push((prefix_str(k), a)))?;
     Ok(rows)
 }
 
 /// Every key of the live slot as (prefix, idle seconds, networks in the window): what the
 /// daemon's risk loop decides on. Two batched map walks, nothing per key beyond a row.
 pub fn scan(view: &PinnedView, window_s: u64, c: &Clocks) -> Result<Vec<(String, u64, u32)>> {
-    let Some(act_map) = &view.activity else {
-        return Ok(Vec::new());
-    };
-    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
-    let mut acts: Vec<KeyActivity> = Vec::new();
-    batch::for_each::<u32, KeyActivity>(act_map.map(), |idx, vals| {
-        for (i, v) in idx.iter().zip(vals) {
-            let i = *i as usize;
-            if acts.len() <= i {
-                acts.resize(i + 1, KeyActivity::default());
-            }
-            acts[i] = *v;
-        }
-    })?;
     let mut rows = Vec::new();
-    batch::for_each::<KeyPrefix, KeyEntry>(view.keys.map(), |ks, es| {
-        for (k, e) in ks.iter().zip(es) {
-            let r = e.slot[slot];
-            if r.flags & KEY_PRESENT == 0 {
-                continue;
-            }
-            let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
-            rows.push((
-                crate::stats::prefix_str(k),
-                (c.now_unix - idle_since(&a, c)).max(0) as u64,
-                risk::networks_in_window(&a.nets, c.now_mono, window_s),
-            ));
-        }
+    dataplane::activity::for_each_key_activity(view, |k, a| {
+        rows.push((
+            prefix_str(k),
+            (c.now_unix - idle_since(&a, c)).max(0) as u64,
+            risk::networks_in_window(&a.nets, c.now_mono, window_s),
+        ))
     })?;
     Ok(rows)
 }
@@ -219,57 +165,48 @@ struct Row {
 }
 
 /// `GET /v1/activity`: the keys that match, as JSON rows with their policy's lock fields.
-pub fn listing(view: &PinnedView, policy: Option<&Policy>, q: &Query, c: &Clocks) -> Result<Value> {
-    let act_map = view
-        .activity
-        .as_ref()
-        .ok_or_else(|| anyhow!("the pinned program has no activity map (KW_ACTIVITY): restart keywall run with this build"))?;
-    let (window_s, limit) = shared_rule(policy);
+/// `head` is the applied policy's head (its settings: the shared-key rule, idle_lock_after);
+/// `keys` looks up the policy's keys for the rows answered (at most `top`), so the cost is
+/// the map walk and never the policy's size.
+pub fn listing(
+    view: &PinnedView,
+    head: Option<&Policy>,
+    keys: impl FnOnce(&[String]) -> Vec<Option<Key>>,
+    q: &Query,
+    c: &Clocks,
+) -> Result<Value> {
+    if view.activity.is_none() {
+        bail!(
+            "the pinned program has no activity map (KW_ACTIVITY): restart keywall run with this build"
+        );
+    }
+    let (window_s, limit) = shared_rule(head);
     let mut q = q.clone();
     if q.idle_from_policy && q.idle_for.is_none() {
         q.idle_for = Some(
-            policy
-                .and_then(|p| p.settings.idle_lock_after_s())
+            head.and_then(|p| p.settings.idle_lock_after_s())
                 .unwrap_or(14 * 86_400),
         );
     }
     let q = &q;
-    let slot = (view.control.get(&0, 0)?.active_slot & 1) as usize;
-    let mut acts: Vec<KeyActivity> = Vec::new();
-    batch::for_each::<u32, KeyActivity>(act_map.map(), |idx, vals| {
-        for (i, v) in idx.iter().zip(vals) {
-            let i = *i as usize;
-            if acts.len() <= i {
-                acts.resize(i + 1, KeyActivity::default());
-            }
-            acts[i] = *v;
-        }
-    })?;
     let mut rows = Vec::new();
     let mut total = 0usize;
-    batch::for_each::<KeyPrefix, KeyEntry>(view.keys.map(), |ks, es| {
-        for (k, e) in ks.iter().zip(es) {
-            let r = e.slot[slot];
-            if r.flags & KEY_PRESENT == 0 {
-                continue;
-            }
-            total += 1;
-            let a = acts.get(r.stat_idx as usize).copied().unwrap_or_default();
-            let idle_s = (c.now_unix - idle_since(&a, c)).max(0);
-            if q.idle_for.is_some_and(|d| (idle_s as u64) < d) {
-                continue;
-            }
-            let networks = risk::networks_in_window(&a.nets, c.now_mono, window_s);
-            if q.shared && networks <= limit {
-                continue;
-            }
-            rows.push(Row {
-                prefix: *k,
-                act: a,
-                networks,
-                idle_s,
-            });
+    dataplane::activity::for_each_key_activity(view, |k, a| {
+        total += 1;
+        let idle_s = (c.now_unix - idle_since(&a, c)).max(0);
+        if q.idle_for.is_some_and(|d| (idle_s as u64) < d) {
+            return;
         }
+        let networks = risk::networks_in_window(&a.nets, c.now_mono, window_s);
+        if q.shared && networks <= limit {
+            return;
+        }
+        rows.push(Row {
+            prefix: *k,
+            act: a,
+            networks,
+            idle_s,
+        });
     })?;
     // Idle: longest idle first; shared: most networks first; else most requests first.
     if q.idle_for.is_some() {
@@ -291,14 +228,21 @@ pub fn listing(view: &PinnedView, policy: Option<&Policy>, q: &Query, c: &Clocks
     }
     let matched = rows.len();
     rows.truncate(q.top.unwrap_or(DEFAULT_TOP));
+    let prefixes: Vec<String> = rows.iter().map(|r| prefix_str(&r.prefix)).collect();
+    let found = keys(&prefixes);
     let keys: Vec<Value> = rows
         .iter()
-        .map(|r| {
-            let prefix = crate::stats::prefix_str(&r.prefix);
-            let key = policy.and_then(|p| p.find_key(&prefix));
+        .zip(prefixes)
+        .zip(
+            found
+                .iter()
+                .map(Option::as_ref)
+                .chain(std::iter::repeat(None)),
+        )
+        .map(|((r, prefix), key)| {
             let a = Activity::from_kernel(&r.act, c.mono_off, c.now_mono, window_s);
             let mut v = a.to_json();
-            v["prefix"] = prefix.clone().into();
+            v["prefix"] = prefix.into();
             v["idle_s"] = r.idle_s.into();
             v["locked"] = key.is_some_and(|k| k.locked_at(c.now_unix)).into();
             v["lock_reason"] = key.and_then(|k| k.lock_reason.clone()).into();

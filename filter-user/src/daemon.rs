@@ -1,5 +1,5 @@
-//! `keywall run`: restore, attach, then keep the maps in step with the policy source (the
-//! policy file, or the API when there is no file).
+//! `keywall run`: restore, attach, then serve: the policy source (`source/`: the policy file,
+//! etcd, or the API when there is neither) keeps the maps in step through the engine.
 //!
 //! Order matters for "never a gap, never a wrong verdict": the last applied policy is written
 //! into the maps before the program is attached (or before it takes over a pinned link), and a
@@ -11,18 +11,20 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::engine::{Change, Refused, Restored, Rev, Submitted};
-pub use crate::engine::{Engine, Fold, JOURNAL_COMPACT, PatchFailure, Persist};
 use crate::{
-    api::{self, ApiConfig, Shared, Source},
     dataplane::{Capacity, Dataplane, Mirror},
+    engine::{Engine, Restored},
     metrics::Metrics,
-    policy::{PatchOp, Policy},
+    source::{
+        Shared, Source,
+        api::{self, ApiConfig},
+        file::{FileWatch, apply_file, apply_file_edit, parse_policy_file},
+    },
     state::{self, Runtime},
 };
 
@@ -39,7 +41,7 @@ pub struct RunOptions {
     /// None: `--metrics off`.
     pub metrics: Option<String>,
     /// `--etcd`: the policy source (exclusive with `policy`).
-    pub etcd: Option<crate::etcd::EtcdConfig>,
+    pub etcd: Option<crate::source::etcd::EtcdConfig>,
     /// `--replace-foreign`: detach an XDP program that is not this keywall's instead of
     /// refusing to start.
     pub replace_foreign: bool,
@@ -61,88 +63,6 @@ extern "C" fn on_sighup(_: libc::c_int) {
     RELOAD.store(true, Ordering::SeqCst);
 }
 
-/// Watches the policy file at the cost of one `stat` per poll: the file is read (and hashed)
-/// only when its size, mtime, ctime or inode moved, and parsed only when its bytes changed.
-#[derive(Default)]
-struct FileWatch {
-    meta: Option<(SystemTime, i64, i64, u64, u64)>,
-    hash: Option<u64>,
-    /// The text last applied and the revision its head says: the next edit is compared
-    /// with it (file_edit.rs). None after a rejected text or a SIGHUP.
-    applied: Option<(String, Option<u64>)>,
-    /// The last call found the file being written: look again soon.
-    settling: bool,
-}
-
-/// A file modified less than this long ago may be between a writer's truncate and its
-/// write (an empty file is a valid, empty policy): it is read once it holds still.
-const FILE_SETTLE: Duration = Duration::from_millis(20);
-
-impl FileWatch {
-    /// The file's text if it changed since the last call (None: unchanged or unreadable).
-    fn changed(&mut self, p: &Path) -> Option<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let stat = || {
-            let m = std::fs::metadata(p).ok()?;
-            Some((
-                m.modified().ok()?,
-                m.ctime(),
-                m.ctime_nsec(),
-                m.ino(),
-                m.len(),
-            ))
-        };
-        self.settling = false;
-        let meta = stat()?;
-        if self.meta == Some(meta) {
-            return None;
-        }
-        // Rewritten in place (truncated, then written), the file can be read empty or half
-        // written: read it once it holds still rather than apply part of it.
-        if SystemTime::now()
-            .duration_since(meta.0)
-            .is_ok_and(|d| d < FILE_SETTLE)
-        {
-            self.settling = true;
-            return None;
-        }
-        let bytes = std::fs::read(p).ok()?;
-        if stat()? != meta {
-            self.settling = true;
-            return None;
-        }
-        self.meta = Some(meta);
-        let hash = {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            h.finish()
-        };
-        if self.hash == Some(hash) {
-            return None; // touched, not changed
-        }
-        self.hash = Some(hash);
-        match String::from_utf8(bytes) {
-            Ok(t) => Some(t),
-            // Not UTF-8: let the parser say so.
-            Err(e) => Some(String::from_utf8_lossy(e.as_bytes()).into_owned()),
-        }
-    }
-}
-
-fn parse_policy_file(p: &Path, text: &str) -> Result<Policy> {
-    Policy::from_file_text(p, text).map_err(|errs| {
-        anyhow::anyhow!(
-            "{}: {}",
-            p.display(),
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })
-}
-
 pub fn run(o: RunOptions) -> Result<()> {
     // Two malloc arenas, not one per thread that ever allocated: the API workers, the
     // settle and the apply's helper threads each churn the mirror's nodes, and free pages
@@ -160,7 +80,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     if let Some(e) = &o.etcd {
         e.check()?;
     } else {
-        crate::etcd::forget(&o.state_dir);
+        crate::source::etcd::forget(&o.state_dir);
     }
     // One line naming a missing capability beats a verifier or EPERM message later.
     crate::host::check_caps()?;
@@ -296,7 +216,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     } else if eng.applied.is_none() {
         log::warn!("no policy yet: the filter passes everything until one is PUT over the API");
     }
-    metrics.set_policy(&eng);
+    eng.publish_metrics(&metrics);
 
     // 3. The API and metrics listeners, bound before attaching so a bad address fails early.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -335,7 +255,7 @@ pub fn run(o: RunOptions) -> Result<()> {
 
     // 5. Serve: drop events, the API, metrics.
     let (events_tx, _) = tokio::sync::broadcast::channel(4096);
-    let events_error = match crate::events::open_ring(&o.pin_dir) {
+    let events_error = match crate::dataplane::events::open_ring(&o.pin_dir) {
         Ok(ring) => {
             let tx = events_tx.clone();
             std::thread::Builder::new()
@@ -389,7 +309,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     log::info!("API on {}", o.api.addr);
     rt.spawn(api::serve(api_listener, shared.clone()));
     if let Some(e) = o.etcd.clone() {
-        crate::etcd::spawn(e.clone(), shared.clone())?;
+        crate::source::etcd::spawn(e.clone(), shared.clone())?;
         // The edge's activity for `keywall fleet` (fleet.rs): its only write to etcd.
         crate::fleet::spawn_publisher(e, o.edge_id.clone(), o.activity_every, shared.clone())?;
     }
@@ -420,7 +340,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("keywall-risk".into())
-            .spawn(move || crate::autolock::run(sh, &STOP))?;
+            .spawn(move || crate::source::autolock::run(sh, &STOP))?;
     }
     // Attached, the policy applied, the API bound: ready for systemd (Type=notify).
     crate::host::notify(&format!(
@@ -469,7 +389,7 @@ pub fn run(o: RunOptions) -> Result<()> {
                 Some(text) => {
                     let applied = watch.applied.take();
                     let edit = applied.as_ref().and_then(|(old, rev)| {
-                        let edit = crate::file_edit::toml_key_edit(old, &text)
+                        let edit = crate::source::file::edit::toml_key_edit(old, &text)
                             .filter(|_| p.extension().is_none_or(|e| e != "json"))?;
                         Some((edit, *rev))
                     });
@@ -600,238 +520,4 @@ fn check_foreign(iface: &str, pin_dir: &Path, replace: bool) -> Result<()> {
             .with_context(|| format!("detaching {a} from {iface}"))?;
     }
     Ok(())
-}
-
-/// The revision a file gets: its own `revision` if it says one, else one past the applied.
-pub fn file_revision(file_rev: Option<u64>, applied: u64) -> u64 {
-    file_rev.unwrap_or(applied + 1)
-}
-
-/// The ops that turn the applied policy into `pol`, when only keys differ (settings,
-/// listeners and ipsets equal) and few enough of them do: None means a whole apply.
-/// Costs one comparison per key, no compile.
-fn key_diff(eng: &Engine, pol: &Policy) -> Option<Vec<PatchOp>> {
-    let a = eng.applied.as_ref()?;
-    eng.compiled.as_ref()?;
-    if pol.settings != a.head.settings
-        || pol.listener != a.head.listener
-        || pol.ipsets != a.head.ipsets
-    {
-        return None;
-    }
-    let limit = 64 + pol.key.len() / 8;
-    let mut seen = std::collections::HashSet::with_capacity(pol.key.len());
-    let mut ops = Vec::new();
-    for k in &pol.key {
-        if !seen.insert(k.prefix.as_str()) {
-            return None; // a duplicate: the whole path reports it with its place
-        }
-        if let Some(op) = key_op(&a.keys, k) {
-            ops.push(op);
-        }
-        if ops.len() > limit {
-            return None;
-        }
-    }
-    if a.keys.len() + ops.len() > seen.len() {
-        for prefix in a.keys.prefixes() {
-            if !seen.contains(prefix.as_str()) {
-                ops.push(PatchOp::Delete { prefix });
-                if ops.len() > limit {
-                    return None;
-                }
-            }
-        }
-    }
-    Some(ops)
-}
-
-/// The op that makes the applied key `k.prefix` into `k` (None: they are the same).
-fn key_op(keys: &crate::engine::store::KeyStore, k: &crate::policy::Key) -> Option<PatchOp> {
-    // Bytes first (one key serialised), the parsed key only when they differ.
-    let lock_only = match keys.same(k) {
-        Some(true) => return None,
-        Some(false) => keys.get(&k.prefix).is_some_and(|old| {
-            crate::policy::Key {
-                locked: k.locked,
-                lock_reason: k.lock_reason.clone(),
-                locked_until: k.locked_until.clone(),
-                ..old
-            } == *k
-        }),
-        None => false,
-    };
-    let prefix = k.prefix.clone();
-    Some(match (lock_only, k.locked) {
-        (true, true) => PatchOp::Lock {
-            prefix,
-            lock_reason: k.lock_reason.clone(),
-            locked_until: k.locked_until.clone(),
-        },
-        (true, false) => PatchOp::Unlock { prefix },
-        (false, _) => PatchOp::Upsert { key: k.clone() },
-    })
-}
-
-/// The ops of a key-table edit (file_edit.rs): the new tables' keys against the applied
-/// ones, and the old tables' keys that are gone. None (the whole path decides) for a key
-/// named twice in the tables, or a new key that another table of the file already holds.
-fn edit_ops(eng: &Engine, edit: &crate::file_edit::KeyEdit) -> Option<Vec<PatchOp>> {
-    use std::collections::HashSet;
-    let a = eng.applied.as_ref()?;
-    eng.compiled.as_ref()?;
-    let old: HashSet<&str> = edit.old.iter().map(|k| k.prefix.as_str()).collect();
-    if old.len() != edit.old.len() {
-        return None;
-    }
-    let mut seen = HashSet::with_capacity(edit.new.len());
-    let mut ops = Vec::new();
-    for k in &edit.new {
-        if !seen.insert(k.prefix.as_str())
-            || (!old.contains(k.prefix.as_str()) && a.keys.contains(&k.prefix))
-        {
-            return None;
-        }
-        ops.extend(key_op(&a.keys, k));
-    }
-    for prefix in old {
-        if !seen.contains(prefix) && a.keys.contains(prefix) {
-            ops.push(PatchOp::Delete {
-                prefix: prefix.to_owned(),
-            });
-        }
-    }
-    Some(ops)
-}
-
-/// Applies a key-table edit of the policy file as ops, as `apply_file` would have after
-/// parsing the whole file; `file_rev` is the revision the file's (unchanged) head says.
-/// False: not applied, the caller parses the whole file (which reports any error in it).
-fn apply_file_edit(
-    shared: &Shared,
-    p: &Path,
-    mut edit: crate::file_edit::KeyEdit,
-    file_rev: Option<u64>,
-    metrics: &Metrics,
-    state_dir: &Path,
-) -> Result<bool> {
-    // The daemon's automatic locks lie over the file (autolock.rs).
-    {
-        let mut pol = Policy {
-            key: std::mem::take(&mut edit.new),
-            ..Default::default()
-        };
-        shared.overlay.lock().unwrap().apply(&mut pol);
-        edit.new = pol.key;
-    }
-    let mut eng = shared.engine.lock().unwrap();
-    let Some(ops) = edit_ops(&eng, &edit) else {
-        return Ok(false);
-    };
-    let source = format!("file:{}", p.display());
-    let mut runtime = shared.runtime.lock().unwrap();
-    let same = file_rev.is_none_or(|r| r == eng.revision())
-        && eng.applied.as_ref().is_some_and(|a| a.source == source);
-    if ops.is_empty() && same {
-        runtime.policy_error = None;
-        return Ok(true);
-    }
-    let rev = file_revision(file_rev, eng.revision());
-    match eng.submit(Change::Ops(ops), Rev::Set(rev), &source) {
-        Ok(Submitted::Applied { revision, report }) => log::info!(
-            "applied an edit of {} key tables in {} as revision {revision} (generation {}, {} keys written, {:?})",
-            edit.new.len().max(edit.old.len()),
-            p.display(),
-            report.generation,
-            report.keys_written,
-            report.elapsed
-        ),
-        Ok(Submitted::Unchanged { .. }) => {}
-        // Invalid, or in conflict: the whole path reports it with its file place.
-        Err(_) => return Ok(false),
-    }
-    runtime.policy_error = None;
-    metrics.set_sync("file", true);
-    state::save_runtime(state_dir, &runtime)?;
-    if let Err(e) = eng.settle() {
-        log::error!("settling the inactive slot: {e:#}");
-    }
-    Ok(true)
-}
-
-fn apply_file(
-    eng: &mut Engine,
-    p: &Path,
-    parsed: Result<Policy>,
-    runtime: &mut Runtime,
-    metrics: &Metrics,
-) {
-    let source = format!("file:{}", p.display());
-    let mut pol = match parsed {
-        Ok(pol) => pol,
-        Err(e) => {
-            log::error!("policy file rejected, the running policy stays: {e:#}");
-            runtime.policy_error = Some(format!("{e:#}"));
-            metrics.update("file", "rejected");
-            return;
-        }
-    };
-    let rev = file_revision(pol.revision, eng.revision());
-    // Only keys changed: submitted as their ops, at the cost of the keys that changed.
-    let mut res = None;
-    if let Some(ops) = key_diff(eng, &pol) {
-        let same = pol.revision.is_none_or(|r| r == eng.revision())
-            && eng.applied.as_ref().is_some_and(|a| a.source == source);
-        if ops.is_empty() && same {
-            runtime.policy_error = None;
-            return;
-        }
-        match eng.submit(Change::Ops(ops), Rev::Set(rev), &source) {
-            // Invalid: the whole path below reports every error with its file place.
-            Err(Refused::Invalid(_)) => {}
-            r => res = Some(r),
-        }
-    }
-    let res = match res {
-        Some(r) => r,
-        None => match crate::engine::compile_whole(&mut pol) {
-            Ok(c) => eng.submit(
-                Change::Policy(Box::new(pol), Box::new(c)),
-                Rev::Set(rev),
-                &source,
-            ),
-            Err(errs) => {
-                metrics.update("file", "rejected");
-                Err(Refused::Invalid(errs))
-            }
-        },
-    };
-    match res {
-        Ok(Submitted::Applied { revision, report }) => {
-            log::info!(
-                "applied {} as revision {revision} (generation {}, {} keys written, {:?})",
-                p.display(),
-                report.generation,
-                report.keys_written,
-                report.elapsed
-            );
-            runtime.policy_error = None;
-        }
-        Ok(Submitted::Unchanged { .. }) => runtime.policy_error = None,
-        Err(e) => {
-            let msg = match e {
-                Refused::Invalid(errs) => format!(
-                    "policy rejected:\n{}",
-                    errs.iter()
-                        .map(|e| format!("  {e}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                ),
-                Refused::Conflict { why, .. } => why,
-                Refused::Failed(e) => format!("{e:#}"),
-            };
-            log::error!("policy file rejected, the running policy stays: {msg}");
-            runtime.policy_error = Some(msg);
-        }
-    }
 }

@@ -1,23 +1,23 @@
 //! Drop events: the kernel samples drops into the `KW_EVENTS` ring buffer (a per-CPU token
 //! bucket, `EVENT_RATE_PER_CPU` a second in bursts of `EVENT_BURST`, so a flood cannot
-//! overload the daemon). The daemon reads them here, logs each one, and fans them out to
-//! `GET /v1/events` (NDJSON) and so to `keywall events`.
+//! overload the daemon). The daemon reads them here (the ring and its records are
+//! `dataplane/events.rs`'s), logs each one, and fans them out to `GET /v1/events` (NDJSON)
+//! and so to `keywall events`.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
-    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Map, MapData, RingBuf};
-use filter_common::{DropEvent, EVENT_AUDIT, EVENT_HAS_KEY, FAMILY_V4, Reason, maps};
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use filter_common::{DropEvent, EVENT_AUDIT, EVENT_HAS_KEY, FAMILY_V4, Reason};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::stats::prefix_str;
+use crate::dataplane::{counters::prefix_str, events::parse_record};
 
 /// One drop event as operators see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,30 +226,6 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 /// when the wall clock is stepped, so it is read again for every batch.
 pub fn clock_offset_ns() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-/// Parses one ring buffer record; None if it is shorter than a `DropEvent`.
-pub fn parse_record(bytes: &[u8]) -> Option<DropEvent> {
-    if bytes.len() < std::mem::size_of::<DropEvent>() {
-        return None;
-    }
-    // SAFETY: DropEvent is plain repr(C) data and the length was checked.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
-}
-
-/// Opens the pinned ring buffer.
-pub fn open_ring(pin_dir: &Path) -> Result<RingBuf<MapData>> {
-    let p = pin_dir.join(maps::EVENTS);
-    let d = MapData::from_pin(&p).map_err(|e| {
-        anyhow!(
-            "drop events are not available: the ring buffer {} is not pinned at {} ({e}); \
-             this XDP program build does not emit drop events",
-            maps::EVENTS,
-            p.display()
-        )
-    })?;
-    let m = Map::from_map_data(d).context("opening KW_EVENTS")?;
-    RingBuf::try_from(m).with_context(|| format!("{} is not a ring buffer", p.display()))
 }
 
 /// Reads events until `stop` is set: logs each one and sends it to `tx`.

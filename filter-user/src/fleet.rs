@@ -267,10 +267,10 @@ pub fn plan(
 /// Publishes this edge's digest every `every`, under a lease of three periods. Runs on a
 /// thread of its own; errors are logged and retried at the next period.
 pub fn spawn_publisher(
-    cfg: crate::etcd::EtcdConfig,
+    cfg: crate::source::etcd::EtcdConfig,
     edge: String,
     every: Duration,
-    shared: std::sync::Arc<crate::api::Shared>,
+    shared: std::sync::Arc<crate::source::Shared>,
 ) -> Result<()> {
     let pin_dir = shared.pin_dir.clone();
     std::thread::Builder::new()
@@ -321,7 +321,7 @@ pub fn spawn_publisher(
 }
 
 async fn publish(
-    cfg: &crate::etcd::EtcdConfig,
+    cfg: &crate::source::etcd::EtcdConfig,
     edge: &str,
     every: Duration,
     pin_dir: &std::path::Path,
@@ -339,7 +339,7 @@ async fn publish(
     let parts = digests(edge, c.now_unix, keys);
     if client.is_none() {
         *client = Some(
-            tokio::time::timeout(Duration::from_secs(10), crate::etcd::connect(cfg))
+            tokio::time::timeout(Duration::from_secs(10), crate::source::etcd::connect(cfg))
                 .await
                 .map_err(|_| anyhow!("connecting timed out"))??,
         );
@@ -372,7 +372,7 @@ async fn publish(
 // `keywall fleet`
 
 /// `keywall fleet [--dry-run] [--json]`: returns the exit code.
-pub fn run(cfg: crate::etcd::EtcdConfig, dry_run: bool, as_json: bool) -> Result<u8> {
+pub fn run(cfg: crate::source::etcd::EtcdConfig, dry_run: bool, as_json: bool) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -386,8 +386,8 @@ async fn get_prefix(
     use etcd_client::GetOptions;
     let mut kv = cl
         .kv_client()
-        .max_decoding_message_size(crate::etcd::MAX_MESSAGE);
-    let end = crate::etcd::prefix_end(from.as_bytes());
+        .max_decoding_message_size(crate::source::etcd::MAX_MESSAGE);
+    let end = crate::source::etcd::prefix_end(from.as_bytes());
     let mut start = from.as_bytes().to_vec();
     let mut rev = 0i64;
     let mut out = Vec::new();
@@ -417,9 +417,13 @@ async fn get_prefix(
     Ok(out)
 }
 
-async fn run_async(cfg: crate::etcd::EtcdConfig, dry_run: bool, as_json: bool) -> Result<u8> {
+async fn run_async(
+    cfg: crate::source::etcd::EtcdConfig,
+    dry_run: bool,
+    as_json: bool,
+) -> Result<u8> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let mut cl = tokio::time::timeout(Duration::from_secs(10), crate::etcd::connect(&cfg))
+    let mut cl = tokio::time::timeout(Duration::from_secs(10), crate::source::etcd::connect(&cfg))
         .await
         .map_err(|_| anyhow!("connecting to etcd timed out"))??;
     let p = &cfg.prefix;
@@ -429,7 +433,7 @@ async fn run_async(cfg: crate::etcd::EtcdConfig, dry_run: bool, as_json: bool) -
         .find(|(k, _, _)| *k == format!("{p}settings"))
     {
         Some((_, v, _)) => {
-            serde_json::from_slice::<crate::etcd::SettingsDoc>(&v)
+            serde_json::from_slice::<crate::source::etcd::SettingsDoc>(&v)
                 .map_err(|e| anyhow!("{p}settings: {e}"))?
                 .settings
         }

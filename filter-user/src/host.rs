@@ -66,10 +66,14 @@ pub fn check_caps() -> Result<()> {
 /// user's, so the unit takes them over.
 pub fn chown_to_user(path: &std::path::Path, user: &str) -> Result<()> {
     let name = CString::new(user)?;
+    // SAFETY: `name` is a NUL-terminated C string that outlives the call; the result is
+    // checked for NULL before it is read.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
         bail!("no user {user:?}");
     }
+    // SAFETY: `pw` is non-NULL and points to libc's static passwd record, read at once
+    // (no other getpw* call in between).
     let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .with_context(|| format!("chown {user} {}", path.display()))?;
@@ -145,6 +149,7 @@ impl std::fmt::Display for Attached {
 
 pub fn ifindex(iface: &str) -> Result<u32> {
     let c = CString::new(iface)?;
+    // SAFETY: `c` is a NUL-terminated C string that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if i == 0 {
         bail!("no interface {iface:?}");
@@ -189,6 +194,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: `attr` is a zeroed 128-byte `union bpf_attr` prefix, larger than what the
+    // commands used here read or write, and its size is passed with it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -211,6 +218,7 @@ fn attr_fd(fd: RawFd) -> [u64; 16] {
 }
 
 fn close(fd: RawFd) {
+    // SAFETY: `fd` is a descriptor this module opened and owns; it is closed once.
     unsafe { libc::close(fd) };
 }
 
@@ -306,6 +314,7 @@ impl Drop for Netlink {
 
 impl Netlink {
     fn open() -> io::Result<Netlink> {
+        // SAFETY: socket(2) takes plain integers; the result is checked.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
@@ -329,10 +338,12 @@ impl Netlink {
         msg.extend_from_slice(&1u32.to_ne_bytes());
         msg.extend_from_slice(&0u32.to_ne_bytes());
         msg.extend_from_slice(body);
+        // SAFETY: `msg` is valid for `msg.len()` bytes for the duration of the call.
         if unsafe { libc::send(self.0, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; 65536];
+        // SAFETY: `buf` is writable for `buf.len()` bytes; recv writes at most that many.
         let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());

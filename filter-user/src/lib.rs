@@ -1,15 +1,15 @@
-//! keywall's userspace: policy model, the kernel boundary, the daemon and operator views.
+//! keywall's userspace. Its rooms, bottom up: `policy` (the pure model), `dataplane` (the
+//! kernel boundary: every map write and every decoding of the kernel layout), `engine` (the
+//! one write path), `source` (the policy file, the API, etcd: each submits to the engine),
+//! `daemon` (`keywall run`) and `cli` (the operator verbs). HACKING.md has the map.
 pub mod activity;
-pub mod api;
 pub mod autolock;
 pub mod chain;
-pub mod client;
+pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod engine;
-pub mod etcd;
 pub mod events;
-pub mod file_edit;
 pub mod fleet;
 pub mod host;
 pub mod metrics;
@@ -17,6 +17,6 @@ pub mod policy;
 pub mod prefilter;
 pub mod progress;
 pub mod risk;
+pub mod source;
 pub mod state;
-pub mod stats;
 pub mod status;

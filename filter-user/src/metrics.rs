@@ -133,13 +133,11 @@ impl Metrics {
             .set(n as i64);
     }
 
-    /// Records the applied policy's figures.
-    pub fn set_policy(&self, eng: &crate::daemon::Engine) {
-        self.revision.set(eng.revision() as i64);
-        let a = eng.applied.as_ref();
-        self.keys.set(a.map_or(0, |a| a.keys.len()) as i64);
-        self.locked_keys
-            .set(a.map_or(0, |a| a.keys.locked()) as i64);
+    /// Records the applied policy's figures (the engine calls it with every write).
+    pub fn set_policy(&self, revision: u64, keys: usize, locked_keys: usize) {
+        self.revision.set(revision as i64);
+        self.keys.set(keys as i64);
+        self.locked_keys.set(locked_keys as i64);
     }
 
     /// The text exposition (OpenMetrics).
@@ -234,7 +232,11 @@ impl Collector for KernelCollector {
                     maps::KEY_STATS => fill.map(|f| f.key_stats),
                     _ => None,
                 };
-                (*name, entries, crate::status::capacity(&self.pin_dir, name))
+                (
+                    *name,
+                    entries,
+                    crate::dataplane::map_capacity(&self.pin_dir, name),
+                )
             })
             .collect();
         let g = ConstGauge::new(0i64);

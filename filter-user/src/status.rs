@@ -1,22 +1,16 @@
-//! `keywall status`: a short answer to "is it enforcing, and what?".
+//! The status document (`keywall status --json`, `GET /v1/status`): a short answer to "is it
+//! enforcing, and what?". `cli/status.rs` prints it for people.
 
 use std::path::Path;
 
 use anyhow::Result;
-use aya::maps::IterableMap as _;
 use filter_common::{SETTING_ENFORCE, SETTING_LOADED};
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::{PinnedView, batch, pinned_ifaces},
+    dataplane::{LiveSlot, PinnedView, pinned_ifaces},
     state::{self, PolicyStatus},
 };
-
-/// A pinned map's capacity, from the kernel's own map info.
-pub fn capacity(pin_dir: &Path, name: &str) -> Option<u32> {
-    let d = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
-    d.info().ok().map(|i| i.max_entries())
-}
 
 /// True if `pid` is a live (not zombie) keywall process, so a reused pid is not mistaken for it.
 fn pid_is_keywall(pid: u32) -> bool {
@@ -31,9 +25,6 @@ fn pid_is_keywall(pid: u32) -> bool {
     alive && head.contains("(keywall")
 }
 
-/// `status --json` (and `GET /v1/status`). Costs the same at 10 keys and at a million: the
-/// policy's figures come from the engine (`live`, in the daemon) or from the status file it
-/// keeps in the state dir, never from parsing the policy or walking the key map.
 /// `auto_locks` in status: how many, and the first ones with their reason and time.
 pub fn auto_locks_json(o: &crate::autolock::Overlay) -> Value {
     serde_json::json!({
@@ -44,19 +35,17 @@ pub fn auto_locks_json(o: &crate::autolock::Overlay) -> Value {
     })
 }
 
+/// `status --json` (and `GET /v1/status`). Costs the same at 10 keys and at a million: the
+/// policy's figures come from the engine (`live`, in the daemon) or from the status file it
+/// keeps in the state dir, never from parsing the policy or walking the key map.
 pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>) -> Result<Value> {
     let view = PinnedView::open(pin_dir)?;
-    let ctl = view.control.get(&0, 0)?;
-    let slot = ctl.active_slot & 1;
-    let s = view.settings.get(&slot, 0)?;
-    let flows = batch::count::<filter_common::FlowKey, filter_common::Flow>(view.flows.map())?;
-    let listeners = (1..=filter_common::MAX_LISTENERS as u16)
-        .filter(|n| {
-            view.listeners
-                .get(&filter_common::listener_slot(slot, *n), 0)
-                .is_ok_and(|l| l.locator != 0)
-        })
-        .count();
+    let LiveSlot {
+        slot,
+        settings: s,
+        listeners,
+    } = view.live_slot()?;
+    let flows = view.flow_count()?;
     let runtime = state::load_runtime(state_dir);
     let policy = live
         .or_else(|| state::load_policy_status(state_dir))
@@ -101,116 +90,14 @@ pub fn status_json(pin_dir: &Path, state_dir: &Path, live: Option<PolicyStatus>)
         "listeners": listeners,
         "flows": flows,
         "maps": {
-            "keys": {"entries": policy.as_ref().map(|p| p.fill.keys), "capacity": capacity(pin_dir, filter_common::maps::KEYS)},
-            "flows": {"entries": flows, "capacity": capacity(pin_dir, filter_common::maps::FLOWS)},
+            "keys": {"entries": policy.as_ref().map(|p| p.fill.keys), "capacity": crate::dataplane::map_capacity(pin_dir, filter_common::maps::KEYS)},
+            "flows": {"entries": flows, "capacity": crate::dataplane::map_capacity(pin_dir, filter_common::maps::FLOWS)},
         },
         "policy_error": runtime.as_ref().and_then(|r| r.policy_error.clone()),
-        "etcd": crate::etcd::status_value(state_dir),
+        "etcd": crate::source::etcd::status_value(state_dir),
         "auto_locks": auto_locks_json(&crate::autolock::Overlay::load(state_dir)),
         "risk": std::fs::read(state_dir.join(crate::autolock::STATUS_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
     }))
-}
-
-pub fn print(pin_dir: &Path, state_dir: &Path, json: bool) -> Result<()> {
-    let v = status_json(pin_dir, state_dir, None)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let ifs: Vec<String> = v["interfaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|i| {
-            format!(
-                "{} ({})",
-                i["name"].as_str().unwrap_or("?"),
-                i["xdp_mode"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
-    println!(
-        "attached:   {}",
-        if ifs.is_empty() {
-            "nothing".into()
-        } else {
-            ifs.join(", ")
-        }
-    );
-    println!(
-        "daemon:     {}",
-        if v["daemon"]["running"].as_bool() == Some(true) {
-            "running"
-        } else {
-            "not running (XDP keeps enforcing the last policy)"
-        }
-    );
-    println!("mode:       {}", v["mode"].as_str().unwrap_or("?"));
-    println!(
-        "policy:     revision {} from {} (generation {})",
-        v["revision"],
-        v["source"].as_str().unwrap_or("-"),
-        v["generation"]
-    );
-    println!(
-        "keys:       {} ({} locked), {} listeners",
-        v["keys"], v["locked_keys"], v["listeners"]
-    );
-    let reasons: Vec<String> = v["lock_reasons"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            let why = r["reason"].as_str().unwrap_or("");
-            format!(
-                "{} {}",
-                if why.is_empty() { "(no reason)" } else { why },
-                r["keys"]
-            )
-        })
-        .collect();
-    if !reasons.is_empty() {
-        println!("locks:      {}", reasons.join(", "));
-    }
-    println!(
-        "flows:      {} / {}",
-        v["flows"], v["maps"]["flows"]["capacity"]
-    );
-    println!(
-        "key map:    {} / {}",
-        v["maps"]["keys"]["entries"], v["maps"]["keys"]["capacity"]
-    );
-    crate::etcd::print_status(&v["etcd"]);
-    let auto = &v["auto_locks"];
-    if auto["count"].as_u64().unwrap_or(0) > 0 {
-        let list: Vec<String> = auto["keys"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|k| {
-                format!(
-                    "{} ({}, {})",
-                    k["prefix"].as_str().unwrap_or("?"),
-                    k["reason"].as_str().unwrap_or("?"),
-                    k["at"].as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        println!(
-            "auto locks: {} (`keywall key unlock` undoes one): {}",
-            auto["count"],
-            list.join(", ")
-        );
-    }
-    if let Some(n) = v["risk"]["shared_suspect_count"].as_u64()
-        && n > 0
-    {
-        println!("shared:     {n} keys used from too many networks (`keywall keys shared`)");
-    }
-    if let Some(e) = v["policy_error"].as_str() {
-        println!("last error: {e}");
-    }
-    Ok(())
 }

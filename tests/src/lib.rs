@@ -1,5 +1,6 @@
 pub mod api_bench;
 pub mod bench;
+pub mod daemon;
 pub mod etcd;
 pub mod fleet_bench;
 pub mod fuzz;

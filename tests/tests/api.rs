@@ -19,7 +19,8 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, KEEPALIVE_CLIENT_PY, call, http_unix, keywall_bin, kw, reason_packets},
+    api_bench::{KEEPALIVE_CLIENT_PY, call, http_unix, keywall_bin, kw, reason_packets},
+    daemon::Daemon,
     netns::{Proc, Sandbox},
 };
 
@@ -30,7 +31,7 @@ const LOCKED: &str = "lockkey1-0d9e8c7b-secret-part";
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn api_arg(d: &ApiDaemon) -> String {
+fn api_arg(d: &Daemon) -> String {
     format!("unix:{}", d.sock.display())
 }
 
@@ -113,19 +114,19 @@ fn setup(tag: &str) -> (Sandbox, Proc) {
     (sb, srv)
 }
 
-fn put_ok(d: &ApiDaemon, p: &Value) -> Value {
+fn put_ok(d: &Daemon, p: &Value) -> Value {
     let (st, v) = d.call("PUT", "/v1/policy", Some(p)).unwrap();
     assert_eq!(st, 200, "PUT: {v}");
     v
 }
 
-fn get_policy_raw(d: &ApiDaemon) -> Vec<u8> {
+fn get_policy_raw(d: &Daemon) -> Vec<u8> {
     let (st, b) = http_unix(&d.sock, "GET", "/v1/policy", None, &[]).unwrap();
     assert_eq!(st, 200, "GET /v1/policy: {}", String::from_utf8_lossy(&b));
     b
 }
 
-fn stats(d: &ApiDaemon) -> Value {
+fn stats(d: &Daemon) -> Value {
     let (st, v) = d.call("GET", "/v1/stats", None).unwrap();
     assert_eq!(st, 200, "{v}");
     v
@@ -194,7 +195,7 @@ fn client_says_daemon_unreachable() {
 #[test]
 fn api_lock_cuts_keepalive_connection() {
     let (sb, _srv) = setup("apilock");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     let api = api_arg(&d);
     // The API is the source: a policy file pushed through the CLI (TOML, no revision).
     let toml_path = sb.tmp_dir().join("policy.toml");
@@ -326,7 +327,7 @@ type BadCase<'a> = (&'a str, &'a str, Vec<u8>, u16, Option<&'a str>);
 fn bad_inputs_change_nothing() {
     let (sb, _srv) = setup("apibad");
     let second: IpAddr = sb.add_client_v4().unwrap().into();
-    let d = ApiDaemon::start(&sb, 1, &["--api-max-body", "65536"]).unwrap();
+    let d = Daemon::start(&sb, 1, &["--api-max-body", "65536"]).unwrap();
     put_ok(&d, &policy(&sb, 5));
     let want = [Got::Pass, Got::Pass, Got::Blocked, Got::Blocked];
     wait_for("the policy to enforce", 10, || {
@@ -635,7 +636,7 @@ fn tcp_token_and_file_source() {
 #[test]
 fn concurrent_writers_none_lost() {
     let (sb, _srv) = setup("apiconc");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 1));
     const WRITERS: usize = 8;
     const EACH: usize = 100;
@@ -736,7 +737,7 @@ fn concurrent_writers_none_lost() {
 #[test]
 fn applied_revision_survives_restart() {
     let (sb, _srv) = setup("apirest");
-    let mut d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let mut d = Daemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 5));
     // More PATCHes of every kind (journalled, not snapshotted): the daemon's policy is what
     // applying them in order to the PUT policy gives.
@@ -776,7 +777,7 @@ fn applied_revision_survives_restart() {
     // XDP keeps enforcing while no daemon runs.
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Blocked);
 
-    let d = ApiDaemon::start(&sb, 2, &[]).unwrap();
+    let d = Daemon::start(&sb, 2, &[]).unwrap();
     assert_eq!(
         get_policy_raw(&d),
         before,
@@ -803,7 +804,7 @@ fn applied_revision_survives_restart() {
 #[test]
 fn metrics_parse_as_prometheus_text() {
     let (sb, _srv) = setup("apimet");
-    let d = ApiDaemon::start(&sb, 1, &["--metrics", "127.0.0.1:9478"]).unwrap();
+    let d = Daemon::start(&sb, 1, &["--metrics", "127.0.0.1:9478"]).unwrap();
     put_ok(&d, &policy(&sb, 3));
     // Some verdicts to count, and a rejected write.
     assert_eq!(probe(&sb, sb.client_v4().into(), Some(GOOD)), Got::Pass);
@@ -924,7 +925,7 @@ fn metrics_parse_as_prometheus_text() {
 #[test]
 fn events_show_a_provoked_drop() {
     let (sb, _srv) = setup("apievt");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     put_ok(&d, &policy(&sb, 1));
     let out_path = sb.tmp_dir().join("events.out");
     let err_path = sb.tmp_dir().join("events.err");

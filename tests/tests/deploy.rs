@@ -13,11 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde_json::Value;
 use tests::{
     api_bench::{call, keywall_bin, reason_packets},
-    netns::{Proc, Sandbox},
+    daemon::{Daemon, Launch},
+    netns::Sandbox,
 };
 
 /// nobody: an unprivileged user that exists on every Debian host.
@@ -73,29 +74,6 @@ allow = ["192.0.2.7"]
     )
 }
 
-struct Unprivileged<'a> {
-    sb: &'a Sandbox,
-    proc: Option<Proc>,
-    log: std::path::PathBuf,
-    sock: std::path::PathBuf,
-}
-
-impl Drop for Unprivileged<'_> {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = p.terminate(Duration::from_secs(5));
-        }
-        if thread::panicking() {
-            eprintln!(
-                "--- {} ---\n{}",
-                self.log.display(),
-                fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-        let _ = self.sb;
-    }
-}
-
 /// Prepares the sandbox's dirs for nobody (as the unit's ExecStartPre and StateDirectory=
 /// do for the keywall user) and starts `keywall run` as nobody with `caps`.
 fn start<'a>(
@@ -103,67 +81,21 @@ fn start<'a>(
     caps: &str,
     extra: &[&str],
     notify: Option<&Path>,
-) -> Result<Unprivileged<'a>> {
+) -> Result<Daemon<'a>> {
     for d in [sb.pin_dir(), sb.state_dir(), sb.tmp_dir()] {
         chown_nobody(d)?;
     }
-    let log = sb.tmp_dir().join("keywall-nobody.log");
-    let sock = sb.tmp_dir().join("api.sock");
-    let f = fs::File::create(&log)?;
-    let mut cmd = sb.edge_cmd("setpriv");
-    cmd.args(as_nobody(caps))
-        .arg(keywall_bin()?)
-        .arg("run")
-        .args(["--iface", sb.edge_if(), "--xdp-mode", "native"])
-        .arg("--pin-dir")
-        .arg(sb.pin_dir())
-        .arg("--state-dir")
-        .arg(sb.state_dir())
-        .arg("--api")
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--metrics", "off"])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(f.try_clone()?)
-        .stderr(f);
-    if let Some(n) = notify {
-        cmd.env("NOTIFY_SOCKET", n);
-    }
-    let child = cmd.spawn().context("starting setpriv keywall run")?;
-    Ok(Unprivileged {
-        sb,
-        proc: Some(Proc::new(child)),
-        log,
-        sock,
-    })
-}
-
-impl Unprivileged<'_> {
-    fn wait_api(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(p) = self.proc.as_mut()
-                && let Some(st) = p.try_wait()?
-            {
-                bail!(
-                    "keywall run exited ({st}): {}",
-                    fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if let Ok((200, _)) = call(&self.sock, "GET", "/v1/status", None) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the API did not answer within 20 s");
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.as_ref().expect("running").id()
-    }
+    let mut wrapper = vec!["setpriv".to_owned()];
+    wrapper.extend(as_nobody(caps));
+    let how = Launch {
+        wrapper,
+        env: notify
+            .map(|n| ("NOTIFY_SOCKET".to_owned(), n.display().to_string()))
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    Daemon::spawn_with(sb, 1, extra, &how)
 }
 
 /// A keywall operator verb run as nobody with the three capabilities.
@@ -513,7 +445,7 @@ allow = ["{}/32"]
             sb.client_v4()
         ),
     )?;
-    let _d = tests::api_bench::ApiDaemon::start(&sb, 0, &["--policy", file.to_str().unwrap()])?;
+    let _d = Daemon::start(&sb, 0, &["--policy", file.to_str().unwrap()])?;
     let _web = sb.spawn_http_server_edge(PORT)?;
     let _other = sb.spawn_http_server_edge(7777)?;
     thread::sleep(Duration::from_millis(300));
@@ -599,7 +531,7 @@ allow = ["{}/32"]
 #[test]
 fn the_unprivileged_daemon_takes_over_from_a_root_run_one() -> Result<()> {
     let sb = Sandbox::new("upg")?;
-    let mut root_run = tests::api_bench::ApiDaemon::start(&sb, 0, &[])?;
+    let mut root_run = Daemon::start(&sb, 0, &[])?;
     root_run.stop()?;
     let out = sb
         .edge_cmd(keywall_bin()?)

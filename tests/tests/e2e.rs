@@ -20,7 +20,8 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    api_bench::{KEEPALIVE_CLIENT_PY, keywall_bin, kw, reason_packets},
+    api_bench::{KEEPALIVE_CLIENT_PY, kw, reason_packets},
+    daemon::Daemon,
     netns::{Proc, Sandbox},
 };
 
@@ -123,129 +124,52 @@ locked = true
     )
 }
 
-/// A running `keywall run`; killed on drop, and its log printed if the test is failing.
-struct Daemon<'a> {
-    sb: &'a Sandbox,
-    proc: Option<Proc>,
-    log: PathBuf,
+/// `keywall run` with `policy` (without one, on what the state dir holds), not waited for.
+fn start<'a>(sb: &'a Sandbox, policy: Option<&Path>, n: u32) -> Daemon<'a> {
+    let policy = policy.map(|p| p.display().to_string());
+    let mut extra = vec!["--poll-ms", "200"];
+    if let Some(p) = &policy {
+        extra.extend(["--policy", p.as_str()]);
+    }
+    Daemon::spawn(sb, n, &extra).expect("starting keywall run")
 }
 
-impl<'a> Daemon<'a> {
-    fn start(sb: &'a Sandbox, policy: &Path, n: u32) -> Daemon<'a> {
-        Self::start_with(sb, Some(policy), n)
-    }
-
-    /// Without a policy file the daemon runs on what its state dir holds.
-    fn start_with(sb: &'a Sandbox, policy: Option<&Path>, n: u32) -> Daemon<'a> {
-        let log = sb.tmp_dir().join(format!("keywall-{n}.log"));
-        let f = fs::File::create(&log).expect("daemon log");
-        let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
-        let mut cmd = sb.edge_cmd(keywall_bin().expect("the keywall binary"));
-        cmd.arg("run").args(["--iface", sb.edge_if()]);
-        if let Some(policy) = policy {
-            cmd.arg("--policy").arg(policy);
-        }
-        cmd.arg("--pin-dir")
-            .arg(sb.pin_dir())
-            .arg("--state-dir")
-            .arg(sb.state_dir())
-            .args(["--metrics", "off", "--api", &api])
-            .args(["--xdp-mode", "native", "--poll-ms", "200"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f);
-        let child = cmd.spawn().expect("starting keywall run");
-        Daemon {
+/// Waits (15 s at most) until this daemon has attached (or taken over) and says so in
+/// `keywall status`, XDP shows on the edge veth, and an allowed request passes.
+fn wait_enforcing(d: &mut Daemon) {
+    let sb = d.sb;
+    let pid = d.pid();
+    let r = d.wait_for(Duration::from_secs(15), "keywall to enforce", || {
+        let st = kw(
             sb,
-            proc: Some(Proc::new(child)),
-            log,
+            &[
+                "status",
+                "--pin-dir",
+                &sb.pin_dir().display().to_string(),
+                "--state-dir",
+                &sb.state_dir().display().to_string(),
+                "--json",
+            ],
+        );
+        let ready = st.status.success()
+            && serde_json::from_slice::<Value>(&st.stdout).is_ok_and(|v| {
+                v["daemon"]["running"] == true
+                    && v["daemon"]["pid"] == pid
+                    && v["mode"] == "enforce"
+                    && v["interfaces"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|i| i["name"] == sb.edge_if()))
+            })
+            && sb.xdp_attached().unwrap_or(false)
+            && probe(sb, Some(sb.client_v4().into()), Some(GOOD), "2") == Got::Pass;
+        if ready {
+            Ok(())
+        } else {
+            Err(format!("status: {}", String::from_utf8_lossy(&st.stdout)))
         }
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.as_ref().expect("daemon running").id()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics (with the log) if the daemon has exited.
-    fn assert_running(&mut self) {
-        let p = self.proc.as_mut().expect("daemon started");
-        if let Some(st) = p.try_wait().unwrap() {
-            panic!("keywall run exited ({st}); log:\n{}", self.log_text());
-        }
-    }
-
-    /// Waits (15 s at most) until this daemon has attached (or taken over) and says so in
-    /// `keywall status`, XDP shows on the edge veth, and an allowed request passes.
-    fn wait_enforcing(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let pid = self.pid();
-        loop {
-            self.assert_running();
-            let st = kw(
-                self.sb,
-                &[
-                    "status",
-                    "--pin-dir",
-                    &self.sb.pin_dir().display().to_string(),
-                    "--state-dir",
-                    &self.sb.state_dir().display().to_string(),
-                    "--json",
-                ],
-            );
-            let ready = st.status.success()
-                && serde_json::from_slice::<Value>(&st.stdout).is_ok_and(|v| {
-                    v["daemon"]["running"] == true
-                        && v["daemon"]["pid"] == pid
-                        && v["mode"] == "enforce"
-                        && v["interfaces"]
-                            .as_array()
-                            .is_some_and(|a| a.iter().any(|i| i["name"] == self.sb.edge_if()))
-                })
-                && self.sb.xdp_attached().unwrap_or(false)
-                && probe(self.sb, Some(self.sb.client_v4().into()), Some(GOOD), "2") == Got::Pass;
-            if ready {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keywall did not start enforcing within 15 s; status: {}\nlog:\n{}",
-                String::from_utf8_lossy(&st.stdout),
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// SIGKILL, and reap it (a zombie would still look alive to `keywall status`).
-    fn kill9(&mut self) {
-        let mut p = self.proc.take().expect("daemon running");
-        // SAFETY: kill(2) on our own unreaped child.
-        let rc = unsafe { libc::kill(p.id() as i32, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill -9 {}", p.id());
-        let st = p.wait().unwrap();
-        assert!(!st.success(), "killed daemon exited successfully?");
-    }
-}
-
-impl Drop for Daemon<'_> {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = p.terminate(Duration::from_secs(3));
-        }
-        if thread::panicking() {
-            let log = self.log_text();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- {} (last lines) ---\n{}\n---",
-                self.log.display(),
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
+    });
+    if let Err(e) = r {
+        panic!("{e:#}");
     }
 }
 
@@ -353,8 +277,8 @@ fn allowed_blocked_locked_unknown_nokey() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut d = Daemon::start(&sb, &path, 1);
-    d.wait_enforcing();
+    let mut d = start(&sb, Some(&path), 1);
+    wait_enforcing(&mut d);
     let st = status(&sb);
     assert_eq!(st["interfaces"][0]["xdp_mode"], "native", "{st}");
     assert_eq!(st["keys"], 2, "{st}");
@@ -531,8 +455,8 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
 #[test]
 fn lock_in_policy_file_cuts_keepalive() {
     let (sb, _srv, path) = setup("e2elock");
-    let mut d = Daemon::start(&sb, &path, 1);
-    d.wait_enforcing();
+    let mut d = start(&sb, Some(&path), 1);
+    wait_enforcing(&mut d);
 
     let script = sb.tmp_dir().join("client.py");
     fs::write(&script, KEEPALIVE_CLIENT_PY).unwrap();
@@ -771,8 +695,8 @@ fn kill9_keeps_enforcing_and_restart_takes_over() {
         ("no key from second v4".into(), v4b, None, Got::Pass),
     ];
 
-    let mut d1 = Daemon::start(&sb, &path, 1);
-    d1.wait_enforcing();
+    let mut d1 = start(&sb, Some(&path), 1);
+    wait_enforcing(&mut d1);
     check_cases(&sb, &cases);
 
     // Background traffic through the kill and the restart: an allowed loop and a blocked loop.
@@ -832,8 +756,8 @@ fn kill9_keeps_enforcing_and_restart_takes_over() {
         );
 
         // Restart over the same pins and state: it takes over.
-        let mut d2 = Daemon::start(&sb, &path, 2);
-        d2.wait_enforcing();
+        let mut d2 = start(&sb, Some(&path), 2);
+        wait_enforcing(&mut d2);
         thread::sleep(Duration::from_millis(1000));
         d2.assert_running();
         check_cases(&sb, &cases);
@@ -877,8 +801,8 @@ fn kill9_keeps_enforcing_and_restart_takes_over() {
 fn detach_removes_filter() {
     let (sb, _srv, path) = setup("e2edet");
     let v4b: IpAddr = sb.add_client_v4().unwrap().into();
-    let mut d = Daemon::start(&sb, &path, 1);
-    d.wait_enforcing();
+    let mut d = start(&sb, Some(&path), 1);
+    wait_enforcing(&mut d);
     assert_eq!(probe(&sb, Some(v4b), Some(GOOD), PROBE_SECS), Got::Blocked);
     assert_eq!(probe(&sb, None, Some(LOCKED), PROBE_SECS), Got::Blocked);
 
@@ -922,8 +846,8 @@ fn detach_removes_filter() {
 fn restart_without_pins_restores_the_applied_policy() {
     let (sb, _srv, path) = setup("e2erst");
     let v4b: IpAddr = sb.add_client_v4().unwrap().into();
-    let mut d = Daemon::start(&sb, &path, 1);
-    d.wait_enforcing();
+    let mut d = start(&sb, Some(&path), 1);
+    wait_enforcing(&mut d);
     drop(d);
     // A reboot: the pins (maps, program, link) are gone, the state dir stays.
     let pin = sb.pin_dir().display().to_string();
@@ -936,8 +860,8 @@ fn restart_without_pins_restores_the_applied_policy() {
     assert!(!sb.xdp_attached().unwrap(), "still attached after detach");
     assert_eq!(probe(&sb, Some(v4b), Some(GOOD), PROBE_SECS), Got::Pass);
     // No --policy: the daemon restores the last applied policy before it attaches.
-    let mut d = Daemon::start_with(&sb, None, 2);
-    d.wait_enforcing();
+    let mut d = start(&sb, None, 2);
+    wait_enforcing(&mut d);
     assert!(
         d.log_text().contains("restored revision"),
         "no restore in the log:\n{}",

@@ -34,7 +34,8 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    api_bench::{ApiDaemon, kw, reason_packets},
+    api_bench::{kw, reason_packets},
+    daemon::Daemon,
     netns::{Proc, Sandbox},
 };
 
@@ -351,22 +352,17 @@ allow = ["{VICTIM}/32"]
     }
 
     /// `keywall run` on the edge veth with the standard policy; returns once it enforces.
-    fn start_daemon(&self, extra: &[&str]) -> ApiDaemon<'_> {
+    fn start_daemon(&self, extra: &[&str]) -> Daemon<'_> {
         let policy = self
             .write_policy(&self.policy_text(""))
             .unwrap_or_else(|e| panic!("policy check refuses the test policy: {e}"));
         self.start_daemon_with(&policy, 2, extra)
     }
 
-    fn start_daemon_with(
-        &self,
-        policy: &std::path::Path,
-        keys: u64,
-        extra: &[&str],
-    ) -> ApiDaemon<'_> {
+    fn start_daemon_with(&self, policy: &std::path::Path, keys: u64, extra: &[&str]) -> Daemon<'_> {
         let mut args = vec!["--policy", policy.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let d = ApiDaemon::start(&self.sb, 0, &args).expect("keywall run");
+        let d = Daemon::start(&self.sb, 0, &args).expect("keywall run");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let st = self.status();

@@ -29,7 +29,8 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    api_bench::{keywall_bin, kw, reason_packets},
+    api_bench::{kw, reason_packets},
+    daemon::Daemon,
     netns::{Proc, Sandbox, ServerKind},
 };
 
@@ -104,96 +105,28 @@ fn write_policy(sb: &Sandbox, text: &str) -> PathBuf {
     path
 }
 
-/// A running `keywall run`; stopped on drop, and its log printed if the test is failing.
-struct Daemon<'a> {
-    sb: &'a Sandbox,
-    proc: Option<Proc>,
-    log: PathBuf,
+/// `keywall run` with `policy`, not waited for.
+fn start<'a>(sb: &'a Sandbox, policy: &Path) -> Daemon<'a> {
+    let policy = policy.display().to_string();
+    Daemon::spawn(sb, 0, &["--policy", &policy, "--poll-ms", "200"]).expect("starting keywall run")
 }
 
-impl<'a> Daemon<'a> {
-    fn start(sb: &'a Sandbox, policy: &Path) -> Daemon<'a> {
-        let log = sb.tmp_dir().join("keywall.log");
-        let f = fs::File::create(&log).expect("daemon log");
-        let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
-        let child = sb
-            .edge_cmd(keywall_bin().expect("the keywall binary"))
-            .arg("run")
-            .args(["--iface", sb.edge_if()])
-            .arg("--policy")
-            .arg(policy)
-            .arg("--pin-dir")
-            .arg(sb.pin_dir())
-            .arg("--state-dir")
-            .arg(sb.state_dir())
-            .args(["--metrics", "off", "--api", &api])
-            .args(["--xdp-mode", "native", "--poll-ms", "200"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("starting keywall run");
-        Daemon {
-            sb,
-            proc: Some(Proc::new(child)),
-            log,
+/// Waits (20 s at most) until the daemon runs, enforces `keys` keys with XDP on the edge
+/// veth, and `probe` (a client whose outcome shows the policy is in force) says `Ok`.
+fn wait_ready(d: &mut Daemon, keys: u64, mut probe: impl FnMut() -> Result<(), String>) {
+    let sb = d.sb;
+    let r = d.wait_for(Duration::from_secs(20), "keywall to enforce", || {
+        let st = status(sb);
+        let up = st.as_ref().is_some_and(|v| {
+            v["daemon"]["running"] == true && v["mode"] == "enforce" && v["keys"] == keys
+        }) && sb.xdp_attached().unwrap_or(false);
+        if !up {
+            return Err(format!("not attached yet; status: {st:?}"));
         }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        let p = self.proc.as_mut().expect("daemon started");
-        if let Some(st) = p.try_wait().unwrap() {
-            panic!("keywall run exited ({st}); log:\n{}", self.log_text());
-        }
-    }
-
-    /// Waits (20 s at most) until the daemon runs, enforces `keys` keys with XDP on the edge
-    /// veth, and `probe` (a client whose outcome shows the policy is in force) says `Ok`.
-    fn wait_ready(&mut self, keys: u64, mut probe: impl FnMut() -> Result<(), String>) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            self.assert_running();
-            let st = status(self.sb);
-            let up = st.as_ref().is_some_and(|v| {
-                v["daemon"]["running"] == true && v["mode"] == "enforce" && v["keys"] == keys
-            }) && self.sb.xdp_attached().unwrap_or(false);
-            let probed = if up {
-                probe()
-            } else {
-                Err("not attached yet".into())
-            };
-            if probed.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keywall did not enforce within 20 s; last probe: {probed:?}\nstatus: {st:?}\nlog:\n{}",
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Daemon<'_> {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = p.terminate(Duration::from_secs(3));
-        }
-        if thread::panicking() {
-            let log = self.log_text();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- {} (last lines) ---\n{}\n---",
-                self.log.display(),
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
+        probe()
+    });
+    if let Err(e) = r {
+        panic!("{e:#}");
     }
 }
 
@@ -213,7 +146,7 @@ enum Got {
 /// A named client run with its expected outcome; the closure runs the client.
 type Case<'a> = (String, Got, Box<dyn Fn() -> Got + Send + Sync + 'a>);
 
-/// For [`Daemon::wait_ready`]: `Ok` when a probe got what a policy in force gives.
+/// For [`wait_ready`]: `Ok` when a probe got what a policy in force gives.
 fn expect<T: PartialEq + std::fmt::Debug>(got: T, want: T) -> Result<(), String> {
     if got == want {
         Ok(())
@@ -399,8 +332,8 @@ fn tls_sni_allowed_blocked_locked_and_case() {
     let (sb, _srv, b4, b6) = tls_setup("sni");
     let (a4, a6): (IpAddr, IpAddr) = (sb.client_v4().into(), sb.client_v6().into());
     let policy = write_policy(&sb, &tls_policy(&sb));
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(2, || {
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 2, || {
         expect(curl_sni(&sb, a4, "k-goodkey1.api.test"), Got::Pass)
     });
     let before = stats(&sb);
@@ -473,8 +406,8 @@ fn tls_sni_in_the_second_segment() {
     let (sb, _srv, b4, b6) = tls_setup("snisplit");
     let (a4, a6): (IpAddr, IpAddr) = (sb.client_v4().into(), sb.client_v6().into());
     let policy = write_policy(&sb, &tls_policy(&sb));
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(2, || {
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 2, || {
         expect(curl_sni(&sb, a4, "k-goodkey1.api.test"), Got::Pass)
     });
     let before = stats(&sb);
@@ -592,8 +525,8 @@ locked = true
 "#
         ),
     );
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(2, || {
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 2, || {
         expect(
             fix_logon(&sb, a4, FIX_553_PORT, "FIX.4.4", 553, user),
             Got::Pass,
@@ -808,8 +741,8 @@ backend edge
     );
 
     let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, allowed, true));
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(2, || {
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 2, || {
         expect(
             via_haproxy(&sb, allowed, haproxy, GOOD),
             Proxied::Ok(format!("client={allowed}")),
@@ -913,9 +846,9 @@ fn proxy_header_from_untrusted_source_is_refused() {
     assert!(body.contains(&format!("client={a4}")), "{body}");
 
     let policy = write_policy(&sb, &proxy_policy(&sb, haproxy, a4, false));
-    let mut d = Daemon::start(&sb, &policy);
+    let mut d = start(&sb, &policy);
     // Ready once curl's own PROXY header is refused (before the policy it passes).
-    d.wait_ready(2, || expect(direct(a4, None).0, Got::Blocked));
+    wait_ready(&mut d, 2, || expect(direct(a4, None).0, Got::Blocked));
     let before = stats(&sb);
 
     // The key is allowed from a4 and a6, yet their headers come from untrusted senders.
@@ -998,8 +931,8 @@ locked = true
         "unfiltered request failed"
     );
 
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(2, || {
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 2, || {
         let line = python(b4, GOOD);
         expect(line.split(' ').next(), Some("RESET")).map_err(|e| format!("{e}: {line}"))
     });
@@ -1113,8 +1046,8 @@ allow = ["{a4}/32", "{a6}/128"]
     // Unfiltered, a keyless stranger is answered (no_key = "pass" would pass it too).
     assert_eq!(curl(b4, None), Got::Pass);
 
-    let mut d = Daemon::start(&sb, &policy);
-    d.wait_ready(1, || expect(curl(b4, None), Got::Blocked));
+    let mut d = start(&sb, &policy);
+    wait_ready(&mut d, 1, || expect(curl(b4, None), Got::Blocked));
     let before = stats(&sb);
 
     // The flood from b4, and allowed clients connecting all through it.

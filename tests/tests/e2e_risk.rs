@@ -15,7 +15,8 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, keywall_bin, kw},
+    api_bench::{keywall_bin, kw},
+    daemon::Daemon,
     netns::{Proc, Sandbox},
 };
 
@@ -23,7 +24,7 @@ const PORT: u16 = 8080;
 const GOOD: &str = "goodkey1-5f2c9a7e-secret-part";
 const IDLE: &str = "idlekey1-aa11bb22-secret-part";
 
-fn api_arg(d: &ApiDaemon) -> String {
+fn api_arg(d: &Daemon) -> String {
     format!("unix:{}", d.sock.display())
 }
 
@@ -120,7 +121,7 @@ fn kw_json(sb: &Sandbox, args: &[&str]) -> Value {
     })
 }
 
-fn revision(d: &ApiDaemon) -> u64 {
+fn revision(d: &Daemon) -> u64 {
     let (st, v) = d.call("GET", "/v1/policy", None).unwrap();
     assert_eq!(st, 200);
     v["revision"].as_u64().unwrap()
@@ -129,7 +130,7 @@ fn revision(d: &ApiDaemon) -> u64 {
 #[test]
 fn a_lock_with_for_ends_on_its_own() {
     let (sb, _srv) = setup("risklock");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     let api = api_arg(&d);
     let (st, v) = d
         .call("PUT", "/v1/policy", Some(&policy(&sb, json!({}))))
@@ -235,7 +236,7 @@ fn a_lock_with_for_ends_on_its_own() {
 #[test]
 fn activity_shows_in_key_show_and_keys_listings() {
     let (sb, _srv) = setup("riskact");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     let api = api_arg(&d);
     let p = policy(
         &sb,
@@ -345,7 +346,7 @@ fn activity_shows_in_key_show_and_keys_listings() {
 }
 
 /// `keywall events --json` running in the background, into a file.
-fn events(sb: &Sandbox, d: &ApiDaemon) -> (Proc, std::path::PathBuf) {
+fn events(sb: &Sandbox, d: &Daemon) -> (Proc, std::path::PathBuf) {
     let out_path = sb.tmp_dir().join("events.out");
     let child = sb
         .edge_cmd(keywall_bin().unwrap())
@@ -375,7 +376,7 @@ fn show(sb: &Sandbox, api: &str, prefix: &str) -> Value {
 #[test]
 fn an_idle_key_is_locked_on_a_single_host_and_unlock_undoes_it() {
     let (sb, _srv) = setup("riskidle");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     let api = api_arg(&d);
     let (st, v) = d
         .call(
@@ -482,7 +483,7 @@ fn under_a_policy_file_idle_locks_are_an_overlay_the_file_does_not_undo() {
         fs::write(&file, toml::to_string(&p).unwrap()).unwrap();
     };
     write(false);
-    let d = ApiDaemon::start(&sb, 1, &["--policy", &file.display().to_string()]).unwrap();
+    let d = Daemon::start(&sb, 1, &["--policy", &file.display().to_string()]).unwrap();
     let api = api_arg(&d);
     let me: IpAddr = sb.client_v4().into();
     wait_for("idlekey1 locked as idle", 30, || {
@@ -530,7 +531,7 @@ fn under_a_policy_file_idle_locks_are_an_overlay_the_file_does_not_undo() {
 #[test]
 fn a_key_used_from_four_networks_is_flagged_then_locked() {
     let (sb, _srv) = setup("riskshare");
-    let d = ApiDaemon::start(&sb, 1, &["--metrics", "127.0.0.1:9478"]).unwrap();
+    let d = Daemon::start(&sb, 1, &["--metrics", "127.0.0.1:9478"]).unwrap();
     let api = api_arg(&d);
     let rule =
         |action: &str| json!({"shared_key": {"networks": 3, "window": "1h", "action": action}});
@@ -605,7 +606,7 @@ fn a_key_used_from_four_networks_is_flagged_then_locked() {
 #[test]
 fn a_curl_burst_over_max_requests_per_s_is_partly_dropped_and_a_slower_client_is_untouched() {
     let (sb, _srv) = setup("riskrate");
-    let d = ApiDaemon::start(&sb, 1, &[]).unwrap();
+    let d = Daemon::start(&sb, 1, &[]).unwrap();
     let mut p = policy(&sb, json!({"max_requests_per_s": {"rate": 5, "burst": 5}}));
     p["key"][1]["prefix"] = "slowkey1".into();
     let (st, v) = d.call("PUT", "/v1/policy", Some(&p)).unwrap();

@@ -15,7 +15,8 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, http_unix, kw, reason_packets},
+    api_bench::{http_unix, kw, reason_packets},
+    daemon::Daemon,
     etcd::{ETCD_TLS_URL, ETCD_URL, EtcdServer},
     netns::{Proc, Sandbox},
 };
@@ -98,8 +99,8 @@ impl Fleet {
         json!({"prefix": "goodkey1", "allow": self.clients(), "locked": locked})
     }
 
-    fn daemon(&self, i: usize, n: u32) -> ApiDaemon<'_> {
-        ApiDaemon::start(
+    fn daemon(&self, i: usize, n: u32) -> Daemon<'_> {
+        Daemon::start(
             &self.sbs[i],
             n,
             &[
@@ -222,17 +223,17 @@ fn metric(sb: &Sandbox, series: &str) -> Option<f64> {
     })
 }
 
-fn policy_raw(d: &ApiDaemon) -> Vec<u8> {
+fn policy_raw(d: &Daemon) -> Vec<u8> {
     let (st, b) = http_unix(&d.sock, "GET", "/v1/policy", None, &[]).unwrap();
     assert_eq!(st, 200, "GET /v1/policy: {}", String::from_utf8_lossy(&b));
     b
 }
 
-fn policy(d: &ApiDaemon) -> Value {
+fn policy(d: &Daemon) -> Value {
     serde_json::from_slice(&policy_raw(d)).unwrap()
 }
 
-fn key_locked(d: &ApiDaemon, prefix: &str) -> Option<bool> {
+fn key_locked(d: &Daemon, prefix: &str) -> Option<bool> {
     let p = policy(d);
     p["key"]
         .as_array()?
@@ -256,7 +257,7 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 /// Waits until every daemon enforces the fleet policy (both keys present).
-fn wait_synced(ds: &[ApiDaemon]) {
+fn wait_synced(ds: &[Daemon]) {
     for d in ds {
         wait_for("the snapshot from etcd", 20, || {
             (key_locked(d, "lockkey1") == Some(true) && key_locked(d, "goodkey1").is_some())
@@ -272,7 +273,7 @@ fn wait_synced(ds: &[ApiDaemon]) {
 fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
     let f = Fleet::new("fleetlock", 3);
     f.write_policy();
-    let ds: Vec<ApiDaemon> = (0..3).map(|i| f.daemon(i, 1)).collect();
+    let ds: Vec<Daemon> = (0..3).map(|i| f.daemon(i, 1)).collect();
     wait_synced(&ds);
     assert_eq!(verdicts(&f), vec![(Got::Pass, Got::Blocked); 3]);
 
@@ -356,7 +357,7 @@ fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
 fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compaction() {
     let f = Fleet::new("fleetdown", 2);
     f.write_policy();
-    let mut ds: Vec<ApiDaemon> = (0..2).map(|i| f.daemon(i, 1)).collect();
+    let mut ds: Vec<Daemon> = (0..2).map(|i| f.daemon(i, 1)).collect();
     wait_synced(&ds);
     let want = vec![(Got::Pass, Got::Blocked); 2];
     assert_eq!(verdicts(&f), want);
@@ -589,7 +590,7 @@ fn tls_client_certificates_and_etcd_auth_are_passed_through() {
     let pw = sb.tmp_dir().join("etcd-password");
     std::fs::write(&pw, "edge-pw\n").unwrap();
     let path = |p: &std::path::Path| p.display().to_string();
-    let d = ApiDaemon::start(
+    let d = Daemon::start(
         sb,
         1,
         &[
@@ -654,7 +655,7 @@ fn put_many(f: &Fleet, start: usize, keys: usize) {
         .expect("writing keys to etcd");
 }
 
-fn key_show(d: &ApiDaemon, prefix: &str) -> Option<Value> {
+fn key_show(d: &Daemon, prefix: &str) -> Option<Value> {
     let (st, v) = d.call("GET", &format!("/v1/keys/{prefix}"), None).unwrap();
     (st == 200 && !v["policy"].is_null()).then(|| v["policy"].clone())
 }
@@ -668,7 +669,7 @@ fn a_large_policy_is_read_in_pages_and_a_key_change_costs_that_key() {
     let f = Fleet::new("fleetbig", 1);
     f.write_policy();
     put_many(&f, 0, KEYS);
-    let d = ApiDaemon::start(
+    let d = Daemon::start(
         &f.sbs[0],
         1,
         &[

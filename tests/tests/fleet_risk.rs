@@ -11,7 +11,8 @@ use std::{
 
 use serde_json::{Value, json};
 use tests::{
-    api_bench::{ApiDaemon, kw},
+    api_bench::kw,
+    daemon::Daemon,
     etcd::{ETCD_URL, EtcdServer},
     netns::{Proc, Sandbox},
 };
@@ -74,8 +75,8 @@ impl Fleet {
             .collect()
     }
 
-    fn daemon(&self, i: usize) -> ApiDaemon<'_> {
-        ApiDaemon::start(
+    fn daemon(&self, i: usize) -> Daemon<'_> {
+        Daemon::start(
             &self.sbs[i],
             1,
             &[
@@ -204,7 +205,7 @@ fn activity_digests_from_three_edges_drive_keywall_fleet() {
     );
     f.put("keys/goodkey1", &json!({"allow": clients}));
     f.put("keys/idlekey1", &json!({"allow": clients, "ipsets": []}));
-    let daemons: Vec<ApiDaemon> = (0..3).map(|i| f.daemon(i)).collect();
+    let daemons: Vec<Daemon> = (0..3).map(|i| f.daemon(i)).collect();
     let me = |i: usize| -> IpAddr { f.sbs[i].client_v4().into() };
     for i in 0..3 {
         wait_for("every edge enforces", 20, || {

@@ -162,6 +162,134 @@ fn a_second_connection_on_a_tuple_starts_once_and_only_far_from_the_first() {
     );
 }
 
+/// Passes `bytes` of body in 1448-byte segments after `seq` on the connection `c` (one frame
+/// whose sequence number is rewritten: the filter does not read the checksum); returns the
+/// next sequence number.
+fn pass_body(l: &mut Loaded, c: &Pkt, mut seq: u32, bytes: u32) -> u32 {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut frame = c.clone().seq(seq).payload(&[b'a'; 1448]).build();
+    let seq_at = c.l4_offset() + 4;
+    let prog = l.dp.program().expect("program");
+    let end = seq.wrapping_add(bytes);
+    while end.wrapping_sub(seq) < 1 << 31 && seq != end {
+        frame[seq_at..seq_at + 4].copy_from_slice(&seq.to_be_bytes());
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, tests::harness::XDP_PASS, "body at {seq}");
+        seq = seq.wrapping_add(1448);
+    }
+    seq
+}
+
+const MIB: u32 = 1 << 20;
+
+/// A connection on `sport` (SYN at 100) that passes a request and then 140 MiB of body: the
+/// server may have taken only part of it (segments with a bad checksum, or sent into a
+/// closed window, pass the filter and are dropped by the server), so it may wait anywhere
+/// between the stream start and the last byte. Returns the connection and its next byte.
+fn long_connection(l: &mut Loaded, sport: u16) -> (Pkt, u32) {
+    let c = Pkt::tcp4(ALLOWED4, EDGE4, sport, 8080);
+    expect(l, &c.clone().seq(100).syn().build(), PassHandshake, "SYN 1");
+    let req = request("37c541a1aaaa");
+    expect(
+        l,
+        &c.clone().seq(101).payload(&req).build(),
+        PassAllowed,
+        "connection 1",
+    );
+    let next = pass_body(l, &c, 101 + req.len() as u32, 140 * MIB);
+    (c, next)
+}
+
+/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
+fn second_start(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
+    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, "SYN 2");
+    let req = request("37c541a1bbbb");
+    expect(
+        l,
+        &c.clone().seq(isn + 1).payload(&req).build(),
+        reason,
+        what,
+    );
+}
+
+#[test]
+fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
+    let mut l = loaded();
+    // A second ISN 70 MiB into connection 1's span: more than a window from the first ISN
+    // and from the filter's positions, but a server that stopped at 70 MiB would splice its
+    // data onto connection 1.
+    let (c, _) = long_connection(&mut l, 41010);
+    let inside = 101 + 70 * MIB;
+    second_start(&mut l, &c, inside, DropMalformed, "a start inside the span");
+    // The same with the second ISN beyond every byte connection 1 sent: a start.
+    let (c, next) = long_connection(&mut l, 41011);
+    let beyond = next.wrapping_add(70 * MIB);
+    second_start(&mut l, &c, beyond, PassAllowed, "a start beyond the span");
+}
+
+/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
+fn connection(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
+    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, what);
+    let req = request("37c541a1aaaa");
+    expect(
+        l,
+        &c.clone().seq(isn.wrapping_add(1)).payload(&req).build(),
+        reason,
+        what,
+    );
+}
+
+#[test]
+fn a_further_stream_starts_once_the_one_before_the_flows_has_been_idle() {
+    let mut l = loaded();
+    // What the daemon does: the sweep writes the idle time after which servers have closed
+    // a connection whose client sent nothing (1 s here).
+    let _gc = keywall::dataplane::HeldGc::open(&l.pin_dir, std::time::Duration::from_secs(1))
+        .expect("sweep");
+    // Four ISNs a quarter of the sequence space apart: each far from the others.
+    let isn = |i: u32| 100u32.wrapping_add(i << 30);
+    // Connection 1 sent data a moment ago: a third stream could still meet it at the server.
+    let a = Pkt::tcp4(ALLOWED4, EDGE4, 41020, 8080);
+    connection(&mut l, &a, isn(0), PassAllowed, "A: connection 1");
+    connection(&mut l, &a, isn(2), PassAllowed, "A: connection 2");
+    connection(
+        &mut l,
+        &a,
+        isn(1),
+        DropMalformed,
+        "A: connection 3, too soon",
+    );
+    // Once connection 1 has been idle for that long, the server holds connection 2 at most.
+    let b = Pkt::tcp4(ALLOWED4, EDGE4, 41021, 8080);
+    connection(&mut l, &b, isn(0), PassAllowed, "B: connection 1");
+    connection(&mut l, &b, isn(2), PassAllowed, "B: connection 2");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // Connection 2 goes on sending; connection 1 has been idle since the sleep.
+    let req = request("37c541a1aaaa");
+    let next = isn(2) + 1 + req.len() as u32;
+    expect(
+        &mut l,
+        &b.clone().seq(next).payload(&req).build(),
+        PassAllowed,
+        "B: 2 again",
+    );
+    connection(&mut l, &b, isn(1), PassAllowed, "B: connection 3, 1 idle");
+    // Connection 2 sent data just before it: a fourth must wait.
+    connection(
+        &mut l,
+        &b,
+        isn(3),
+        DropMalformed,
+        "B: connection 4, too soon",
+    );
+}
+
 #[test]
 fn a_syn_near_the_recorded_one_loses_the_stream_start() {
     let mut l = loaded();

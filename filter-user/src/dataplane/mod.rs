@@ -34,7 +34,10 @@ use filter_common::{
     Settings, maps,
 };
 
+pub mod activity;
 pub mod batch;
+pub mod counters;
+pub mod events;
 pub mod statkeys;
 
 use aya::maps::IterableMap as _;
@@ -1254,7 +1257,39 @@ pub struct PinnedView {
     pub stat_keys: Option<statkeys::StatKeys>,
 }
 
+/// The live slot as the pinned maps hold it (works with the daemon down).
+pub struct LiveSlot {
+    /// 0 or 1.
+    pub slot: u32,
+    pub settings: Settings,
+    /// Listeners with a locator in the live slot.
+    pub listeners: usize,
+}
+
 impl PinnedView {
+    /// The live slot: its number, settings and listener count.
+    pub fn live_slot(&self) -> Result<LiveSlot> {
+        let slot = self.control.get(&0, 0)?.active_slot & 1;
+        let settings = self.settings.get(&slot, 0)?;
+        let listeners = (1..=MAX_LISTENERS as u16)
+            .filter(|n| {
+                self.listeners
+                    .get(&filter_common::listener_slot(slot, *n), 0)
+                    .is_ok_and(|l| l.locator != 0)
+            })
+            .count();
+        Ok(LiveSlot {
+            slot,
+            settings,
+            listeners,
+        })
+    }
+
+    /// Entries in the connection table (a batched walk).
+    pub fn flow_count(&self) -> Result<usize> {
+        batch::count::<filter_common::FlowKey, filter_common::Flow>(self.flows.map())
+    }
+
     /// How full the live slot's prefilter is, from the pinned maps (works with the daemon down).
     pub fn prefilter_fill(&self) -> Result<Option<Fill>> {
         let Some(pf) = &self.prefilter else {
@@ -1322,6 +1357,13 @@ impl HeldGc {
                 .with_context(|| format!("opening the pinned {name}"))?;
             Ok(Map::from_map_data(d)?)
         };
+        // The program starts a further stream on a tuple once the one before has been idle
+        // this long (the assumption this sweep rests on too); 0 until written.
+        let idle_s = idle.as_secs().min(u32::MAX as u64) as u32;
+        let mut held_idle: aya::maps::Array<MapData, u32> = o(maps::HELD_IDLE)?.try_into()?;
+        held_idle
+            .set(0, idle_s, 0)
+            .context("writing the idle time to KW_HELD_IDLE")?;
         Ok(HeldGc {
             held: o(maps::HELD)?.try_into()?,
             flows: o(maps::FLOWS)?.try_into()?,
@@ -1486,6 +1528,12 @@ pub fn pinned_ifaces(pin_dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A pinned map's capacity, from the kernel's own map info.
+pub fn map_capacity(pin_dir: &Path, name: &str) -> Option<u32> {
+    let d = aya::maps::MapData::from_pin(pin_dir.join(name)).ok()?;
+    d.info().ok().map(|i| i.max_entries())
 }
 
 #[cfg(test)]

@@ -394,7 +394,7 @@ impl Engine {
             m.update(kind, result);
             if result == "applied" {
                 m.apply_seconds.observe(t0.elapsed().as_secs_f64());
-                m.set_policy(self);
+                self.publish_metrics(m);
             }
         }
         r
@@ -524,6 +524,16 @@ impl Engine {
             log::warn!("writing the policy status: {e:#}");
         }
         *self.published.lock().unwrap() = Some(st);
+    }
+
+    /// Records the applied policy's figures in `m` (revision, keys, locked keys).
+    pub fn publish_metrics(&self, m: &Metrics) {
+        let a = self.applied.as_ref();
+        m.set_policy(
+            self.revision(),
+            a.map_or(0, |a| a.keys.len()),
+            a.map_or(0, |a| a.keys.locked()),
+        );
     }
 
     /// The applied revision (0 before anything was applied).

@@ -5,4 +5,5 @@
 pub mod flood;
 pub mod payloads;
 pub mod peers;
+pub mod profile;
 pub mod rawbpf;

@@ -20,7 +20,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use tests::netns::{Proc, Sandbox, ServerKind};
+use tests::{
+    daemon::{Daemon, Launch},
+    netns::{Sandbox, ServerKind},
+};
 
 #[derive(Parser)]
 #[command(
@@ -166,8 +169,18 @@ fn run(args: &Args) -> Result<bool> {
     let _fix = sb.spawn_fix_acceptor_edge(FIX_PORT)?;
 
     println!("\n==> starting keywall run on {}", sb.edge_if());
-    let mut daemon = start_daemon(&sb, &keywall, &policy_path)?;
-    let result = wait_attached(&sb, &mut daemon).and_then(|()| {
+    let policy_arg = policy_path.display().to_string();
+    let mut daemon = Daemon::spawn_with(
+        &sb,
+        0,
+        &["--policy", &policy_arg],
+        &Launch {
+            bin: Some(keywall.clone()),
+            ..Default::default()
+        },
+    )?;
+    println!("+ {}", daemon.cmdline);
+    let result = wait_attached(&mut daemon).and_then(|()| {
         let mut ok = exercise(&sb, port, &clients)?;
         ok &= show_reset(&sb, &keywall, port, &clients, &policy_path)?;
         ok &= show_stats(&sb, &keywall, &clients)?;
@@ -175,11 +188,14 @@ fn run(args: &Args) -> Result<bool> {
     });
 
     println!("\n==> stopping keywall");
-    if let Err(e) = daemon.terminate(Duration::from_secs(3)) {
+    if let Err(e) = daemon.stop() {
         println!("stopping keywall: {e:#}");
     }
     if result.is_err() {
-        print_log(&sb);
+        println!(
+            "--- keywall log (last lines) ---\n{}\n---",
+            daemon.log_tail(40)
+        );
     }
     result
 }
@@ -248,59 +264,18 @@ allow = ["{sv4}", "{sv6}"]
     p
 }
 
-fn start_daemon(sb: &Sandbox, keywall: &Path, policy: &Path) -> Result<Proc> {
-    let log = fs::File::create(sb.tmp_dir().join("keywall.log"))?;
-    let api = format!("unix:{}", sb.state_dir().join("api.sock").display());
-    let mut cmd = sb.edge_cmd(keywall);
-    cmd.arg("run")
-        .args(["--iface", sb.edge_if()])
-        .arg("--policy")
-        .arg(policy)
-        .arg("--pin-dir")
-        .arg(sb.pin_dir())
-        .arg("--state-dir")
-        .arg(sb.state_dir())
-        .args(["--metrics", "off", "--api", &api])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    println!(
-        "+ {} run --iface {} --policy {} --pin-dir {} --state-dir {} --metrics off --api {api}",
-        keywall.display(),
-        sb.edge_if(),
-        policy.display(),
-        sb.pin_dir().display(),
-        sb.state_dir().display()
-    );
-    cmd.spawn().map(Proc::new).context("starting keywall run")
-}
-
-fn print_log(sb: &Sandbox) {
-    let log = fs::read_to_string(sb.tmp_dir().join("keywall.log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(40)..];
-    println!(
-        "--- keywall log (last {} lines) ---\n{}\n---",
-        tail.len(),
-        tail.join("\n")
-    );
-}
-
-/// Waits (10 s at most) until XDP is attached to the edge veth and an allowed request passes.
-fn wait_attached(sb: &Sandbox, daemon: &mut Proc) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = daemon.try_wait()? {
-            bail!("keywall run exited early ({status})");
-        }
-        if sb.xdp_attached()? {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("keywall did not attach XDP to {} within 10 s", sb.edge_if());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+/// Waits (10 s at most) until XDP is attached to the edge veth.
+fn wait_attached(daemon: &mut Daemon) -> Result<()> {
+    let sb = daemon.sb;
+    daemon.wait_for(
+        Duration::from_secs(10),
+        "XDP on the edge veth",
+        || match sb.xdp_attached() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("not attached".into()),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    )?;
     println!("XDP attached to {}", sb.edge_if());
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -36,10 +36,9 @@ use tokio::{
 use crate::{
     dataplane::PinnedView,
     engine::{Change, Engine, Refused, Rev, Submitted},
-    events::EventRecord,
     metrics::Metrics,
     policy::{PatchRequest, Policy, PolicyError},
-    state::Runtime,
+    source::{Shared, Source},
 };
 
 pub const DEFAULT_MAX_BODY: usize = 512 << 20;
@@ -206,52 +205,6 @@ fn conflict(applied: u64, why: &str) -> Reply {
         StatusCode::CONFLICT,
         json!({"error": why, "revision": applied}),
     )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared daemon state
-
-/// The one authoritative policy source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    File(PathBuf),
-    Api,
-    /// `--etcd`: the prefix the policy is read from.
-    Etcd(String),
-}
-
-impl Source {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Source::File(_) => "file",
-            Source::Api => "api",
-            Source::Etcd(_) => "etcd",
-        }
-    }
-    pub fn describe(&self) -> String {
-        match self {
-            Source::File(p) => format!("the policy file {} (API writes get 409)", p.display()),
-            Source::Api => "the API".into(),
-            Source::Etcd(p) => format!("etcd {p} (API writes get 409)"),
-        }
-    }
-}
-
-pub struct Shared {
-    pub engine: Mutex<Engine>,
-    /// The engine's published figures (`Engine::published`), readable without its lock.
-    pub published: Arc<Mutex<Option<crate::state::PolicyStatus>>>,
-    pub runtime: Mutex<Runtime>,
-    pub source: Source,
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub metrics: Arc<Metrics>,
-    pub events: broadcast::Sender<EventRecord>,
-    /// Why drop events are unavailable, if they are.
-    pub events_error: Option<String>,
-    /// Automatic locks (idle, shared) the daemon made (`autolock.rs`).
-    pub overlay: Mutex<crate::autolock::Overlay>,
-    pub max_body: usize,
 }
 
 impl Shared {
@@ -460,9 +413,11 @@ impl Shared {
             (eng.key(prefix), eng.revision())
         };
         let view = PinnedView::open(&self.pin_dir).ok();
-        let counters = view
-            .as_ref()
-            .and_then(|v| crate::stats::key_count(v, prefix).ok().flatten());
+        let counters = view.as_ref().and_then(|v| {
+            crate::dataplane::counters::key_count(v, prefix)
+                .ok()
+                .flatten()
+        });
         if key.is_none() && counters.is_none() {
             return (
                 StatusCode::NOT_FOUND,
@@ -505,13 +460,24 @@ impl Shared {
                 );
             }
         };
-        // The policy is read under the lock; the maps after it, so writers are not held up.
-        let policy = {
+        // The head (settings, listeners, ipsets: no keys) is copied under the lock; the maps
+        // are read without it; then the rows answered (at most `top`) are looked up in the
+        // engine's key store: the policy is never materialised.
+        let head = {
             let eng = self.engine.lock().unwrap();
-            eng.applied.as_ref().map(|a| a.policy())
+            eng.applied.as_ref().map(|a| a.head.clone())
         };
-        match crate::activity::listing(&view, policy.as_ref(), &q, &crate::activity::Clocks::now())
-        {
+        let keys = |prefixes: &[String]| {
+            let eng = self.engine.lock().unwrap();
+            prefixes.iter().map(|p| eng.key(p)).collect()
+        };
+        match crate::activity::listing(
+            &view,
+            head.as_ref(),
+            keys,
+            &q,
+            &crate::activity::Clocks::now(),
+        ) {
             Ok(v) => (StatusCode::OK, v),
             Err(e) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -843,7 +809,7 @@ async fn handle(
                 .and_then(|v| v.parse::<usize>().ok());
             let sh2 = sh.clone();
             let r = tokio::task::spawn_blocking(move || {
-                crate::stats::stats_json(&PinnedView::open(&sh2.pin_dir)?, top)
+                crate::dataplane::counters::stats_json(&PinnedView::open(&sh2.pin_dir)?, top)
             })
             .await;
             match r {

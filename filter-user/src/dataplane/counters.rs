@@ -1,6 +1,5 @@
-//! Verdict counters as operators read them: `keywall stats` and `keywall status`.
-
-use std::path::Path;
+//! The verdict counters decoded from the pinned maps (`KW_REASONS`, `KW_KEYS`, `KW_KEY_STATS`):
+//! what `keywall stats`, `GET /v1/stats`, `key show` and the metrics read.
 
 use anyhow::Result;
 use aya::maps::IterableMap as _;
@@ -267,51 +266,4 @@ fn live_enforce(view: &PinnedView) -> bool {
         .get(&(c.active_slot & 1), 0)
         .map(|s| s.flags & SETTING_ENFORCE != 0)
         .unwrap_or(true)
-}
-
-pub fn print_stats(pin_dir: &Path, json: bool, by: &str, top: Option<usize>) -> Result<()> {
-    let view = PinnedView::open(pin_dir)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&stats_json(&view, top)?)?
-        );
-        return Ok(());
-    }
-    if by == "key" {
-        let keys = key_counts(&view, top)?;
-        println!(
-            "{:<18} {:>12} {:>12} {:>12}",
-            "KEY", "PASSED", "DROPPED", "LAST SEEN"
-        );
-        for k in keys {
-            let ago = if k.last_seen_unix == 0 {
-                "never".to_owned()
-            } else {
-                format!(
-                    "{}s ago",
-                    crate::state::now_unix().saturating_sub(k.last_seen_unix)
-                )
-            };
-            println!(
-                "{:<18} {:>12} {:>12} {:>12}",
-                k.prefix, k.passed, k.dropped, ago
-            );
-        }
-        return Ok(());
-    }
-    println!(
-        "{:<18} {:<9} {:>12} {:>14}",
-        "REASON", "ACTION", "PACKETS", "BYTES"
-    );
-    for c in reason_counts(&view)? {
-        if c.action == "observed" && c.packets == 0 {
-            continue;
-        }
-        println!(
-            "{:<18} {:<9} {:>12} {:>14}",
-            c.reason, c.action, c.packets, c.bytes
-        );
-    }
-    Ok(())
 }

@@ -6,7 +6,7 @@
 //! while the rest keeps syncing. The [`Reconciler`] is that rule, pure and unit-tested; the
 //! network side (snapshot at revision R, watch from R+1, resync after a compaction or a lost
 //! watch, reconnect with backoff) is [`spawn`], and it writes the maps only through the
-//! daemon's [`Engine`](crate::daemon::Engine), like every other source.
+//! daemon's [`Engine`](crate::engine::Engine), like every other source.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    api::Shared,
     engine::{self, Refused, Rev, Submitted},
     policy::{Compiled, Key, Listener, PatchOp, Policy, PolicyError, Settings, parse_json},
+    source::Shared,
 };
 
 /// Where the daemon finds the fleet's policy, and how it proves who it is.
@@ -699,43 +699,6 @@ pub fn status_value(state_dir: &Path) -> Value {
 /// A daemon that does not sync from etcd removes a stale etcd status.
 pub fn forget(state_dir: &Path) {
     let _ = std::fs::remove_file(state_dir.join(STATUS_FILE));
-}
-
-/// The lines `keywall status` prints about etcd.
-pub fn print_status(v: &Value) {
-    if v.is_null() {
-        return;
-    }
-    println!(
-        "etcd:       {} {} ({}, read up to revision {})",
-        v["endpoints"]
-            .as_array()
-            .map(|a| a
-                .iter()
-                .filter_map(|e| e.as_str())
-                .collect::<Vec<_>>()
-                .join(","))
-            .unwrap_or_default(),
-        v["prefix"].as_str().unwrap_or("?"),
-        if v["up"].as_bool() == Some(true) {
-            "in sync"
-        } else {
-            "unreachable: enforcing the last applied policy"
-        },
-        v["synced_revision"]
-    );
-    if v["up"].as_bool() != Some(true)
-        && let Some(e) = v["last_error"].as_str()
-    {
-        println!("etcd error: {e}");
-    }
-    for e in v["errors"].as_array().into_iter().flatten() {
-        println!(
-            "rejected:   {}: {}",
-            e["key"].as_str().unwrap_or("?"),
-            e["error"].as_str().unwrap_or("?")
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

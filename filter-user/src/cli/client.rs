@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
-    api::{ApiAddr, read_token_file},
     events::EventRecord,
     policy::Policy,
+    source::api::{ApiAddr, read_token_file},
 };
 
 /// Attempts at a lock/unlock or an apply without a revision when another writer got in first.
@@ -555,6 +555,9 @@ mod tests {
     fn path_escaping() {
         assert_eq!(path_escape("37c541a1"), "37c541a1");
         assert_eq!(path_escape("a/b c"), "a%2Fb%20c");
-        assert_eq!(crate::api::percent_decode(&path_escape("x/?#%y")), "x/?#%y");
+        assert_eq!(
+            crate::source::api::percent_decode(&path_escape("x/?#%y")),
+            "x/?#%y"
+        );
     }
 }
