@@ -7,7 +7,6 @@ use std::{
     io::{Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -19,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::{XDP_DROP, XDP_PASS},
-    netns::{Proc, Sandbox},
+    netns::Sandbox,
     packet::{Pkt, http_request},
 };
 
@@ -181,125 +180,8 @@ pub fn call(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Resu
 // ---------------------------------------------------------------------------------------------
 // A daemon in a sandbox
 
-/// `keywall run` on the sandbox's edge interface, API on a unix socket in its state dir.
-pub struct ApiDaemon<'a> {
-    pub sb: &'a Sandbox,
-    pub proc: Option<Proc>,
-    pub log: PathBuf,
-    pub sock: PathBuf,
-}
-
-impl<'a> ApiDaemon<'a> {
-    /// Starts it with `extra` arguments (e.g. `--policy FILE`, `--metrics ADDR`) and waits
-    /// until the API answers.
-    pub fn start(sb: &'a Sandbox, n: u32, extra: &[&str]) -> Result<ApiDaemon<'a>> {
-        Self::start_waiting(sb, n, extra, Duration::from_secs(20))
-    }
-
-    /// `start`, waiting up to `wait` for the API (a restart over a million keys takes
-    /// seconds on a loaded machine).
-    pub fn start_waiting(
-        sb: &'a Sandbox,
-        n: u32,
-        extra: &[&str],
-        wait: Duration,
-    ) -> Result<ApiDaemon<'a>> {
-        let log = sb.tmp_dir().join(format!("keywall-api-{n}.log"));
-        let sock = sb.tmp_dir().join(format!("api-{n}.sock"));
-        let f = fs::File::create(&log)?;
-        let mut cmd = sb.edge_cmd(keywall_bin()?);
-        cmd.arg("run")
-            .args(["--iface", sb.edge_if()])
-            .arg("--pin-dir")
-            .arg(sb.pin_dir());
-        if !extra.contains(&"--state-dir") {
-            cmd.arg("--state-dir").arg(sb.state_dir());
-        }
-        cmd.arg("--api")
-            .arg(format!("unix:{}", sock.display()))
-            .args(["--xdp-mode", "native"]);
-        if !extra.contains(&"--poll-ms") {
-            cmd.args(["--poll-ms", "100"]);
-        }
-        if !extra.contains(&"--metrics") {
-            cmd.args(["--metrics", "off"]);
-        }
-        cmd.args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("KEYWALL_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f);
-        let child = cmd.spawn().context("starting keywall run")?;
-        let mut d = ApiDaemon {
-            sb,
-            proc: Some(Proc::new(child)),
-            log,
-            sock,
-        };
-        d.wait_api_for(wait)?;
-        Ok(d)
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (20 s at most) for `GET /v1/status` to answer 200.
-    pub fn wait_api(&mut self) -> Result<()> {
-        self.wait_api_for(Duration::from_secs(20))
-    }
-
-    pub fn wait_api_for(&mut self, wait: Duration) -> Result<()> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(p) = self.proc.as_mut()
-                && let Some(st) = p.try_wait()?
-            {
-                bail!("keywall run exited ({st}); log:\n{}", self.log_text());
-            }
-            if let Ok((200, _)) = call(&self.sock, "GET", "/v1/status", None) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the API did not answer within {wait:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-        call(&self.sock, method, path, body)
-    }
-
-    /// SIGTERM and wait.
-    pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(5))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ApiDaemon<'_> {
-    fn drop(&mut self) {
-        let _ = self.stop();
-        if thread::panicking() {
-            let log = self.log_text();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- {} (last lines) ---\n{}\n---",
-                self.log.display(),
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-    }
-}
+/// The bench's daemons are the tests' (`crate::daemon`).
+pub use crate::daemon::Daemon as ApiDaemon;
 
 // ---------------------------------------------------------------------------------------------
 // Benchmarks
