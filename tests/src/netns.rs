@@ -195,6 +195,7 @@ class TcpAck(socketserver.BaseRequestHandler):
 class Server(socketserver.ThreadingMixIn, HTTPServer):
     address_family = socket.AF_INET6
     allow_reuse_address = True
+    request_queue_size = 128  # a burst of connects must not overflow the accept queue
     daemon_threads = True
     tls = None
     def server_bind(self):
