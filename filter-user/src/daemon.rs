@@ -177,14 +177,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         ..Default::default()
     };
     if let Some(p) = &o.policy {
-        let mut text = watch.changed(p);
-        for _ in 0..100 {
-            if text.is_some() || !watch.settling {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-            text = watch.changed(p);
-        }
+        let text = watch.changed_settled(p);
         let parsed = match &text {
             Some(text) => parse_policy_file(p, text),
             None => Err(anyhow::anyhow!("cannot read {}", p.display())),
@@ -373,7 +366,13 @@ pub fn run(o: RunOptions) -> Result<()> {
                 crate::host::notify("RELOADING=1");
                 watch = FileWatch::default();
             }
-            let changed = watch.changed(p);
+            // SIGHUP promises a read now: a file written just before it is read once it
+            // holds still, not reported unreadable.
+            let changed = if reload {
+                watch.changed_settled(p)
+            } else {
+                watch.changed(p)
+            };
             if watch.settling {
                 // Looked at again after the next nap, not a whole poll period later.
                 next_poll = Instant::now();

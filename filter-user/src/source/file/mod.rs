@@ -37,6 +37,20 @@ pub struct FileWatch {
 const FILE_SETTLE: Duration = Duration::from_millis(20);
 
 impl FileWatch {
+    /// `changed`, waiting (5 s at most) for a file still being written to hold still: for
+    /// reads that must not be put off to the next poll (the start, SIGHUP).
+    pub fn changed_settled(&mut self, p: &Path) -> Option<String> {
+        let mut text = self.changed(p);
+        for _ in 0..100 {
+            if text.is_some() || !self.settling {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            text = self.changed(p);
+        }
+        text
+    }
+
     /// The file's text if it changed since the last call (None: unchanged or unreadable).
     pub fn changed(&mut self, p: &Path) -> Option<String> {
         use std::os::unix::fs::MetadataExt as _;
