@@ -340,6 +340,41 @@ pub struct PutFigures {
     pub rss_reapplied_mib: f64,
 }
 
+/// 20 `GET /v1/status` (each checked to report `keys` keys) and 20 scrapes of `/metrics`
+/// (on 127.0.0.1:9478), each timed.
+fn read_latencies(
+    sb: &Sandbox,
+    d: &ApiDaemon,
+    keys: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut status = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (st, v) = d.call("GET", "/v1/status", None)?;
+        status.push(t.elapsed());
+        if st != 200 || v["keys"].as_u64() != Some(keys as u64) {
+            bail!("GET /v1/status: {st} {v}");
+        }
+    }
+    let mut metrics = Vec::new();
+    for _ in 0..20 {
+        let out = sb.run_edge(
+            "curl",
+            [
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "http://127.0.0.1:9478/metrics",
+            ],
+        )?;
+        let secs: f64 = out.trim().parse().context("curl time_total")?;
+        metrics.push(Duration::from_secs_f64(secs));
+    }
+    Ok((status, metrics))
+}
+
 fn rss_mib(pid: u32) -> Result<f64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = s
@@ -395,31 +430,7 @@ pub fn put_snapshot(keys: usize) -> Result<PutFigures> {
     drop(body);
     // Reads while the daemon is idle (the inactive slot settled).
     thread::sleep(Duration::from_millis(500));
-    let mut status = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let (st, v) = d.call("GET", "/v1/status", None)?;
-        status.push(t.elapsed());
-        if st != 200 || v["keys"].as_u64() != Some(keys as u64) {
-            bail!("GET /v1/status: {st} {v}");
-        }
-    }
-    let mut metrics = Vec::new();
-    for _ in 0..20 {
-        let out = sb.run_edge(
-            "curl",
-            [
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total}",
-                "http://127.0.0.1:9478/metrics",
-            ],
-        )?;
-        let secs: f64 = out.trim().parse().context("curl time_total")?;
-        metrics.push(Duration::from_secs_f64(secs));
-    }
+    let (status, metrics) = read_latencies(&sb, &d, keys)?;
     let rss_loaded_mib = rss_mib(pid)?;
     for rev in 3..6 {
         let body = moved_policy(keys, rev)?;
@@ -515,31 +526,7 @@ pub fn control_plane(keys: usize, locks: usize) -> Result<ControlPlane> {
     let rss_loaded_mib = rss_mib(pid)?;
     let lock = lock_loop_from(&sb, &d, locks, 2)?;
     let rev = 2 + 2 * (locks as u64 + 1);
-    let mut status = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let (st, v) = d.call("GET", "/v1/status", None)?;
-        status.push(t.elapsed());
-        if st != 200 || v["keys"].as_u64() != Some(keys as u64) {
-            bail!("GET /v1/status: {st} {v}");
-        }
-    }
-    let mut metrics = Vec::new();
-    for _ in 0..20 {
-        let out = sb.run_edge(
-            "curl",
-            [
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total}",
-                "http://127.0.0.1:9478/metrics",
-            ],
-        )?;
-        let secs: f64 = out.trim().parse().context("curl time_total")?;
-        metrics.push(Duration::from_secs_f64(secs));
-    }
+    let (status, metrics) = read_latencies(&sb, &d, keys)?;
     for r in 1..=3 {
         put(&d, &moved_policy(keys, rev + r)?)?;
         wait_idle(pid);
