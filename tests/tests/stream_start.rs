@@ -55,6 +55,19 @@ fn loaded() -> Loaded {
     l
 }
 
+/// A SYN at `isn` on `c` (which passes), then a request with `key` at `isn + 1`, which must
+/// get `reason`.
+fn connection(l: &mut Loaded, c: &Pkt, isn: u32, key: &str, reason: Reason, what: &str) {
+    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, what);
+    let req = request(key);
+    expect(
+        l,
+        &c.clone().seq(isn.wrapping_add(1)).payload(&req).build(),
+        reason,
+        what,
+    );
+}
+
 #[test]
 fn data_without_a_recorded_syn_is_not_judged_as_a_stream_start() {
     let mut l = loaded();
@@ -132,31 +145,21 @@ fn a_proxy_header_before_the_stream_start_is_refused() {
 #[test]
 fn a_second_connection_on_a_tuple_starts_once_and_only_far_from_the_first() {
     let mut l = loaded();
-    let c = || Pkt::tcp4(ALLOWED4, EDGE4, 41003, 8080);
-    expect(&mut l, &c().seq(100).syn().build(), PassHandshake, "SYN 1");
-    expect(
-        &mut l,
-        &c().seq(101).payload(&request("37c541a1aaaa")).build(),
-        PassAllowed,
-        "connection 1",
-    );
+    let c = Pkt::tcp4(ALLOWED4, EDGE4, 41003, 8080);
+    connection(&mut l, &c, 100, "37c541a1aaaa", PassAllowed, "connection 1");
     // A second SYN far from the first connection's window: its data starts a stream of its
     // own (the server answers the SYN with a challenge ACK while connection 1 lives, and
     // then these bytes fall outside its window).
     let isn2 = 100u32.wrapping_add(1 << 31);
-    expect(&mut l, &c().seq(isn2).syn().build(), PassHandshake, "SYN 2");
-    expect(
-        &mut l,
-        &c().seq(isn2 + 1).payload(&request("37c541a1bbbb")).build(),
-        PassAllowed,
-        "connection 2 judged from its start",
-    );
+    let what = "connection 2 judged from its start";
+    connection(&mut l, &c, isn2, "37c541a1bbbb", PassAllowed, what);
     // A third ISN could bounce back into connection 1's forgotten window: never a start.
     let isn3 = 100u32.wrapping_add(3 << 30);
-    expect(&mut l, &c().seq(isn3).syn().build(), PassHandshake, "SYN 3");
-    expect(
+    connection(
         &mut l,
-        &c().seq(isn3 + 1).payload(&request("37c541a1aaaa")).build(),
+        &c,
+        isn3,
+        "37c541a1aaaa",
         DropMalformed,
         "connection 3",
     );
@@ -194,28 +197,10 @@ const MIB: u32 = 1 << 20;
 /// between the stream start and the last byte. Returns the connection and its next byte.
 fn long_connection(l: &mut Loaded, sport: u16) -> (Pkt, u32) {
     let c = Pkt::tcp4(ALLOWED4, EDGE4, sport, 8080);
-    expect(l, &c.clone().seq(100).syn().build(), PassHandshake, "SYN 1");
-    let req = request("37c541a1aaaa");
-    expect(
-        l,
-        &c.clone().seq(101).payload(&req).build(),
-        PassAllowed,
-        "connection 1",
-    );
-    let next = pass_body(l, &c, 101 + req.len() as u32, 140 * MIB);
+    connection(l, &c, 100, "37c541a1aaaa", PassAllowed, "connection 1");
+    let len = request("37c541a1aaaa").len() as u32;
+    let next = pass_body(l, &c, 101 + len, 140 * MIB);
     (c, next)
-}
-
-/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
-fn second_start(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
-    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, "SYN 2");
-    let req = request("37c541a1bbbb");
-    expect(
-        l,
-        &c.clone().seq(isn + 1).payload(&req).build(),
-        reason,
-        what,
-    );
 }
 
 #[test]
@@ -226,22 +211,24 @@ fn a_second_start_where_the_server_may_still_be_waiting_is_refused() {
     // data onto connection 1.
     let (c, _) = long_connection(&mut l, 41010);
     let inside = 101 + 70 * MIB;
-    second_start(&mut l, &c, inside, DropMalformed, "a start inside the span");
+    connection(
+        &mut l,
+        &c,
+        inside,
+        "37c541a1bbbb",
+        DropMalformed,
+        "a start inside the span",
+    );
     // The same with the second ISN beyond every byte connection 1 sent: a start.
     let (c, next) = long_connection(&mut l, 41011);
     let beyond = next.wrapping_add(70 * MIB);
-    second_start(&mut l, &c, beyond, PassAllowed, "a start beyond the span");
-}
-
-/// A SYN at `isn` on `c`, then a request at `isn + 1`, which must get `reason`.
-fn connection(l: &mut Loaded, c: &Pkt, isn: u32, reason: Reason, what: &str) {
-    expect(l, &c.clone().seq(isn).syn().build(), PassHandshake, what);
-    let req = request("37c541a1aaaa");
-    expect(
-        l,
-        &c.clone().seq(isn.wrapping_add(1)).payload(&req).build(),
-        reason,
-        what,
+    connection(
+        &mut l,
+        &c,
+        beyond,
+        "37c541a1bbbb",
+        PassAllowed,
+        "a start beyond the span",
     );
 }
 
@@ -256,19 +243,48 @@ fn a_further_stream_starts_once_the_one_before_the_flows_has_been_idle() {
     let isn = |i: u32| 100u32.wrapping_add(i << 30);
     // Connection 1 sent data a moment ago: a third stream could still meet it at the server.
     let a = Pkt::tcp4(ALLOWED4, EDGE4, 41020, 8080);
-    connection(&mut l, &a, isn(0), PassAllowed, "A: connection 1");
-    connection(&mut l, &a, isn(2), PassAllowed, "A: connection 2");
+    connection(
+        &mut l,
+        &a,
+        isn(0),
+        "37c541a1aaaa",
+        PassAllowed,
+        "A: connection 1",
+    );
+    connection(
+        &mut l,
+        &a,
+        isn(2),
+        "37c541a1aaaa",
+        PassAllowed,
+        "A: connection 2",
+    );
     connection(
         &mut l,
         &a,
         isn(1),
+        "37c541a1aaaa",
         DropMalformed,
         "A: connection 3, too soon",
     );
     // Once connection 1 has been idle for that long, the server holds connection 2 at most.
     let b = Pkt::tcp4(ALLOWED4, EDGE4, 41021, 8080);
-    connection(&mut l, &b, isn(0), PassAllowed, "B: connection 1");
-    connection(&mut l, &b, isn(2), PassAllowed, "B: connection 2");
+    connection(
+        &mut l,
+        &b,
+        isn(0),
+        "37c541a1aaaa",
+        PassAllowed,
+        "B: connection 1",
+    );
+    connection(
+        &mut l,
+        &b,
+        isn(2),
+        "37c541a1aaaa",
+        PassAllowed,
+        "B: connection 2",
+    );
     std::thread::sleep(std::time::Duration::from_millis(2100));
     // Connection 2 goes on sending; connection 1 has been idle since the sleep.
     let req = request("37c541a1aaaa");
@@ -279,12 +295,20 @@ fn a_further_stream_starts_once_the_one_before_the_flows_has_been_idle() {
         PassAllowed,
         "B: 2 again",
     );
-    connection(&mut l, &b, isn(1), PassAllowed, "B: connection 3, 1 idle");
+    connection(
+        &mut l,
+        &b,
+        isn(1),
+        "37c541a1aaaa",
+        PassAllowed,
+        "B: connection 3, 1 idle",
+    );
     // Connection 2 sent data just before it: a fourth must wait.
     connection(
         &mut l,
         &b,
         isn(3),
+        "37c541a1aaaa",
         DropMalformed,
         "B: connection 4, too soon",
     );
