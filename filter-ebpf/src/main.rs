@@ -693,7 +693,7 @@ fn settle(sc: ScratchPtr, settings: &Settings, known: *mut Flow, packed: u64) ->
             }
         }
     }
-    fl.seen_s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    fl.seen_s = coarse_secs();
     let pending_next = fl.ctx_next.flags & CTX_HELLO != 0;
     match known {
         // Rewritten in place: replacing an LRU element costs a node swap.
@@ -754,7 +754,7 @@ fn renewable(fk: &FlowKey, isn: u32) -> bool {
     let Some(f) = (unsafe { FLOWS.get(fk) }) else {
         return false;
     };
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    let now = coarse_secs();
     f.flags & FLOW_LONG == 0
         && f.start_seq == isn.wrapping_add(1)
         && f.prev_seen_s != 0
@@ -805,6 +805,13 @@ fn held_passed(fk: &FlowKey) -> bool {
             )
             .is_ok(),
     }
+}
+
+/// The coarse monotonic clock in seconds (the daemon reads the same clock for `seen_s`).
+#[inline(always)]
+pub fn coarse_secs() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 /// Whether `seq` lies more than a receive window away from every byte the server may be

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_ktime_get_tai_ns},
+    helpers::generated::{bpf_ktime_get_ns, bpf_ktime_get_tai_ns},
     macros::map,
     maps::{Array, HashMap},
 };
@@ -54,7 +54,7 @@ pub fn record(sc: ScratchPtr, packed: u64) -> bool {
             reason = Reason::DropRateLimited as u8;
         }
     }
-    let now_s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    let now_s = crate::coarse_secs();
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             core::ptr::addr_of_mut!((*a).requests),
