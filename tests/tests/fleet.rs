@@ -720,6 +720,6 @@ fn a_large_policy_is_read_in_pages_and_a_key_change_costs_that_key() {
     assert!(took < Duration::from_secs(2), "lock took {took:?}");
     assert_eq!(verdicts(&f), vec![(Got::Blocked, Got::Blocked)]);
     let log = d.log_text();
-    assert!(log.contains("(1 keys changed"), "{log}");
+    assert!(log.contains("(1 entries changed,"), "{log}");
     assert!(!log.contains("broken pipe"), "{log}");
 }
