@@ -607,9 +607,9 @@ pub fn bench_policy_file(n: usize, locked: bool, fmt: FileFormat) -> Vec<u8> {
                 "{{\"settings\": {{\"key_prefix_len\": 8, \"unknown_key\": \"drop\", \"no_key\": \"pass\", \"prefilter\": false}},\n\"listener\": [{{\"port\": {BENCH_PORT}, \"locator\": \"http-header\", \"headers\": [\"X-MBX-APIKEY\"]}}],\n\"key\": [\n"
             );
             for i in 0..n {
-                let _ = write!(
+                let _ = writeln!(
                     s,
-                    "{{\"prefix\": \"bk{i:06}\", \"allow\": [\"{}\", \"10.200.0.7\"]{}}}{}\n",
+                    "{{\"prefix\": \"bk{i:06}\", \"allow\": [\"{}\", \"10.200.0.7\"]{}}}{}",
                     host(i),
                     if i == 0 && locked {
                         ", \"locked\": true"

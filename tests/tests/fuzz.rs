@@ -29,7 +29,7 @@ fn differential_campaign() {
     .expect("campaign");
     println!("{}", rep.summary());
     assert!(
-        rep.sequences >= 2_000 * secs.min(55).max(1) / 55,
+        rep.sequences >= 2_000 * secs.clamp(1, 55) / 55,
         "only {} sequences ran",
         rep.sequences
     );

@@ -2040,7 +2040,13 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
         println!(
             "  control plane at {label} keys: etcd, {etcd_locks} locks on one edge, {etcd_writes} to three"
         );
-        let fleet = tests::fleet_bench::propagation_at(k, etcd_locks, etcd_writes)?;
+        // Three edges and etcd share two cores with a million keys each: a broken watch or a
+        // slow snapshot is retried once (and said), a second failure ends the section.
+        let fleet =
+            tests::fleet_bench::propagation_at(k, etcd_locks, etcd_writes).or_else(|e| {
+                println!("    etcd run failed ({e:#}); once more");
+                tests::fleet_bench::propagation_at(k, etcd_locks, etcd_writes)
+            })?;
         println!(
             "    populate {:?}, load {:?} (2 more: {:?}), lock p50/p99 {:?}, RSS {:?}",
             fleet.populate,
@@ -2161,9 +2167,10 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
         let fi = pct(&f.file_inplace.lock).1;
         let el = pct(&f.fleet.lock).1;
         let ea = pct(&f.fleet_all()).1;
+        let file_rss = f.file.rss_mib.max(f.file_inplace.rss_mib);
         writeln!(
             out,
-            "\nTargets at 1M keys: PUT < 5 s: {:.2} s, {}; API lock p99 < 10 ms: {:.2} ms, {}; file edit lock p99 < 500 ms: {:.0} ms (rename), {}, {:.0} ms (in place), {}; etcd lock p99 < 10 ms: {:.2} ms, {}; etcd to 3 edges p99 < 100 ms: {:.2} ms, {}; status p99 < 50 ms: {:.2} ms, {}; metrics p99 < 50 ms: {:.2} ms, {}; restart to API < 10 s: {:.2} s, {}; RSS ≤ 512 MiB: {:.0} / {:.0} MiB, {}.",
+            "\nTargets at 1M keys: PUT < 5 s: {:.2} s, {}; API lock p99 < 10 ms: {:.2} ms, {}; file edit lock p99 < 500 ms: {:.0} ms (rename), {}, {:.0} ms (in place), {}; etcd lock p99 < 10 ms: {:.2} ms, {}; etcd to 3 edges p99 < 100 ms: {:.2} ms, {}; status p99 < 50 ms: {:.2} ms, {}; metrics p99 < 50 ms: {:.2} ms, {}; restart to API < 10 s: {:.2} s, {}; RSS ≤ 512 MiB for every source: API daemon {:.0} / {:.0} MiB (after load / after 3 re-applies), file daemon {:.0} MiB, etcd edges {} MiB, {}.",
             c.put.as_secs_f64(),
             met(c.put < Duration::from_secs(5)),
             ms(c.lock.1),
@@ -2184,7 +2191,17 @@ fn control_plane_sizes(plan: &Plan, sizes: Option<&[usize]>) -> Result<String> {
             met(c.restart < Duration::from_secs(10)),
             c.rss_loaded_mib,
             c.rss_reapplied_mib,
-            met(c.rss_loaded_mib <= 512.0 && c.rss_reapplied_mib <= 512.0),
+            file_rss,
+            f.fleet
+                .rss_mib
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            met(c.rss_loaded_mib <= 512.0
+                && c.rss_reapplied_mib <= 512.0
+                && file_rss <= 512.0
+                && f.fleet.rss_mib.iter().all(|&r| r <= 512.0)),
         )?;
     }
     Ok(out)
@@ -3634,7 +3651,20 @@ fn run(args: &Args) -> Result<()> {
         snapshot = Some(snapshot_under_traffic(l, *keys)?);
     }
     let big = big.map(|(b, _)| b);
-    let api = control_plane_api_section(&plan, None)?;
+    // A failed control-plane step (real daemons, etcd, a million keys) must not cost the run
+    // its other figures: the report says what failed, and the bench still fails at the end.
+    let (api, api_failed) = match control_plane_api_section(&plan, None) {
+        Ok(s) => (s, None),
+        Err(e) => {
+            println!("  control plane FAILED: {e:#}");
+            (
+                Some(format!(
+                    "- **Not measured in this run:** the control-plane section failed: {e:#}\n"
+                )),
+                Some(e),
+            )
+        }
+    };
     let t = Instant::now();
     drop(sets);
     println!("  unload: {:.2} s", t.elapsed().as_secs_f64());
@@ -3748,5 +3778,8 @@ fn run(args: &Args) -> Result<()> {
         println!("\nwrote {}", doc.display());
     }
     println!("done in {:.1} s", t_start.elapsed().as_secs_f64());
-    Ok(())
+    match api_failed {
+        Some(e) => Err(e.context("the control-plane section failed (the report says so)")),
+        None => Ok(()),
+    }
 }

@@ -466,6 +466,9 @@ impl Sync {
                     if let Err(e) = eng.settle() {
                         log::error!("etcd: settling the inactive slot: {e:#}");
                     }
+                    // What a million parsed keys took goes back to the kernel (the daemon's
+                    // RSS stays small); after a batch of ops it would cost a lock milliseconds.
+                    crate::engine::trim_heap();
                     (r, None)
                 }
             };
@@ -482,7 +485,6 @@ impl Sync {
             if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
                 log::error!("etcd: writing a policy snapshot: {e:#}");
             }
-            crate::engine::trim_heap();
             Ok((out, Some(r)))
         });
         let (out, r) = result?;
