@@ -1169,6 +1169,93 @@ pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
 pub const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
 pub const PP2_TYPE_SSL: u8 = 0x20;
 
+/// Offsets, 5-tuple, sequence number and flags of a TCP segment, when the frame is plain
+/// enough: Ethernet, up to two VLAN tags, IPv4 (not a fragment) or IPv6 with TCP right after
+/// its header.
+#[allow(clippy::type_complexity)]
+fn tcp_segment(frame: &[u8]) -> Option<(usize, usize, usize, Vec<u8>, u32, u8)> {
+    let mut off = 12;
+    let mut et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
+    while et == 0x8100 || et == 0x88a8 {
+        off += 4;
+        et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
+    }
+    let l3 = off + 2;
+    let (l4, tuple) = match et {
+        0x0800 => {
+            let ihl = (*frame.get(l3)? as usize & 0xf) * 4;
+            let frag = u16::from_be_bytes(frame.get(l3 + 6..l3 + 8)?.try_into().ok()?);
+            if *frame.get(l3 + 9)? != 6 || frag & 0x3fff != 0 {
+                return None;
+            }
+            (l3 + ihl, frame.get(l3 + 12..l3 + 20)?.to_vec())
+        }
+        0x86dd => {
+            // Hop-by-hop, routing and destination options may come first; a fragment not.
+            let (mut nh, mut at) = (*frame.get(l3 + 6)?, l3 + 40);
+            while matches!(nh, 0 | 43 | 60) {
+                nh = *frame.get(at)?;
+                at += (*frame.get(at + 1)? as usize + 1) * 8;
+            }
+            if nh != 6 {
+                return None;
+            }
+            (at, frame.get(l3 + 8..l3 + 40)?.to_vec())
+        }
+        _ => return None,
+    };
+    let doff = (*frame.get(l4 + 12)? as usize >> 4) * 4;
+    let flags = *frame.get(l4 + 13)?;
+    let mut t = tuple;
+    t.extend_from_slice(frame.get(l4..l4 + 4)?);
+    let seq = u32::from_be_bytes(frame.get(l4 + 4..l4 + 8)?.try_into().ok()?);
+    Some((l3, l4, doff, t, seq, flags))
+}
+
+/// The 5-tuple (addresses and ports) of a TCP segment, for frames [`syn_for`] can read.
+pub fn tcp_tuple(frame: &[u8]) -> Option<Vec<u8>> {
+    tcp_segment(frame).map(|d| d.3)
+}
+
+/// The SYN that opened the connection of a TCP data segment, as a client sends it: the same
+/// headers, no payload, ISN = the segment's sequence number - 1. `None` for frames it cannot
+/// rebuild (fragments, no ACK, a SYN or RST, no payload).
+pub fn syn_for(frame: &[u8]) -> Option<Vec<u8>> {
+    let (l3, l4, doff, _, seq, flags) = tcp_segment(frame)?;
+    if flags & (TCP_SYN | TCP_RST) != 0 || flags & TCP_ACK == 0 || frame.len() <= l4 + doff {
+        return None;
+    }
+    let mut f = frame[..l4 + doff].to_vec();
+    f[l4 + 4..l4 + 8].copy_from_slice(&seq.wrapping_sub(1).to_be_bytes());
+    f[l4 + 8..l4 + 12].copy_from_slice(&[0; 4]);
+    f[l4 + 13] = TCP_SYN;
+    f[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    if f[l3] >> 4 == 4 {
+        let total = (f.len() - l3) as u16;
+        f[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let ihl = (f[l3] as usize & 0xf) * 4;
+        let c = checksum(&f[l3..l3 + ihl]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        let (src, dst): ([u8; 4], [u8; 4]) = (
+            f[l3 + 12..l3 + 16].try_into().unwrap(),
+            f[l3 + 16..l3 + 20].try_into().unwrap(),
+        );
+        let c = pseudo4_checksum(&src, &dst, 6, &f[l4..]);
+        f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let plen = (f.len() - l3 - 40) as u16;
+        f[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+        let (src, dst): ([u8; 16], [u8; 16]) = (
+            f[l3 + 8..l3 + 24].try_into().unwrap(),
+            f[l3 + 24..l3 + 40].try_into().unwrap(),
+        );
+        let c = pseudo6_checksum(&src, &dst, 6, &f[l4..]);
+        f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    }
+    Some(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1795,91 +1882,4 @@ mod tests {
         let local = proxy_v2(None, &[]);
         assert_eq!(&local[12..], &[0x20, 0, 0, 0]);
     }
-}
-
-/// Offsets, 5-tuple, sequence number and flags of a TCP segment, when the frame is plain
-/// enough: Ethernet, up to two VLAN tags, IPv4 (not a fragment) or IPv6 with TCP right after
-/// its header.
-#[allow(clippy::type_complexity)]
-fn tcp_segment(frame: &[u8]) -> Option<(usize, usize, usize, Vec<u8>, u32, u8)> {
-    let mut off = 12;
-    let mut et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
-    while et == 0x8100 || et == 0x88a8 {
-        off += 4;
-        et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
-    }
-    let l3 = off + 2;
-    let (l4, tuple) = match et {
-        0x0800 => {
-            let ihl = (*frame.get(l3)? as usize & 0xf) * 4;
-            let frag = u16::from_be_bytes(frame.get(l3 + 6..l3 + 8)?.try_into().ok()?);
-            if *frame.get(l3 + 9)? != 6 || frag & 0x3fff != 0 {
-                return None;
-            }
-            (l3 + ihl, frame.get(l3 + 12..l3 + 20)?.to_vec())
-        }
-        0x86dd => {
-            // Hop-by-hop, routing and destination options may come first; a fragment not.
-            let (mut nh, mut at) = (*frame.get(l3 + 6)?, l3 + 40);
-            while matches!(nh, 0 | 43 | 60) {
-                nh = *frame.get(at)?;
-                at += (*frame.get(at + 1)? as usize + 1) * 8;
-            }
-            if nh != 6 {
-                return None;
-            }
-            (at, frame.get(l3 + 8..l3 + 40)?.to_vec())
-        }
-        _ => return None,
-    };
-    let doff = (*frame.get(l4 + 12)? as usize >> 4) * 4;
-    let flags = *frame.get(l4 + 13)?;
-    let mut t = tuple;
-    t.extend_from_slice(frame.get(l4..l4 + 4)?);
-    let seq = u32::from_be_bytes(frame.get(l4 + 4..l4 + 8)?.try_into().ok()?);
-    Some((l3, l4, doff, t, seq, flags))
-}
-
-/// The 5-tuple (addresses and ports) of a TCP segment, for frames [`syn_for`] can read.
-pub fn tcp_tuple(frame: &[u8]) -> Option<Vec<u8>> {
-    tcp_segment(frame).map(|d| d.3)
-}
-
-/// The SYN that opened the connection of a TCP data segment, as a client sends it: the same
-/// headers, no payload, ISN = the segment's sequence number - 1. `None` for frames it cannot
-/// rebuild (fragments, no ACK, a SYN or RST, no payload).
-pub fn syn_for(frame: &[u8]) -> Option<Vec<u8>> {
-    let (l3, l4, doff, _, seq, flags) = tcp_segment(frame)?;
-    if flags & (TCP_SYN | TCP_RST) != 0 || flags & TCP_ACK == 0 || frame.len() <= l4 + doff {
-        return None;
-    }
-    let mut f = frame[..l4 + doff].to_vec();
-    f[l4 + 4..l4 + 8].copy_from_slice(&seq.wrapping_sub(1).to_be_bytes());
-    f[l4 + 8..l4 + 12].copy_from_slice(&[0; 4]);
-    f[l4 + 13] = TCP_SYN;
-    f[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
-    if f[l3] >> 4 == 4 {
-        let total = (f.len() - l3) as u16;
-        f[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
-        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-        let ihl = (f[l3] as usize & 0xf) * 4;
-        let c = checksum(&f[l3..l3 + ihl]);
-        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-        let (src, dst): ([u8; 4], [u8; 4]) = (
-            f[l3 + 12..l3 + 16].try_into().unwrap(),
-            f[l3 + 16..l3 + 20].try_into().unwrap(),
-        );
-        let c = pseudo4_checksum(&src, &dst, 6, &f[l4..]);
-        f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-    } else {
-        let plen = (f.len() - l3 - 40) as u16;
-        f[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
-        let (src, dst): ([u8; 16], [u8; 16]) = (
-            f[l3 + 8..l3 + 24].try_into().unwrap(),
-            f[l3 + 24..l3 + 40].try_into().unwrap(),
-        );
-        let c = pseudo6_checksum(&src, &dst, 6, &f[l4..]);
-        f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-    }
-    Some(f)
 }
