@@ -352,6 +352,21 @@ pub struct Fold {
 }
 
 impl Fold {
+    /// Writes the snapshot on a thread of its own, for a writer that must not wait for it
+    /// (etcd's watch: at 1M keys the write and its fsync take about a second).
+    pub fn finish_later(self) {
+        let spawned = std::thread::Builder::new()
+            .name("keywall-fold".into())
+            .spawn(move || {
+                if let Err(e) = self.finish() {
+                    log::error!("writing a policy snapshot: {e:#}");
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("starting the snapshot writer: {e}");
+        }
+    }
+
     pub fn finish(self) -> Result<()> {
         let t0 = Instant::now();
         let r = state::finish_fold(&self.state_dir, &self.bytes);

@@ -482,8 +482,11 @@ impl Sync {
                 Ok(None)
             };
             drop(eng);
-            if let Err(e) = fold.and_then(|f| f.map_or(Ok(()), |f| f.finish())) {
-                log::error!("etcd: writing a policy snapshot: {e:#}");
+            // The watch goes on while the snapshot is written.
+            match fold {
+                Ok(Some(f)) => f.finish_later(),
+                Ok(None) => {}
+                Err(e) => log::error!("etcd: starting a policy snapshot: {e:#}"),
             }
             Ok((out, Some(r)))
         });
