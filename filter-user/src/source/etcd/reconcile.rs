@@ -136,6 +136,8 @@ pub struct Outcome {
     pub accepted: usize,
     /// Entries whose new value was refused (each keeps its last good value).
     pub rejected: usize,
+    /// Entries judged (the batch's, and those in error judged again with it).
+    pub judged: usize,
 }
 
 /// What to submit to the engine.
@@ -163,10 +165,18 @@ const WHOLE_AT: usize = 50_000;
 /// The entries whose latest value was refused, and why.
 #[derive(Clone, Debug, Default)]
 pub struct Reconciler {
-    /// Their latest value from etcd (None: deleted), judged again with every batch, since
-    /// what they depend on may have come.
-    pending: BTreeMap<Entry, Option<Vec<u8>>>,
+    /// Their latest value from etcd (None: deleted), judged again when what they depend on
+    /// may have come (see `apply`).
+    pending: BTreeMap<Entry, Pending>,
     errors: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    raw: Option<Vec<u8>>,
+    /// Refused with its batch (the batch's entries together, or the engine), not for its own
+    /// value: judged again with every batch.
+    with_batch: bool,
 }
 
 /// An entry to judge; `fresh` if its value is new in this batch (a retry of a pending one
@@ -262,9 +272,28 @@ impl Reconciler {
         for c in changes {
             batch.insert(Entry::parse(&c.name), (c.value, true));
         }
-        for (e, v) in std::mem::take(&mut self.pending) {
-            batch.entry(e).or_insert((v, false));
+        // Entries in error are judged again when what they lacked may have come: a key needs
+        // the settings and the ipsets it binds, so a batch of keys leaves refused keys alone
+        // (a lock costs the lock even with many keys in error); ipsets and settings depend on
+        // keys, and are few. An unknown entry only heals with a value of its own.
+        let deps = batch
+            .keys()
+            .any(|e| matches!(e, Entry::Settings | Entry::Ipset(_)));
+        let keys = batch.keys().any(|e| matches!(e, Entry::Key(_)));
+        for (e, p) in std::mem::take(&mut self.pending) {
+            let retry = p.with_batch
+                || match &e {
+                    Entry::Key(_) => deps,
+                    Entry::Settings | Entry::Ipset(_) => keys || deps,
+                    Entry::Unknown(_) => false,
+                };
+            if retry {
+                batch.entry(e).or_insert((p.raw, false));
+            } else if !batch.contains_key(&e) {
+                self.pending.insert(e, p);
+            }
         }
+        out.judged = batch.len();
         let mut items = Vec::with_capacity(batch.len());
         for (e, (raw, fresh)) in batch {
             match raw.as_deref().map(|b| parse_value(&e, b)).transpose() {
@@ -291,10 +320,20 @@ impl Reconciler {
                 PatchOp::DeleteIpset { name } => (Entry::Ipset(name.clone()), None),
                 PatchOp::Lock { .. } | PatchOp::Unlock { .. } => continue,
             };
-            self.errors
-                .insert(e.name(), format!("refused with its batch: {msg}"));
-            self.pending.insert(e, raw);
+            self.hold(e, raw, format!("refused with its batch: {msg}"));
         }
+    }
+
+    /// Keeps an entry refused with its batch, to be judged again with the next one.
+    fn hold(&mut self, e: Entry, raw: Option<Vec<u8>>, msg: String) {
+        self.errors.insert(e.name(), msg);
+        self.pending.insert(
+            e,
+            Pending {
+                raw,
+                with_batch: true,
+            },
+        );
     }
 
     /// Judges `items` and plans the write. `whole`: plan a whole policy (also when a settings
@@ -395,9 +434,7 @@ impl Reconciler {
             Err(msg) => {
                 // The entries passed alone but not together: refuse the batch, keep all.
                 for (e, raw) in taken {
-                    self.errors
-                        .insert(e.name(), format!("refused with its batch: {msg}"));
-                    self.pending.insert(e, raw);
+                    self.hold(e, raw, format!("refused with its batch: {msg}"));
                 }
                 out.rejected += outcome.rejected + outcome.accepted;
                 Plan::Nothing
@@ -429,7 +466,13 @@ impl Reconciler {
             out.rejected += 1;
         }
         self.errors.insert(e.name(), msg);
-        self.pending.insert(e, raw);
+        self.pending.insert(
+            e,
+            Pending {
+                raw,
+                with_batch: false,
+            },
+        );
     }
 }
 
@@ -1120,6 +1163,25 @@ mod tests {
         // A put of the value the engine holds changes nothing.
         let (out, plan) = f.apply(vec![Change::put("keys/aaaaaaaa", r#"{"locked": true}"#)]);
         assert_eq!((out.accepted, plan), (0, "nothing"));
+    }
+
+    #[test]
+    fn a_lock_is_not_held_up_by_keys_in_error() {
+        let mut f = Fake::with(&[("settings", SETTINGS), ("keys/aaaaaaaa", "{}")]);
+        let bad: Vec<Change> = (0..500)
+            .map(|i| Change::put(&format!("keys/b{i:07}"), r#"{"ipsets": ["later"]}"#))
+            .collect();
+        let (out, _) = f.apply(bad);
+        assert_eq!(out.rejected, 500);
+        // A lock judges the lock, not the 500 keys waiting for their ipset.
+        let (out, plan) = f.apply(vec![Change::put("keys/aaaaaaaa", r#"{"locked": true}"#)]);
+        assert_eq!((out.judged, out.accepted, plan), (1, 1, "ops"));
+        assert_eq!(f.errors().len(), 500);
+        // The ipset they lacked comes: they are judged again, and taken.
+        let (out, plan) = f.apply(vec![Change::put("ipsets/later", r#"["192.0.2.0/24"]"#)]);
+        assert_eq!((out.judged, out.accepted, plan), (501, 501, "ops"));
+        assert!(f.errors().is_empty());
+        assert_eq!(f.keys.len(), 501);
     }
 
     #[test]
