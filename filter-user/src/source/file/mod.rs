@@ -85,12 +85,7 @@ impl FileWatch {
             return None;
         }
         self.meta = Some(meta);
-        let hash = {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            h.finish()
-        };
+        let hash = edit::hash(&bytes);
         if self.hash == Some(hash) {
             // Touched, not changed. The bytes were read into free heap chunks: give them
             // back (the daemon's RSS must not keep a copy of the file after each touch).
