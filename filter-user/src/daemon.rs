@@ -23,7 +23,7 @@ use crate::{
     source::{
         Shared, Source,
         api::{self, ApiConfig},
-        file::{FileWatch, apply_file, apply_file_edit, parse_policy_file},
+        file::{FileWatch, apply_file, apply_file_edit, parse_file},
     },
     state::{self, Runtime},
 };
@@ -178,11 +178,10 @@ pub fn run(o: RunOptions) -> Result<()> {
     };
     if let Some(p) = &o.policy {
         let text = watch.changed_settled(p);
-        let parsed = match &text {
-            Some(text) => parse_policy_file(p, text),
-            None => Err(anyhow::anyhow!("cannot read {}", p.display())),
+        let (parsed, kept) = match text {
+            Some(text) => parse_file(p, &text),
+            None => (Err(anyhow::anyhow!("cannot read {}", p.display())), None),
         };
-        let file_rev = parsed.as_ref().ok().map(|p| p.revision);
         // The daemon's automatic locks lie over the file (autolock.rs).
         let overlay = crate::autolock::Overlay::load(&o.state_dir);
         let parsed = parsed.map(|mut pol| {
@@ -193,7 +192,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
         crate::progress::done(pb);
         if runtime.policy_error.is_none() {
-            watch.applied = text.zip(file_rev);
+            watch.applied = kept;
         }
         if eng.applied.is_none() {
             // Nothing to enforce and nothing to fall back to: refuse rather than attach a
@@ -373,6 +372,7 @@ pub fn run(o: RunOptions) -> Result<()> {
             } else {
                 watch.changed(p)
             };
+            let read = changed.is_some();
             if watch.settling {
                 // Looked at again after the next nap, not a whole poll period later.
                 next_poll = Instant::now();
@@ -386,22 +386,25 @@ pub fn run(o: RunOptions) -> Result<()> {
             let mut applied_before = None;
             let changed = match changed {
                 Some(text) => {
-                    let applied = watch.applied.take();
-                    let edit = applied.as_ref().and_then(|(old, rev)| {
+                    let mut applied = watch.applied.take();
+                    let edit = applied.as_ref().and_then(|old| {
                         let edit = crate::source::file::edit::toml_key_edit(old, &text)
                             .filter(|_| p.extension().is_none_or(|e| e != "json"))?;
-                        Some((edit, *rev))
+                        Some((edit, old.rev))
                     });
                     let done = match edit {
-                        Some((edit, rev)) => {
+                        Some(((edit, step), rev)) => {
                             apply_file_edit(&shared, p, edit, rev, &metrics, &o.state_dir)?
-                                .then_some(rev)
+                                .then_some(step)
                         }
                         None => None,
                     };
                     match done {
-                        Some(rev) => {
-                            watch.applied = Some((text, rev));
+                        Some(step) => {
+                            if let Some(a) = applied.as_mut() {
+                                a.advance(step);
+                            }
+                            watch.applied = applied;
                             if reload {
                                 crate::host::notify("READY=1");
                             }
@@ -427,11 +430,16 @@ pub fn run(o: RunOptions) -> Result<()> {
                 }
                 None => None,
             };
+            if changed.is_none() && read {
+                // The text was read into free heap chunks (a 68 MB file at 1M keys): give
+                // them back now, not at the next write's trim.
+                crate::engine::trim_heap();
+            }
             if let Some(text) = changed {
                 // Parsed before the engine is locked: readers and the API go on meanwhile.
-                let parsed = parse_policy_file(p, &text);
-                let file_rev = parsed.as_ref().ok().map(|p| p.revision);
-                // The text the engine enforces, should this one be rejected.
+                let (parsed, kept) = parse_file(p, &text);
+                drop(text);
+                // What is kept of the text the engine enforces, should this one be rejected.
                 let before = applied_before.take();
                 // The daemon's automatic locks lie over the file (autolock.rs).
                 let parsed = parsed.map(|mut pol| {
@@ -442,7 +450,7 @@ pub fn run(o: RunOptions) -> Result<()> {
                 let mut runtime = shared.runtime.lock().unwrap();
                 apply_file(&mut eng, p, parsed, &mut runtime, &metrics);
                 watch.applied = if runtime.policy_error.is_none() {
-                    Some(text).zip(file_rev)
+                    kept
                 } else {
                     before
                 };

@@ -25,9 +25,10 @@ use crate::{
 pub struct FileWatch {
     pub(crate) meta: Option<(SystemTime, i64, i64, u64, u64)>,
     pub(crate) hash: Option<u64>,
-    /// The text last applied and the revision its head says: the next edit is compared
-    /// with it (edit.rs). None after a rejected text or a SIGHUP.
-    pub applied: Option<(String, Option<u64>)>,
+    /// What is kept of the TOML text last applied (its tables' hashes and keys, and the
+    /// revision its head says): the next edit is compared with it (edit.rs). None after a
+    /// rejected text, a SIGHUP, or a text the split parse did not take.
+    pub applied: Option<edit::Applied>,
     /// The last call found the file being written: look again soon.
     pub settling: bool,
 }
@@ -84,14 +85,13 @@ impl FileWatch {
             return None;
         }
         self.meta = Some(meta);
-        let hash = {
-            use std::hash::{Hash as _, Hasher as _};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            bytes.hash(&mut h);
-            h.finish()
-        };
+        let hash = edit::hash(&bytes);
         if self.hash == Some(hash) {
-            return None; // touched, not changed
+            // Touched, not changed. The bytes were read into free heap chunks: give them
+            // back (the daemon's RSS must not keep a copy of the file after each touch).
+            drop(bytes);
+            engine::trim_heap();
+            return None;
         }
         self.hash = Some(hash);
         match String::from_utf8(bytes) {
@@ -113,6 +113,18 @@ pub fn parse_policy_file(p: &Path, text: &str) -> Result<Policy> {
                 .join("; ")
         )
     })
+}
+
+/// Parses the policy file: a TOML file in pieces when it splits into a head and `[[key]]`
+/// tables (edit.rs `parse_split`: the same policy at a fraction of a whole parse's peak, and
+/// what the edit path keeps), else whole (which places every error).
+pub fn parse_file(p: &Path, text: &str) -> (Result<Policy>, Option<edit::Applied>) {
+    if p.extension().is_none_or(|e| e != "json")
+        && let Some((pol, applied)) = edit::parse_split(text)
+    {
+        return (Ok(pol), applied);
+    }
+    (parse_policy_file(p, text), None)
 }
 
 /// The revision a file gets: its own `revision` if it says one, else one past the applied.
@@ -193,7 +205,7 @@ pub fn edit_ops(eng: &Engine, edit: &edit::KeyEdit) -> Option<Vec<PatchOp>> {
     use std::collections::HashSet;
     let a = eng.applied.as_ref()?;
     eng.compiled.as_ref()?;
-    let old: HashSet<&str> = edit.old.iter().map(|k| k.prefix.as_str()).collect();
+    let old: HashSet<&str> = edit.old.iter().map(String::as_str).collect();
     if old.len() != edit.old.len() {
         return None;
     }
