@@ -269,6 +269,12 @@ fn fleet_at(keys: usize, locks: usize, writes: usize) -> Result<FleetFigures> {
         .iter()
         .map(|d| d.proc.as_ref().map_or(0.0, |p| rss_mib(p.id())))
         .collect();
+    // A lost watch is answered with a fresh snapshot: correct, but worth seeing.
+    for (i, d) in daemons.iter().enumerate() {
+        for l in d.log_text().lines().filter(|l| l.contains("etcd sync:")) {
+            println!("    edge {}: {l}", i + 1);
+        }
+    }
     drop(daemons);
     Ok(FleetFigures {
         keys,

@@ -354,6 +354,33 @@ fn a_lock_written_to_etcd_is_enforced_on_three_edges() {
 }
 
 #[test]
+fn an_idle_watch_stays_up() {
+    // etcd (grpc-go) closes a connection that pings more often than its
+    // --grpc-keepalive-min-time (5 s by default) while nothing else flows: an idle edge must
+    // keep its watch, not reconnect and re-read the whole prefix every few seconds.
+    let f = Fleet::new("fleetidle", 1);
+    f.write_policy();
+    let d = f.daemon(0, 1);
+    wait_synced(std::slice::from_ref(&d));
+    thread::sleep(Duration::from_secs(25));
+    let log = d.log_text();
+    assert!(
+        !log.contains("etcd sync:"),
+        "the watch broke while idle:\n{log}"
+    );
+    assert_eq!(
+        log.matches("etcd: snapshot of").count(),
+        1,
+        "read the snapshot again:\n{log}"
+    );
+    // And it still follows etcd.
+    f.put("keys/goodkey1", &f.good_key(true).to_string());
+    wait_for("the lock after the idle time", 10, || {
+        (key_locked(&d, "goodkey1") == Some(true)).then_some(())
+    });
+}
+
+#[test]
 fn etcd_down_changes_nothing_and_a_daemon_that_was_down_catches_up_past_a_compaction() {
     let f = Fleet::new("fleetdown", 2);
     f.write_policy();

@@ -431,6 +431,7 @@ impl Sync {
     fn commit(&mut self, work: Work, rev: u64) -> Result<()> {
         let shared = self.shared.clone();
         let rec = &mut self.rec;
+        let snapshot = matches!(work, Work::Snapshot(_));
         let result = tokio::task::block_in_place(|| {
             let mut eng = shared.engine.lock().unwrap();
             let owned = eng.applied.as_ref().is_some_and(|a| a.source == "etcd");
@@ -466,9 +467,6 @@ impl Sync {
                     if let Err(e) = eng.settle() {
                         log::error!("etcd: settling the inactive slot: {e:#}");
                     }
-                    // What a million parsed keys took goes back to the kernel (the daemon's
-                    // RSS stays small); after a batch of ops it would cost a lock milliseconds.
-                    crate::engine::trim_heap();
                     (r, None)
                 }
             };
@@ -490,6 +488,12 @@ impl Sync {
             }
             Ok((out, Some(r)))
         });
+        // A snapshot parsed every entry (a resync after a lost watch too, even when it writes
+        // nothing): that heap goes back to the kernel, or the daemon's RSS keeps it. After a
+        // watched batch a trim would cost a lock milliseconds, and there is little to return.
+        if snapshot {
+            crate::engine::trim_heap();
+        }
         let (out, r) = result?;
         self.record_errors(&out);
         match r {
@@ -546,10 +550,13 @@ impl Sync {
 pub async fn connect(cfg: &EtcdConfig) -> Result<etcd_client::Client> {
     use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
-    // Keep-alive pings notice a silent partition within seconds, not at the next write.
+    // Keep-alive pings notice a silent partition within 15 s, not at the next write. etcd
+    // closes a connection that pings more often than its --grpc-keepalive-min-time (5 s by
+    // default) while nothing else flows: every 2 s made an idle edge lose its watch and
+    // re-read the whole prefix every 8 s.
     let mut o = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
     if let Some(u) = &cfg.user {
         let pw = match &cfg.password_file {
