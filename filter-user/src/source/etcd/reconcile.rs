@@ -411,7 +411,7 @@ impl Reconciler {
         for it in items {
             match check(&ov, &it.e, it.v.as_ref()) {
                 Ok(()) => {
-                    taken.push((it.e.clone(), value_bytes(&it.v)));
+                    taken.push((it.e.clone(), it.fresh));
                     self.take(&mut ov, &mut outcome, it);
                 }
                 Err(msg) => {
@@ -420,8 +420,9 @@ impl Reconciler {
                 }
             }
         }
-        let (p, blamed) = ov.into_policy();
-        match compile(&p, &blamed) {
+        let (mut p, blamed) = ov.into_policy();
+        let compiled = compile(&p, &blamed);
+        match compiled {
             Ok(c) if outcome.accepted > 0 || must => {
                 out.accepted += outcome.accepted;
                 out.rejected += outcome.rejected;
@@ -432,9 +433,11 @@ impl Reconciler {
                 Plan::Nothing
             }
             Err(msg) => {
-                // The entries passed alone but not together: refuse the batch, keep all.
-                for (e, raw) in taken {
-                    self.hold(e, raw, format!("refused with its batch: {msg}"));
+                // The entries passed alone but not together: refuse the batch, keep all (their
+                // values, taken back out of the policy, wait to be judged again).
+                for it in take_back(&mut p, taken) {
+                    let raw = value_bytes(&it.v);
+                    self.hold(it.e, raw, format!("refused with its batch: {msg}"));
                 }
                 out.rejected += outcome.rejected + outcome.accepted;
                 Plan::Nothing
@@ -574,7 +577,7 @@ impl<'a> Overlay<'a> {
             if found.len() >= limit {
                 break;
             }
-            if !contains(raw, &quoted) {
+            if memchr::memmem::find(raw, &quoted).is_none() {
                 continue;
             }
             let k: Key = serde_json::from_slice(raw).expect("the store holds keys it serialised");
@@ -668,10 +671,6 @@ fn take_back(p: &mut Policy, order: Vec<(Entry, bool)>) -> Vec<Item> {
         items.push(Item { e, v, fresh });
     }
     items
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Can `v` (None: a delete) replace `e`'s value, given the others' in `ov`?
