@@ -269,19 +269,23 @@ impl KeyStore {
             .map(|b| serde_json::from_slice(b).expect("the store holds keys it serialised"))
     }
 
-    /// Every key's prefix, in policy order (only the prefix is parsed).
+    /// Every key's prefix, in policy order (from the prefixes kept beside the slots: no key
+    /// is parsed).
     pub fn prefixes(&self) -> impl Iterator<Item = String> + '_ {
-        #[derive(serde::Deserialize)]
-        struct Prefix<'a> {
-            #[serde(borrow)]
-            prefix: std::borrow::Cow<'a, str>,
-        }
-        self.iter_raw().map(|b| {
-            serde_json::from_slice::<Prefix>(b)
-                .expect("the store holds keys it serialised")
-                .prefix
-                .into_owned()
-        })
+        self.order
+            .iter()
+            .zip(&self.prefixes)
+            .filter(|(s, _)| s.len != 0)
+            .map(|(_, p)| {
+                // Stored prefixes are at most MAX_PREFIX_LEN bytes without a NUL: the kept
+                // form is the prefix, zero-padded.
+                let n = p
+                    .bytes
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(p.bytes.len());
+                String::from_utf8_lossy(&p.bytes[..n]).into_owned()
+            })
     }
 
     /// Appends the keys as a JSON array (`[k1,k2,...]`).
@@ -370,6 +374,8 @@ mod tests {
         assert_eq!(s.len(), n - 1700 + 1);
         assert_eq!(s.get("k0000000").unwrap().allow, ["10.0.0.2"]);
         let order: Vec<String> = s.prefixes().collect();
+        // The kept prefixes are the stored keys' own.
+        assert_eq!(order, s.iter().map(|k| k.prefix).collect::<Vec<_>>());
         assert_eq!(order.first().map(String::as_str), Some("k0001700"));
         assert_eq!(order.last().map(String::as_str), Some("k0000000"));
         assert!(s.heap_bytes() > 0);
