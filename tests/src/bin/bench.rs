@@ -197,6 +197,16 @@ fn parse_keys(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("not a number of keys: {s}"))
 }
 
+/// The report to write: `--doc`, else the workspace's BENCHMARKS.md.
+fn doc_path(args: &Args) -> PathBuf {
+    args.doc.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .join("BENCHMARKS.md")
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let pid = std::process::id();
@@ -3474,12 +3484,7 @@ fn run(args: &Args) -> Result<()> {
             control_plane_api_section(&plan, args.cp_sizes.as_deref())?.unwrap_or_default();
         println!("\n{section}");
         if !plan.quick && !args.no_doc {
-            let doc = args.doc.clone().unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .parent()
-                    .expect("workspace root")
-                    .join("BENCHMARKS.md")
-            });
+            let doc = doc_path(args);
             let old =
                 fs::read_to_string(&doc).with_context(|| format!("reading {}", doc.display()))?;
             fs::write(&doc, replace_api_section(&old, &section)?)
@@ -3767,12 +3772,7 @@ fn run(args: &Args) -> Result<()> {
     }
 
     if !results.plan_quick && !args.no_doc {
-        let doc = args.doc.clone().unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root")
-                .join("BENCHMARKS.md")
-        });
+        let doc = doc_path(args);
         fs::write(&doc, report(&results, true))
             .with_context(|| format!("writing {}", doc.display()))?;
         println!("\nwrote {}", doc.display());
